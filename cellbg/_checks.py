@@ -1,0 +1,83 @@
+"""Shared input checks and the user-error type.
+
+Every stage validates at its boundary with these helpers so that a user mistake becomes a
+single :class:`CellbgError` line that names what and where, never a traceback from deep
+inside a library. The CLI turns a :class:`CellbgError` into one red line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CellbgError",
+    "did_you_mean",
+    "look_up_option",
+    "check_file",
+    "check_nd",
+    "check_same_shape",
+]
+
+
+class CellbgError(ValueError):
+    """A user error: bad protocol, missing file, unreadable image, inconsistent data.
+
+    The message is one line that says what is wrong and where; the CLI prints it and exits 2.
+    """
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def look_up_option(value: str, choices: Iterable[str], *, what: str = "option") -> str:
+    """Return ``value`` if it is one of ``choices``, else raise with a "did you mean".
+
+    Examples
+    --------
+    >>> look_up_option("only_fg", ["only_fg", "no_fg"], what="variant")
+    'only_fg'
+    """
+    choices = list(choices)
+    if value in choices:
+        return value
+    raise CellbgError(
+        f"unknown {what} '{value}'{did_you_mean(value, choices)}; "
+        f"choose from: {', '.join(map(str, choices))}"
+    )
+
+
+def check_file(path: str | Path, *, what: str = "file") -> Path:
+    """Return ``path`` as a :class:`Path` if it is an existing file, else raise."""
+    path = Path(path)
+    if not path.exists():
+        raise CellbgError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise CellbgError(f"{what} is not a file: {path}")
+    return path
+
+
+def check_nd(array, ndim: int | Iterable[int], *, arg_name: str = "image") -> None:
+    """Raise if ``array.ndim`` is not one of ``ndim``; the message names ``arg_name``."""
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if np.ndim(array) not in allowed:
+        want = " or ".join(f"{d}-D" for d in allowed)
+        raise CellbgError(
+            f"{arg_name} must be {want}; got {np.ndim(array)}-D with shape {tuple(np.shape(array))}"
+        )
+
+
+def check_same_shape(a, b, *, names: tuple[str, str] = ("image", "mask"), where: str = "") -> None:
+    """Raise if the two arrays' shapes differ; ``where`` names the file or cell."""
+    if tuple(np.shape(a)) != tuple(np.shape(b)):
+        loc = f" in {where}" if where else ""
+        raise CellbgError(
+            f"{names[1]} shape {tuple(np.shape(b))} does not match {names[0]} shape "
+            f"{tuple(np.shape(a))}{loc}"
+        )

@@ -1,0 +1,388 @@
+"""Dataset discovery and image readers.
+
+Two layouts are read:
+
+* **class folders**: ``root/<label>/<patient>/<image>``, or ``root/<label>/<image>`` with
+  ``data.patient_pattern`` (a regex with a named group ``patient``) read from the file name;
+  optional instance masks in ``data.mask_dir`` with the same relative paths;
+* **manifest CSV**: columns ``path,label,patient[,mask]``, paths relative to the CSV.
+
+The result is an image table (:func:`discover`): one row per image with ``image_id``,
+``path``, ``label``, ``patient_id`` and ``mask_path`` (empty when there is none).
+Every error names the file and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellbg._checks import CellbgError, check_file
+
+__all__ = [
+    "read_image",
+    "read_mask",
+    "discover",
+    "discover_folders",
+    "discover_manifest",
+    "summarize",
+    "check_masks",
+    "IMAGE_COLUMNS",
+    "assign_folds",
+]
+
+IMAGE_COLUMNS = ["image_id", "path", "label", "patient_id", "mask_path"]
+_TIFF = (".tif", ".tiff")
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """Read a TIFF/OME-TIFF as (C, H, W) using the series axes tifffile reports."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes = series.axes.upper()
+        data = series.asarray()
+    # Drop singleton non-spatial axes, then put channels ('C' or samples 'S') first.
+    keep = [i for i, a in enumerate(axes) if data.shape[i] > 1 or a in "YX"]
+    data = data.reshape([data.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    chan = [i for i, a in enumerate(axes) if a in "CS"]
+    other = [i for i, a in enumerate(axes) if a not in "CSYX"]
+    if "Y" not in axes or "X" not in axes:
+        raise CellbgError(f"cannot find image rows/columns in {path} (axes {series.axes})")
+    if len(chan) + len(other) > 1:
+        raise CellbgError(
+            f"{path} has axes {series.axes} with shape {series.shape}; cellbg reads 2-D images "
+            "with optional channels (one plane per file: split Z/T stacks first)"
+        )
+    lead = chan + other  # multi-page without a channel axis: each page is a channel
+    order = lead + [axes.index("Y"), axes.index("X")]
+    data = np.transpose(data, order)
+    return data if data.ndim == 3 else data[None]
+
+
+def read_image(path: str | Path, *, channels: list[int] | None = None) -> np.ndarray:
+    """Read one image as a channels-first array.
+
+    Parameters
+    ----------
+    path : str or Path
+        A TIFF / OME-TIFF (multi-page and multi-channel), PNG or JPEG file.
+    channels : list of int, optional
+        Channels to keep (0-based). All channels when None.
+
+    Returns
+    -------
+    image : (C, M, N) ndarray
+        In the file's dtype; a grayscale image has C = 1.
+
+    Raises
+    ------
+    CellbgError
+        The file is missing, unreadable, or a channel index is out of range.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib, tifffile, numpy as np
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.tif"
+    >>> tifffile.imwrite(p, np.zeros((5, 6), np.uint8))
+    >>> read_image(p).shape
+    (1, 5, 6)
+    """
+    path = check_file(path, what="image")
+    try:
+        if path.suffix.lower() in _TIFF:
+            image = _read_tiff(path)
+        else:
+            import imageio.v3 as iio
+
+            image = np.asarray(iio.imread(path))
+            image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+    except CellbgError:
+        raise
+    except Exception as exc:  # any decoder failure is a user-facing "unreadable image"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CellbgError(f"cannot read image {path}: {reason}") from None
+    if image.ndim != 3 or image.shape[1] < 2 or image.shape[2] < 2:
+        raise CellbgError(f"{path} is not a 2-D image (shape {image.shape})")
+    if channels:
+        bad = [c for c in channels if not 0 <= c < image.shape[0]]
+        if bad:
+            raise CellbgError(
+                f"channel(s) {bad} out of range for {path}, which has {image.shape[0]} channel(s)"
+            )
+        image = image[list(channels)]
+    return image
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read an instance-label mask as an (M, N) int32 array (0 = background)."""
+    mask = read_image(path)
+    if mask.shape[0] != 1:
+        raise CellbgError(f"mask {path} has {mask.shape[0]} channels; a mask is one label plane")
+    mask = mask[0]
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+        if not np.all(np.equal(np.mod(mask, 1), 0)):
+            raise CellbgError(f"mask {path} holds non-integer values; expected instance labels")
+    return mask.astype(np.int32)
+
+
+def _image_id(rel: str) -> str:
+    """A readable, unique id from a relative path (separators and dots made safe)."""
+    stem = re.sub(r"\.[^./]+$", "", rel)
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")
+
+
+def discover_folders(
+    root: str | Path,
+    *,
+    patient_pattern: str | None = None,
+    mask_dir: str | Path | None = None,
+    extensions: tuple[str, ...] | list[str] = (".tif", ".tiff", ".png", ".jpg", ".jpeg"),
+) -> pd.DataFrame:
+    """Image table from class folders ``root/<label>/<patient>/<image>``.
+
+    With ``patient_pattern``, images may sit directly in ``root/<label>/`` and the patient
+    is the regex group ``patient`` of the file name.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CellbgError(f"data folder not found: {root}")
+    exts = {e.lower() for e in extensions}
+    rx = re.compile(patient_pattern) if patient_pattern else None
+    if rx is not None and "patient" not in rx.groupindex:
+        raise CellbgError(f"data.patient_pattern '{patient_pattern}' needs a named group (?P<patient>...)")
+    rows = []
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise CellbgError(f"no class folders in {root}; expected {root}/<label>/<patient>/<image>")
+    for cdir in class_dirs:
+        files = sorted(p for p in cdir.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        if not files:
+            raise CellbgError(f"class '{cdir.name}' has no images in {cdir}")
+        for f in files:
+            rel = f.relative_to(root)
+            if rx is not None:
+                m = rx.search(f.name)
+                if m is None:
+                    raise CellbgError(f"patient_pattern does not match file name {f}")
+                patient = m.group("patient")
+            elif len(rel.parts) >= 3:
+                patient = rel.parts[1]
+            else:
+                raise CellbgError(
+                    f"no patient for {f}: put it in {cdir}/<patient>/ or set data.patient_pattern"
+                )
+            mask_path = ""
+            if mask_dir is not None:
+                cand = Path(mask_dir) / rel
+                if not cand.exists():
+                    raise CellbgError(f"mask not found for {f}: expected {cand}")
+                mask_path = str(cand)
+            rows.append(
+                {
+                    "image_id": _image_id(str(rel)),
+                    "path": str(f),
+                    "label": cdir.name,
+                    "patient_id": str(patient),
+                    "mask_path": mask_path,
+                }
+            )
+    return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+
+
+def discover_manifest(manifest: str | Path) -> pd.DataFrame:
+    """Image table from a manifest CSV with columns ``path,label,patient[,mask]``."""
+    manifest = check_file(manifest, what="manifest")
+    try:
+        df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise CellbgError(f"cannot read manifest {manifest}: {str(exc).splitlines()[0]}") from None
+    missing = [c for c in ("path", "label", "patient") if c not in df.columns]
+    if missing:
+        raise CellbgError(
+            f"manifest {manifest} lacks column(s) {missing}; expected path,label,patient[,mask]"
+        )
+    if df.empty:
+        raise CellbgError(f"manifest {manifest} lists no images")
+    base = manifest.parent
+    rows = []
+    for i, r in df.iterrows():
+        line = i + 2  # header is line 1
+        for col in ("path", "label", "patient"):
+            if not str(r[col]).strip():
+                raise CellbgError(f"{manifest}:{line}: {col} is empty")
+        path = Path(r["path"])
+        path = path if path.is_absolute() else base / path
+        if not path.exists():
+            raise CellbgError(f"{manifest}:{line}: image not found: {path}")
+        mask_path = ""
+        if "mask" in df.columns and str(r["mask"]).strip():
+            mp = Path(r["mask"])
+            mp = mp if mp.is_absolute() else base / mp
+            if not mp.exists():
+                raise CellbgError(f"{manifest}:{line}: mask not found: {mp}")
+            mask_path = str(mp)
+        rows.append(
+            {
+                "image_id": _image_id(str(r["path"])),
+                "path": str(path),
+                "label": str(r["label"]).strip(),
+                "patient_id": str(r["patient"]).strip(),
+                "mask_path": mask_path,
+            }
+        )
+    out = pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+    dup = out["image_id"][out["image_id"].duplicated()]
+    if len(dup):
+        raise CellbgError(f"manifest {manifest} lists image {dup.iloc[0]} twice")
+    return out
+
+
+def check_masks(table: pd.DataFrame, *, channels: list[int] | None = None) -> None:
+    """Check that every mask reads and matches its image's shape (names the file if not)."""
+    import tifffile
+
+    for r in table.itertuples():
+        if not r.mask_path:
+            continue
+        mask = read_mask(r.mask_path)
+        shape = _image_shape(Path(r.path), tifffile)
+        if shape is None:
+            shape = read_image(r.path, channels=channels).shape[1:]
+        if tuple(mask.shape) != tuple(shape):
+            raise CellbgError(
+                f"mask {r.mask_path} has shape {tuple(mask.shape)} but image {r.path} is {tuple(shape)}"
+            )
+
+
+def _image_shape(path: Path, tifffile) -> tuple[int, int] | None:
+    """(rows, columns) from the file header without decoding pixels; None if unknown."""
+    if path.suffix.lower() not in _TIFF:
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            s = tif.series[0]
+            return (s.shape[s.axes.index("Y")], s.shape[s.axes.index("X")])
+    except Exception:
+        return None
+
+
+def discover(protocol) -> pd.DataFrame:
+    """The image table of a protocol's dataset, checked.
+
+    For ``data.source: synthetic`` the dataset is generated into ``<run>/data`` on first use
+    (same seed, same bytes) and read through its manifest.
+
+    Raises
+    ------
+    CellbgError
+        A missing file, a label or patient missing, fewer than two classes, a mask whose
+        shape differs from its image.
+    """
+    d = protocol.data
+    if d.source == "synthetic":
+        from cellbg import synth
+
+        data_dir = Path(protocol.run_dir) / "data"
+        manifest = data_dir / "manifest.csv"
+        if not manifest.exists():
+            synth.make_dataset(data_dir, **d.synthetic.model_dump())
+        table = discover_manifest(manifest)
+    elif d.source == "folders":
+        table = discover_folders(
+            d.root, patient_pattern=d.patient_pattern, mask_dir=d.mask_dir, extensions=d.extensions
+        )
+    else:
+        table = discover_manifest(d.manifest)
+    n_classes = table["label"].nunique()
+    if n_classes < 2:
+        raise CellbgError(
+            f"the dataset has {n_classes} class ({', '.join(table['label'].unique())}); "
+            "a classifier needs at least two"
+        )
+    if protocol.segmentation.method == "masks":
+        lacking = table.loc[table["mask_path"] == "", "path"]
+        if len(lacking):
+            raise CellbgError(
+                f"segmentation.method is 'masks' but image {lacking.iloc[0]} has no mask "
+                "(add a mask column to the manifest or set data.mask_dir)"
+            )
+    return table
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Images per class and patient: one row per (label, patient_id) with ``images``."""
+    return (
+        table.groupby(["label", "patient_id"], sort=True)
+        .size()
+        .rename("images")
+        .reset_index()
+    )
+
+
+def assign_folds(
+    table: pd.DataFrame,
+    *,
+    kind: str = "kfold",
+    folds: int = 5,
+    test_patients: list[str] | None = None,
+    seed: int = 0,
+) -> pd.Series:
+    """Assign each row's patient to a test fold; every patient lies in exactly one fold.
+
+    ``kind="kfold"``: patients are dealt to ``folds`` folds, stratified by each patient's
+    majority class (patients of a class are shuffled with ``seed`` and dealt round-robin), so
+    every fold holds patients of every class where there are enough. ``kind="fixed"``: the
+    ``test_patients`` form fold 0 and all other patients get fold -1 (never tested).
+
+    Parameters
+    ----------
+    table : DataFrame
+        With columns ``patient_id`` and ``label``.
+
+    Returns
+    -------
+    Series of int
+        The fold of each row, aligned with ``table``.
+
+    Raises
+    ------
+    CellbgError
+        Fewer patients than folds, or an unknown test patient.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"patient_id": list("aabbccdd"), "label": list("xxyyxxyy")})
+    >>> sorted(assign_folds(t, folds=2).groupby(t["patient_id"]).first().value_counts().tolist())
+    [2, 2]
+    """
+    patients = table.groupby("patient_id")["label"].agg(lambda s: s.value_counts().index[0])
+    if kind == "fixed":
+        test = set(map(str, test_patients or []))
+        unknown = sorted(test - set(patients.index))
+        if unknown:
+            raise CellbgError(f"training.split.test_patients names unknown patient(s) {unknown}")
+        if not test:
+            raise CellbgError("training.split.kind 'fixed' needs training.split.test_patients")
+        fold_of = {p: (0 if p in test else -1) for p in patients.index}
+    else:
+        if len(patients) < folds:
+            raise CellbgError(
+                f"{len(patients)} patients cannot fill {folds} patient-grouped folds; "
+                "lower training.split.folds"
+            )
+        rng = np.random.default_rng(seed)
+        fold_of = {}
+        start = 0
+        for label in sorted(patients.unique()):
+            members = np.array(sorted(patients.index[patients == label]))
+            members = members[rng.permutation(len(members))]
+            for i, p in enumerate(members):
+                fold_of[p] = (start + i) % folds
+            start = (start + len(members)) % folds
+    return table["patient_id"].map(fold_of).astype(int).rename("fold")

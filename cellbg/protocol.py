@@ -1,0 +1,561 @@
+"""The protocol: pydantic models of ``protocol.yaml``. Every default lives here.
+
+A protocol file names the data, how cells are segmented and cropped, which background
+variants are trained on and tested on, which models, how they are trained, and how the
+results are tested and reported. Unknown keys are errors, so a typo never passes silently.
+
+Paths in a protocol are relative to the protocol file; :func:`load_protocol` resolves them.
+
+Examples
+--------
+>>> p = Protocol.model_validate({"name": "demo", "data": {"source": "synthetic"}})
+>>> p.crops.size
+64
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cellbg._checks import CellbgError
+
+__all__ = [
+    "Protocol",
+    "DataConfig",
+    "SyntheticConfig",
+    "SegmentationConfig",
+    "ThresholdConfig",
+    "CropsConfig",
+    "VariantsConfig",
+    "ResNetSpec",
+    "ShuffleNetSpec",
+    "CellYoloSpec",
+    "ModelSpec",
+    "SplitConfig",
+    "TrainingConfig",
+    "SaliencyConfig",
+    "Comparison",
+    "StatsConfig",
+    "ExecutorConfig",
+    "ReportConfig",
+    "load_protocol",
+    "protocol_hash",
+    "resolved_yaml",
+    "XIAO_VARIANTS",
+    "write_resolved",
+    "load_run",
+    "parse_protocol",
+]
+
+#: The eight variants of Xiao et al. (2021), in their order.
+XIAO_VARIANTS = (
+    "original",
+    "only_bg_b",
+    "only_bg_t",
+    "no_fg",
+    "only_fg",
+    "mixed_same",
+    "mixed_rand",
+    "mixed_next",
+)
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class SyntheticConfig(_Section):
+    """Parameters of a synthetic dataset made on the fly (see :mod:`cellbg.synth`)."""
+
+    patients: int = Field(8, ge=2, description="number of patients (slides)")
+    cells_per_patient: int = Field(40, ge=1, description="target cells per patient")
+    cells_per_image: int = Field(6, ge=1, description="cells per field of view")
+    image_size: int = Field(256, ge=64, description="field-of-view side in pixels")
+    signal: float = Field(0.8, ge=0.0, le=1.0, description="planted background-signal strength")
+    signal_sd_between_patients: float = Field(0.0, ge=0.0, description="patient-specific SD of the cue strength")
+    label_by: Literal["patient", "cell"] = "cell"
+    mode: Literal["rgb", "gray"] = "rgb"
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    """Where the images are and how labels and patients are read."""
+
+    source: Literal["synthetic", "folders", "manifest"] = "synthetic"
+    root: Path | None = Field(None, description="class-folder root: root/<label>/<patient>/<image>")
+    manifest: Path | None = Field(None, description="CSV with columns path,label,patient[,mask]")
+    patient_pattern: str | None = Field(
+        None,
+        description="regex with a named group 'patient' read from the file name "
+        "(class folders of the form root/<label>/<image>)",
+    )
+    mask_dir: Path | None = Field(None, description="folder of instance masks parallel to root")
+    channels: list[int] | None = Field(None, description="channels to keep (0-based); all when empty")
+    extensions: list[str] = [".tif", ".tiff", ".png", ".jpg", ".jpeg"]
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> DataConfig:
+        if self.source == "folders" and self.root is None:
+            raise ValueError("data.source 'folders' needs data.root")
+        if self.source == "manifest" and self.manifest is None:
+            raise ValueError("data.source 'manifest' needs data.manifest")
+        return self
+
+
+# --------------------------------------------------------------------------- segmentation
+class ThresholdConfig(_Section):
+    """Classical segmenter settings (smoothing, background, threshold, watershed, filters)."""
+
+    sigma: float = Field(1.0, ge=0)
+    background_radius: float = Field(0.0, ge=0, description="0 = no background correction")
+    method: Literal["otsu", "li", "local"] = "otsu"
+    local_block_size: int = 51
+    min_distance: int = Field(5, ge=1, description="peak separation for the seeded watershed")
+    h: float = Field(0.0, ge=0, description="h-maxima height; 0 = use peak_local_max")
+    min_area: int = 30
+    max_area: int | None = None
+    channel: int | None = Field(None, description="channel to segment; None = auto (mean or inverted)")
+    invert: Literal["auto", True, False] = "auto"
+
+
+class SegmentationConfig(_Section):
+    """Which segmenter makes the instance masks."""
+
+    method: Literal["masks", "threshold", "cellpose"] = "masks"
+    model: str = Field("cpsam", description="Cellpose model name or path to a weights file")
+    diameter: float | None = None
+    channels: list[int] | None = Field(None, description="channels handed to Cellpose (0-based)")
+    flow_threshold: float = 0.4
+    cellprob_threshold: float = 0.0
+    batch_size: int = Field(8, ge=1)
+    gpu: Literal["auto", True, False] = "auto"
+    threshold: ThresholdConfig = ThresholdConfig()
+
+
+# --------------------------------------------------------------------------- crops
+class CropsConfig(_Section):
+    """One fixed-size crop per cell and the filters applied to cells."""
+
+    size: int = Field(64, ge=8)
+    scale: Literal["keep", "fit"] = Field("keep", description="keep pixel size, or fit the cell")
+    fit_fraction: float = Field(0.6, gt=0, le=1, description="cell extent / crop side when scale=fit")
+    min_area: int = Field(20, ge=0)
+    max_area: int | None = None
+    exclude_border: bool = True
+    min_solidity: float = Field(0.0, ge=0, le=1)
+    workers: int | None = Field(None, description="parallel processes; None = CPU count")
+
+
+# --------------------------------------------------------------------------- variants
+class VariantsConfig(_Section):
+    """Background variants trained on and tested on.
+
+    A variant is written ``name`` or ``name(arg, ...)``; a mask perturbation is composed in
+    front with ``+``, e.g. ``mask_erode(2)+only_fg``. See :mod:`cellbg.variants`.
+    """
+
+    train: list[str] = ["original", "only_fg"]
+    test: list[str] = list(XIAO_VARIANTS)
+    fill: str = Field("black", description="black | mean | noise | a colour 'r,g,b' in [0, 1]")
+    seed: int = Field(0, description="seed of the mixed_* pairings and noise fills")
+
+    @field_validator("train", "test")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one variant")
+        if len(set(v)) != len(v):
+            raise ValueError(f"variants listed twice: {sorted({x for x in v if v.count(x) > 1})}")
+        return v
+
+
+# --------------------------------------------------------------------------- models
+class _ModelBase(_Section):
+    label: str | None = Field(None, description="name used in results; default: the architecture")
+
+    @property
+    def key(self) -> str:
+        """The model's name in results (``label`` or the architecture)."""
+        return self.label or self.arch  # type: ignore[attr-defined]
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`cellbg.models.get_model`."""
+        return self.model_dump(exclude={"arch", "label"})
+
+
+class ResNetSpec(_ModelBase):
+    arch: Literal["resnet"]
+    depth: Literal[10, 18, 34] = 18
+    width: float = Field(1.0, gt=0, description="multiplier of the channel widths (64,128,256,512)")
+    small_stem: bool = Field(True, description="3x3 stride-1 stem without max-pool, for small crops")
+
+
+class ShuffleNetSpec(_ModelBase):
+    arch: Literal["shufflenet_v2"]
+    width: Literal[0.5, 1.0, 1.5, 2.0] = 1.0
+
+
+class CellYoloSpec(_ModelBase):
+    arch: Literal["cellyolo"]
+    width: float = Field(0.25, gt=0, description="YOLO width multiple (n=0.25, s=0.5, m=0.75)")
+    depth: float = Field(0.33, gt=0, description="YOLO depth multiple (n=0.33, s=0.33, m=0.67)")
+
+
+ModelSpec = Annotated[ResNetSpec | ShuffleNetSpec | CellYoloSpec, Field(discriminator="arch")]
+
+
+# --------------------------------------------------------------------------- training
+class SplitConfig(_Section):
+    """How patients are split. Splits are always by patient."""
+
+    kind: Literal["kfold", "fixed"] = "kfold"
+    folds: int = Field(5, ge=2)
+    test_patients: list[str] = Field([], description="kind=fixed: held-out patients")
+    val_patients: list[str] = Field([], description="kind=fixed: validation patients")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="share of training patients used for validation")
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(5, ge=1, description="early stopping on validation loss")
+    seeds: list[int] = [0]
+    split: SplitConfig = SplitConfig()
+    augment: bool = True
+    balanced_sampling: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    num_workers: int = Field(0, ge=0)
+    max_folds: int | None = Field(None, ge=1, description="run only the first N folds (quick runs)")
+
+
+# --------------------------------------------------------------------------- saliency
+class SaliencyConfig(_Section):
+    enabled: bool = True
+    methods: list[Literal["gradcam", "occlusion", "integrated_gradients"]] = [
+        "gradcam",
+        "occlusion",
+        "integrated_gradients",
+    ]
+    cells_per_job: int = Field(32, ge=1, description="cells sampled per (model, train variant, seed, fold)")
+    target: Literal["predicted", "true"] = "predicted"
+    test_variant: str = "original"
+    sanity_check: bool = True
+    occlusion_window: int = Field(8, ge=1)
+    ig_steps: int = Field(16, ge=2)
+
+
+# --------------------------------------------------------------------------- stats
+class Comparison(_Section):
+    """Condition A vs condition B, each ``train_variant:test_variant``."""
+
+    a: str
+    b: str
+
+    @field_validator("a", "b")
+    @classmethod
+    def _condition(cls, v: str) -> str:
+        if v.count(":") != 1:
+            raise ValueError(f"a condition is 'train_variant:test_variant', got '{v}'")
+        return v
+
+
+class StatsConfig(_Section):
+    alpha: float = Field(0.05, gt=0, lt=1)
+    primary: Literal["patient_t", "gee"] = "patient_t"
+    confirmatory: list[Comparison] = [Comparison(a="original:original", b="original:only_fg")]
+    exploratory: bool = Field(True, description="also test every condition against original:original")
+    bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for the CIs")
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- executor
+class ExecutorConfig(_Section):
+    kind: Literal["local", "slurm", "pbs", "sge", "lsf"] = "local"
+    workers: int | None = Field(None, description="local: worker processes; None = CPU count")
+    threads_per_worker: int = 1
+    retries: int = Field(1, ge=0)
+    max_jobs_in_flight: int | None = None
+    # HPC (dask-jobqueue)
+    queue: str | None = Field(None, description="partition / queue")
+    account: str | None = None
+    cores: int = 1
+    memory: str = "4GB"
+    processes: int = 1
+    gpus: int = 0
+    walltime: str = "01:00:00"
+    job_extra_directives: list[str] = []
+    job_directives_skip: list[str] = Field([], description="directives the site rejects, e.g. ['--mem']")
+    job_script_prologue: list[str] = Field([], description="environment set-up lines (module load ...)")
+    interface: str | None = Field(None, description="network interface the scheduler listens on, e.g. ib0")
+    local_directory: str | None = Field(None, description="worker scratch on node-local disk, e.g. $TMPDIR")
+    worker_lifetime: str | None = Field(None, description="recycle workers before walltime, e.g. '55m'")
+    log_directory: str | None = None
+    python: str | None = Field(None, description="python on the compute nodes; default: this one")
+
+
+class ReportConfig(_Section):
+    formats: list[Literal["md", "html", "tex"]] = ["md", "html", "tex"]
+    figures: bool = True
+    title: str | None = None
+
+
+# --------------------------------------------------------------------------- protocol
+class Protocol(_Section):
+    """A whole protocol. Load one with :func:`load_protocol`."""
+
+    name: str = Field(..., min_length=1)
+    output: Path = Field(Path("runs/default"), description="run folder, relative to the protocol file")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
+    crops: CropsConfig = CropsConfig()
+    variants: VariantsConfig = VariantsConfig()
+    models: list[ModelSpec] = Field(
+        default_factory=lambda: [ResNetSpec(arch="resnet", depth=10, width=0.25)]
+    )
+    training: TrainingConfig = TrainingConfig()
+    saliency: SaliencyConfig = SaliencyConfig()
+    stats: StatsConfig = StatsConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+    report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _unique_model_keys(self) -> Protocol:
+        keys = [m.key for m in self.models]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"models share the name {dup}; give each a distinct 'label'")
+        if not self.models:
+            raise ValueError("list at least one model")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder (``output``), absolute after :func:`load_protocol`."""
+        return Path(self.output)
+
+
+# --------------------------------------------------------------------------- loading
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                p = path + (key.value,)
+                lines[p] = key.start_mark.line + 1
+                walk(value, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                p = path + (i,)
+                lines[p] = item.start_mark.line + 1
+                walk(item, p)
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    """The line of the deepest existing prefix of ``loc`` (pydantic adds union tags)."""
+    clean = tuple(x for x in loc if not (isinstance(x, str) and x in ("resnet", "shufflenet_v2", "cellyolo")))
+    for n in range(len(clean), 0, -1):
+        if clean[:n] in lines:
+            return lines[clean[:n]]
+    return None
+
+
+def _format_errors(err: ValidationError, lines: dict[tuple, int], source: str) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(x) for x in loc if x not in ("resnet", "shufflenet_v2", "cellyolo")) or "(top level)"
+        line = _line_of(loc, lines)
+        where = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            parent = loc[:-1]
+            msg = f"unknown key '{loc[-1]}'" + _suggest_key(loc, parent)
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] not in ("model_type",) and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        out.append(f"{where}: {key}: {msg}")
+    return out
+
+
+def _suggest_key(loc: tuple, parent: tuple) -> str:
+    """'did you mean' for an unknown key, from the fields of its section."""
+    from cellbg._checks import did_you_mean
+
+    model: Any = Protocol
+    for part in parent:
+        if isinstance(part, int):
+            continue
+        if part in ("resnet", "shufflenet_v2", "cellyolo"):
+            model = {"resnet": ResNetSpec, "shufflenet_v2": ShuffleNetSpec, "cellyolo": CellYoloSpec}[part]
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        ann = field.annotation
+        model = _model_in(ann)
+        if model is None:
+            return ""
+    fields = getattr(model, "model_fields", {})
+    return did_you_mean(str(loc[-1]), fields.keys())
+
+
+def _model_in(ann):
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        m = _model_in(arg)
+        if m is not None:
+            return m
+    return None
+
+
+def parse_protocol(text: str, *, source: str = "<protocol>", base_dir: str | Path | None = None) -> Protocol:
+    """Validate protocol YAML text; raise :class:`CellbgError` listing every problem.
+
+    Each problem is one line ``source:LINE: key.path: what was expected``.
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CellbgError(f"{source}{line}: not valid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise CellbgError(f"{source}: a protocol is a mapping of keys (name, data, ...), got {type(raw).__name__}")
+    try:
+        protocol = Protocol.model_validate(raw)
+    except ValidationError as err:
+        raise CellbgError("\n".join(_format_errors(err, _yaml_lines(text), source))) from None
+    if base_dir is not None:
+        protocol = _resolve_paths(protocol, Path(base_dir))
+    return protocol
+
+
+def _resolve_paths(protocol: Protocol, base: Path) -> Protocol:
+    """Make every path in the protocol absolute, relative to ``base`` (the protocol's folder)."""
+    base = base.resolve()
+
+    def res(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    protocol.output = res(protocol.output)
+    d = protocol.data
+    d.root, d.manifest, d.mask_dir = res(d.root), res(d.manifest), res(d.mask_dir)
+    # A Cellpose model given as a path (not a bare name) is relative to the protocol too.
+    m = protocol.segmentation.model
+    if ("/" in m or m.endswith((".pth", ".pt"))) and not Path(m).expanduser().is_absolute():
+        protocol.segmentation.model = str((base / m).resolve())
+    return protocol
+
+
+def load_protocol(path: str | Path, *, check_paths: bool = True) -> Protocol:
+    """Read, validate and resolve a protocol file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The protocol YAML file.
+    check_paths : bool, optional
+        Also check that the data folder / manifest exist.
+
+    Returns
+    -------
+    Protocol
+        With every default filled in and every path absolute.
+
+    Raises
+    ------
+    CellbgError
+        One line per problem: file, line, key path and what was expected.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CellbgError(f"protocol file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CellbgError(f"cannot read protocol {path}: {exc}") from None
+    protocol = parse_protocol(text, source=str(path), base_dir=path.parent)
+    if check_paths:
+        problems = []
+        lines = _yaml_lines(text)
+        d = protocol.data
+        for key, value in (("root", d.root), ("manifest", d.manifest), ("mask_dir", d.mask_dir)):
+            if value is not None and not Path(value).exists():
+                line = lines.get(("data", key))
+                where = f"{path}:{line}" if line else str(path)
+                problems.append(f"{where}: data.{key}: path does not exist: {value}")
+        if problems:
+            raise CellbgError("\n".join(problems))
+    return protocol
+
+
+def _plain(protocol: Protocol) -> dict:
+    return json.loads(protocol.model_dump_json())
+
+
+def protocol_hash(protocol: Protocol | dict, *, section: str | None = None) -> str:
+    """A stable SHA-256 (hex, 16 chars) of the resolved protocol or one of its sections."""
+    obj = _plain(protocol) if isinstance(protocol, Protocol) else protocol
+    if section is not None:
+        obj = obj[section]
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def resolved_yaml(protocol: Protocol) -> str:
+    """The protocol with every default filled in, as YAML, headed by its hash."""
+    body = yaml.safe_dump(_plain(protocol), sort_keys=False, default_flow_style=False)
+    return f"# cellbg resolved protocol\n# protocol_hash: {protocol_hash(protocol)}\n{body}"
+
+
+def write_resolved(protocol: Protocol) -> Path:
+    """Write ``<run>/protocol.resolved.yaml`` (atomically) and return its path."""
+    from cellbg._io import write_text_atomic
+
+    return write_text_atomic(Path(protocol.run_dir) / "protocol.resolved.yaml", resolved_yaml(protocol))
+
+
+def load_run(run_dir: str | Path) -> Protocol:
+    """The resolved protocol of a run folder (``<run>/protocol.resolved.yaml``)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "protocol.resolved.yaml"
+    if not run_dir.is_dir():
+        raise CellbgError(f"run folder not found: {run_dir}")
+    if not path.exists():
+        raise CellbgError(f"{run_dir} is not a cellbg run folder (no protocol.resolved.yaml)")
+    return parse_protocol(path.read_text(encoding="utf-8"), source=str(path))
