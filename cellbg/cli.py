@@ -119,10 +119,94 @@ def data(protocol: ProtocolArg) -> None:
 
 
 # --- synth command (issue 3) ---
+class _LabelBy(str, Enum):
+    cell = "cell"
+    patient = "patient"
+
+
+class _SynthMode(str, Enum):
+    rgb = "rgb"
+    gray = "gray"
+
+
+@app.command(rich_help_panel="Set-up")
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="output folder (new or empty)", show_default=False)],
+    patients: Annotated[int, typer.Option(min=1, help="patients (slides)")] = 8,
+    cells_per_patient: Annotated[int, typer.Option(min=1, help="cells per patient")] = 40,
+    cells_per_image: Annotated[int, typer.Option(min=1, help="most cells per field of view")] = 6,
+    image_size: Annotated[int, typer.Option(min=64, help="field side in pixels")] = 256,
+    signal: Annotated[float, typer.Option(min=0.0, max=1.0, help="planted background-cue probability")] = 0.8,
+    signal_sd_between_patients: Annotated[float, typer.Option(min=0.0, help="patient SD of the cue probability")] = 0.0,
+    label_by: Annotated[_LabelBy, typer.Option(help="one class per image (cell) or per patient")] = _LabelBy.cell,
+    mode: Annotated[_SynthMode, typer.Option(help="RGB brightfield or gray fluorescence")] = _SynthMode.rgb,
+    seed: Annotated[int, typer.Option(min=0, help="random seed (same seed, same bytes)")] = 0,
+) -> None:
+    """Make a synthetic Sezary-like dataset with a planted background signal."""
+    with _handle():
+        from cellbg.synth import make_dataset
+
+        manifest = make_dataset(
+            out_dir, patients=patients, cells_per_patient=cells_per_patient,
+            cells_per_image=cells_per_image, image_size=image_size, signal=signal,
+            signal_sd_between_patients=signal_sd_between_patients, label_by=label_by.value,
+            mode=mode.value, seed=seed,
+        )
+        counts = ", ".join(f"{k}: {v}" for k, v in manifest["label"].value_counts().sort_index().items())
+        out.print(f"wrote {len(manifest)} images ({counts}) of {manifest['patient'].nunique()} patients to {out_dir}")
+
 
 # --- models / segment commands (issue 4) ---
+@app.command("models", rich_help_panel="Stages")
+def models_command() -> None:
+    """List the Cellpose models present locally, where they are looked for, and how to pre-stage them."""
+    with _handle():
+        from cellbg.segment import STAGING_HELP, list_models, model_dir
+
+        table = list_models()
+        out.print(_df_table(table, title=f"Cellpose models in {model_dir()}"))
+        out.print("Looked up by name in $CELLPOSE_LOCAL_MODELS_PATH, else ~/.cellpose/models; "
+                  "segmentation.model may also be a weights path.")
+        out.print(STAGING_HELP, soft_wrap=True)
+
+
+@app.command("segment", rich_help_panel="Stages")
+def segment_command(
+    protocol: ProtocolArg,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="score against ground-truth masks")] = False,
+) -> None:
+    """Segment every image into <run>/segmentation/ (threshold, cellpose or masks)."""
+    with _handle():
+        from cellbg.segment import evaluate_run, run_segmentation, summarize_evaluation
+
+        p = _load(protocol)
+        table = run_segmentation(p)
+        out.print(f"{len(table)} label images ({p.segmentation.method}) in {p.run_dir / 'segmentation'}")
+        if evaluate:
+            scores = evaluate_run(p, table)
+            out.print(_df_table(scores, title="per image (F1 etc. at IoU 0.5; AP over IoU 0.5:0.95)"))
+            m = summarize_evaluation(scores)
+            out.print(f"mean precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
+                      f"F1@0.5 {m['f1']:.3f}  AP@0.5:0.95 {m['ap']:.3f}  ({m['images']} images)")
+
 
 # --- crops command (issue 4) ---
+@app.command("crops", rich_help_panel="Stages")
+def crops_command(protocol: ProtocolArg) -> None:
+    """Cut one crop and mask per cell: <run>/cells.parquet and <run>/crops.zarr."""
+    with _handle():
+        from cellbg.crops import run_crops
+
+        p = _load(protocol)
+        cells = run_crops(p)
+        s = cells.attrs["summary"]
+        removed = ", ".join(f"{k} {v}" for k, v in s["removed"].items())
+        per_class = ", ".join(f"{k}: {v}" for k, v in s["cells_per_class"].items())
+        out.print(f"{s['cells']} cells from {s['images']} images ({per_class}) in {p.run_dir}")
+        out.print(f"removed by filter: {removed}")
+        if s["images_without_cells"]:
+            out.print(f"[yellow]{len(s['images_without_cells'])} image(s) without cells[/yellow]")
+
 
 # --- variants command (issue 5) ---
 
@@ -131,10 +215,80 @@ def data(protocol: ProtocolArg) -> None:
 # --- saliency command (issue 8) ---
 
 # --- stats command (issue 7) ---
+@app.command(rich_help_panel="Results")
+def stats(run_dir: RunDirArg) -> None:
+    """Patient-level paired tests between conditions; writes RUN_DIR/stats/ (tests.csv, accuracy.csv, summary.md)."""
+    with _handle():
+        from cellbg.stats import run_stats
+
+        table = run_stats(run_dir)
+        primary = table[table["role"] == "primary"]
+        cols = ["family", "model", "comparison", "estimate", "ci_low", "ci_high", "pvalue", "p_holm", "p_bh"]
+        out.print(_df_table(primary[cols], title=f"{len(table)} tests, primary rows shown"))
+        out.print(f"wrote {Path(run_dir) / 'stats'}: tests.csv, accuracy.csv, summary.md", highlight=False)
+
 
 # --- report command (issue 10) ---
+@app.command(rich_help_panel="Results")
+def report(
+    run_dir: RunDirArg,
+    gallery_cells: Annotated[int, typer.Option(help="cells (rows) in the saliency gallery", min=1)] = 4,
+) -> None:
+    """Write RUN_DIR/report/: report.md, a self-contained report.html, LaTeX tables, figures."""
+    with _handle():
+        from cellbg.report import write_report
+
+        folder = write_report(run_dir, gallery_cells=gallery_cells)
+        made = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        out.print(f"report written to {folder} ({len(made)} files)")
+        for name in made:
+            if not name.startswith("figures/") or name.endswith(".png"):
+                out.print(f"  {name}", highlight=False)
+
 
 # --- run / status commands (issue 9) ---
+class ExecutorKind(str, Enum):
+    local = "local"
+    slurm = "slurm"
+    pbs = "pbs"
+    sge = "sge"
+    lsf = "lsf"
+
+
+@app.command(rich_help_panel="Run")
+def run(
+    protocol: ProtocolArg,
+    executor: Annotated[
+        ExecutorKind | None, typer.Option(help="where jobs run; default: the protocol's executor.kind")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the jobs and which are cached; run nothing")] = False,
+) -> None:
+    """Run the whole pipeline; skip every job whose inputs have not changed; resume after a kill."""
+    with _handle():
+        from cellbg.runner import run_protocol
+
+        summary = run_protocol(protocol, executor=executor.value if executor else None, dry_run=dry_run)
+        if dry_run:
+            for s in summary.stages:
+                for j in s.jobs:
+                    typer.echo(f"{s.name:<12} {'cached' if j.cached else 'to run':<7} {j.key}  {j.name}")
+                if not s.planned:
+                    typer.echo(f"{s.name:<12} {s.note}")
+        typer.echo(summary.summary())
+        if not summary.ok:
+            err.print(f"[red]{len(summary.failures)} job(s) failed[/red]; finished jobs are kept, run again to retry")
+            raise typer.Exit(code=1)
+        if not dry_run:
+            typer.echo(f"run folder: {summary.run_dir} ({summary.ran} jobs ran in {summary.seconds:.1f} s)")
+
+
+@app.command(rich_help_panel="Run")
+def status(run_dir: RunDirArg) -> None:
+    """How far a run is: state of the last run, jobs done and to do per stage, failures."""
+    with _handle():
+        from cellbg.runner import status as run_status
+
+        typer.echo(run_status(run_dir).summary())
 
 
 def main() -> None:

@@ -118,13 +118,18 @@ class ThresholdConfig(_Section):
 
     sigma: float = Field(1.0, ge=0)
     background_radius: float = Field(0.0, ge=0, description="0 = no background correction")
-    method: Literal["otsu", "li", "local"] = "otsu"
+    method: Literal["robust", "otsu", "li", "local"] = Field(
+        "robust", description="robust = background median + n_sigmas robust SDs, capped at Otsu (finds dim cells)"
+    )
+    n_sigmas: float = Field(8.0, gt=0, description="robust SDs above the background for robust/local")
     local_block_size: int = 51
     min_distance: int = Field(5, ge=1, description="peak separation for the seeded watershed")
     h: float = Field(0.0, ge=0, description="h-maxima height; 0 = use peak_local_max")
     min_area: int = 30
     max_area: int | None = None
-    channel: int | None = Field(None, description="channel to segment; None = auto (mean or inverted)")
+    channel: int | None = Field(
+        None, description="channel to segment; None = auto (red for brightfield RGB, else the brightest-tailed)"
+    )
     invert: Literal["auto", True, False] = "auto"
 
 
@@ -139,6 +144,7 @@ class SegmentationConfig(_Section):
     cellprob_threshold: float = 0.0
     batch_size: int = Field(8, ge=1)
     gpu: Literal["auto", True, False] = "auto"
+    workers: int | None = Field(None, ge=1, description="processes for threshold/masks; None = CPU count")
     threshold: ThresholdConfig = ThresholdConfig()
 
 
@@ -243,6 +249,8 @@ class TrainingConfig(_Section):
 
 # --------------------------------------------------------------------------- saliency
 class SaliencyConfig(_Section):
+    """Attribution maps and the background share of attribution (see docs/saliency.md)."""
+
     enabled: bool = True
     methods: list[Literal["gradcam", "occlusion", "integrated_gradients"]] = [
         "gradcam",
@@ -250,11 +258,15 @@ class SaliencyConfig(_Section):
         "integrated_gradients",
     ]
     cells_per_job: int = Field(32, ge=1, description="cells sampled per (model, train variant, seed, fold)")
-    target: Literal["predicted", "true"] = "predicted"
-    test_variant: str = "original"
-    sanity_check: bool = True
-    occlusion_window: int = Field(8, ge=1)
-    ig_steps: int = Field(16, ge=2)
+    target: Literal["predicted", "true", "both"] = Field(
+        "both", description="class each map explains; 'both' = one map for each (shared when they agree)"
+    )
+    test_variant: str = Field("original", description="the variant of the crops the maps are computed on")
+    sanity_check: bool = Field(True, description="also map a re-randomised copy; record the rank correlation")
+    occlusion_window: int = Field(8, ge=1, description="side of the occluding square, pixels")
+    occlusion_overlap: float = Field(0.0, ge=0, lt=1, description="overlap of occlusion windows; 0 tiles the crop")
+    ig_steps: int = Field(8, ge=2, description="integrated-gradients path points (Gauss-Legendre)")
+    batch_size: int = Field(64, ge=1, description="images per forward/backward pass")
 
 
 # --------------------------------------------------------------------------- stats
@@ -283,26 +295,36 @@ class StatsConfig(_Section):
 
 # --------------------------------------------------------------------------- executor
 class ExecutorConfig(_Section):
+    """Where the jobs run (see docs/running.md). Never part of a job's cache key."""
+
     kind: Literal["local", "slurm", "pbs", "sge", "lsf"] = "local"
-    workers: int | None = Field(None, description="local: worker processes; None = CPU count")
-    threads_per_worker: int = 1
-    retries: int = Field(1, ge=0)
-    max_jobs_in_flight: int | None = None
+    workers: int | None = Field(None, ge=1, description="local: worker processes; None = CPU count")
+    threads_per_worker: int = Field(1, ge=1, description="cellbg jobs one worker process runs at once")
+    retries: int = Field(1, ge=0, description="extra attempts for a job that raises or whose worker dies")
+    max_jobs_in_flight: int | None = Field(
+        None, ge=1, description="HPC: most batch jobs queued or running at once; None = 8"
+    )
+    worker_wait_timeout: float | None = Field(
+        3600.0, gt=0, description="give up when jobs wait this many seconds with no worker connected; None = never"
+    )
     # HPC (dask-jobqueue)
     queue: str | None = Field(None, description="partition / queue")
     account: str | None = None
-    cores: int = 1
-    memory: str = "4GB"
-    processes: int = 1
-    gpus: int = 0
+    cores: int = Field(1, ge=1, description="cores each batch job reserves")
+    memory: str = Field("4GB", description="memory each batch job reserves")
+    processes: int = Field(1, ge=1, description="worker processes per batch job")
+    gpus: int = Field(0, ge=0, description="GPUs each batch job reserves")
     walltime: str = "01:00:00"
     job_extra_directives: list[str] = []
     job_directives_skip: list[str] = Field([], description="directives the site rejects, e.g. ['--mem']")
     job_script_prologue: list[str] = Field([], description="environment set-up lines (module load ...)")
     interface: str | None = Field(None, description="network interface the scheduler listens on, e.g. ib0")
     local_directory: str | None = Field(None, description="worker scratch on node-local disk, e.g. $TMPDIR")
-    worker_lifetime: str | None = Field(None, description="recycle workers before walltime, e.g. '55m'")
-    log_directory: str | None = None
+    worker_lifetime: str | None = Field(
+        None, description="recycle workers before walltime, e.g. '55m'; None = walltime minus 5 minutes"
+    )
+    worker_lifetime_stagger: str = Field("2m", description="random spread of the lifetimes")
+    log_directory: str | None = Field(None, description="batch-job stdout/stderr; None = <run>/logs/batch")
     python: str | None = Field(None, description="python on the compute nodes; default: this one")
 
 

@@ -1,0 +1,153 @@
+"""Batched background variants vs a straightforward per-image loop, same crops, same run.
+
+    .venv/bin/python benchmarks/bench_variants.py [--n 10000] [--size 64] [--batch 512]
+
+The per-image loop is what a script does one crop at a time: numpy slicing / ``np.where`` /
+``np.tile`` per crop, ``scipy.ndimage.gaussian_filter`` and ``distance_transform_edt`` per
+crop, ``skimage.morphology`` per mask, one partner drawn per cell. The batched side calls
+:func:`cellbg.variants.apply_variant` on batches of ``--batch`` crops (the way a training
+loader uses it; ``--batch 0`` = all crops at once). Both sides produce the same images
+(checked on a sample before timing). Prints seconds per side and the ratio per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import scipy.ndimage as ndi
+import torch
+from skimage.morphology import binary_erosion, disk
+
+from cellbg.variants import apply_variant
+
+
+def make_crops(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, 3, size, size), dtype=np.float32)
+    rr, cc = np.mgrid[:size, :size]
+    cen = rng.integers(size // 4, 3 * size // 4, (n, 2))[:, :, None, None]
+    rad = rng.integers(size // 10, size // 4, (n, 2))[:, :, None, None]
+    masks = ((rr - cen[:, 0]) / rad[:, 0]) ** 2 + ((cc - cen[:, 1]) / rad[:, 1]) ** 2 <= 1
+    rows, cols = masks.any(2), masks.any(1)
+    bboxes = np.stack([rows.argmax(1), cols.argmax(1), size - rows[:, ::-1].argmax(1),
+                       size - cols[:, ::-1].argmax(1)], 1).astype(np.int64)
+    labels = rng.integers(0, 2, n)
+    return images, masks, bboxes, labels
+
+
+# --------------------------------------------------------------------------- per-image loop
+def loop_only_bg_t(img, box):
+    r0, c0, r1, c1 = box
+    _, h, w = img.shape
+    left, right, top, bottom = c0, w - c1, r0, h - r1
+    out = img.copy()
+    if max(left, right) * h >= max(top, bottom) * w:
+        if max(left, right) == 0:
+            out[:, r0:r1, c0:c1] = 0
+            return out
+        strip = img[:, :, :c0] if left >= right else img[:, :, c1:]
+        tiled = np.tile(strip, (1, 1, -(-w // strip.shape[2])))[:, :, :w]
+    else:
+        strip = img[:, :r0] if top >= bottom else img[:, r1:]
+        tiled = np.tile(strip, (1, -(-h // strip.shape[1]), 1))[:, :h]
+    out[:, r0:r1, c0:c1] = tiled[:, r0:r1, c0:c1]
+    return out
+
+
+def loop_partner(i, labels, rule, rng):
+    if rule == "same":
+        pool = np.flatnonzero((labels == labels[i]) & (np.arange(len(labels)) != i))
+    else:
+        pool = np.flatnonzero(labels == (labels[i] + 1) % 2)
+    return pool[rng.integers(len(pool))]
+
+
+def run_loop(spec, images, masks, bboxes, labels):
+    out = np.empty_like(images)
+    rng = np.random.default_rng(0)
+    for i in range(len(images)):
+        img, m, box = images[i], masks[i], bboxes[i]
+        if spec == "original":
+            out[i] = img.copy()
+        elif spec == "only_fg":
+            out[i] = img * m
+        elif spec == "no_fg":
+            out[i] = img * ~m
+        elif spec == "only_bg_b":
+            o = img.copy()
+            o[:, box[0]:box[2], box[1]:box[3]] = 0
+            out[i] = o
+        elif spec == "only_bg_t":
+            out[i] = loop_only_bg_t(img, box)
+        elif spec in ("mixed_same", "mixed_next"):
+            j = loop_partner(i, labels, spec[6:], rng)
+            out[i] = np.where(m, img, loop_only_bg_t(images[j], bboxes[j]))
+        elif spec == "bg_color(0,0,1)":
+            out[i] = np.where(m, img, np.array([0, 0, 1], np.float32)[:, None, None])
+        elif spec == "bg_blur(2)":
+            out[i] = np.where(m, img, ndi.gaussian_filter(img, (0, 2, 2), mode="nearest"))
+        elif spec == "bg_ring(4)":
+            out[i] = np.where(ndi.distance_transform_edt(~m) <= 4, img, 0)
+        elif spec == "mask_erode(2)+only_fg":
+            out[i] = img * binary_erosion(m, disk(2))
+        else:
+            raise ValueError(spec)
+    return out
+
+
+def run_batched(spec, images, masks, bboxes, labels, batch):
+    step = batch or len(images)
+    for s in range(0, len(images), step):
+        apply_variant(spec, images[s:s + step], masks[s:s + step], bboxes=bboxes[s:s + step],
+                      labels=labels[s:s + step], seed=0)
+
+
+def timed(fn, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+SPECS = ["original", "only_fg", "no_fg", "only_bg_b", "only_bg_t", "mixed_same", "mixed_next",
+         "bg_color(0,0,1)", "bg_blur(2)", "bg_ring(4)", "mask_erode(2)+only_fg"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--specs", nargs="*", default=SPECS)
+    X
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images, masks, bboxes, labels = make_crops(args.n, args.size)
+    print(f"{args.n} crops 3x{args.size}x{args.size}, batch {args.batch or args.n}, torch threads "
+          f"{torch.get_num_threads()}, best of {args.repeat}")
+    # Same answers on a sample (the pairing variants draw differently; compare the deterministic ones).
+    k = 64
+    for spec in args.specs:
+        if not spec.startswith("mixed"):
+            want = run_loop(spec, images[:k], masks[:k], bboxes[:k], labels[:k])
+            got = apply_variant(spec, images[:k], masks[:k], bboxes=bboxes[:k], labels=labels[:k]).images
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=spec)
+    print(f"{'variant':<24}{'loop s':>9}{'batched s':>11}{'ratio':>8}")
+    tot_loop = tot_batch = 0.0
+    for spec in args.specs:
+        t_loop = timed(lambda: run_loop(spec, images, masks, bboxes, labels), args.repeat)
+        t_batch = timed(lambda: run_batched(spec, images, masks, bboxes, labels, args.batch), args.repeat)
+        tot_loop += t_loop
+        tot_batch += t_batch
+        print(f"{spec:<24}{t_loop:9.3f}{t_batch:11.3f}{t_loop / t_batch:8.1f}x", flush=True)
+    print(f"{'all variants':<24}{tot_loop:9.3f}{tot_batch:11.3f}{tot_loop / tot_batch:8.1f}x")
+
+
+if __name__ == "__main__":
+    main()

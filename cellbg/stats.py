@@ -1,0 +1,1294 @@
+"""Statistics: is the accuracy gap between two conditions real?
+
+Pure functions over the predictions table (one row per cell x model x train variant x test
+variant x seed x fold). A *condition* is ``"train_variant:test_variant"``. Every test returns
+a frozen :class:`TestResult` that prints well and becomes one row of ``stats/tests.csv``.
+
+The unit of inference is the **patient**: cells are nested in patients, and removing the
+background can help one patient and hurt another, so cell-level tests (McNemar) reject a true
+null far too often. The primary test averages correctness within each patient and compares
+the per-patient accuracies with a paired t-test (df = patients - 1); a GEE logistic model
+clustered by patient with the bias-reduced (Mancl-DeRouen) covariance is the alternative for
+very unequal cell counts. See ``docs/statistics.md``.
+
+Library code is used where it exists (scipy: t, Wilcoxon; statsmodels: McNemar, Holm/BH,
+GEE). Written here, because no library has them: the patient cluster bootstrap-t, the
+Nadeau-Bengio corrected resampled t-test and Dietterich's 5x2cv t-test.
+
+This module never imports torch.
+
+Examples
+--------
+>>> r = paired_t_test([0.7, 0.8, 0.6, 0.9], [0.6, 0.8, 0.5, 0.7])
+>>> round(r.estimate, 3), r.df
+(-0.1, 3.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from cellbg._checks import CellbgError, look_up_option
+
+__all__ = [
+    "TestResult",
+    "GEEFit",
+    "paired_outcomes",
+    "patient_accuracy",
+    "paired_t_test",
+    "wilcoxon_test",
+    "cluster_sums",
+    "patient_bootstrap",
+    "paired_table",
+    "mcnemar_test",
+    "gee_fit",
+    "gee_test",
+    "corrected_resampled_t_test",
+    "five_by_two_cv_test",
+    "adjust_pvalues",
+    "accuracy_table",
+    "compare_conditions",
+    "simulate_paired_correctness",
+    "run_stats",
+    "TESTS_COLUMNS",
+]
+
+NAN = float("nan")
+
+#: Columns of ``stats/tests.csv`` in order (the contract's columns first).
+TESTS_COLUMNS = [
+    "family", "role", "model", "comparison", "a", "b", "estimate", "ci_low", "ci_high",
+    "ci_method", "statistic", "df", "pvalue", "p_holm", "p_bh", "method", "n_cells",
+    "n_patients", "n_seeds", "mcnemar_b", "mcnemar_c",
+    # extras
+    "name", "measure", "scale", "saliency_method", "alpha", "n_resamples", "note",
+]  # fmt: skip
+
+_PRED_COLUMNS = ("cell_id", "patient_id", "label", "model", "train_variant", "test_variant", "seed", "fold", "pred", "correct")
+_SAL_COLUMNS = ("cell_id", "patient_id", "model", "train_variant", "seed", "fold", "method", "background_share")
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class TestResult:
+    """The result of one test: effect, interval, statistic, p-value and sample sizes.
+
+    Attributes
+    ----------
+    method : str
+        Test name, e.g. ``"paired t (patients)"``.
+    estimate : float
+        The effect, condition B minus condition A, on the scale named by ``scale``.
+    ci_low, ci_high : float
+        Confidence interval of ``estimate`` (NaN when the test gives none).
+    ci_method : str
+        How the interval was made.
+    statistic, df, pvalue : float
+        Test statistic, its degrees of freedom (NaN when none) and the two-sided p-value.
+    n_cells, n_patients, n_seeds : int
+        Distinct cells, patients and training seeds the test used.
+    scale : str
+        What ``estimate`` measures (``"accuracy difference"``, ``"log odds ratio"``, ...).
+    mcnemar_b, mcnemar_c : float
+        Discordant pairs (A right B wrong, A wrong B right); NaN unless McNemar.
+    n_resamples : int
+        Bootstrap resamples (0 unless a bootstrap).
+    alpha : float
+        1 - confidence level of the interval.
+    note : str
+        Caveats (conditional inference, degenerate data, ...).
+    """
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+
+    method: str
+    estimate: float
+    ci_low: float = NAN
+    ci_high: float = NAN
+    ci_method: str = ""
+    statistic: float = NAN
+    df: float = NAN
+    pvalue: float = NAN
+    n_cells: int = 0
+    n_patients: int = 0
+    n_seeds: int = 0
+    scale: str = "accuracy difference"
+    mcnemar_b: float = NAN
+    mcnemar_c: float = NAN
+    n_resamples: int = 0
+    alpha: float = 0.05
+    note: str = ""
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        """``(ci_low, ci_high)``."""
+        return (self.ci_low, self.ci_high)
+
+    def replace(self, **changes) -> TestResult:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_row(self) -> dict:
+        """The result as a flat dict (one row of ``stats/tests.csv``)."""
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """A few aligned lines: method, effect with CI, statistic, p and sample sizes."""
+        level = f"{100 * (1 - self.alpha):g}%"
+        lines = [
+            f"{self.method}",
+            f"  estimate ({self.scale}): {self.estimate:.4g}",
+        ]
+        if not (math.isnan(self.ci_low) and math.isnan(self.ci_high)):
+            lines.append(f"  {level} CI: [{self.ci_low:.4g}, {self.ci_high:.4g}]  ({self.ci_method})")
+        stat = f"  statistic: {self.statistic:.4g}"
+        if not math.isnan(self.df):
+            stat += f"  df: {self.df:g}"
+        stat += f"  p: {self.pvalue:.4g}"
+        lines.append(stat)
+        if not math.isnan(self.mcnemar_b):
+            lines.append(f"  discordant pairs: b = {self.mcnemar_b:g} (A right, B wrong), c = {self.mcnemar_c:g}")
+        if self.n_resamples:
+            lines.append(f"  resamples: {self.n_resamples}")
+        lines.append(f"  n: {self.n_cells} cells, {self.n_patients} patients, {self.n_seeds} seeds")
+        if self.note:
+            lines.append(f"  note: {self.note}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclass(frozen=True)
+class GEEFit:
+    """A GEE fit with t-reference inference (df = clusters - 1).
+
+    Attributes
+    ----------
+    params, bse, tvalues, pvalues : pandas.Series
+        Coefficients, standard errors (of ``cov_type``), t statistics and two-sided p-values
+        from a t distribution with ``df`` degrees of freedom.
+    conf_int : pandas.DataFrame
+        Columns ``low`` and ``high`` (t-based, level ``1 - alpha``).
+    df : float
+        Reference degrees of freedom: number of clusters - 1.
+    cov_type : str
+        ``"bias_reduced"`` (Mancl-DeRouen), ``"robust"`` or ``"naive"``.
+    n_obs, n_groups : int
+    family, cov_struct : str
+    dep_params : float
+        The working correlation (exchangeable) or NaN.
+    """
+
+    params: pd.Series
+    bse: pd.Series
+    tvalues: pd.Series
+    pvalues: pd.Series
+    conf_int: pd.DataFrame
+    df: float
+    cov_type: str
+    n_obs: int
+    n_groups: int
+    family: str
+    cov_struct: str
+    dep_params: float
+    alpha: float = 0.05
+
+    def summary(self) -> str:
+        """A coefficient table as text."""
+        table = pd.DataFrame(
+            {"coef": self.params, "std err": self.bse, "t": self.tvalues, "P>|t|": self.pvalues}
+        ).join(self.conf_int)
+        head = (
+            f"GEE {self.family}, {self.cov_struct} working correlation ({self.dep_params:.3g}), "
+            f"{self.cov_type} covariance, t reference df = {self.df:g}; "
+            f"{self.n_obs} observations in {self.n_groups} clusters"
+        )
+        return head + "\n" + table.to_string(float_format=lambda v: f"{v:.4g}")
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+# --------------------------------------------------------------------------- helpers
+def _as_1d(x, name: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=float)
+    if arr.ndim != 1:
+        raise CellbgError(f"{name} must be 1-D; got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise CellbgError(f"{name} holds NaN or infinite values")
+    return arr
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0 < alpha < 1:
+        raise CellbgError(f"alpha must be in (0, 1); got {alpha}")
+    return float(alpha)
+
+
+def _split_condition(condition: str) -> tuple[str, str]:
+    if not isinstance(condition, str) or condition.count(":") != 1:
+        raise CellbgError(f"a condition is 'train_variant:test_variant'; got {condition!r}")
+    train, test = condition.split(":")
+    return train, test
+
+
+# --------------------------------------------------------------------------- pairing
+def paired_outcomes(predictions: pd.DataFrame, a: str, b: str, *, model: str | None = None) -> pd.DataFrame:
+    """Pair the correctness of each cell under conditions ``a`` and ``b``.
+
+    Rows are matched on cell, seed and fold, so a cell is compared with itself under the
+    same training seed and split.
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        The predictions table (``predictions.parquet``).
+    a, b : str
+        Conditions ``"train_variant:test_variant"``.
+    model : str, optional
+        Model key; required when the table holds several models.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``cell_id, patient_id, label, seed, fold, correct_a, correct_b`` (bool).
+
+    Raises
+    ------
+    CellbgError
+        When a condition or the model is not in the table, or rows are duplicated.
+
+    Examples
+    --------
+    >>> p = pd.DataFrame({"cell_id": ["c1", "c1"], "patient_id": "p1", "label": "x",
+    ...     "model": "m", "train_variant": "original", "test_variant": ["original", "only_fg"],
+    ...     "seed": 0, "fold": 0, "correct": [True, False]})
+    >>> paired_outcomes(p, "original:original", "original:only_fg")[["correct_a", "correct_b"]].values.tolist()
+    [[True, False]]
+    """
+    _check_columns(predictions, ("cell_id", "patient_id", "label", "model", "train_variant", "test_variant", "seed", "fold", "correct"), "predictions")
+    models = predictions["model"].unique()
+    if model is None:
+        if len(models) != 1:
+            raise CellbgError(f"the predictions hold several models {sorted(models)}; pass model=")
+        model = models[0]
+    else:
+        look_up_option(model, sorted(map(str, models)), what="model")
+    sub = predictions[predictions["model"] == model]
+    keys = ["cell_id", "seed", "fold"]
+    parts = []
+    for cond, suffix in ((a, "_a"), (b, "_b")):
+        train, test = _split_condition(cond)
+        rows = sub[(sub["train_variant"] == train) & (sub["test_variant"] == test)]
+        if rows.empty:
+            have = sorted(set(sub["train_variant"].astype(str) + ":" + sub["test_variant"].astype(str)))
+            look_up_option(cond, have, what=f"condition for model '{model}'")
+        if rows.duplicated(keys).any():
+            dup = rows.loc[rows.duplicated(keys), keys].iloc[0].tolist()
+            raise CellbgError(f"predictions: condition {cond} of model '{model}' has duplicate rows for cell/seed/fold {dup}")
+        part = rows[keys + ["patient_id", "label", "correct"]].rename(columns={"correct": "correct" + suffix})
+        parts.append(part)
+    merged = parts[0].merge(parts[1].drop(columns=["patient_id", "label"]), on=keys, how="inner")
+    if merged.empty:
+        raise CellbgError(f"conditions {a} and {b} of model '{model}' share no cell/seed/fold to pair")
+    merged["correct_a"] = merged["correct_a"].astype(bool)
+    merged["correct_b"] = merged["correct_b"].astype(bool)
+    return merged[["cell_id", "patient_id", "label", "seed", "fold", "correct_a", "correct_b"]].reset_index(drop=True)
+
+
+def patient_accuracy(paired: pd.DataFrame) -> pd.DataFrame:
+    """Per-patient accuracy under both conditions, averaged over cells, seeds and folds.
+
+    Parameters
+    ----------
+    paired : pandas.DataFrame
+        Output of :func:`paired_outcomes`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by ``patient_id``: ``n`` (paired rows), ``correct_a``, ``correct_b`` (sums),
+        ``acc_a``, ``acc_b``, ``diff`` (``acc_b - acc_a``).
+    """
+    _check_columns(paired, ("patient_id", "correct_a", "correct_b"), "paired outcomes")
+    g = paired.groupby("patient_id", sort=True, observed=True)
+    out = pd.DataFrame(
+        {
+            "n": g.size(),
+            "correct_a": g["correct_a"].sum().astype(float),
+            "correct_b": g["correct_b"].sum().astype(float),
+        }
+    )
+    out["acc_a"] = out["correct_a"] / out["n"]
+    out["acc_b"] = out["correct_b"] / out["n"]
+    out["diff"] = out["acc_b"] - out["acc_a"]
+    return out
+
+
+def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise CellbgError(f"{what} lacks columns {missing}; it has {list(df.columns)}")
+
+
+# --------------------------------------------------------------------------- patient-level tests
+def paired_t_test(a, b, *, alpha: float = 0.05) -> TestResult:
+    """Paired t-test of ``b - a`` with its t-interval (scipy).
+
+    Parameters
+    ----------
+    a, b : (N,) array_like
+        Paired values, e.g. per-patient accuracies under conditions A and B.
+    alpha : float, optional
+        1 - confidence level of the interval.
+
+    Returns
+    -------
+    TestResult
+        ``estimate`` = mean of ``b - a``, df = N - 1.
+
+    Examples
+    --------
+    R's ``sleep`` data (``t.test(extra ~ group, paired = TRUE)``: t = -4.0621, df = 9):
+
+    >>> g1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    >>> g2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    >>> r = paired_t_test(g2, g1)
+    >>> round(r.statistic, 4), r.df, round(r.pvalue, 6)
+    (-4.0621, 9.0, 0.002833)
+    """
+    a = _as_1d(a, "a")
+    b = _as_1d(b, "b")
+    alpha = _check_alpha(alpha)
+    if a.shape != b.shape:
+        raise CellbgError(f"a and b must pair up; got lengths {a.size} and {b.size}")
+    n = a.size
+    if n < 2:
+        raise CellbgError(f"a paired t-test needs at least 2 pairs; got {n}")
+    d = b - a
+    est = float(d.mean())
+    sd = float(d.std(ddof=1))
+    df = float(n - 1)
+    method = "paired t"
+    if sd == 0:
+        # No spread: the t statistic is undefined; all-equal-zero differences give p = 1.
+        p = 1.0 if est == 0 else NAN
+        return TestResult(method, est, est, est, f"t, df={n - 1}", NAN, df, p, alpha=alpha,
+                          note="no variation in the paired differences")
+    res = sps.ttest_rel(b, a)
+    ci = res.confidence_interval(confidence_level=1 - alpha)
+    return TestResult(
+        method, est, float(ci.low), float(ci.high), f"t, df={n - 1}", float(res.statistic), df,
+        float(res.pvalue), alpha=alpha,
+    )
+
+
+def wilcoxon_test(a, b) -> TestResult:
+    """Wilcoxon signed-rank test of ``b - a`` (scipy; exact for small N without ties).
+
+    The estimate is the median of the differences. Used as a sensitivity check of the
+    paired t-test.
+
+    Examples
+    --------
+    >>> r = wilcoxon_test([1, 2, 3, 4, 5, 6], [2, 4, 5, 7, 8, 10])
+    >>> r.pvalue  # all six differences positive: 2 / 2**6
+    0.03125
+    """
+    a = _as_1d(a, "a")
+    b = _as_1d(b, "b")
+    if a.shape != b.shape:
+        raise CellbgError(f"a and b must pair up; got lengths {a.size} and {b.size}")
+    d = b - a
+    est = float(np.median(d)) if d.size else NAN
+    if not np.any(d != 0):
+        return TestResult("Wilcoxon signed-rank", est, pvalue=1.0 if d.size else NAN,
+                          note="all paired differences are zero")
+    res = sps.wilcoxon(b, a)
+    return TestResult("Wilcoxon signed-rank", est, statistic=float(res.statistic), pvalue=float(res.pvalue))
+
+
+# --------------------------------------------------------------------------- bootstrap
+def cluster_sums(values, clusters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sum ``values`` within each cluster (vectorised; the input to :func:`patient_bootstrap`).
+
+    Parameters
+    ----------
+    values : (N,) array_like
+        One value per row, e.g. ``correct_b - correct_a`` per paired cell.
+    clusters : (N,) array_like
+        Cluster (patient) of each row.
+
+    Returns
+    -------
+    sums, counts : (P,) ndarray
+        Sum and number of rows per cluster, in sorted cluster order.
+    labels : (P,) ndarray
+        The cluster labels.
+
+    Examples
+    --------
+    >>> s, n, lab = cluster_sums([1, 0, 1, 1], ["p2", "p1", "p2", "p1"])
+    >>> s.tolist(), n.tolist(), lab.tolist()
+    ([1.0, 2.0], [2.0, 2.0], ['p1', 'p2'])
+    """
+    values = _as_1d(values, "values")
+    clusters = np.asarray(clusters)
+    if clusters.shape != values.shape:
+        raise CellbgError(f"clusters must have one entry per value; got {clusters.shape} vs {values.shape}")
+    labels, inverse = np.unique(clusters, return_inverse=True)
+    sums = np.bincount(inverse, weights=values, minlength=labels.size)
+    counts = np.bincount(inverse, minlength=labels.size).astype(float)
+    return sums, counts, labels
+
+
+def _ratio_se(num: np.ndarray, den: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Cluster-robust (linearised) SE of sum(num)/sum(den) along the last axis.
+
+    With den = 1 this is s / sqrt(P), the SE of a mean of cluster values.
+    """
+    p = num.shape[-1]
+    sum_w = den.sum(-1)
+    # sum((D - theta W)^2) expanded so that nothing of size (B, P) is made twice.
+    ss = (num * num).sum(-1) - 2 * theta * (num * den).sum(-1) + theta**2 * (den * den).sum(-1)
+    ss = np.maximum(ss, 0.0)
+    return np.sqrt(p / (p - 1) * ss) / sum_w
+
+
+def patient_bootstrap(
+    sums,
+    counts=None,
+    *,
+    n_resamples: int = 2000,
+    method: str = "bootstrap-t",
+    alpha: float = 0.05,
+    seed: int | np.random.SeedSequence = 0,
+    chunk: int = 2000,
+) -> TestResult:
+    """Patient cluster bootstrap of an accuracy difference, resampling per-patient sums.
+
+    The estimate is ``sum(sums) / sum(counts)``: with ``counts`` omitted (all 1) and
+    ``sums`` the per-patient accuracy differences, the mean of per-patient differences (the
+    primary estimand); with per-patient sums of ``correct_b - correct_a`` and cell counts,
+    the difference pooled over cells. Patients are drawn with replacement; only the
+    per-patient sums are resampled, never the rows, so the cost does not grow with cells.
+
+    Parameters
+    ----------
+    sums : (P,) array_like
+        Per-patient sums (or values).
+    counts : (P,) array_like, optional
+        Per-patient denominators (cells); default 1 each.
+    n_resamples : int, optional
+        Bootstrap resamples.
+    method : {"bootstrap-t", "percentile"}, optional
+        ``"bootstrap-t"`` (studentized with the cluster-robust SE of each resample; the
+        default) or ``"percentile"`` (only with >= 30 patients: with fewer its intervals
+        are too narrow).
+    alpha : float, optional
+        1 - confidence level.
+    seed : int or numpy.random.SeedSequence, optional
+        Seed of the resampling generator.
+    chunk : int, optional
+        Resamples drawn at a time (bounds memory at ``chunk x P``).
+
+    Returns
+    -------
+    TestResult
+        CI from the bootstrap; ``statistic`` = estimate / SE; ``pvalue`` from the bootstrap
+        distribution of the studentized statistic (bootstrap-t) or of the estimate
+        (percentile), ``(k + 1) / (B + 1)``.
+
+    References
+    ----------
+    Davison & Hinkley (1997), Bootstrap Methods and their Application, sec. 5.2.1 and 3.8.
+
+    Examples
+    --------
+    >>> r = patient_bootstrap([0.1, 0.0, 0.2, 0.05, 0.15], n_resamples=999, seed=1)
+    >>> round(r.estimate, 3), r.ci_low < 0.1 < r.ci_high
+    (0.1, True)
+    """
+    sums = _as_1d(sums, "sums")
+    counts = np.ones_like(sums) if counts is None else _as_1d(counts, "counts")
+    if counts.shape != sums.shape:
+        raise CellbgError(f"counts must match sums; got {counts.shape} vs {sums.shape}")
+    if np.any(counts <= 0):
+        raise CellbgError("counts must be positive")
+    method = look_up_option(method, ("bootstrap-t", "percentile"), what="bootstrap method")
+    alpha = _check_alpha(alpha)
+    if int(n_resamples) < 1:
+        raise CellbgError(f"n_resamples must be >= 1; got {n_resamples}")
+    n_resamples = int(n_resamples)
+    p = sums.size
+    if p < 2:
+        raise CellbgError(f"a patient bootstrap needs at least 2 patients; got {p}")
+    if method == "percentile" and p < 30:
+        raise CellbgError(
+            f"percentile bootstrap needs >= 30 patients (got {p}); its intervals are too narrow "
+            "with few clusters, use method='bootstrap-t'"
+        )
+    theta = float(sums.sum() / counts.sum())
+    se = float(_ratio_se(sums, counts, np.float64(theta)))
+    rng = np.random.default_rng(seed)
+    boot_theta = np.empty(n_resamples)
+    boot_se = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        idx = rng.integers(0, p, size=(stop - start, p))
+        num, den = sums[idx], counts[idx]
+        th = num.sum(1) / den.sum(1)
+        boot_theta[start:stop] = th
+        boot_se[start:stop] = _ratio_se(num, den, th)
+    common = dict(n_cells=0, n_patients=p, n_resamples=n_resamples, alpha=alpha)
+    if method == "percentile":
+        lo, hi = np.quantile(boot_theta, [alpha / 2, 1 - alpha / 2])
+        k = min((boot_theta <= 0).sum(), (boot_theta >= 0).sum())
+        pval = min(1.0, 2 * (k + 1) / (n_resamples + 1))
+        stat = theta / se if se > 0 else NAN
+        return TestResult("patient cluster bootstrap (percentile)", theta, float(lo), float(hi),
+                          f"percentile bootstrap, B={n_resamples}", stat, NAN, pval, **common)
+    if se == 0:
+        return TestResult("patient cluster bootstrap-t", theta, theta, theta, f"bootstrap-t, B={n_resamples}",
+                          NAN, NAN, NAN, note="no variation between patients", **common)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_star = (boot_theta - theta) / boot_se
+    # A resample of identical patients has SE 0 and no studentized value; it is dropped.
+    t_star = t_star[np.isfinite(t_star)]
+    q_lo, q_hi = np.quantile(t_star, [alpha / 2, 1 - alpha / 2])
+    t_obs = theta / se
+    pval = ((np.abs(t_star) >= abs(t_obs)).sum() + 1) / (t_star.size + 1)
+    return TestResult(
+        "patient cluster bootstrap-t", theta, float(theta - q_hi * se), float(theta - q_lo * se),
+        f"bootstrap-t, B={n_resamples}", float(t_obs), NAN, float(pval), **common,
+    )
+
+
+# --------------------------------------------------------------------------- McNemar
+def paired_table(correct_a, correct_b) -> np.ndarray:
+    """The 2x2 table of paired correctness: rows A right/wrong, columns B right/wrong.
+
+    Examples
+    --------
+    >>> paired_table([1, 1, 0, 0, 1], [1, 0, 1, 1, 1]).tolist()
+    [[2, 1], [2, 0]]
+    """
+    a = np.asarray(correct_a).astype(bool).ravel()
+    b = np.asarray(correct_b).astype(bool).ravel()
+    if a.shape != b.shape:
+        raise CellbgError(f"correct_a and correct_b must pair up; got {a.size} and {b.size}")
+    return np.array(
+        [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]], dtype=np.int64
+    )
+
+
+def mcnemar_test(table, *, exact: bool | None = None, correction: bool = True) -> TestResult:
+    """McNemar's test on a paired 2x2 table (statsmodels).
+
+    Cell-level and therefore conditional on these trained models and these cells; it
+    ignores that cells are nested in patients and is a secondary test only.
+
+    Parameters
+    ----------
+    table : (2, 2) array_like
+        Counts; rows condition A right / wrong, columns condition B right / wrong (see
+        :func:`paired_table`).
+    exact : bool, optional
+        Exact binomial test; default: exact when ``b + c < 25``, else chi-square.
+    correction : bool, optional
+        Continuity correction of the chi-square version.
+
+    Returns
+    -------
+    TestResult
+        ``estimate`` = ``(c - b) / n`` (accuracy of B minus A), ``mcnemar_b``,
+        ``mcnemar_c`` the discordant counts; ``statistic`` is chi-square (df 1) or, exact,
+        ``min(b, c)``.
+
+    Examples
+    --------
+    Agresti's presidential approval table:
+
+    >>> r = mcnemar_test([[794, 150], [86, 570]])
+    >>> round(r.statistic, 3), f"{r.pvalue:.3e}"
+    (16.818, '4.115e-05')
+    """
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    t = np.asarray(table, dtype=float)
+    if t.shape != (2, 2):
+        raise CellbgError(f"McNemar needs a 2x2 table; got shape {t.shape}")
+    if np.any(t < 0) or np.any(t != np.round(t)):
+        raise CellbgError("McNemar table must hold non-negative counts")
+    b, c = t[0, 1], t[1, 0]
+    n = t.sum()
+    if exact is None:
+        exact = (b + c) < 25
+    est = float((c - b) / n) if n else NAN
+    if b + c == 0:
+        return TestResult("McNemar", est, pvalue=1.0, n_cells=int(n), mcnemar_b=b, mcnemar_c=c,
+                          note="no discordant pairs")
+    res = mcnemar(t, exact=bool(exact), correction=bool(correction))
+    if exact:
+        name, df = "McNemar exact (binomial)", NAN
+    else:
+        name, df = "McNemar chi-square" + (" (continuity corrected)" if correction else ""), 1.0
+    return TestResult(name, est, statistic=float(res.statistic), df=df, pvalue=float(res.pvalue),
+                      n_cells=int(n), mcnemar_b=b, mcnemar_c=c,
+                      note="conditional on these trained models and these cells")
+
+
+# --------------------------------------------------------------------------- GEE
+def gee_fit(
+    data: pd.DataFrame,
+    formula: str,
+    *,
+    groups: str,
+    family: str = "binomial",
+    cov_struct: str = "exchangeable",
+    cov_type: str = "bias_reduced",
+    alpha: float = 0.05,
+) -> GEEFit:
+    """Fit a GEE (statsmodels) and report t-reference inference with clusters - 1 df.
+
+    With few clusters the sandwich covariance is biased down and the normal reference too
+    liberal; the bias-reduced (Mancl-DeRouen) covariance with a t reference on
+    ``clusters - 1`` degrees of freedom corrects most of both.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+    formula : str
+        Model formula, e.g. ``"correct ~ condition"``.
+    groups : str
+        Column of ``data`` naming the cluster (patient).
+    family : {"binomial", "poisson", "gaussian"}, optional
+    cov_struct : {"exchangeable", "independence"}, optional
+    cov_type : {"bias_reduced", "robust", "naive"}, optional
+    alpha : float, optional
+
+    Returns
+    -------
+    GEEFit
+
+    References
+    ----------
+    Mancl & DeRouen (2001), Biometrics 57:126-134.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> d = pd.DataFrame({"y": rng.integers(0, 2, 200), "x": np.tile([0, 1], 100),
+    ...                   "g": np.repeat(np.arange(20), 10)})
+    >>> fit = gee_fit(d, "y ~ x", groups="g")
+    >>> fit.df
+    19.0
+    """
+    import statsmodels.api as sm
+    import statsmodels.formula.api as smf
+
+    families = {"binomial": sm.families.Binomial, "poisson": sm.families.Poisson, "gaussian": sm.families.Gaussian}
+    structs = {"exchangeable": sm.cov_struct.Exchangeable, "independence": sm.cov_struct.Independence}
+    family = look_up_option(family, families, what="GEE family")
+    cov_struct = look_up_option(cov_struct, structs, what="GEE working correlation")
+    cov_type = look_up_option(cov_type, ("bias_reduced", "robust", "naive"), what="GEE covariance")
+    alpha = _check_alpha(alpha)
+    if groups not in data.columns:
+        raise CellbgError(f"groups column '{groups}' is not in data; it has {list(data.columns)}")
+    n_groups = int(data[groups].nunique())
+    if n_groups < 2:
+        raise CellbgError(f"GEE needs at least 2 clusters in '{groups}'; got {n_groups}")
+    model = smf.gee(formula, groups, data, cov_struct=structs[cov_struct](), family=families[family]())
+    res = model.fit(cov_type=cov_type)
+    params = pd.Series(np.asarray(res.params), index=model.exog_names)
+    bse = pd.Series(np.sqrt(np.diag(np.asarray(res.cov_params()))), index=model.exog_names)
+    df = float(n_groups - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tvalues = params / bse
+    pvalues = pd.Series(2 * sps.t.sf(np.abs(tvalues), df), index=model.exog_names)
+    q = sps.t.ppf(1 - alpha / 2, df)
+    conf = pd.DataFrame({"low": params - q * bse, "high": params + q * bse})
+    dep = np.ravel(res.model.cov_struct.dep_params) if cov_struct == "exchangeable" else []
+    return GEEFit(params, bse, tvalues, pvalues, conf, df, cov_type, int(model.nobs), n_groups,
+                  family, cov_struct, float(dep[0]) if len(dep) else NAN, alpha)
+
+
+def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias_reduced") -> TestResult:
+    """GEE logistic regression of correctness on condition, clustered by patient.
+
+    Exchangeable working correlation, bias-reduced (Mancl-DeRouen) covariance and a t
+    reference with patients - 1 df. Preferred to the per-patient t-test when cell counts
+    per patient are very unequal.
+
+    Parameters
+    ----------
+    paired : pandas.DataFrame
+        Output of :func:`paired_outcomes`.
+
+    Returns
+    -------
+    TestResult
+        ``estimate`` = log odds ratio of being correct under B versus A.
+    """
+    _check_columns(paired, ("patient_id", "correct_a", "correct_b"), "paired outcomes")
+    n = len(paired)
+    long = pd.DataFrame(
+        {
+            "correct": np.concatenate([paired["correct_a"].to_numpy(), paired["correct_b"].to_numpy()]).astype(float),
+            "condition": np.repeat([0.0, 1.0], n),
+            "patient": np.concatenate([paired["patient_id"].to_numpy()] * 2).astype(str),
+        }
+    )
+    sizes = _sizes(paired)
+    name = "GEE logistic (patients, exchangeable, bias-reduced SE, t ref)"
+    k = long["correct"].mean()
+    if k in (0.0, 1.0):
+        return TestResult(name, NAN, scale="log odds ratio", alpha=alpha, **sizes,
+                          note="every cell has the same outcome; the odds ratio is not defined")
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = gee_fit(long, "correct ~ condition", groups="patient", cov_type=cov_type, alpha=alpha)
+    except (np.linalg.LinAlgError, ValueError, ZeroDivisionError) as exc:
+        return TestResult(name, NAN, scale="log odds ratio", alpha=alpha, **sizes,
+                          note=f"GEE did not fit: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return TestResult(
+        name, float(fit.params["condition"]), float(fit.conf_int.loc["condition", "low"]),
+        float(fit.conf_int.loc["condition", "high"]), f"t, df={fit.df:g}, {cov_type} SE",
+        float(fit.tvalues["condition"]), fit.df, float(fit.pvalues["condition"]),
+        scale="log odds ratio", alpha=alpha, **sizes,
+    )
+
+
+def _sizes(paired: pd.DataFrame) -> dict:
+    return dict(
+        n_cells=int(paired["cell_id"].nunique()) if "cell_id" in paired else len(paired),
+        n_patients=int(paired["patient_id"].nunique()),
+        n_seeds=int(paired["seed"].nunique()) if "seed" in paired else 1,
+    )
+
+
+# --------------------------------------------------------------------------- resampling designs
+def corrected_resampled_t_test(differences, *, test_train_ratio: float, alpha: float = 0.05) -> TestResult:
+    """Nadeau-Bengio corrected resampled t-test over cross-validation folds (hand-written).
+
+    The folds' training sets overlap, so the fold differences are correlated and the plain
+    variance ``s^2 / J`` is too small; it is replaced by ``(1/J + n_test/n_train) s^2``.
+
+    Parameters
+    ----------
+    differences : (J,) array_like
+        Accuracy of B minus A on each fold (x repetition / seed).
+    test_train_ratio : float
+        ``n_test / n_train`` of one fold.
+    alpha : float, optional
+
+    Returns
+    -------
+    TestResult
+        df = J - 1.
+
+    References
+    ----------
+    Nadeau & Bengio (2003), Machine Learning 52:239-281; Bouckaert & Frank (2004).
+
+    Examples
+    --------
+    >>> r = corrected_resampled_t_test([0.02, 0.05, 0.01, 0.04, 0.03], test_train_ratio=0.25)
+    >>> round(r.statistic, 4)  # 0.03 / sqrt((1/5 + 0.25) * 0.00025)
+    2.8284
+    """
+    d = _as_1d(differences, "differences")
+    alpha = _check_alpha(alpha)
+    if not test_train_ratio > 0:
+        raise CellbgError(f"test_train_ratio must be > 0; got {test_train_ratio}")
+    j = d.size
+    if j < 2:
+        raise CellbgError(f"the corrected resampled t-test needs at least 2 folds; got {j}")
+    est = float(d.mean())
+    var = float(d.var(ddof=1))
+    se = math.sqrt((1 / j + test_train_ratio) * var)
+    df = float(j - 1)
+    name = "Nadeau-Bengio corrected resampled t (folds)"
+    if se == 0:
+        return TestResult(name, est, est, est, f"t, df={j - 1}", NAN, df, 1.0 if est == 0 else NAN,
+                          alpha=alpha, note="no variation between folds")
+    t = est / se
+    q = sps.t.ppf(1 - alpha / 2, df)
+    return TestResult(name, est, est - q * se, est + q * se, f"corrected t, df={j - 1}", t, df,
+                      float(2 * sps.t.sf(abs(t), df)), alpha=alpha)
+
+
+def five_by_two_cv_test(differences) -> TestResult:
+    """Dietterich's 5x2cv paired t-test (hand-written).
+
+    Parameters
+    ----------
+    differences : (5, 2) array_like
+        Accuracy of B minus A in replication i (rows) and fold j (columns) of five
+        replications of 2-fold cross-validation.
+
+    Returns
+    -------
+    TestResult
+        ``statistic`` = ``p_11 / sqrt(mean_i s_i^2)`` with df 5; ``estimate`` = the mean of
+        the ten differences.
+
+    References
+    ----------
+    Dietterich (1998), Neural Computation 10:1895-1923.
+
+    Examples
+    --------
+    >>> d = [[0.1, 0.0], [0.05, 0.05], [0.02, 0.08], [0.06, 0.04], [0.03, 0.07]]
+    >>> round(five_by_two_cv_test(d).df, 1)
+    5.0
+    """
+    d = np.asarray(differences, dtype=float)
+    if d.shape != (5, 2):
+        raise CellbgError(f"5x2cv needs differences of shape (5, 2); got {d.shape}")
+    if not np.all(np.isfinite(d)):
+        raise CellbgError("differences hold NaN or infinite values")
+    mean_i = d.mean(1, keepdims=True)
+    s2 = ((d - mean_i) ** 2).sum(1)
+    denom = math.sqrt(s2.mean())
+    name = "Dietterich 5x2cv paired t"
+    if denom == 0:
+        return TestResult(name, float(d.mean()), df=5.0, pvalue=NAN, note="no variation within replications")
+    t = float(d[0, 0] / denom)
+    return TestResult(name, float(d.mean()), statistic=t, df=5.0, pvalue=float(2 * sps.t.sf(abs(t), 5)))
+
+
+# --------------------------------------------------------------------------- multiplicity
+def adjust_pvalues(pvalues, method: str = "holm") -> np.ndarray:
+    """Adjust p-values for multiplicity (statsmodels ``multipletests``); NaNs stay NaN.
+
+    Parameters
+    ----------
+    pvalues : (K,) array_like
+    method : {"holm", "bh"}, optional
+        Holm (family-wise error, for the confirmatory family) or Benjamini-Hochberg (false
+        discovery rate, for exploratory grids).
+
+    Examples
+    --------
+    >>> adjust_pvalues([0.01, 0.04, 0.03], "holm").round(3).tolist()
+    [0.03, 0.06, 0.06]
+    """
+    from statsmodels.stats.multitest import multipletests
+
+    method = look_up_option(method, ("holm", "bh"), what="p-value adjustment")
+    p = np.asarray(pvalues, dtype=float).ravel()
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if np.any((p[ok] < 0) | (p[ok] > 1)):
+        raise CellbgError("p-values must lie in [0, 1]")
+    if ok.any():
+        out[ok] = multipletests(p[ok], method={"holm": "holm", "bh": "fdr_bh"}[method])[1]
+    return out
+
+
+# --------------------------------------------------------------------------- effect sizes
+def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy and balanced accuracy per model x train variant x test variant.
+
+    Accuracy is computed per seed (pooled over folds and cells), then summarised as the mean
+    and SD over seeds. Balanced accuracy is the mean over classes of the per-class recall.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``model, train_variant, test_variant, condition, accuracy, accuracy_sd,
+        balanced_accuracy, balanced_accuracy_sd, n_cells, n_patients, n_seeds, n_folds,
+        n_rows``. SDs are NaN with one seed.
+    """
+    _check_columns(predictions, ("cell_id", "patient_id", "label", "model", "train_variant", "test_variant", "seed", "fold", "correct"), "predictions")
+    keys = ["model", "train_variant", "test_variant"]
+    df = predictions[keys + ["seed", "fold", "cell_id", "patient_id", "label", "correct"]].copy()
+    df["correct"] = df["correct"].astype(float)
+    per_class = df.groupby(keys + ["seed", "label"], sort=True, observed=True)["correct"].mean()
+    per_seed = pd.DataFrame(
+        {
+            "accuracy": df.groupby(keys + ["seed"], sort=True, observed=True)["correct"].mean(),
+            "balanced_accuracy": per_class.groupby(level=list(range(len(keys) + 1)), observed=True).mean(),
+        }
+    )
+    g = per_seed.groupby(level=list(range(len(keys))), observed=True)
+    out = pd.DataFrame(
+        {
+            "accuracy": g["accuracy"].mean(),
+            "accuracy_sd": g["accuracy"].std(ddof=1),
+            "balanced_accuracy": g["balanced_accuracy"].mean(),
+            "balanced_accuracy_sd": g["balanced_accuracy"].std(ddof=1),
+        }
+    )
+    counts = df.groupby(keys, sort=True, observed=True).agg(
+        n_cells=("cell_id", "nunique"), n_patients=("patient_id", "nunique"), n_seeds=("seed", "nunique"),
+        n_folds=("fold", "nunique"), n_rows=("cell_id", "size"),
+    )
+    out = out.join(counts).reset_index()
+    out.insert(3, "condition", out["train_variant"].astype(str) + ":" + out["test_variant"].astype(str))
+    return out
+
+
+def _fold_differences(paired: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy difference per (seed, fold) with the fold's test-set size."""
+    g = paired.groupby(["seed", "fold"], sort=True, observed=True)
+    out = pd.DataFrame({"n_test": g.size(), "acc_a": g["correct_a"].mean(), "acc_b": g["correct_b"].mean()})
+    out["diff"] = out["acc_b"] - out["acc_a"]
+    return out.reset_index()
+
+
+def compare_conditions(
+    paired: pd.DataFrame,
+    *,
+    primary: str = "patient_t",
+    alpha: float = 0.05,
+    n_resamples: int = 2000,
+    seed: int | np.random.SeedSequence = 0,
+    secondary: bool = True,
+) -> list[tuple[str, TestResult]]:
+    """Every test of one paired comparison, each with its role.
+
+    Parameters
+    ----------
+    paired : pandas.DataFrame
+        Output of :func:`paired_outcomes`.
+    primary : {"patient_t", "gee"}, optional
+        The primary test; the other is reported as a sensitivity check.
+    n_resamples : int, optional
+        Bootstrap resamples (0 = no bootstrap).
+    secondary : bool, optional
+        Also the cell-level and fold-level tests (McNemar, Nadeau-Bengio, 5x2cv) and the
+        sensitivity checks; False gives only the primary test.
+
+    Returns
+    -------
+    list of (role, TestResult)
+        Roles ``primary``, ``sensitivity`` and ``secondary``; the first is the primary test.
+    """
+    primary = look_up_option(primary, ("patient_t", "gee"), what="primary test")
+    sizes = _sizes(paired)
+    pat = patient_accuracy(paired)
+    n_pat = len(pat)
+    out: list[tuple[str, TestResult]] = []
+
+    def patient_t() -> TestResult:
+        if n_pat < 2:
+            return TestResult("paired t (patients)", float(pat["diff"].mean()) if n_pat else NAN, alpha=alpha,
+                              note=f"needs at least 2 patients; got {n_pat}", **sizes)
+        r = paired_t_test(pat["acc_a"], pat["acc_b"], alpha=alpha)
+        return r.replace(method="paired t (patients)", ci_method=f"t, df={n_pat - 1}", **sizes)
+
+    def gee() -> TestResult:
+        if n_pat < 2:
+            return TestResult("GEE logistic", NAN, scale="log odds ratio", alpha=alpha,
+                              note=f"needs at least 2 patients; got {n_pat}", **sizes)
+        return gee_test(paired, alpha=alpha)
+
+    first, other = (patient_t, gee) if primary == "patient_t" else (gee, patient_t)
+    out.append(("primary", first()))
+    if not secondary:
+        return out
+    out.append(("sensitivity", other()))
+    if n_pat >= 2:
+        w = wilcoxon_test(pat["acc_a"], pat["acc_b"])
+        out.append(("sensitivity", w.replace(method="Wilcoxon signed-rank (patients)", scale="median patient difference", alpha=alpha, **sizes)))
+    if n_resamples and n_pat >= 2:
+        ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+        s1, s2, s3 = ss.spawn(3)
+        bt = patient_bootstrap(pat["diff"], n_resamples=n_resamples, alpha=alpha, seed=s1)
+        out.append(("sensitivity", bt.replace(method="patient cluster bootstrap-t (mean of patient differences)", **sizes)))
+        diff_sums = pat["correct_b"] - pat["correct_a"]
+        pooled = patient_bootstrap(diff_sums, pat["n"], n_resamples=n_resamples, alpha=alpha, seed=s2)
+        out.append(("sensitivity", pooled.replace(method="patient cluster bootstrap-t (pooled over cells)", **sizes)))
+        if n_pat >= 30:
+            pc = patient_bootstrap(pat["diff"], n_resamples=n_resamples, alpha=alpha, seed=s3, method="percentile")
+            out.append(("sensitivity", pc.replace(note=">= 30 patients: percentile bootstrap reported", **sizes)))
+    mc = mcnemar_test(paired_table(paired["correct_a"], paired["correct_b"]))
+    out.append(("secondary", mc.replace(n_cells=sizes["n_cells"], n_patients=sizes["n_patients"], n_seeds=sizes["n_seeds"], alpha=alpha)))
+    folds = _fold_differences(paired)
+    n_folds = int(paired["fold"].nunique())
+    if n_folds >= 2 and len(folds) >= 2:
+        total = paired.groupby("seed")["cell_id"].nunique().mean()
+        ratio = float(np.mean(folds["n_test"] / np.maximum(total - folds["n_test"], 1)))
+        nb = corrected_resampled_t_test(folds["diff"], test_train_ratio=ratio, alpha=alpha)
+        out.append(("secondary", nb.replace(note=f"{len(folds)} seed x fold results, n_test/n_train = {ratio:.3g}", **sizes)))
+    seeds = sorted(paired["seed"].unique())
+    if n_folds == 2 and len(seeds) >= 5:
+        grid = folds[folds["seed"].isin(seeds[:5])].pivot(index="seed", columns="fold", values="diff")
+        if grid.shape == (5, 2) and np.all(np.isfinite(grid.to_numpy())):
+            cv = five_by_two_cv_test(grid.to_numpy())
+            out.append(("secondary", cv.replace(alpha=alpha, note="first 5 seeds x 2 patient-grouped folds", **sizes)))
+    return out
+
+
+# --------------------------------------------------------------------------- simulation
+def simulate_paired_correctness(
+    patients: int = 10,
+    cells: int = 50,
+    *,
+    runs: int = 1,
+    accuracy: float = 0.8,
+    patient_sd: float = 1.0,
+    cell_sd: float = 1.0,
+    effect_mean: float = 0.0,
+    effect_sd: float = 0.5,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate paired correctness of cells under two conditions, with patient effects.
+
+    On the logit scale, cell j of patient i is correct under condition A with
+    ``logit(accuracy) + u_i + e_ij - v_i / 2`` and under B with ``... + v_i / 2``:
+    ``u_i ~ N(0, patient_sd)`` (patient difficulty), ``e_ij ~ N(0, cell_sd)`` (cell
+    difficulty, shared by both conditions, so the pairs are correlated) and
+    ``v_i ~ N(effect_mean, effect_sd)`` the patient-specific effect of the condition.
+    Splitting ``v_i`` symmetrically makes the null exact: with ``effect_mean = 0`` the
+    per-patient accuracy differences are symmetric about 0.
+
+    Returns
+    -------
+    correct_a, correct_b : (runs, patients, cells) bool ndarray
+
+    Examples
+    --------
+    >>> a, b = simulate_paired_correctness(4, 5, runs=2, seed=0)
+    >>> a.shape, a.dtype
+    ((2, 4, 5), dtype('bool'))
+    """
+    if not 0 < accuracy < 1:
+        raise CellbgError(f"accuracy must be in (0, 1); got {accuracy}")
+    if patients < 1 or cells < 1 or runs < 1:
+        raise CellbgError("patients, cells and runs must be >= 1")
+    rng = np.random.default_rng(seed)
+    base = math.log(accuracy / (1 - accuracy))
+    u = rng.normal(0, patient_sd, (runs, patients, 1))
+    v = rng.normal(effect_mean, effect_sd, (runs, patients, 1))
+    e = rng.normal(0, cell_sd, (runs, patients, cells))
+    logit = base + u + e
+    pa = 1 / (1 + np.exp(-(logit - v / 2)))
+    pb = 1 / (1 + np.exp(-(logit + v / 2)))
+    return rng.random(pa.shape) < pa, rng.random(pb.shape) < pb
+
+
+# --------------------------------------------------------------------------- the stage
+def _read_predictions(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / "predictions.parquet"
+    if not path.exists():
+        raise CellbgError(f"no predictions in {run_dir} (predictions.parquet missing; run `cellbg train` first)")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises many types for a damaged file
+        raise CellbgError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    _check_columns(df, _PRED_COLUMNS, str(path))
+    if df.empty:
+        raise CellbgError(f"{path} holds no rows")
+    for c in ("model", "train_variant", "test_variant", "cell_id", "patient_id", "label"):
+        df[c] = df[c].astype(str)
+    return df
+
+
+def _row(family: str, role: str, model: str, a: str, b: str, r: TestResult, **extra) -> dict:
+    row = r.to_row()
+    row.update(family=family, role=role, model=model, a=a, b=b, comparison=f"{a} vs {b}")
+    row.setdefault("name", "")
+    row.setdefault("measure", "accuracy")
+    row.setdefault("saliency_method", "")
+    row.update(extra)
+    return row
+
+
+def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
+    path = run_dir / "saliency.parquet"
+    if not path.exists():
+        return []
+    try:
+        sal = pd.read_parquet(path)
+    except Exception as exc:
+        raise CellbgError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    _check_columns(sal, _SAL_COLUMNS, str(path))
+    sal = sal[np.isfinite(sal["background_share"].astype(float))]
+    rows = []
+    test_variant = protocol.saliency.test_variant
+    order = list(protocol.variants.train)
+    for (model, method), sub in sal.groupby(["model", "method"], sort=True):
+        present = [v for v in order if v in set(sub["train_variant"])]
+        present += sorted(set(sub["train_variant"]) - set(present))
+        if len(present) < 2:
+            continue
+        ref = present[0]
+        per = sub.groupby(["train_variant", "patient_id"])["background_share"].mean().unstack("train_variant")
+        for other in present[1:]:
+            both = per[[ref, other]].dropna()
+            a, b = f"{ref}:{test_variant}", f"{other}:{test_variant}"
+            used = sub[sub["train_variant"].isin([ref, other]) & sub["patient_id"].isin(both.index)]
+            sizes = dict(n_cells=int(used["cell_id"].nunique()), n_patients=len(both), n_seeds=int(used["seed"].nunique()))
+            if len(both) >= 2:
+                r = paired_t_test(both[ref], both[other], alpha=alpha)
+                r = r.replace(method="paired t (patients)", **sizes)
+            else:
+                r = TestResult("paired t (patients)", NAN, alpha=alpha, note=f"needs at least 2 patients; got {len(both)}", **sizes)
+            rows.append(_row("saliency", "primary", str(model), a, b, r.replace(scale="background share difference"),
+                             measure="background_share", saliency_method=str(method)))
+    return rows
+
+
+def run_stats(run_dir: str | Path) -> pd.DataFrame:
+    """Test every planned comparison of a run; write ``<run>/stats/``.
+
+    Reads ``predictions.parquet`` (and ``saliency.parquet`` when present) and the run's
+    resolved protocol (section ``stats``). Writes, atomically:
+
+    - ``stats/tests.csv``: one row per test (columns :data:`TESTS_COLUMNS`). Families:
+      ``confirmatory`` (the protocol's comparisons, for each model: primary test,
+      sensitivity checks, secondary tests; Holm over the primary tests), ``exploratory``
+      (every condition against the reference ``original:original``, and BG-GAP =
+      ``mixed_same`` minus ``mixed_rand`` per training variant; primary test and McNemar;
+      Benjamini-Hochberg), ``saliency`` (background share between training variants).
+      ``p_holm`` and ``p_bh`` are adjusted within the family over its primary rows.
+    - ``stats/accuracy.csv``: :func:`accuracy_table`.
+    - ``stats/summary.md``: the primary results in words and tables.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The tests table.
+    """
+    from cellbg._io import atomic_path, write_text_atomic
+    from cellbg.protocol import load_run
+
+    run_dir = Path(run_dir)
+    protocol = load_run(run_dir)
+    cfg = protocol.stats
+    preds = _read_predictions(run_dir)
+    alpha = cfg.alpha
+    root = np.random.SeedSequence(cfg.seed)
+    rows: list[dict] = []
+    models = [m.key for m in protocol.models if m.key in set(preds["model"])]
+    models += sorted(set(preds["model"]) - set(models))
+    conditions = set(preds["train_variant"] + ":" + preds["test_variant"])
+
+    for model in models:
+        for k, comp in enumerate(cfg.confirmatory):
+            paired = paired_outcomes(preds, comp.a, comp.b, model=model)
+            seed = np.random.SeedSequence([cfg.seed, models.index(model), k])
+            for role, r in compare_conditions(paired, primary=cfg.primary, alpha=alpha,
+                                              n_resamples=cfg.bootstrap, seed=seed):
+                rows.append(_row("confirmatory", role, model, comp.a, comp.b, r))
+
+    if cfg.exploratory:
+        for model in models:
+            mine = preds[preds["model"] == model]
+            conds = sorted(set(mine["train_variant"] + ":" + mine["test_variant"]))
+            ref = "original:original" if "original:original" in conds else conds[0]
+            pairs = [(ref, c, "") for c in conds if c != ref]
+            for train in sorted(set(mine["train_variant"])):
+                same, rand = f"{train}:mixed_same", f"{train}:mixed_rand"
+                if same in conds and rand in conds:
+                    pairs.append((rand, same, f"BG-GAP ({train})"))
+            for a, b, name in pairs:
+                paired = paired_outcomes(preds, a, b, model=model)
+                (role, r), = compare_conditions(paired, primary=cfg.primary, alpha=alpha, secondary=False)
+                rows.append(_row("exploratory", role, model, a, b, r, name=name))
+                mc = mcnemar_test(paired_table(paired["correct_a"], paired["correct_b"]))
+                mc = mc.replace(n_patients=r.n_patients, n_seeds=r.n_seeds, alpha=alpha)
+                rows.append(_row("exploratory", "secondary", model, a, b, mc, name=name))
+
+    rows += _saliency_rows(run_dir, protocol, alpha)
+    table = pd.DataFrame(rows)
+    for c in TESTS_COLUMNS:
+        if c not in table.columns:
+            table[c] = np.nan if c not in ("note", "name", "measure", "saliency_method", "ci_method") else ""
+    table["p_holm"] = np.nan
+    table["p_bh"] = np.nan
+    for fam in table["family"].unique() if len(table) else []:
+        sel = (table["family"] == fam) & (table["role"] == "primary")
+        table.loc[sel, "p_holm"] = adjust_pvalues(table.loc[sel, "pvalue"], "holm")
+        table.loc[sel, "p_bh"] = adjust_pvalues(table.loc[sel, "pvalue"], "bh")
+    table = table[TESTS_COLUMNS + [c for c in table.columns if c not in TESTS_COLUMNS]]
+
+    acc = accuracy_table(preds)
+    out_dir = run_dir / "stats"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "tests.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "accuracy.csv") as tmp:
+        acc.to_csv(tmp, index=False)
+    write_text_atomic(out_dir / "summary.md", _summary_md(protocol, table, acc, conditions))
+    return table
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame, conditions: set[str]) -> str:
+    cfg = protocol.stats
+    level = f"{100 * (1 - cfg.alpha):g}%"
+    parts = [
+        f"# Statistics: {protocol.name}",
+        "",
+        "The unit of inference is the patient. The primary test averages correctness within each "
+        "patient (over cells, seeds and folds, paired on seed and fold) and compares conditions "
+        f"with {'a paired t-test on per-patient accuracy differences (df = patients - 1)' if cfg.primary == 'patient_t' else 'GEE logistic regression clustered by patient (exchangeable, bias-reduced covariance, t reference with patients - 1 df)'}. "
+        "Estimates are condition B minus condition A. "
+        f"Intervals are {level}. Holm adjusts the confirmatory family, Benjamini-Hochberg the "
+        "exploratory grid (both are given for every family). McNemar is cell-level and "
+        "conditional on these trained models and these cells.",
+        "",
+    ]
+    n_pat = int(table["n_patients"].max()) if len(table) else 0
+    if n_pat >= 30:
+        parts.append("Percentile patient bootstrap intervals are reported (>= 30 patients).")
+    else:
+        parts.append(f"Percentile bootstrap intervals are not reported: {n_pat} patients < 30; "
+                     "the studentized (bootstrap-t) patient cluster bootstrap is given instead.")
+    parts.append("")
+    cols = ["model", "comparison", "estimate", "ci_low", "ci_high", "statistic", "df", "pvalue", "p_holm", "p_bh", "n_patients"]
+    for fam in ("confirmatory", "exploratory", "saliency"):
+        sub = table[(table["family"] == fam) & (table["role"] == "primary")]
+        if sub.empty:
+            continue
+        parts += [f"## {fam.capitalize()} (primary tests)", ""]
+        show = sub[cols + (["name"] if fam == "exploratory" else ["saliency_method"] if fam == "saliency" else [])]
+        parts += [_md_table(show), ""]
+        if fam == "confirmatory":
+            for r in sub.itertuples():
+                verdict = "significant" if r.p_holm < cfg.alpha else "not significant"
+                parts.append(
+                    f"- {r.model}, {r.comparison}: {r.scale} {_fmt(r.estimate)} "
+                    f"({level} CI {_fmt(r.ci_low)} to {_fmt(r.ci_high)}), p = {_fmt(r.pvalue)}, "
+                    f"Holm p = {_fmt(r.p_holm)}: {verdict} at alpha {cfg.alpha}."
+                )
+            parts.append("")
+    others = table[(table["family"] == "confirmatory") & (table["role"] != "primary")]
+    if not others.empty:
+        parts += ["## Confirmatory: sensitivity and secondary tests", ""]
+        parts += [_md_table(others[["model", "comparison", "role", "method", "estimate", "ci_low", "ci_high", "pvalue", "mcnemar_b", "mcnemar_c"]]), ""]
+    parts += ["## Accuracy (mean and SD over seeds)", ""]
+    parts += [_md_table(acc[["model", "condition", "accuracy", "accuracy_sd", "balanced_accuracy", "n_cells", "n_patients", "n_seeds"]]), ""]
+    return "\n".join(parts)

@@ -1,0 +1,948 @@
+"""Training jobs: fit one model on one train variant, checkpoint, predict every test variant.
+
+One job is ``(model, train variant, seed, fold)``. It reads the crops of a run
+(``<run>/crops.zarr`` and ``<run>/cells.parquet``, see ``docs/contracts.md``), splits the cells
+by patient (test fold, a patient-grouped validation split of the other patients, the rest for
+training), fits with AdamW and a cosine schedule, stops early on the validation loss (and
+restores the best weights), and predicts every test variant of the held-out cells. Its files
+go to ``<run>/jobs/<key>/``::
+
+    spec.json            the job, the model spec, classes, patients of each split, seeds
+    checkpoint.pt        written (atomically) after every epoch; a killed job resumes from it
+    history.csv          loss and accuracy per epoch, with the seeds
+    predictions.parquet  one row per held-out cell x test variant
+    DONE                 written last: the job is finished
+
+``<key>`` is :func:`job_key`, a content hash of everything the job's numbers depend on, so a
+job is rerun only when one of them changes.
+
+Determinism: every random draw comes from a generator seeded from the job's seed (model
+initialisation, batch order, the variant's random fills and pairings, augmentation). Batch
+``b`` of epoch ``e`` is prepared from its own generator seeded from ``(seed, e, b)``, so
+data-loader workers never repeat each other's augmentations, results do not depend on the
+number of workers, and a resumed job continues exactly where it stopped. On CPU the same
+protocol and seed give the same predictions.
+
+Examples
+--------
+>>> from cellbg.protocol import Protocol
+>>> p = Protocol.model_validate({"name": "demo", "training": {"seeds": [0, 1],
+...     "split": {"folds": 3}}, "variants": {"train": ["original"]}})
+>>> [(j.model, j.train_variant, j.seed, j.fold) for j in plan_jobs(p)][:4]
+[('resnet', 'original', 0, 0), ('resnet', 'original', 0, 1), ('resnet', 'original', 0, 2), ('resnet', 'original', 1, 0)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.transforms import Flip, Rotate90, Transform
+from torch import nn
+
+from cellbg import __version__
+from cellbg._checks import CellbgError, look_up_option
+from cellbg._io import atomic_path, write_json_atomic, write_parquet_atomic, write_text_atomic
+from cellbg.models import get_model
+
+__all__ = [
+    "JobSpec",
+    "JobResult",
+    "Split",
+    "plan_jobs",
+    "job_key",
+    "crops_fingerprint",
+    "patient_split",
+    "run_job",
+    "run_training",
+    "collect_predictions",
+    "load_job_model",
+    "RandDihedral",
+    "RandIntensityJitter",
+    "select_device",
+    "num_threads",
+]
+
+DONE = "DONE"
+_CELL_COLUMNS = ("cell_id", "patient_id", "label", "label_index", "fold", "bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1")
+
+
+# --------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class JobSpec:
+    """One training job.
+
+    Attributes
+    ----------
+    model : str
+        The model's key in the protocol (``spec.key``: its label or architecture).
+    train_variant : str
+        Variant spec applied to the training (and validation) crops.
+    seed : int
+        Drives every random draw of the job.
+    fold : int
+        Test fold (the ``fold`` column of ``cells.parquet``).
+    """
+
+    model: str
+    train_variant: str
+    seed: int
+    fold: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JobSpec:
+        return cls(model=str(d["model"]), train_variant=str(d["train_variant"]), seed=int(d["seed"]), fold=int(d["fold"]))
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job produced (statsmodels-style result; the files hold the details).
+
+    Attributes
+    ----------
+    spec : JobSpec
+    key : str
+        The job's content hash (its folder name).
+    job_dir : Path
+    done : bool
+        False when the job stopped early on purpose (``max_epochs_this_call``).
+    epochs : int
+        Epochs trained in total (over all calls).
+    best_epoch : int
+        Epoch whose weights were kept (lowest validation loss), 1-based.
+    best_val_loss : float
+        NaN without a validation split.
+    accuracy : dict
+        Test accuracy per test variant (empty unless done).
+    seconds : float
+        Wall time of this call.
+    """
+
+    spec: JobSpec
+    key: str
+    job_dir: Path
+    done: bool
+    epochs: int
+    best_epoch: int
+    best_val_loss: float
+    accuracy: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _model_spec(protocol, name: str):
+    keys = [m.key for m in protocol.models]
+    look_up_option(name, keys, what="model")
+    return protocol.models[keys.index(name)]
+
+
+def _folds(protocol) -> list[int]:
+    split = protocol.training.split
+    folds = [0] if split.kind == "fixed" else list(range(split.folds))
+    if protocol.training.max_folds is not None:
+        folds = folds[: protocol.training.max_folds]
+    return folds
+
+
+def plan_jobs(protocol) -> list[JobSpec]:
+    """Every job of a protocol: model x train variant x seed x fold, in that nesting order.
+
+    Parameters
+    ----------
+    protocol : Protocol
+
+    Returns
+    -------
+    list of JobSpec
+    """
+    return [
+        JobSpec(model=m.key, train_variant=v, seed=int(s), fold=f)
+        for m in protocol.models
+        for v in protocol.variants.train
+        for s in protocol.training.seeds
+        for f in _folds(protocol)
+    ]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def crops_fingerprint(run_dir: str | Path) -> str:
+    """A SHA-256 (hex, 16 chars) of the bytes of ``cells.parquet`` and every file of ``crops.zarr``.
+
+    Memoised on the files' sizes and modification times, so repeated calls are cheap.
+
+    Raises
+    ------
+    CellbgError
+        When the crops are missing (run ``cellbg crops`` first).
+    """
+    run_dir = Path(run_dir)
+    cells, store = run_dir / "cells.parquet", run_dir / "crops.zarr"
+    if not cells.is_file() or not store.is_dir():
+        raise CellbgError(f"no crops in {run_dir} (cells.parquet and crops.zarr); run 'cellbg crops' first")
+    files = [cells] + sorted(p for p in store.rglob("*") if p.is_file())
+    stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if stats not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(str(p.relative_to(run_dir)).encode() + b"\0")
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        _FINGERPRINTS[stats] = h.hexdigest()[:16]
+    return _FINGERPRINTS[stats]
+
+
+def _key_payload(protocol, spec: JobSpec, crops_hash: str) -> dict:
+    model = _model_spec(protocol, spec.model)
+    # seeds/max_folds only choose which jobs exist; num_workers cannot change the numbers
+    # (batches are seeded by index); so none of them belongs in a job's key.
+    training = protocol.training.model_dump(mode="json", exclude={"seeds", "max_folds", "num_workers"})
+    variants = protocol.variants.model_dump(mode="json", exclude={"train"})
+    return {
+        "cellbg": __version__,
+        "crops": crops_hash,
+        "model": model.model_dump(mode="json"),
+        "training": training,
+        "variants": variants,
+        "protocol_seed": protocol.seed,
+        "job": spec.to_dict(),
+    }
+
+
+def job_key(protocol, spec: JobSpec, *, crops_hash: str | None = None) -> str:
+    """The content hash naming a job's folder (hex, 16 chars).
+
+    It changes when the crops (their bytes), the job's model spec, the training settings,
+    the variant settings (test variants, fill, seed), the protocol seed, the job spec or the
+    cellbg version change, and not when another model's settings, the list of seeds, other
+    train variants or ``num_workers`` change.
+
+    Parameters
+    ----------
+    protocol : Protocol
+    spec : JobSpec
+    crops_hash : str, optional
+        :func:`crops_fingerprint` of the run, when the caller already has it (or the crops
+        do not exist yet and the caller fingerprints them another way).
+    """
+    if crops_hash is None:
+        crops_hash = crops_fingerprint(protocol.run_dir)
+    blob = json.dumps(_key_payload(protocol, spec, crops_hash), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- splits
+@dataclass(frozen=True)
+class Split:
+    """Row indices (into ``cells.parquet``) and patients of the train / val / test sets."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    train_patients: list
+    val_patients: list
+    test_patients: list
+
+
+def patient_split(
+    cells: pd.DataFrame,
+    *,
+    fold: int,
+    val_fraction: float = 0.2,
+    val_patients: list[str] | None = None,
+    seed: int = 0,
+) -> Split:
+    """Split cells by patient: the test fold, a validation split, the rest for training.
+
+    The test set is every cell whose ``fold`` equals ``fold``. Of the other patients
+    (fold -1 means "never tested", as with a fixed split), ``val_patients`` form the
+    validation set when given; otherwise a share ``val_fraction`` of them is drawn per class
+    (stratified by each patient's majority class, at least one patient of a class that has
+    two or more, seeded with ``seed``).
+
+    Parameters
+    ----------
+    cells : DataFrame
+        With columns ``patient_id``, ``label`` and ``fold``.
+    fold : int
+        The test fold.
+    val_fraction : float
+        Share of the training patients held out for validation (0: none).
+    val_patients : list of str, optional
+        Fixed validation patients.
+    seed : int
+
+    Returns
+    -------
+    Split
+
+    Raises
+    ------
+    CellbgError
+        A patient with cells in the test fold and in another fold (named), an empty test
+        fold, no training patients, or an unknown validation patient.
+
+    Examples
+    --------
+    >>> cells = pd.DataFrame({"patient_id": list("aabbccdd"), "label": list("xxxxyyyy"),
+    ...                       "fold": [0, 0, 1, 1, 0, 0, 1, 1]})
+    >>> s = patient_split(cells, fold=0, val_fraction=0.0)
+    >>> s.test_patients, s.train_patients
+    (['a', 'c'], ['b', 'd'])
+    """
+    folds = cells["fold"].to_numpy()
+    patients = cells["patient_id"].astype(str).to_numpy()
+    is_test = folds == fold
+    if not is_test.any():
+        raise CellbgError(f"no cells in test fold {fold} (cells.parquet has folds {sorted(set(folds.tolist()))})")
+    test_p = sorted(set(patients[is_test]))
+    leak = sorted(set(test_p) & set(patients[~is_test]))
+    if leak:
+        other = sorted(set(folds[(patients == leak[0]) & ~is_test].tolist()))
+        raise CellbgError(
+            f"patient '{leak[0]}' is in both the test set (fold {fold}) and the training set "
+            f"(fold {other}); cells of one patient must share one fold"
+            + (f" ({len(leak)} such patients)" if len(leak) > 1 else "")
+        )
+    pool = cells.loc[~is_test]
+    pool_p = pool.groupby(pool["patient_id"].astype(str))["label"].agg(lambda s: s.value_counts().index[0])
+    if val_patients:
+        val_p = sorted(map(str, val_patients))
+        bad = [p for p in val_p if p not in pool_p.index]
+        if bad:
+            raise CellbgError(
+                f"training.split.val_patients: patient '{bad[0]}' is not among the training patients of fold {fold}"
+            )
+    else:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, fold]))
+        val_p = []
+        for label in sorted(pool_p.unique()):
+            members = np.array(sorted(pool_p.index[pool_p == label]))
+            k = int(round(val_fraction * len(members)))
+            if val_fraction > 0 and len(members) >= 2:
+                k = min(max(k, 1), len(members) - 1)
+            val_p += members[rng.permutation(len(members))][:k].tolist()
+        val_p = sorted(val_p)
+    train_p = sorted(set(pool_p.index) - set(val_p))
+    if not train_p:
+        raise CellbgError(f"fold {fold} leaves no training patients; lower training.split.val_fraction")
+    idx = np.arange(len(cells))
+    return Split(
+        train=idx[np.isin(patients, train_p)],
+        val=idx[np.isin(patients, val_p)],
+        test=idx[is_test],
+        train_patients=train_p,
+        val_patients=val_p,
+        test_patients=test_p,
+    )
+
+
+# --------------------------------------------------------------------------- augmentation
+class RandDihedral(Transform):
+    """Random flips and 90-degree rotations of a batch ``(n, C, H, W)``, one draw per image.
+
+    Each image gets one of the 8 symmetries of the square (rotation by ``k`` quarter turns,
+    then an optional flip). Images sharing a symmetry are transformed together with MONAI's
+    :class:`~monai.transforms.Rotate90` and :class:`~monai.transforms.Flip`, so a batch costs at
+    most 8 calls. Randomness comes only from a :class:`torch.Generator`
+    (:meth:`set_random_state`).
+
+    Examples
+    --------
+    >>> x = torch.rand(16, 3, 8, 8)
+    >>> t = RandDihedral().set_random_state(0)
+    >>> t.randomize(16)
+    >>> y = t(x)
+    >>> bool(torch.equal(y.flatten(1).sort(1).values, x.flatten(1).sort(1).values))
+    True
+    """
+
+    def __init__(self, prob: float = 1.0):
+        self.prob = prob
+        self.generator = torch.Generator().manual_seed(0)
+        self._ops: torch.Tensor | None = None
+
+    def set_random_state(self, seed: int | None = None, generator: torch.Generator | None = None) -> RandDihedral:
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed or 0))
+        return self
+
+    def randomize(self, n: int) -> None:
+        ops = torch.randint(0, 8, (n,), generator=self.generator)
+        apply = torch.rand(n, generator=self.generator) < self.prob
+        self._ops = torch.where(apply, ops, torch.zeros_like(ops))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self._ops is None or len(self._ops) != len(images):
+            raise RuntimeError("call randomize(n) with the batch size first")
+        n, c, h, w = images.shape
+        if h != w:
+            raise CellbgError(f"RandDihedral needs square images; got {h}x{w}")
+        out = images.clone()
+        for op in torch.unique(self._ops).tolist():
+            if op == 0:
+                continue
+            sel = (self._ops == op).nonzero().flatten()
+            # MONAI treats the first axis as channels: fold (images, channels) into it.
+            x = images[sel].reshape(-1, h, w)
+            k, flip = op % 4, op >= 4
+            if k:
+                x = Rotate90(k=k, spatial_axes=(0, 1))(x)
+            if flip:
+                x = Flip(spatial_axis=1)(x)
+            out[sel] = torch.as_tensor(x).reshape(len(sel), c, h, w)
+        return out
+
+
+class RandIntensityJitter(Transform):
+    """Per-image, per-channel random contrast and brightness: ``x * a + b``, clipped to [0, 1].
+
+    ``a`` is uniform in ``[1 - scale, 1 + scale]``, ``b`` in ``[-shift, shift]``; one draw per
+    image and channel (stain and illumination vary per cell and channel).
+
+    Examples
+    --------
+    >>> t = RandIntensityJitter(scale=0.0, shift=0.0).set_random_state(0)
+    >>> t.randomize((2, 3))
+    >>> x = torch.rand(2, 3, 4, 4)
+    >>> bool(torch.equal(t(x), x))
+    True
+    """
+
+    def __init__(self, scale: float = 0.1, shift: float = 0.05):
+        self.scale, self.shift = scale, shift
+        self.generator = torch.Generator().manual_seed(0)
+        self._a = self._b = None
+
+    def set_random_state(self, seed: int | None = None, generator: torch.Generator | None = None) -> RandIntensityJitter:
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed or 0))
+        return self
+
+    def randomize(self, shape: tuple[int, int]) -> None:
+        u = torch.rand((2, *shape), generator=self.generator) * 2 - 1
+        self._a = 1 + self.scale * u[0]
+        self._b = self.shift * u[1]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self._a is None or tuple(self._a.shape) != tuple(images.shape[:2]):
+            raise RuntimeError("call randomize((n, C)) with the batch shape first")
+        a = self._a.to(images.dtype)[..., None, None]
+        b = self._b.to(images.dtype)[..., None, None]
+        return (images * a + b).clamp_(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- data
+def _seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _text_seed(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+@dataclass
+class _Crops:
+    images: object  # torch.Tensor in memory, or a zarr array streamed per batch
+    masks: torch.Tensor
+    cells: pd.DataFrame
+    classes: list[str]
+    bboxes: np.ndarray
+    labels: np.ndarray
+
+    def take(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and masks of rows ``idx`` (in that order)."""
+        if isinstance(self.images, torch.Tensor):
+            return self.images[torch.as_tensor(idx)], self.masks[torch.as_tensor(idx)]
+        order = np.argsort(idx, kind="stable")
+        data = np.asarray(self.images.oindex[np.asarray(idx)[order]], dtype=np.float32)
+        out = np.empty_like(data)
+        out[order] = data
+        return torch.from_numpy(out), self.masks[torch.as_tensor(idx)]
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 << 30
+
+
+def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto") -> _Crops:
+    """Open ``crops.zarr`` and ``cells.parquet`` (file contract of the crops stage)."""
+    import zarr
+
+    store, table = run_dir / "crops.zarr", run_dir / "cells.parquet"
+    if not store.is_dir() or not table.is_file():
+        raise CellbgError(f"no crops in {run_dir} (cells.parquet and crops.zarr); run 'cellbg crops' first")
+    cells = pd.read_parquet(table)
+    missing = [c for c in _CELL_COLUMNS if c not in cells.columns]
+    if missing:
+        raise CellbgError(f"{table}: missing column(s) {missing}")
+    group = zarr.open_group(str(store), mode="r")
+    try:
+        images, masks = group["images"], group["masks"]
+        classes = [str(c) for c in group.attrs["classes"]]
+    except KeyError as exc:
+        raise CellbgError(f"{store}: missing {exc} (expected arrays 'images', 'masks' and attribute 'classes')") from None
+    if images.ndim != 4 or images.shape[0] != len(cells) or tuple(masks.shape) != (images.shape[0], *images.shape[2:]):
+        raise CellbgError(
+            f"{store}: images {tuple(images.shape)} / masks {tuple(masks.shape)} do not match "
+            f"{len(cells)} cells in {table.name} (expected (n, C, S, S) and (n, S, S))"
+        )
+    if len(classes) < 2:
+        raise CellbgError(f"{store}: needs at least two classes; got {classes}")
+    fit = images.nbytes < 0.5 * _available_memory()
+    if in_memory is True or (in_memory == "auto" and fit):
+        images = torch.from_numpy(np.ascontiguousarray(images[...], dtype=np.float32))
+    bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)
+    return _Crops(
+        images=images,
+        masks=torch.from_numpy(np.asarray(masks[...], dtype=bool)),
+        cells=cells,
+        classes=classes,
+        bboxes=bboxes,
+        labels=cells["label_index"].to_numpy(np.int64),
+    )
+
+
+def _apply_variant(spec: str, images, masks, *, bboxes, labels, fill: str, seed: int):
+    from cellbg.variants import apply_variant
+
+    return apply_variant(spec, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed)
+
+
+class _TrainBatches(torch.utils.data.Dataset):
+    """Batch ``b`` of one epoch, fully prepared (crops -> variant -> augmentation).
+
+    Each batch draws from its own generators seeded from ``(seed, epoch, b)``: data-loader
+    workers do not repeat each other's draws and the result does not depend on their number.
+    """
+
+    def __init__(self, crops: _Crops, order: np.ndarray, *, batch_size: int, variant: str, fill: str,
+                 augment: bool, seed: int, epoch: int):
+        self.crops, self.variant, self.fill, self.augment = crops, variant, fill, augment
+        self.seed, self.epoch = seed, epoch
+        n_batches = max(1, math.ceil(len(order) / batch_size))
+        self.batches = [order[i * batch_size: (i + 1) * batch_size] for i in range(n_batches)]
+        if len(self.batches) > 1 and len(self.batches[-1]) < 2:
+            self.batches.pop()  # BatchNorm cannot train on a batch of one
+        self.dihedral = RandDihedral()
+        self.jitter = RandIntensityJitter()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int):
+        idx = self.batches[b]
+        images, masks = self.crops.take(idx)
+        labels = self.crops.labels[idx]
+        images = _apply_variant(
+            self.variant, images, masks, bboxes=self.crops.bboxes[idx], labels=labels, fill=self.fill,
+            seed=_seed(self.seed, self.epoch, b, 1),
+        ).images
+        if self.augment:
+            g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, b, 2))
+            self.dihedral.set_random_state(generator=g).randomize(len(idx))
+            self.jitter.set_random_state(generator=g).randomize(tuple(images.shape[:2]))
+            images = self.jitter(self.dihedral(images))
+        return images.contiguous(), torch.from_numpy(labels)
+
+
+# --------------------------------------------------------------------------- runtime
+def select_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; ``"cuda"`` fails clearly when absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CellbgError("training.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def num_threads() -> int:
+    """Threads for torch: ``CELLBG_NUM_THREADS``, else ``OMP_NUM_THREADS``, else the cores this
+    process may use (its CPU affinity, which Slurm and Dask workers restrict)."""
+    for var in ("CELLBG_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                raise CellbgError(f"environment variable {var} must be an integer; got {value!r}") from None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _runtime(device: torch.device) -> Iterator[None]:
+    """Thread count and deterministic algorithms for one job; restores the previous settings."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(num_threads())
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device, batch_size: int,
+              amp: bool) -> tuple[float, float, torch.Tensor]:
+    """Mean loss, accuracy and class probabilities of ``model`` on in-memory tensors."""
+    model.eval()
+    probs, losses = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = images[i: i + batch_size].to(device, non_blocking=True)
+            y = labels[i: i + batch_size].to(device)
+            with _autocast(device, amp):
+                logits = model(x)
+            logits = logits.float()
+            losses.append(nn.functional.cross_entropy(logits, y, reduction="sum").item())
+            probs.append(torch.softmax(logits, dim=1).cpu())
+    p = torch.cat(probs) if probs else torch.zeros(0, 2)
+    n = max(1, len(images))
+    return sum(losses) / n, float((p.argmax(1) == labels).float().mean()) if len(labels) else float("nan"), p
+
+
+# --------------------------------------------------------------------------- one job
+def _job_meta(protocol, spec: JobSpec, key: str, crops: _Crops, split: Split, seeds: dict) -> dict:
+    model = _model_spec(protocol, spec.model)
+    return {
+        "key": key,
+        "job": spec.to_dict(),
+        "arch": model.arch,
+        "model_spec": model.model_dump(mode="json"),
+        "model_kwargs": model.kwargs(),
+        "in_channels": int(crops.images.shape[1]),
+        "classes": crops.classes,
+        "crop_size": int(crops.images.shape[-1]),
+        "test_variants": list(protocol.variants.test),
+        "fill": protocol.variants.fill,
+        "variant_seed": protocol.variants.seed,
+        "training": protocol.training.model_dump(mode="json"),
+        "patients": {"train": split.train_patients, "val": split.val_patients, "test": split.test_patients},
+        "n_cells": {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test))},
+        "seeds": seeds,
+        "run_dir": str(protocol.run_dir),
+        "cellbg": __version__,
+    }
+
+
+def _result_from_files(spec: JobSpec, key: str, job_dir: Path, seconds: float = 0.0) -> JobResult:
+    history = pd.read_csv(job_dir / "history.csv")
+    preds = pd.read_parquet(job_dir / "predictions.parquet", columns=["test_variant", "correct"])
+    acc = preds.groupby("test_variant", sort=False)["correct"].mean().astype(float).to_dict()
+    best = history.loc[history["best"].astype(bool)]
+    best_row = best.iloc[-1] if len(best) else history.iloc[-1]
+    return JobResult(spec=spec, key=key, job_dir=job_dir, done=True, epochs=int(history["epoch"].max()),
+                     best_epoch=int(best_row["epoch"]), best_val_loss=float(best_row["val_loss"]),
+                     accuracy=acc, seconds=seconds)
+
+
+def run_job(
+    protocol,
+    spec: JobSpec,
+    job_dir: str | Path | None = None,
+    *,
+    max_epochs_this_call: int | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> JobResult:
+    """Train one job, checkpointing every epoch, then predict every test variant.
+
+    Callable in a fresh process (a Dask worker, another node) given only the protocol and the
+    spec: it reads the crops from ``protocol.run_dir``. A finished job (``DONE`` present) is
+    not rerun; an interrupted one resumes from ``checkpoint.pt``.
+
+    Parameters
+    ----------
+    protocol : Protocol
+    spec : JobSpec
+    job_dir : path, optional
+        Default ``<run>/jobs/<job_key>``.
+    max_epochs_this_call : int, optional
+        Stop (checkpointed, not done) after this many epochs in this call; a later call
+        resumes. For time-limited allocations and for testing resumption.
+    on_epoch_end : callable, optional
+        Called as ``on_epoch_end(epoch, history_row)`` after each epoch's checkpoint is written.
+
+    Returns
+    -------
+    JobResult
+
+    Raises
+    ------
+    CellbgError
+        Missing crops, an unknown model or variant, a patient in both train and test.
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(protocol.run_dir)
+    key = job_key(protocol, spec)
+    job_dir = Path(job_dir) if job_dir is not None else run_dir / "jobs" / key
+    if (job_dir / DONE).exists():
+        return _result_from_files(spec, key, job_dir)
+    model_spec = _model_spec(protocol, spec.model)
+    cfg = protocol.training
+    from cellbg.variants import parse_variant
+
+    for v in [spec.train_variant, *protocol.variants.test]:
+        parse_variant(v)
+    crops = _read_crops(run_dir, in_memory=getattr(cfg, "in_memory", "auto"))
+    split = patient_split(crops.cells, fold=spec.fold, val_fraction=cfg.split.val_fraction,
+                          val_patients=cfg.split.val_patients if cfg.split.kind == "fixed" else None,
+                          seed=protocol.seed)
+    seeds = {
+        "seed": spec.seed,
+        "init_seed": _seed(spec.seed, spec.fold, 0),
+        "sampler_seed": _seed(spec.seed, spec.fold, 1),
+        "batch_seed": _seed(spec.seed, spec.fold, 2, _text_seed(spec.train_variant), protocol.variants.seed),
+        "val_split_seed": protocol.seed,
+        "test_variant_seed": protocol.variants.seed,
+    }
+    meta = _job_meta(protocol, spec, key, crops, split, seeds)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job_dir / "spec.json", meta)
+
+    device = select_device(cfg.device)
+    amp = bool(cfg.amp and device.type == "cuda")
+    fp16 = amp and not torch.cuda.is_bf16_supported()
+    with _runtime(device):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeds["init_seed"])  # layer initialisers draw from the global RNG
+            model = get_model(model_spec.arch, in_channels=meta["in_channels"], num_classes=len(crops.classes),
+                              **model_spec.kwargs())
+        model.to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+        scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "stale": 0, "best_model": None,
+                 "history": [], "stopped": False}
+        ckpt_path = job_dir / "checkpoint.pt"
+        if ckpt_path.exists():
+            try:
+                ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            except Exception:  # a checkpoint is only ever replaced atomically; unreadable = foreign
+                ckpt = None
+            if ckpt is not None and ckpt.get("key") == key:
+                model.load_state_dict(ckpt["model"])
+                if not ckpt.get("finished"):  # a finished checkpoint keeps only the weights
+                    optimizer.load_state_dict(ckpt["optimizer"])
+                    scheduler.load_state_dict(ckpt["scheduler"])
+                    scaler.load_state_dict(ckpt["scaler"])
+                state = ckpt["state"]
+
+        val_x = val_y = None
+        if len(split.val):
+            vx, vm = crops.take(split.val)
+            val_x = _apply_variant(spec.train_variant, vx, vm, bboxes=crops.bboxes[split.val],
+                                   labels=crops.labels[split.val], fill=protocol.variants.fill,
+                                   seed=_seed(seeds["batch_seed"], 0xFFFF)).images
+            val_y = torch.from_numpy(crops.labels[split.val])
+
+        train_labels = crops.labels[split.train]
+        if cfg.balanced_sampling:
+            counts = np.bincount(train_labels, minlength=len(crops.classes)).astype(np.float64)
+            weights = torch.as_tensor(1.0 / counts[train_labels])
+
+        epochs_this_call = 0
+        while state["epoch"] < cfg.epochs and not state["stopped"]:
+            if max_epochs_this_call is not None and epochs_this_call >= max_epochs_this_call:
+                break
+            epoch = state["epoch"] + 1
+            te = time.perf_counter()
+            g = torch.Generator().manual_seed(_seed(seeds["sampler_seed"], epoch))
+            if cfg.balanced_sampling:
+                pos = torch.multinomial(weights, len(split.train), replacement=True, generator=g).numpy()
+            else:
+                pos = torch.randperm(len(split.train), generator=g).numpy()
+            batches = _TrainBatches(crops, split.train[pos], batch_size=cfg.batch_size, variant=spec.train_variant,
+                                    fill=protocol.variants.fill, augment=cfg.augment, seed=seeds["batch_seed"],
+                                    epoch=epoch)
+            loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+                                                 pin_memory=device.type == "cuda")
+            model.train()
+            loss_sum, correct, seen = 0.0, 0, 0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed(seeds["init_seed"], epoch))  # for any layer that draws (dropout)
+                for x, y in loader:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    with _autocast(device, amp):
+                        logits = model(x)
+                        loss = nn.functional.cross_entropy(logits.float(), y)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    loss_sum += loss.item() * len(y)
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(y)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            if val_x is not None:
+                val_loss, val_acc, _ = _evaluate(model, val_x, val_y, device=device, batch_size=cfg.batch_size, amp=amp)
+            else:
+                val_loss, val_acc = float("nan"), float("nan")
+            improved = val_x is None or val_loss < state["best_val_loss"]
+            if improved:
+                state["best_val_loss"] = val_loss if val_x is not None else math.nan
+                state["best_epoch"] = epoch
+                state["stale"] = 0
+                state["best_model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                state["stale"] += 1
+                state["stopped"] = state["stale"] >= cfg.patience
+            row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                   "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr, "best": improved,
+                   "seconds": time.perf_counter() - te, **seeds}
+            state["history"].append(row)
+            state["epoch"] = epoch
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state}, tmp)
+            write_text_atomic(job_dir / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
+            epochs_this_call += 1
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
+
+        finished = state["epoch"] >= cfg.epochs or state["stopped"]
+        if not finished:
+            return JobResult(spec=spec, key=key, job_dir=job_dir, done=False, epochs=state["epoch"],
+                             best_epoch=state["best_epoch"], best_val_loss=state["best_val_loss"],
+                             seconds=time.perf_counter() - t0)
+        model.load_state_dict(state["best_model"])
+        preds = _predict(model, crops, split, protocol, spec, device=device, amp=amp)
+        write_parquet_atomic(preds, job_dir / "predictions.parquet")
+        with atomic_path(ckpt_path) as tmp:
+            torch.save({"key": key, "model": model.state_dict(), "state": state, "finished": True}, tmp)
+    write_text_atomic(job_dir / DONE, f"{key}\n")
+    return _result_from_files(spec, key, job_dir, seconds=time.perf_counter() - t0)
+
+
+def _predict(model, crops: _Crops, split: Split, protocol, spec: JobSpec, *, device, amp: bool) -> pd.DataFrame:
+    """Predict every test variant on the whole held-out set (the mixed_* pairing pool)."""
+    idx = split.test
+    images, masks = crops.take(idx)
+    labels = crops.labels[idx]
+    cells = crops.cells.iloc[idx].reset_index(drop=True)
+    cell_ids = cells["cell_id"].astype(str).to_numpy()
+    base = pd.DataFrame({
+        "cell_id": cell_ids,
+        "image_id": cells["image_id"].astype(str) if "image_id" in cells else "",
+        "patient_id": cells["patient_id"].astype(str),
+        "label": cells["label"].astype(str),
+        "label_index": labels.astype(np.int64),
+        "model": spec.model,
+        "train_variant": spec.train_variant,
+    })
+    frames = []
+    for test_variant in protocol.variants.test:
+        res = _apply_variant(test_variant, images, masks, bboxes=crops.bboxes[idx], labels=labels,
+                             fill=protocol.variants.fill, seed=protocol.variants.seed)
+        _, _, probs = _evaluate(model, res.images, torch.from_numpy(labels), device=device,
+                                batch_size=protocol.training.batch_size, amp=amp)
+        pred_index = probs.argmax(1).numpy()
+        partner = np.asarray(res.partner)
+        df = base.copy()
+        df.insert(df.columns.get_loc("train_variant") + 1, "test_variant", test_variant)
+        df["seed"] = spec.seed
+        df["fold"] = spec.fold
+        df["pred"] = np.asarray(crops.classes, dtype=object)[pred_index]
+        df["pred_index"] = pred_index.astype(np.int64)
+        df["correct"] = pred_index == labels
+        for k, name in enumerate(crops.classes):
+            df[f"prob_{name}"] = probs[:, k].numpy().astype(np.float64)
+        df["partner_cell_id"] = np.where(partner >= 0, cell_ids[np.clip(partner, 0, None)], "")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- all jobs
+def run_training(protocol, *, progress: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+    """Run every job of the protocol serially (skipping finished ones), then
+    :func:`collect_predictions`. The runner (:mod:`cellbg.runner`) runs them in parallel."""
+    results = []
+    for spec in plan_jobs(protocol):
+        result = run_job(protocol, spec)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    collect_predictions(protocol.run_dir, protocol=protocol)
+    return results
+
+
+def collect_predictions(run_dir: str | Path, *, protocol=None) -> Path:
+    """Concatenate the predictions of the protocol's finished jobs into ``<run>/predictions.parquet``.
+
+    Only the jobs of the run's protocol (``protocol.resolved.yaml``, or ``protocol``) are
+    read, so stale job folders from earlier protocol versions are ignored.
+
+    Raises
+    ------
+    CellbgError
+        When some jobs are not finished (their number and the first one).
+    """
+    run_dir = Path(run_dir)
+    if protocol is None:
+        from cellbg.protocol import load_run
+
+        protocol = load_run(run_dir)
+    crops_hash = crops_fingerprint(run_dir)
+    frames, missing = [], []
+    for spec in plan_jobs(protocol):
+        job_dir = run_dir / "jobs" / job_key(protocol, spec, crops_hash=crops_hash)
+        if not (job_dir / DONE).exists():
+            missing.append(spec)
+            continue
+        frames.append(pd.read_parquet(job_dir / "predictions.parquet"))
+    if missing:
+        s = missing[0]
+        raise CellbgError(
+            f"{len(missing)} training job(s) not finished in {run_dir}, e.g. model '{s.model}', train variant "
+            f"'{s.train_variant}', seed {s.seed}, fold {s.fold}; run 'cellbg train' first"
+        )
+    return write_parquet_atomic(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
+
+
+def load_job_model(job_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The trained model of a finished job (in eval mode) and its ``spec.json``.
+
+    Returns
+    -------
+    model : torch.nn.Module
+        Best weights, on ``device``, in eval mode.
+    spec : dict
+        ``spec.json``: ``job`` (model, train_variant, seed, fold), ``arch``, ``model_kwargs``,
+        ``in_channels``, ``classes``, ``crop_size``, ``patients``, ``seeds``, ...
+    """
+    job_dir = Path(job_dir)
+    if not (job_dir / DONE).exists():
+        raise CellbgError(f"training job {job_dir} is not finished (no {DONE} marker); run 'cellbg train' first")
+    spec = json.loads((job_dir / "spec.json").read_text(encoding="utf-8"))
+    model = get_model(spec["arch"], in_channels=spec["in_channels"], num_classes=len(spec["classes"]),
+                      **spec["model_kwargs"])
+    ckpt = torch.load(job_dir / "checkpoint.pt", map_location=device, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), spec

@@ -1,0 +1,434 @@
+"""Reports: table numbers against the predictions they came from, LaTeX that compiles,
+figures and HTML that hold what they should, and missing parts said in words."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from cellbg import CellbgError
+from cellbg.cli import app
+from cellbg.protocol import Protocol, protocol_hash, write_resolved
+from cellbg.report import bg_gap_table, latex_table, parse_condition, write_report
+from cellbg.stats import run_stats
+
+REPO = Path(__file__).resolve().parents[1]
+
+TRAIN = ["original", "only_fg"]
+TEST = [
+    "original", "only_fg", "mixed_same", "mixed_rand", "bg_ring(2)", "bg_ring(8)",
+    "bg_color(1,0,1)", "bg_blur(2)", "mask_erode(2)+only_fg", "mask_dilate(2)+only_fg",
+]
+MODELS = ["resnet", "shufflenet_v2"]
+SEEDS = [0, 1]
+PATIENTS = [f"P{i}" for i in range(6)]
+CELLS_PER_PATIENT = 5
+CLASSES = ["healthy", "sezary"]
+SIZE = 16
+
+
+# --------------------------------------------------------------------------- fixture run
+def _protocol(run_dir: Path, **overrides) -> Protocol:
+    raw = {
+        "name": "fixture",
+        "output": str(run_dir),
+        "segmentation": {"method": "cellpose", "model": "cpsam"},
+        "crops": {"size": SIZE},
+        "variants": {"train": TRAIN, "test": TEST},
+        "models": [{"arch": "resnet", "depth": 10, "width": 0.25}, {"arch": "shufflenet_v2", "width": 0.5}],
+        "training": {"epochs": 3, "seeds": SEEDS, "split": {"folds": 3}},
+        "saliency": {"methods": ["gradcam"]},
+        "stats": {"bootstrap": 200},
+    }
+    raw.update(overrides)
+    return Protocol.model_validate(raw)
+
+
+def _cells() -> pd.DataFrame:
+    rows = []
+    for p_i, patient in enumerate(PATIENTS):
+        label = CLASSES[p_i % 2]
+        for k in range(CELLS_PER_PATIENT):
+            rows.append({"cell_id": f"{patient}-img-{k:04d}", "image_id": f"{patient}-img", "patient_id": patient,
+                         "label": label, "label_index": CLASSES.index(label), "fold": p_i % 3})
+    return pd.DataFrame(rows)
+
+
+def _predictions(cells: pd.DataFrame) -> pd.DataFrame:
+    """Predictions with condition-dependent accuracy; one condition planted exactly."""
+    rng = np.random.default_rng(7)
+    base = {"original": 0.95, "only_fg": 0.85, "mixed_same": 0.9, "mixed_rand": 0.6}
+    frames = []
+    n = len(cells)
+    for model in MODELS:
+        for train in TRAIN:
+            for test in TEST:
+                for seed in SEEDS:
+                    p = base.get(test, 0.75)
+                    correct = rng.random(n) < p
+                    if (model, train, test) == ("resnet", "original", "original"):
+                        # planted: 24/30 correct for seed 0, 27/30 for seed 1 -> 85.0 +- 7.1 %
+                        correct = np.arange(n) < (24 if seed == 0 else 27)
+                    pred_index = np.where(correct, cells["label_index"], 1 - cells["label_index"])
+                    prob = np.where(pred_index == 1, 0.8, 0.2)
+                    frames.append(cells.assign(
+                        model=model, train_variant=train, test_variant=test, seed=seed,
+                        pred=[CLASSES[i] for i in pred_index], pred_index=pred_index, correct=correct,
+                        prob_healthy=1 - prob, prob_sezary=prob,
+                        partner_cell_id=cells["cell_id"].iloc[::-1].to_numpy() if test.startswith("mixed") else "",
+                    ))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _patient_acc(preds: pd.DataFrame, model: str, cond: str) -> pd.Series:
+    train, test = cond.split(":")
+    sub = preds[(preds["model"] == model) & (preds["train_variant"] == train) & (preds["test_variant"] == test)]
+    return sub.groupby("patient_id")["correct"].mean()
+
+
+def _write_stats(run_dir: Path) -> pd.DataFrame:
+    """The real stats stage on the fixture predictions; the report formats what it wrote."""
+    run_stats(run_dir)
+    return pd.read_csv(run_dir / "stats" / "tests.csv")
+
+
+def _write_jobs(run_dir: Path) -> None:
+    import json
+
+    for m_i, model in enumerate(MODELS):
+        for train in TRAIN:
+            for seed in SEEDS:
+                job = run_dir / "jobs" / f"{model}-{train}-{seed}"
+                job.mkdir(parents=True)
+                (job / "spec.json").write_text(json.dumps(
+                    {"key": job.name, "job": {"model": model, "train_variant": train, "seed": seed, "fold": 0}}))
+                epochs = np.arange(1, 4)
+                shift = 0.1 * m_i + 0.05 * TRAIN.index(train) + 0.02 * seed
+                pd.DataFrame({"epoch": epochs, "train_loss": 0.7 / epochs + shift, "train_accuracy": 1 - 0.3 / epochs - shift,
+                              "val_loss": 0.8 / epochs + shift, "val_accuracy": 1 - 0.35 / epochs - shift,
+                              "lr": 1e-3, "best": True, "seconds": 1.5}).to_csv(job / "history.csv", index=False)
+                (job / "DONE").write_text("")
+
+
+def _write_crops_and_saliency(run_dir: Path, cells: pd.DataFrame) -> pd.DataFrame:
+    n = len(cells)
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    masks = np.broadcast_to((yy - SIZE / 2) ** 2 + (xx - SIZE / 2) ** 2 < (SIZE / 4) ** 2, (n, SIZE, SIZE)).copy()
+    background = 0.15 + 0.1 * rng.random((n, 1, SIZE, SIZE))
+    tint = np.array([0.8, 0.35, 0.7])[None, :, None, None]
+    images = np.where(masks[:, None], tint, background).astype("float32")
+    g = zarr.open_group(str(run_dir / "crops.zarr"), mode="w")
+    g.create_array("images", data=images)
+    g.create_array("masks", data=masks)
+    g.attrs["classes"] = CLASSES
+    cells.to_parquet(run_dir / "cells.parquet", index=False)
+    rows, maps = [], []
+    for model_i, model in enumerate(MODELS):
+        for i in range(0, n, 3):
+            # a blob that drifts off the cell for the second model; its share is known exactly
+            r0, c0 = SIZE / 2 + model_i * SIZE / 4, SIZE / 2 - model_i * (i % 2) * SIZE / 5
+            m = np.exp(-((yy - r0) ** 2 + (xx - c0) ** 2) / (2 * (SIZE / 6) ** 2)).astype("float32")
+            share = float(m[~masks[i]].sum() / m.sum())
+            rows.append({"cell_id": cells["cell_id"][i], "patient_id": cells["patient_id"][i], "label": cells["label"][i],
+                         "model": model, "train_variant": "original", "seed": 0, "fold": int(cells["fold"][i]),
+                         "method": "gradcam", "target": "predicted", "background_share": share,
+                         "background_ratio": share / (1 - share), "sanity_rank_corr": 0.1, "map_index": len(maps)})
+            maps.append(m)
+    s = zarr.open_group(str(run_dir / "saliency.zarr"), mode="w")
+    s.create_array("maps", data=np.stack(maps))
+    sal = pd.DataFrame(rows)
+    sal.to_parquet(run_dir / "saliency.parquet", index=False)
+    return sal
+
+
+def make_run(run_dir: Path, *, with_predictions=True, with_stats=True, with_jobs=True, with_saliency=True,
+             **protocol) -> dict:
+    p = _protocol(run_dir, **protocol)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(p)
+    cells = _cells()
+    out = {"protocol": p, "cells": cells}
+    if with_predictions:
+        out["predictions"] = _predictions(cells)
+        out["predictions"].to_parquet(run_dir / "predictions.parquet", index=False)
+        if with_stats:
+            out["tests"] = _write_stats(run_dir)
+    if with_jobs:
+        _write_jobs(run_dir)
+    if with_saliency:
+        out["saliency"] = _write_crops_and_saliency(run_dir, cells)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("report") / "run"
+    made = make_run(run_dir)
+    made["report"] = write_report(run_dir)
+    made["run_dir"] = run_dir
+    return made
+
+
+# --------------------------------------------------------------------------- helpers
+def _tex_rows(text: str) -> list[list[str]]:
+    """The cells of every tabular row between \\midrule and \\bottomrule."""
+    body = text.split("\\midrule", 1)[1].split("\\bottomrule", 1)[0]
+    return [[c.strip() for c in row.split(" & ")] for row in body.strip().split("\\\\") if row.strip()]
+
+
+def _tex_header(text: str) -> list[str]:
+    head = text.split("\\toprule", 1)[1].split("\\midrule", 1)[0]
+    return [c.strip() for c in head.strip().rstrip("\\").strip().split(" & ")]
+
+
+def _expected_acc(preds: pd.DataFrame, model: str, train: str, test: str) -> str:
+    """Independent recomputation: accuracy per seed, then mean +- SD over seeds, in %."""
+    accs = []
+    for seed in SEEDS:
+        sub = preds[(preds.model == model) & (preds.train_variant == train) & (preds.test_variant == test) & (preds.seed == seed)]
+        accs.append(sub["correct"].sum() / len(sub))
+    return f"{100 * np.mean(accs):.1f} $\\pm$ {100 * np.std(accs, ddof=1):.1f}"
+
+
+def _esc(s: str) -> str:
+    return s.replace("_", "\\_")
+
+
+# --------------------------------------------------------------------------- numbers
+def test_accuracy_tex_matches_predictions(full_run):
+    preds = full_run["predictions"]
+    for model in MODELS:
+        text = (full_run["report"] / "tables" / f"accuracy_{model}.tex").read_text()
+        assert _tex_header(text)[1:] == [_esc(t) for t in TEST]
+        rows = _tex_rows(text)
+        assert [r[0] for r in rows] == [_esc(t) for t in TRAIN]
+        for r, train in zip(rows, TRAIN, strict=True):
+            assert r[1:] == [_expected_acc(preds, model, train, test) for test in TEST]
+    planted = _tex_rows((full_run["report"] / "tables" / "accuracy_resnet.tex").read_text())[0][1]
+    assert planted == "85.0 $\\pm$ 7.1"
+    md = (full_run["report"] / "report.md").read_text()
+    assert "| original | 85.0 ± 7.1 |" in md
+
+
+def test_bg_gap_matches_predictions(full_run):
+    preds, tests = full_run["predictions"], full_run["tests"]
+    rows = _tex_rows((full_run["report"] / "tables" / "bg_gap.tex").read_text())
+    assert len(rows) == len(MODELS) * len(TRAIN)
+    for r in rows:
+        model, train = r[0].replace("\\_", "_"), r[1].replace("\\_", "_")
+        gaps = []
+        for seed in SEEDS:
+            s = preds[(preds.model == model) & (preds.train_variant == train) & (preds.seed == seed)]
+            gaps.append(s[s.test_variant == "mixed_same"]["correct"].mean() - s[s.test_variant == "mixed_rand"]["correct"].mean())
+        assert r[4] == f"{100 * np.mean(gaps):.1f} $\\pm$ {100 * np.std(gaps, ddof=1):.1f}"
+        # the stats stage tests it as b - a with a = mixed_rand, b = mixed_same (primary row)
+        hit = tests[(tests.model == model) & (tests.a == f"{train}:mixed_rand") & (tests.b == f"{train}:mixed_same")
+                    & (tests.role == "primary")].iloc[0]
+        assert r[5] == f"[{100 * hit.ci_low:.1f}, {100 * hit.ci_high:.1f}]"
+        assert r[6] == ("$<$0.001" if hit.pvalue < 0.001 else f"{hit.pvalue:.3f}") and r[7] == hit.method
+
+
+def test_bg_gap_table_sign_from_stats_row():
+    preds = pd.DataFrame({"model": "m", "train_variant": "t", "seed": 0, "patient_id": "p",
+                          "test_variant": ["mixed_same"] * 4 + ["mixed_rand"] * 4, "cell_id": list("abcdabcd"),
+                          "correct": [True, True, True, False, True, False, False, False]})
+    tests = pd.DataFrame({"model": ["m"], "a": ["t:mixed_rand"], "b": ["t:mixed_same"], "ci_low": [0.1],
+                          "ci_high": [0.9], "ci_method": ["bootstrap"], "pvalue": [0.01], "method": ["x"]})
+    g = bg_gap_table(preds, tests).iloc[0]
+    assert g["gap"] == pytest.approx(0.5) and (g["ci_low"], g["ci_high"]) == (0.1, 0.9)
+    flipped = tests.assign(a="t:mixed_same", b="t:mixed_rand", ci_low=-0.9, ci_high=-0.1)
+    g = bg_gap_table(preds, flipped).iloc[0]
+    assert (g["ci_low"], g["ci_high"]) == pytest.approx((0.1, 0.9))
+
+
+def _fmt_p(p: float) -> str:
+    return "--" if np.isnan(p) else ("$<$0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def test_significance_tex_matches_stats(full_run):
+    tests = full_run["tests"]
+    rows = _tex_rows((full_run["report"] / "tables" / "significance.tex").read_text())
+    assert len(rows) == len(tests)
+    for r, t in zip(rows, tests.itertuples(index=False), strict=True):
+        assert r[0] == _esc(t.model) and r[2] == f"{t.family} / {t.role}"
+        ci = "" if np.isnan(t.ci_low) else f" [{t.ci_low:.3f}, {t.ci_high:.3f}]"
+        assert r[3] == f"{t.estimate:.3f}{ci}"
+        assert (r[8], r[9], r[10]) == (_fmt_p(t.pvalue), _fmt_p(t.p_holm), _fmt_p(t.p_bh))
+        assert (r[11], r[12], r[13]) == (str(int(t.n_cells)), str(int(t.n_patients)), str(int(t.n_seeds)))
+        assert r[14] == ("--" if np.isnan(t.mcnemar_b) else f"{int(t.mcnemar_b)}/{int(t.mcnemar_c)}")
+    # the fixture's paired estimate really is the mean per-patient difference
+    preds = full_run["predictions"]
+    d = _patient_acc(preds, "resnet", "original:only_fg") - _patient_acc(preds, "resnet", "original:original")
+    assert float(rows[0][3].split()[0]) == pytest.approx(d.mean(), abs=5e-4)
+
+
+# --------------------------------------------------------------------------- LaTeX
+def _structural_check(text: str) -> None:
+    assert text.count("{") - text.count("\\{") == text.count("}") - text.count("\\}")
+    assert text.count("\\begin{tabular}") == text.count("\\end{tabular}") == 1
+    for rule in ("\\toprule", "\\midrule", "\\bottomrule"):
+        assert text.count(rule) == 1
+    spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", text).group(1)
+    for row in [_tex_header(text)] + _tex_rows(text):
+        assert len(row) == len(spec)
+
+
+def test_tex_tables_compile(full_run, tmp_path):
+    tables = sorted((full_run["report"] / "tables").glob("*.tex"))
+    assert {t.stem for t in tables} == {"accuracy_resnet", "accuracy_shufflenet_v2", "bg_gap", "significance"}
+    for t in tables:
+        _structural_check(t.read_text())
+    if shutil.which("pdflatex") is None:  # structural check above is then the whole test
+        return
+    body = "\n".join(f"\\input{{{t.as_posix()}}}\n\\clearpage" for t in tables)
+    doc = tmp_path / "doc.tex"
+    doc.write_text("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
+                   "\\usepackage[margin=1cm,landscape]{geometry}\n\\begin{document}\n" + body + "\n\\end{document}\n")
+    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+def test_latex_table_escapes_and_counts_columns():
+    text = latex_table(pd.DataFrame({"a_b": ["50% & more"], "c": ["1.0 ± 0.1"]}), caption="x_y", label="tab:x")
+    assert "a\\_b & c \\\\" in text and "50\\% \\& more & 1.0 $\\pm$ 0.1 \\\\" in text
+    assert "\\caption{x\\_y}" in text
+    _structural_check(text)
+
+
+# --------------------------------------------------------------------------- figures and html
+def test_figures_and_html_are_self_contained(full_run):
+    figs = full_run["report"] / "figures"
+    names = {"accuracy_heatmap", "forest_gaps", "ring_width", "colour_blur", "mask_quality",
+             "training_curves", "saliency_gallery"}
+    assert {p.stem for p in figs.glob("*.png")} == names
+    assert {p.stem for p in figs.glob("*.svg")} == names
+    html = (full_run["report"] / "report.html").read_text()
+    srcs = re.findall(r"src='([^']*)'", html)
+    assert len(srcs) == len(names) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
+    assert embedded == {p.read_bytes() for p in figs.glob("*.png")}
+    assert "href=" not in html and "<link" not in html
+    assert "85.0 ± 7.1" in html
+    # background share of the gallery's table: mean over the sampled cells, per model
+    sal = full_run["saliency"]
+    for model, g in sal.groupby("model"):
+        assert f"{g['background_share'].mean():.3f} ± {g['background_share'].std():.3f}" in html
+
+
+# --------------------------------------------------------------------------- methods, provenance
+def test_methods_and_provenance(full_run):
+    from importlib.metadata import version
+
+    md = (full_run["report"] / "report.md").read_text()
+    methods = md.split("## Methods", 1)[1].split("## Provenance", 1)[0]
+    for phrase in ("Cellpose (model `cpsam`", f"{SIZE} × {SIZE} pixel crop", "`mask_erode(2)+only_fg`",
+                   "ResNet-10", "ShuffleNetV2 × 0.5", "up to 3 epochs", "2 seeds (0 and 1)",
+                   "3-fold cross-validation with folds grouped by patient", "unit of analysis was the patient",
+                   "Holm", "alpha = 0.05", "30 cells from 6 patients", f"numpy {version('numpy')}"):
+        assert phrase in methods, phrase
+    prov = md.split("## Provenance", 1)[1]
+    assert f"protocol hash: {protocol_hash(full_run['protocol'])}" in prov
+    assert f"numpy {version('numpy')}" in prov and f"pandas {version('pandas')}" in prov
+    assert "training time: 0.6 min summed over 8 jobs" in prov  # 8 jobs x 3 epochs x 1.5 s
+
+
+# --------------------------------------------------------------------------- missing parts
+def test_missing_parts_are_stated(tmp_path):
+    run_dir = tmp_path / "run"
+    make_run(run_dir, with_stats=False, with_jobs=False, with_saliency=False, variants={"train": ["original"], "test": ["original", "only_fg"]},
+             segmentation={"method": "masks"})
+    # predictions for the narrower protocol: keep only its conditions
+    preds = pd.read_parquet(run_dir / "predictions.parquet")
+    preds = preds[(preds.train_variant == "original") & preds.test_variant.isin(["original", "only_fg"])]
+    preds.to_parquet(run_dir / "predictions.parquet", index=False)
+    out = write_report(run_dir)
+    md = (out / "report.md").read_text()
+    for sentence in ("no statistics were computed", "no saliency was computed", "no training histories were found",
+                     "needs both `mixed_same` and `mixed_rand`", "no `bg_ring(k)` test variants were run",
+                     "no `bg_color` or `bg_blur` test variants", "no `mask_erode(k)` / `mask_dilate(k)`",
+                     "masks were supplied with the data"):
+        assert sentence in md, sentence
+    assert {p.stem for p in (out / "figures").glob("*.png")} == {"accuracy_heatmap"}
+    assert {p.stem for p in (out / "tables").glob("*.tex")} == {"accuracy_resnet", "accuracy_shufflenet_v2"}
+    assert "Parts not available in this run:" in md
+
+    # a run with nothing but its protocol still gives a report that says so
+    bare = tmp_path / "bare"
+    make_run(bare, with_predictions=False, with_jobs=False, with_saliency=False, saliency={"enabled": False})
+    md = (write_report(bare) / "report.md").read_text()
+    assert "no predictions were found" in md and "saliency was switched off in the protocol" in md
+    assert not list((bare / "report").glob("tables/*.tex"))
+
+
+def test_formats_and_figures_follow_protocol(tmp_path):
+    run_dir = tmp_path / "run"
+    make_run(run_dir, with_stats=False, with_jobs=False, with_saliency=False, report={"formats": ["md"], "figures": False})
+    out = write_report(run_dir)
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    assert "figures are switched off" in (out / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- errors, CLI, no torch
+def test_bad_inputs_are_one_line_errors_and_keep_the_old_report(full_run, tmp_path):
+    with pytest.raises(CellbgError, match="not a cellbg run folder"):
+        write_report(tmp_path)
+    with pytest.raises(CellbgError, match="run folder not found"):
+        write_report(tmp_path / "nowhere")
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run["run_dir"], run_dir)
+    before = (run_dir / "report" / "report.md").read_bytes()
+    (run_dir / "predictions.parquet").write_bytes(b"not parquet")
+    with pytest.raises(CellbgError, match="cannot read predictions"):
+        write_report(run_dir)
+    assert (run_dir / "report" / "report.md").read_bytes() == before
+    pd.DataFrame({"cell_id": ["a"]}).to_parquet(run_dir / "predictions.parquet")
+    with pytest.raises(CellbgError, match="lacks column"):
+        write_report(run_dir)
+    r = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert r.exit_code == 2 and "lacks column" in r.output and "Traceback" not in r.output
+
+
+def test_cli_report(full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run["run_dir"], run_dir, ignore=shutil.ignore_patterns("report", "saliency*", "jobs"))
+    r = CliRunner().invoke(app, ["report", str(run_dir), "--gallery-cells", "2"])
+    assert r.exit_code == 0, r.output
+    assert "report written to" in r.output and "tables/significance.tex" in r.output
+    assert (run_dir / "report" / "report.html").exists()
+
+
+def test_report_never_imports_torch_and_is_deterministic(full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run["run_dir"], run_dir)
+    code = (
+        "import sys\nimport cellbg.report as r\nassert 'torch' not in sys.modules, 'import'\n"
+        f"r.write_report({str(run_dir)!r}, gallery_cells=2)\n"
+        "assert 'torch' not in sys.modules, 'write_report'\nprint('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    # and the same run gives the same bytes, in another process
+    for sub in ("tables", "figures"):
+        for p in sorted((full_run["report"] / sub).iterdir()):
+            if p.stem != "saliency_gallery":  # drawn here with 2 cells, not 4
+                assert (run_dir / "report" / sub / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_parse_condition():
+    assert parse_condition("only_fg") == ([], "only_fg", ())
+    assert parse_condition("bg_color(1, 0, 1)") == ([], "bg_color", ("1", "0", "1"))
+    assert parse_condition("mask_erode(2)+only_fg") == ([("mask_erode", ("2",))], "only_fg", ())
+    assert parse_condition("mask_dilate(1)") == ([("mask_dilate", ("1",))], "original", ())

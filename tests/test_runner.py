@@ -1,0 +1,318 @@
+"""The runner: job graph, content-addressed cache, retries, failure reports, Dask executors.
+
+The machinery is tested with small job functions defined here that write files, run on a
+real Dask LocalCluster (worker processes; a killed job really kills its worker), and a real
+``cellbg run`` subprocess that is killed with SIGKILL and run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from cellbg._checks import CellbgError
+from cellbg._io import write_text_atomic
+from cellbg.protocol import ExecutorConfig
+from cellbg.runner import (
+    FileDigests,
+    Job,
+    Stage,
+    hash_key,
+    job_log_path,
+    make_cluster,
+    run_stages,
+    status,
+)
+
+# Workers unpickle the job functions below by value, so they need not import this module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LOCAL = ExecutorConfig(workers=2, retries=1)
+
+
+# --------------------------------------------------------------------------- job functions
+def _note_call(run_dir: str, name: str) -> None:
+    with open(Path(run_dir) / "calls.txt", "a") as f:
+        f.write(f"{name}\n")
+
+
+def write_value(run_dir: str, name: str, value: str, seconds: float = 0.0) -> None:
+    """A job: (optionally sleep, then) write ``out/<name>.txt``."""
+    _note_call(run_dir, name)
+    print(f"job {name} writes {value}")
+    time.sleep(seconds)
+    write_text_atomic(Path(run_dir) / "out" / f"{name}.txt", value)
+
+
+def raise_error(run_dir: str, name: str, value: str) -> None:
+    """A job that always raises."""
+    _note_call(run_dir, name)
+    print(f"job {name} is about to fail")
+    raise ValueError(f"value {value} is not allowed")
+
+
+def fail_first_time(run_dir: str, name: str, value: str) -> None:
+    """A job that raises on its first attempt only (a transient error)."""
+    flag = Path(run_dir) / f"{name}.tried"
+    if not flag.exists():
+        flag.touch()
+        _note_call(run_dir, name)
+        raise OSError("transient failure")
+    write_value(run_dir, name, value)
+
+
+def kill_own_process(run_dir: str, name: str, value: str) -> None:
+    """A job whose process dies (as under the OOM killer or a walltime)."""
+    _note_call(run_dir, name)
+    print(f"job {name} kills its process {os.getpid()}")
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def combine(run_dir: str) -> None:
+    """A client job: concatenate ``out/*.txt`` into ``total.txt``."""
+    _note_call(run_dir, "combine")
+    out = Path(run_dir) / "out"
+    text = "".join(f"{p.stem}={p.read_text()}\n" for p in sorted(out.glob("*.txt")))
+    write_text_atomic(Path(run_dir) / "total.txt", text)
+
+
+def make_stages(values: dict[str, str], *, kinds: dict[str, object] | None = None, seconds: float = 0.0):
+    """Two stages: ``make`` (one worker job per value) then ``combine`` (one client job)."""
+    kinds = kinds or {}
+
+    def plan_make(ctx):
+        jobs = []
+        for name, value in values.items():
+            func = kinds.get(name, write_value)
+            args = (str(ctx.run_dir), name, value) + ((seconds,) if func is write_value else ())
+            out = ctx.run_dir / "out" / f"{name}.txt"
+            jobs.append(Job("make", name, hash_key("make", name, value), func, args, outputs=(out,)))
+        return jobs
+
+    def plan_combine(ctx):
+        key = hash_key("combine", ctx.key("make"))
+        return [Job("combine", "all", key, combine, (str(ctx.run_dir),), where="client",
+                    outputs=(ctx.run_dir / "total.txt",))]
+
+    return [Stage("make", plan_make), Stage("combine", plan_combine)]
+
+
+def calls(run_dir: Path) -> list[str]:
+    path = run_dir / "calls.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+# --------------------------------------------------------------------------- cache
+def test_cache_dry_run_and_one_changed_job(tmp_path):
+    values = {"a": "1", "b": "2", "c": "3"}
+    dry = run_stages(make_stages(values), tmp_path, dry_run=True, progress=False)
+    assert [(s.name, s.total, s.cached, s.planned) for s in dry.stages] == [
+        ("make", 3, 0, True),
+        ("combine", 0, 0, False),
+    ]
+    assert dry.stages[1].note == "planned after make"
+    assert not (tmp_path / "out").exists()  # a dry run does nothing
+
+    first = run_stages(make_stages(values), tmp_path, executor=LOCAL, progress=False)
+    assert first.ok and first.ran == 4
+    assert (tmp_path / "total.txt").read_text() == "a=1\nb=2\nc=3\n"
+    assert sorted(calls(tmp_path)) == ["a", "b", "c", "combine"]
+    for name in values:  # every job logged to <run>/logs/<stage>-<key>.log
+        log = tmp_path / "logs" / f"make-{hash_key('make', name, values[name])}.log"
+        assert f"job {name} writes {values[name]}" in log.read_text()
+
+    # everything cached: no job runs, no cluster starts
+    t0 = time.perf_counter()
+    again = run_stages(make_stages(values), tmp_path, executor=LOCAL, progress=False)
+    assert again.ok and again.ran == 0 and time.perf_counter() - t0 < 2.0
+    assert [s.cached for s in again.stages] == [3, 1]
+    dry = run_stages(make_stages(values), tmp_path, dry_run=True, progress=False)
+    assert all(j.cached for s in dry.stages for j in s.jobs) and dry.stages[1].planned
+
+    # one value changes: only its job and the combine job run again
+    changed = dict(values, b="20")
+    third = run_stages(make_stages(changed), tmp_path, executor=LOCAL, progress=False)
+    assert [(s.cached, s.ran) for s in third.stages] == [(2, 1), (0, 1)]
+    assert sorted(calls(tmp_path)) == ["a", "b", "b", "c", "combine", "combine"]
+    assert (tmp_path / "total.txt").read_text() == "a=1\nb=20\nc=3\n"
+
+
+def test_missing_output_is_not_cached(tmp_path):
+    values = {"a": "1"}
+    stages = make_stages(values)
+    assert run_stages(stages, tmp_path, executor=ExecutorConfig(workers=1), progress=False).ok
+    (tmp_path / "total.txt").unlink()  # the marker says done, but the output is gone
+    dry = run_stages(stages, tmp_path, dry_run=True, progress=False)
+    assert [s.cached for s in dry.stages] == [1, 0]
+
+
+def test_file_digests_follow_content(tmp_path):
+    f = tmp_path / "img.tif"
+    f.write_bytes(b"abc")
+    digests = FileDigests(tmp_path / "run")
+    d1 = digests(f)
+    digests.save()
+    assert FileDigests(tmp_path / "run")(f) == d1  # remembered across runs
+    f.write_bytes(b"abd")
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert FileDigests(tmp_path / "run")(f) != d1
+    with pytest.raises(CellbgError, match="input file not readable"):
+        digests(tmp_path / "missing.tif")
+
+
+# --------------------------------------------------------------------------- failures
+def test_failures_are_retried_reported_and_finished_work_kept(tmp_path):
+    values = {"good": "1", "flaky": "2", "bad": "3", "killed": "4", "good2": "5"}
+    kinds = {"flaky": fail_first_time, "bad": raise_error, "killed": kill_own_process}
+    summary = run_stages(make_stages(values, kinds=kinds), tmp_path, executor=LOCAL, progress=False)
+
+    assert not summary.ok
+    by_name = {f.name: f for f in summary.failures}
+    assert sorted(by_name) == ["bad", "killed"]
+    bad, killed = by_name["bad"], by_name["killed"]
+    # retries=1: two attempts each, then a report naming the job's log
+    assert bad.attempts == 2 and killed.attempts == 2
+    assert bad.error == "ValueError: value 3 is not allowed"
+    assert "worker process died" in killed.error
+    for f in (bad, killed):
+        assert f.log == tmp_path / "logs" / f"make-{f.key}.log" and f.log.exists()
+    assert "ValueError: value 3 is not allowed" in bad.log.read_text()  # the traceback
+    assert "Traceback" in bad.log.read_text()
+    assert f"job killed kills its process" in killed.log.read_text()
+    # the transient error was retried and succeeded; finished jobs are kept
+    assert calls(tmp_path).count("flaky") == 2
+    for name, value in (("good", "1"), ("flaky", "2"), ("good2", "5")):
+        assert (tmp_path / "out" / f"{name}.txt").read_text() == value
+    # the stage after the failure did not run
+    assert summary.stages[1].planned is False and not (tmp_path / "total.txt").exists()
+    assert "not run: make failed" in summary.stages[1].note
+
+    st = status(tmp_path, stages=make_stages(values, kinds=kinds))
+    assert st.state == "failed"
+    assert sorted(f["name"] for f in st.failures) == ["bad", "killed"]
+    assert str(bad.log) in st.summary()
+    assert st.plan.stages[0].cached == 3
+
+    # a second run keeps the three finished jobs and retries only the failed ones
+    n_good = calls(tmp_path).count("good")
+    again = run_stages(make_stages(values, kinds=kinds), tmp_path, executor=ExecutorConfig(workers=1, retries=0),
+                       progress=False)
+    assert sorted(f.name for f in again.failures) == ["bad", "killed"]
+    assert [f.attempts for f in sorted(again.failures, key=lambda f: f.name)] == [3, 3]
+    assert calls(tmp_path).count("good") == n_good
+    assert again.stages[0].cached == 3
+
+
+def test_client_job_failure_is_reported(tmp_path):
+    def plan(ctx):
+        return [Job("only", "bad", hash_key("x"), raise_error, (str(ctx.run_dir), "bad", "7"), where="client")]
+
+    summary = run_stages([Stage("only", plan)], tmp_path, executor=ExecutorConfig(retries=2), progress=False)
+    (failure,) = summary.failures
+    assert failure.attempts == 3 and failure.log == job_log_path(tmp_path, Job("only", "bad", hash_key("x"), print))
+    assert json.loads((tmp_path / ".cellbg" / "last-run.json").read_text())["state"] == "failed"
+
+
+# --------------------------------------------------------------------------- kill and resume
+_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_runner
+from cellbg.protocol import ExecutorConfig
+from cellbg.runner import run_stages
+values = {{f"j{{i}}": str(i * i) for i in range(8)}}
+if __name__ == "__main__":  # Dask's worker processes are spawned: they re-import this file
+    s = run_stages(test_runner.make_stages(values, seconds=1.0), sys.argv[1],
+                   executor=ExecutorConfig(workers=2), progress=False)
+    print(s.summary())
+    sys.exit(0 if s.ok else 1)
+"""
+
+
+def test_killed_run_resumes_without_redoing_finished_jobs(tmp_path):
+    script = tmp_path / "run_it.py"
+    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and len(list((run_dir / "out").glob("*.txt"))) < 3:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # the whole `cellbg run` process, mid-stage
+    proc.wait(timeout=30)
+    finished = {p.stem for p in (run_dir / "out").glob("*.txt")}
+    assert 3 <= len(finished) < 8
+
+    st = status(run_dir, stages=[])
+    assert st.state == "interrupted"
+
+    again = subprocess.run([sys.executable, str(script), str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    made = calls(run_dir)
+    for name in finished:  # finished before the kill: not run again
+        assert made.count(name) == 1
+    assert (run_dir / "total.txt").read_text() == "".join(f"j{i}={i * i}\n" for i in range(8))
+
+
+def test_one_run_per_folder(tmp_path):
+    import fcntl
+
+    (tmp_path / ".cellbg").mkdir()
+    with open(tmp_path / ".cellbg" / "lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CellbgError, match="is in use"):
+            run_stages(make_stages({"a": "1"}), tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------- batch-job scripts
+@pytest.mark.parametrize(
+    ("kind", "expected", "absent"),
+    [
+        ("slurm", ["#SBATCH -p short", "#SBATCH -A proj42", "#SBATCH --gres=gpu:1", "#SBATCH -t 02:00:00",
+                   "#SBATCH --constraint=a100"], ["--mem"]),
+        ("pbs", ["#PBS -q short", "#PBS -A proj42", "#PBS -l ngpus=1", "#PBS -l walltime=02:00:00"], []),
+        ("sge", ["#$ -q short", "#$ -P proj42", "#$ -l gpu=1", "#$ -l h_rt=02:00:00"], []),
+        ("lsf", ["#BSUB -q short", "#BSUB -P proj42", '#BSUB -gpu "num=1"', "#BSUB -W 02:00"], []),
+    ],
+)
+def test_batch_job_script(tmp_path, kind, expected, absent):
+    cfg = ExecutorConfig(
+        kind=kind, queue="short", account="proj42", cores=4, memory="16GB", gpus=1, walltime="02:00:00",
+        job_extra_directives=["--constraint=a100"] if kind == "slurm" else [],
+        job_directives_skip=["--mem"], job_script_prologue=["module load cuda/12"], interface="lo",
+        local_directory="$TMPDIR", python="/opt/venv/bin/python",
+    )
+    cluster = make_cluster(cfg, tmp_path)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    for line in expected:
+        assert line in script
+    for text in absent:
+        assert text not in script
+    assert "module load cuda/12" in script
+    assert "export OMP_NUM_THREADS=4" in script  # 4 cores, one job per worker
+    assert "/opt/venv/bin/python -m distributed.cli.dask_worker" in script
+    assert "--interface lo" in script and "--local-directory $TMPDIR" in script
+    # recycle workers 5 minutes before the walltime; one cellbg job per worker at a time
+    assert "--lifetime 6900s --lifetime-stagger 2m" in script
+    assert script.index("--nthreads 4") < script.index("--nthreads 1")
+    assert (tmp_path / "logs" / "batch").is_dir()
+
+
+def test_lifetime_must_end_before_walltime(tmp_path):
+    cfg = ExecutorConfig(kind="slurm", walltime="00:30:00", worker_lifetime="45m")
+    with pytest.raises(CellbgError, match="must be shorter than executor.walltime"):
+        make_cluster(cfg, tmp_path)

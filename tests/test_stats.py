@@ -1,0 +1,457 @@
+"""Tests of cellbg.stats: known answers through cellbg's own functions, calibration, the stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from typer.testing import CliRunner
+
+from cellbg._checks import CellbgError
+from cellbg.protocol import Comparison, Protocol, write_resolved
+from cellbg.stats import (
+    TESTS_COLUMNS,
+    TestResult,
+    accuracy_table,
+    adjust_pvalues,
+    cluster_sums,
+    compare_conditions,
+    corrected_resampled_t_test,
+    five_by_two_cv_test,
+    gee_fit,
+    gee_test,
+    mcnemar_test,
+    paired_outcomes,
+    paired_t_test,
+    paired_table,
+    patient_accuracy,
+    patient_bootstrap,
+    run_stats,
+    simulate_paired_correctness,
+    wilcoxon_test,
+)
+
+CONTRACT_COLUMNS = [
+    "family", "role", "model", "comparison", "a", "b", "estimate", "ci_low", "ci_high", "ci_method",
+    "statistic", "df", "pvalue", "p_holm", "p_bh", "method", "n_cells", "n_patients", "n_seeds",
+    "mcnemar_b", "mcnemar_c",
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- fixtures
+def make_predictions(
+    *,
+    patients: int = 8,
+    cells: int = 20,
+    models=("resnet",),
+    train=("original", "only_fg"),
+    test=("original", "only_fg", "mixed_same", "mixed_rand"),
+    seeds=(0, 1),
+    folds: int = 2,
+    effects: dict[str, float] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """A predictions table on the contract: logit(correct) = 1 + patient + cell + effect."""
+    effects = effects or {}
+    rng = np.random.default_rng(seed)
+    pid = np.repeat([f"P{i:02d}" for i in range(patients)], cells)
+    cell_id = np.array([f"img{i // 5:03d}-{i % cells:04d}" for i in range(patients * cells)])
+    cell_id = np.char.add(np.char.add(pid.astype(str), "-"), cell_id)
+    label_index = np.tile(np.arange(cells) % 2, patients)
+    labels = np.array(["healthy", "sezary"])[label_index]
+    fold = np.repeat(np.arange(patients) % folds, cells)
+    u = np.repeat(rng.normal(0, 0.7, patients), cells)
+    e = rng.normal(0, 0.7, patients * cells)
+    frames = []
+    for model in models:
+        for tr in train:
+            for te in test:
+                cond = f"{tr}:{te}"
+                for s in seeds:
+                    logit = 1.0 + u + e + effects.get(cond, 0.0) + rng.normal(0, 0.3, u.size)
+                    correct = rng.random(u.size) < 1 / (1 + np.exp(-logit))
+                    pred_index = np.where(correct, label_index, 1 - label_index)
+                    p1 = np.where(pred_index == 1, 0.8, 0.2)
+                    frames.append(
+                        pd.DataFrame(
+                            {
+                                "cell_id": cell_id, "image_id": [c.rsplit("-", 1)[0] for c in cell_id],
+                                "patient_id": pid, "label": labels, "label_index": label_index,
+                                "model": model, "train_variant": tr, "test_variant": te, "seed": s,
+                                "fold": fold, "pred": np.array(["healthy", "sezary"])[pred_index],
+                                "pred_index": pred_index, "correct": correct, "prob_healthy": 1 - p1,
+                                "prob_sezary": p1,
+                                "partner_cell_id": np.roll(cell_id, 1) if te.startswith("mixed") else "",
+                            }
+                        )
+                    )  # fmt: skip
+    return pd.concat(frames, ignore_index=True)
+
+
+def make_run(tmp_path: Path, preds: pd.DataFrame, **stats) -> Path:
+    run = tmp_path / "run"
+    models = [{"arch": "resnet", "depth": 10, "label": m} for m in sorted(preds["model"].unique())]
+    p = Protocol.model_validate(
+        {"name": "stats-test", "output": str(run), "models": models, "stats": {"bootstrap": 199, **stats},
+         "variants": {"train": sorted(preds["train_variant"].unique(), key=lambda v: v != "original")}}
+    )  # fmt: skip
+    run.mkdir(parents=True, exist_ok=True)
+    write_resolved(p)
+    preds.to_parquet(run / "predictions.parquet", index=False)
+    return run
+
+
+# --------------------------------------------------------------------------- known answers
+def test_mcnemar_agresti_presidential_approval():
+    # Agresti (2002), Categorical Data Analysis, table 10.1.
+    table = [[794, 150], [86, 570]]
+    r = mcnemar_test(table)
+    assert r.statistic == pytest.approx(16.818, abs=5e-4)
+    assert r.pvalue == pytest.approx(4.115e-05, rel=1e-3)
+    assert (r.mcnemar_b, r.mcnemar_c, r.df) == (150, 86, 1.0)
+    assert r.estimate == pytest.approx((86 - 150) / 1600)
+    r2 = mcnemar_test(table, correction=False)
+    assert r2.statistic == pytest.approx(17.356, abs=5e-4)
+    assert r2.pvalue == pytest.approx(3.099e-05, rel=1e-3)
+
+
+def test_mcnemar_exact_when_few_discordant_pairs():
+    r = mcnemar_test([[40, 3], [10, 30]])  # b + c = 13 < 25 -> exact binomial
+    assert r.method.startswith("McNemar exact")
+    assert r.pvalue == pytest.approx(sps.binomtest(3, 13, 0.5).pvalue)
+    assert paired_table([1, 1, 0, 0, 1], [1, 0, 1, 1, 1]).tolist() == [[2, 1], [2, 0]]
+
+
+def test_paired_t_r_sleep():
+    # R: t.test(extra ~ group, data = sleep, paired = TRUE)
+    g1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    g2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    r = paired_t_test(g2, g1)  # estimate = g1 - g2, as R's group1 - group2
+    assert r.statistic == pytest.approx(-4.0621, abs=5e-5)
+    assert r.df == 9
+    assert r.pvalue == pytest.approx(0.002833, abs=5e-7)
+    assert r.estimate == pytest.approx(-1.58)
+    assert r.ci == pytest.approx((-2.4598858, -0.7001142), abs=1e-6)
+
+
+BH_1995 = [0.0001, 0.0004, 0.0019, 0.0095, 0.0201, 0.0278, 0.0298, 0.0344, 0.0459, 0.3240,
+           0.4262, 0.5719, 0.6528, 0.7590, 1.0000]  # fmt: skip
+
+
+def test_benjamini_hochberg_1995_example():
+    assert (adjust_pvalues(BH_1995, "bh") <= 0.05).sum() == 4
+    assert (adjust_pvalues(BH_1995, "holm") <= 0.05).sum() == 3
+    # NaNs are carried through, not adjusted
+    out = adjust_pvalues([0.01, np.nan, 0.02], "holm")
+    assert np.isnan(out[1]) and out[0] == pytest.approx(0.02) and out[2] == pytest.approx(0.02)
+
+
+def _epil() -> pd.DataFrame:
+    import statsmodels
+
+    return pd.read_csv(Path(statsmodels.__file__).parent / "genmod" / "tests" / "results" / "epil.csv")
+
+
+def test_gee_epil_matches_statsmodels_documentation():
+    # statsmodels docs, "Generalized Estimating Equations": Poisson, exchangeable, robust SE.
+    fit = gee_fit(_epil(), "y ~ age + trt + base", groups="subject", family="poisson", cov_type="robust")
+    names = ["Intercept", "age", "trt[T.progabide]", "base"]
+    assert fit.params[names].to_numpy() == pytest.approx([0.5730, 0.0223, -0.1519, 0.0226], abs=5e-5)
+    assert fit.bse[names].to_numpy() == pytest.approx([0.361, 0.011, 0.171, 0.001], abs=5e-4)
+    assert fit.df == 58 and fit.n_groups == 59 and fit.n_obs == 236
+    t = fit.params / fit.bse
+    assert fit.pvalues.to_numpy() == pytest.approx(2 * sps.t.sf(np.abs(t), 58))
+    # Mancl-DeRouen inflates the sandwich; the coefficients do not change.
+    br = gee_fit(_epil(), "y ~ age + trt + base", groups="subject", family="poisson")
+    assert br.cov_type == "bias_reduced"
+    assert br.params.to_numpy() == pytest.approx(fit.params.to_numpy())
+    assert np.all(br.bse.to_numpy() > fit.bse.to_numpy())
+    assert "bias_reduced" in str(br)
+
+
+def test_nadeau_bengio_known_value_and_limit():
+    r = corrected_resampled_t_test([0.02, 0.05, 0.01, 0.04, 0.03], test_train_ratio=0.25)
+    assert r.statistic == pytest.approx(0.03 / math.sqrt((1 / 5 + 0.25) * 0.00025))
+    assert r.df == 4
+    # With no overlap correction it is the one-sample t-test.
+    d = [0.02, 0.05, 0.01, 0.04, 0.035]
+    tiny = corrected_resampled_t_test(d, test_train_ratio=1e-12)
+    assert tiny.pvalue == pytest.approx(sps.ttest_1samp(d, 0).pvalue, rel=1e-6)
+
+
+def test_five_by_two_cv_known_value():
+    d = [[0.1, 0.0], [0.05, 0.05], [0.02, 0.08], [0.06, 0.04], [0.03, 0.07]]
+    r = five_by_two_cv_test(d)
+    # s_i^2 = 0.005, 0, 0.0018, 0.0002, 0.0008; t = 0.1 / sqrt(0.00156)
+    assert r.statistic == pytest.approx(0.1 / math.sqrt(0.00156))
+    assert r.pvalue == pytest.approx(2 * sps.t.sf(r.statistic, 5))
+    with pytest.raises(CellbgError, match="shape"):
+        five_by_two_cv_test(np.zeros((5, 3)))
+
+
+def test_wilcoxon_exact_small_sample():
+    r = wilcoxon_test([1, 2, 3, 4, 5, 6], [2, 4, 5, 7, 8, 10])
+    assert r.pvalue == pytest.approx(2 / 2**6)
+    assert r.estimate == pytest.approx(2.5)  # median of 1, 2, 2, 3, 3, 4
+
+
+# --------------------------------------------------------------------------- bootstrap
+def test_bootstrap_resampling_sums_equals_resampling_rows():
+    rng = np.random.default_rng(3)
+    patients = rng.integers(0, 6, 300)
+    diff = rng.integers(-1, 2, 300).astype(float)
+    sums, counts, labels = cluster_sums(diff, patients)
+    r = patient_bootstrap(sums, counts, n_resamples=500, seed=11)
+    # Brute force: the same patient draws, but concatenating the rows of each drawn patient.
+    idx = np.random.default_rng(11).integers(0, labels.size, size=(500, labels.size))
+    rows_of = [diff[patients == lab] for lab in labels]
+    theta = diff.mean()
+    thetas, ses = [], []
+    for draw in idx:
+        parts = [rows_of[i] for i in draw]
+        pooled = np.concatenate(parts)
+        th = pooled.mean()
+        resid = np.array([p.sum() - th * p.size for p in parts])
+        ses.append(math.sqrt(labels.size / (labels.size - 1) * (resid**2).sum()) / pooled.size)
+        thetas.append(th)
+    resid0 = np.array([p.sum() - theta * p.size for p in rows_of])
+    se0 = math.sqrt(labels.size / (labels.size - 1) * (resid0**2).sum()) / diff.size
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_star = (np.array(thetas) - theta) / np.array(ses)
+    t_star = t_star[np.isfinite(t_star)]
+    q_lo, q_hi = np.quantile(t_star, [0.025, 0.975])
+    assert r.estimate == pytest.approx(theta)
+    assert r.ci == pytest.approx((theta - q_hi * se0, theta - q_lo * se0))
+
+
+def test_bootstrap_t_statistic_is_the_paired_t_and_deterministic():
+    d = np.array([0.1, -0.05, 0.2, 0.0, 0.12, 0.07, -0.02])
+    r = patient_bootstrap(d, n_resamples=999, seed=5)
+    assert r.statistic == pytest.approx(sps.ttest_1samp(d, 0).statistic)
+    assert r.ci_low < d.mean() < r.ci_high
+    assert r == patient_bootstrap(d, n_resamples=999, seed=5)
+    assert r.ci != patient_bootstrap(d, n_resamples=999, seed=6).ci
+
+
+def test_percentile_bootstrap_refused_with_few_patients():
+    with pytest.raises(CellbgError, match="30 patients"):
+        patient_bootstrap(np.arange(10.0), method="percentile")
+    r = patient_bootstrap(np.random.default_rng(0).normal(0.1, 0.1, 40), method="percentile", seed=0)
+    assert r.ci_low < 0.1 < r.ci_high and "percentile" in r.ci_method
+
+
+def test_bootstrap_t_covers_better_than_percentile_would_with_few_patients():
+    # 10 patients, skewed per-patient differences: bootstrap-t coverage near 95%.
+    rng = np.random.default_rng(1)
+    hits = 0
+    sims = 150
+    for k in range(sims):
+        d = rng.exponential(0.1, 10) - 0.1  # mean 0
+        r = patient_bootstrap(d, n_resamples=399, seed=k)
+        hits += r.ci_low <= 0 <= r.ci_high
+    # Binomial SE at 0.95 with 150 sims is 0.018; accept 0.85..1.
+    assert hits / sims >= 0.85
+
+
+# --------------------------------------------------------------------------- calibration
+def test_primary_test_is_calibrated_and_mcnemar_is_not():
+    # Fast version of benchmarks/bench_stats_calibration.py: 400 runs. The binomial SE of a
+    # 5% rejection rate is sqrt(0.05 * 0.95 / 400) = 0.011, so 3 SE gives the band 1.7%..8.3%.
+    runs = 400
+    a, b = simulate_paired_correctness(10, 50, runs=runs, effect_sd=0.5, seed=2024)
+    acc_a, acc_b = a.mean(2), b.mean(2)
+    p_t = np.array([paired_t_test(acc_a[i], acc_b[i]).pvalue for i in range(runs)])
+    p_mc = np.array([mcnemar_test(paired_table(a[i], b[i])).pvalue for i in range(runs)])
+    rate_t = np.mean(p_t < 0.05)
+    rate_mc = np.mean(p_mc < 0.05)
+    assert 0.017 <= rate_t <= 0.083, rate_t
+    assert rate_mc > 0.10, rate_mc  # cell-level McNemar ignores the patient effect
+    # With a true effect the primary test has power.
+    a1, b1 = simulate_paired_correctness(10, 50, runs=100, effect_mean=1.0, effect_sd=0.5, seed=7)
+    p1 = np.array([paired_t_test(a1[i].mean(1), b1[i].mean(1)).pvalue for i in range(100)])
+    assert np.mean(p1 < 0.05) > 0.8
+
+
+# --------------------------------------------------------------------------- pairing and effects
+def test_paired_outcomes_and_patient_accuracy_by_hand():
+    preds = make_predictions(patients=4, cells=6, seeds=(0,), test=("original", "only_fg"))
+    paired = paired_outcomes(preds, "original:original", "original:only_fg")
+    assert len(paired) == 24
+    a = preds[(preds.train_variant == "original") & (preds.test_variant == "original")]
+    b = preds[(preds.train_variant == "original") & (preds.test_variant == "only_fg")]
+    pat = patient_accuracy(paired)
+    want = b.groupby("patient_id")["correct"].mean() - a.groupby("patient_id")["correct"].mean()
+    assert pat["diff"].to_numpy() == pytest.approx(want.sort_index().to_numpy())
+    with pytest.raises(CellbgError, match="did you mean 'original:only_fg'"):
+        paired_outcomes(preds, "original:original", "original:only_f")
+    with pytest.raises(CellbgError, match="duplicate"):
+        paired_outcomes(pd.concat([preds, preds.iloc[:1]]), "original:original", "original:only_fg")
+
+
+def test_accuracy_table_means_over_seeds():
+    preds = make_predictions(patients=4, cells=10, seeds=(0, 1, 2), test=("original",), train=("original",))
+    acc = accuracy_table(preds)
+    per_seed = preds.groupby("seed")["correct"].mean()
+    row = acc.iloc[0]
+    assert row["accuracy"] == pytest.approx(per_seed.mean())
+    assert row["accuracy_sd"] == pytest.approx(per_seed.std(ddof=1))
+    bal = preds.groupby(["seed", "label"])["correct"].mean().groupby("seed").mean()
+    assert row["balanced_accuracy"] == pytest.approx(bal.mean())
+    assert (row["n_cells"], row["n_patients"], row["n_seeds"], row["condition"]) == (40, 4, 3, "original:original")
+
+
+def test_gee_test_detects_a_planted_effect():
+    preds = make_predictions(patients=10, cells=30, seeds=(0,), test=("original", "only_fg"),
+                             effects={"original:only_fg": -1.5})
+    r = gee_test(paired_outcomes(preds, "original:original", "original:only_fg"))
+    assert r.estimate < -0.8 and r.pvalue < 0.01 and r.df == 9 and r.scale == "log odds ratio"
+
+
+def test_compare_conditions_roles_and_fold_tests():
+    preds = make_predictions(patients=10, cells=10, seeds=(0, 1, 2, 3, 4), folds=2, test=("original", "only_fg"))
+    paired = paired_outcomes(preds, "original:original", "original:only_fg")
+    tests = compare_conditions(paired, n_resamples=99, seed=0)
+    methods = [r.method for _, r in tests]
+    assert tests[0][0] == "primary" and tests[0][1].method == "paired t (patients)"
+    assert any(m.startswith("Nadeau-Bengio") for m in methods)
+    assert any(m.startswith("Dietterich 5x2cv") for m in methods)
+    assert not any("percentile" in m for m in methods)  # 10 patients < 30
+    primary = tests[0][1]
+    pat = patient_accuracy(paired)
+    assert primary.pvalue == pytest.approx(sps.ttest_rel(pat.acc_b, pat.acc_a).pvalue)
+    assert (primary.n_cells, primary.n_patients, primary.n_seeds) == (100, 10, 5)
+
+
+# --------------------------------------------------------------------------- result objects
+def test_result_is_frozen_prints_and_becomes_a_row():
+    r = mcnemar_test([[794, 150], [86, 570]])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.pvalue = 0.5  # type: ignore[misc]
+    text = str(r)
+    assert "McNemar" in text and "b = 150" in text and "conditional" in text
+    row = r.to_row()
+    assert row["mcnemar_b"] == 150 and row["statistic"] == pytest.approx(16.818, abs=5e-4)
+    assert isinstance(r, TestResult)
+
+
+def test_bad_input_is_one_line_error():
+    with pytest.raises(CellbgError, match="pair up"):
+        paired_t_test([1, 2, 3], [1, 2])
+    with pytest.raises(CellbgError, match="2x2"):
+        mcnemar_test([[1, 2, 3]])
+    with pytest.raises(CellbgError, match="alpha"):
+        paired_t_test([1, 2], [2, 3], alpha=5)
+    with pytest.raises(CellbgError, match="did you mean 'holm'"):
+        adjust_pvalues([0.1], "hollm")
+
+
+def test_stats_never_imports_torch():
+    code = "import sys, cellbg.stats; cellbg.stats.run_stats; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- the stage
+def test_run_stats_writes_contract_files(tmp_path):
+    preds = make_predictions(patients=8, cells=15, models=("resnet", "shufflenet"),
+                             effects={"original:only_fg": -1.2, "original:mixed_rand": -0.8})
+    run = make_run(tmp_path, preds)
+    table = run_stats(run)
+    on_disk = pd.read_csv(run / "stats" / "tests.csv")
+    assert list(on_disk.columns[: len(CONTRACT_COLUMNS)]) == CONTRACT_COLUMNS
+    assert list(on_disk.columns) == list(table.columns) and set(TESTS_COLUMNS) <= set(table.columns)
+    conf = on_disk[(on_disk.family == "confirmatory") & (on_disk.role == "primary")]
+    assert list(conf.model) == ["resnet", "shufflenet"]
+    # estimate = mean over patients of per-patient accuracy differences, by hand
+    for model in ("resnet", "shufflenet"):
+        m = preds[(preds.model == model) & (preds.train_variant == "original")]
+        acc = m.groupby(["test_variant", "patient_id"])["correct"].mean()
+        d = acc["only_fg"] - acc["original"]
+        row = conf[conf.model == model].iloc[0]
+        assert row.estimate == pytest.approx(d.mean())
+        assert row.pvalue == pytest.approx(sps.ttest_1samp(d, 0).pvalue)
+        assert (row.a, row.b, row.n_patients, row.n_seeds, row.df) == ("original:original", "original:only_fg", 8, 2, 7)
+    # Holm over the two confirmatory primary tests
+    p = np.sort(conf.pvalue.to_numpy())
+    assert np.sort(conf.p_holm.to_numpy()) == pytest.approx([min(1, 2 * p[0]), min(1, max(2 * p[0], p[1]))])
+    assert conf.pvalue.max() < 0.05  # planted effect is found
+    # secondary rows carry McNemar counts; adjusted p only on primary rows
+    mc = on_disk[(on_disk.family == "confirmatory") & on_disk.method.str.startswith("McNemar")]
+    assert len(mc) == 2 and mc.mcnemar_b.notna().all() and mc.p_holm.isna().all()
+    # exploratory: every condition vs original:original, BH-adjusted, and BG-GAP
+    ex = on_disk[(on_disk.family == "exploratory") & (on_disk.role == "primary")]
+    assert len(ex) == 2 * (7 + 2)  # 8 conditions - reference + one BG-GAP per train variant
+    assert ex.p_bh.to_numpy() == pytest.approx(adjust_pvalues(ex.pvalue, "bh"))
+    gap = ex[(ex.model == "resnet") & (ex.name == "BG-GAP (original)")].iloc[0]
+    acc = preds[(preds.model == "resnet") & (preds.train_variant == "original")].groupby(["test_variant", "patient_id"])["correct"].mean()
+    assert gap.estimate == pytest.approx((acc["mixed_same"] - acc["mixed_rand"]).mean())
+    # accuracy.csv and summary.md
+    acc_csv = pd.read_csv(run / "stats" / "accuracy.csv")
+    assert len(acc_csv) == 2 * 2 * 4
+    assert {"accuracy", "accuracy_sd", "n_cells", "balanced_accuracy"} <= set(acc_csv.columns)
+    summary = (run / "stats" / "summary.md").read_text()
+    assert "unit of inference is the patient" in summary and "not reported: 8 patients < 30" in summary
+    # deterministic: a second run writes the same bytes
+    first = (run / "stats" / "tests.csv").read_bytes()
+    run_stats(run)
+    assert (run / "stats" / "tests.csv").read_bytes() == first
+
+
+def test_run_stats_gee_primary_and_saliency_family(tmp_path):
+    preds = make_predictions(patients=6, cells=10, seeds=(0,), test=("original", "only_fg"))
+    run = make_run(tmp_path, preds, primary="gee", exploratory=False)
+    rng = np.random.default_rng(0)
+    cells = preds.drop_duplicates("cell_id")[["cell_id", "patient_id", "label", "fold"]]
+    sal = pd.concat(
+        [cells.assign(model="resnet", train_variant=tv, seed=0, method="gradcam", target=1,
+                      background_share=rng.uniform(0.1, 0.3, len(cells)) + shift,
+                      background_ratio=1.0, sanity_rank_corr=0.1, map_index=0)
+         for tv, shift in (("original", 0.3), ("only_fg", 0.0))]
+    )  # fmt: skip
+    sal.to_parquet(run / "saliency.parquet", index=False)
+    table = run_stats(run)
+    conf = table[(table.family == "confirmatory") & (table.role == "primary")].iloc[0]
+    assert conf.method.startswith("GEE") and conf.df == 5 and conf.scale == "log odds ratio"
+    assert (table.family == "exploratory").sum() == 0
+    s = table[table.family == "saliency"]
+    assert len(s) == 1 and s.iloc[0].saliency_method == "gradcam"
+    per = sal.groupby(["train_variant", "patient_id"])["background_share"].mean()
+    assert s.iloc[0].estimate == pytest.approx((per["only_fg"] - per["original"]).mean())
+    assert s.iloc[0].pvalue < 0.01 and s.iloc[0].p_holm == pytest.approx(s.iloc[0].pvalue)
+
+
+def test_run_stats_user_errors(tmp_path):
+    with pytest.raises(CellbgError, match="run folder not found"):
+        run_stats(tmp_path / "nope")
+    preds = make_predictions(patients=3, cells=4, seeds=(0,), test=("original", "only_fg"))
+    run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:no_fg")])
+    with pytest.raises(CellbgError, match="unknown condition for model 'resnet' 'original:no_fg'"):
+        run_stats(run)
+    preds.drop(columns=["correct"]).to_parquet(run / "predictions.parquet")
+    with pytest.raises(CellbgError, match=r"lacks columns \['correct'\]"):
+        run_stats(run)
+    (run / "predictions.parquet").unlink()
+    with pytest.raises(CellbgError, match="run `cellbg train` first"):
+        run_stats(run)
+    assert not (run / "stats" / "tests.csv").exists()
+
+
+def test_cli_stats(tmp_path):
+    from cellbg.cli import app
+
+    preds = make_predictions(patients=5, cells=6, seeds=(0,), test=("original", "only_fg"))
+    run = make_run(tmp_path, preds)
+    res = CliRunner().invoke(app, ["stats", str(run)])
+    assert res.exit_code == 0, res.output
+    written = pd.read_csv(run / "stats" / "tests.csv")
+    assert f"{len(written)} tests, primary rows shown" in res.output
+    assert (run / "stats" / "summary.md").exists()
+    bad = CliRunner().invoke(app, ["stats", str(tmp_path / "missing")])
+    assert bad.exit_code == 2

@@ -1,0 +1,512 @@
+"""Tests of cellbg.variants: properties, hand-computed tiling and pairing, fills, transforms."""
+
+from __future__ import annotations
+
+import doctest
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+from skimage.morphology import binary_dilation, binary_erosion, disk
+
+import cellbg.variants as V
+from cellbg._checks import CellbgError
+from cellbg.variants import (
+    ApplyVariant,
+    ApplyVariantd,
+    apply_variant,
+    list_variants,
+    pair_cells,
+    parse_variant,
+)
+
+IMAGE_VARIANTS = [
+    "original",
+    "only_fg",
+    "no_fg",
+    "only_bg_b",
+    "only_bg_t",
+    "mixed_same",
+    "mixed_rand",
+    "mixed_next",
+    "bg_color(0,0.5,1)",
+    "bg_blur(1.5)",
+    "bg_ring(2)",
+    "mask_erode(1)+only_fg",
+    "mask_dilate(2)+mixed_next",
+]
+
+
+def make_batch(n=12, c=3, h=16, w=20, seed=0):
+    """Random crops with one elliptical cell each (varied sizes and places), boxes, labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, c, h, w), dtype=np.float32)
+    rr, cc = np.mgrid[:h, :w]
+    cr = rng.integers(3, h - 3, n)[:, None, None]
+    ccen = rng.integers(3, w - 3, n)[:, None, None]
+    ar = rng.integers(2, 5, n)[:, None, None]
+    ac = rng.integers(2, 6, n)[:, None, None]
+    masks = ((rr - cr) / ar) ** 2 + ((cc - ccen) / ac) ** 2 <= 1
+    rows, cols = masks.any(2), masks.any(1)
+    bboxes = np.stack(
+        [rows.argmax(1), cols.argmax(1), h - rows[:, ::-1].argmax(1), w - cols[:, ::-1].argmax(1)], 1
+    ).astype(np.int64)
+    labels = np.arange(n) % 3
+    return images, masks, bboxes, labels
+
+
+def box_of(bboxes, h, w):
+    rr, cc = np.mgrid[:h, :w]
+    r0, c0, r1, c1 = (bboxes[:, i, None, None] for i in range(4))
+    return (rr >= r0) & (rr < r1) & (cc >= c0) & (cc < c1)
+
+
+# --------------------------------------------------------------------------- parsing / registry
+def test_list_variants_has_every_design_name():
+    names = set(list_variants())
+    for want in ["original", "only_fg", "no_fg", "only_bg_b", "only_bg_t", "mixed_same", "mixed_rand",
+                 "mixed_next", "bg_color", "bg_blur", "bg_ring", "mask_erode", "mask_dilate"]:
+        assert want in names
+
+
+def test_parse_normalises_and_composes():
+    v = parse_variant(" mask_erode(2) + mask_dilate( 1 ) +bg_ring(3)")
+    assert v.spec == "mask_erode(2)+mask_dilate(1)+bg_ring(3)"
+    assert v.name == "bg_ring" and v.args == (3.0,)
+    assert v.perturbations == (("mask_erode", (2.0,)), ("mask_dilate", (1.0,)))
+    assert parse_variant("bg_color(0, 0, 1)").args == (0.0, 0.0, 1.0)
+    assert parse_variant("mixed_same").random and not parse_variant("only_fg").random
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("only_fgg", "did you mean 'only_fg'"),
+        ("onyl_bg_t", "did you mean 'only_bg_t'"),
+        ("bg_blur", r"takes \(sigma\)"),
+        ("only_fg(2)", "takes no arguments"),
+        ("bg_ring(-1)", "whole number >= 0"),
+        ("mask_erode(1.5)+only_fg", "whole number"),
+        ("bg_color(2,0,0)", r"in \[0, 1\]"),
+        ("bg_blur(abc)", "not a number"),
+        ("only_fg+mask_erode(1)", "only mask perturbations"),
+        ("mask_erode(1)", "put a variant after it"),
+        ("", "non-empty"),
+    ],
+)
+def test_parse_errors_are_one_clear_line(spec, match):
+    with pytest.raises(CellbgError, match=match) as info:
+        parse_variant(spec)
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- properties
+@pytest.mark.parametrize("spec", IMAGE_VARIANTS)
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint8"])
+def test_type_dtype_shape_kept(spec, kind, dtype):
+    x, m, b, y = make_batch(n=6)
+    x = (x * 255).astype(np.uint8) if dtype == "uint8" else x.astype(dtype)
+    if kind == "torch":
+        x, m, b, y = map(torch.from_numpy, (x, m, b, y))
+    r = apply_variant(spec, x, m, bboxes=b, labels=y, seed=3)
+    assert type(r.images) is type(x) and r.images.dtype == x.dtype and tuple(r.images.shape) == tuple(x.shape)
+    assert type(r.masks) is type(m) and tuple(r.masks.shape) == tuple(m.shape)
+    assert r.partner.shape == (6,)
+
+
+def test_numpy_and_torch_give_the_same_numbers():
+    x, m, b, y = make_batch()
+    for spec in IMAGE_VARIANTS + ["only_fg"]:
+        a = apply_variant(spec, x, m, bboxes=b, labels=y, seed=1, fill="noise")
+        t = apply_variant(spec, *map(torch.from_numpy, (x, m)), bboxes=torch.from_numpy(b),
+                          labels=torch.from_numpy(y), seed=1, fill="noise")
+        np.testing.assert_array_equal(a.images, t.images.numpy(), err_msg=spec)
+        np.testing.assert_array_equal(a.partner, t.partner)
+
+
+@pytest.mark.parametrize("spec", ["only_fg", "mixed_same", "mixed_rand", "mixed_next", "bg_color(1,0,0)",
+                                  "bg_blur(2)", "bg_ring(1)", "bg_ring(3)", "mask_erode(1)+mixed_rand"])
+@pytest.mark.parametrize("fill", ["black", "mean", "noise", "0.2,0.4,0.6"])
+def test_foreground_pixels_identical(spec, fill):
+    x, m, b, y = make_batch()
+    r = apply_variant(spec, x, m, bboxes=b, labels=y, fill=fill, seed=2)
+    fg = np.broadcast_to(r.masks[:, None], x.shape)
+    assert r.masks.any()
+    np.testing.assert_array_equal(r.images[fg], x[fg])
+    if spec not in ("bg_blur(2)",):  # background is changed somewhere
+        assert not np.array_equal(r.images[~fg], x[~fg])
+
+
+@pytest.mark.parametrize("fill", ["black", "mean", "noise"])
+def test_no_fg_keeps_background_and_replaces_cell(fill):
+    x, m, b, y = make_batch()
+    r = apply_variant("no_fg", x, m, bboxes=b, fill=fill)
+    bg = np.broadcast_to(~m[:, None], x.shape)
+    np.testing.assert_array_equal(r.images[bg], x[bg])
+    assert not np.array_equal(r.images[~bg], x[~bg])
+
+
+def test_black_fill_is_image_times_mask():
+    x, m, _, _ = make_batch()
+    np.testing.assert_array_equal(V.only_fg(x, m), x * m[:, None])
+    np.testing.assert_array_equal(V.no_fg(x, m), x * (1 - m[:, None]))
+
+
+def test_bg_ring_zero_is_only_fg_and_wide_ring_is_original():
+    x, m, b, y = make_batch()
+    np.testing.assert_array_equal(V.bg_ring(x, m, 0), V.only_fg(x, m))
+    np.testing.assert_array_equal(V.bg_ring(x, m, 0, fill="mean"), V.only_fg(x, m, fill="mean"))
+    np.testing.assert_array_equal(V.bg_ring(x, m, x.shape[2] + x.shape[3]), x)
+
+
+def test_bg_ring_grows_monotonically():
+    x, m, _, _ = make_batch()
+    kept = [int((V.bg_ring(np.ones_like(x), m, k) > 0).sum()) for k in range(6)]
+    assert all(a < b for a, b in zip(kept, kept[1:]))
+
+
+@pytest.mark.parametrize("width", [0, 1, 2, 3, 5, 9])
+def test_ring_is_exact_euclidean(width):
+    _, m, _, _ = make_batch(n=10, h=15, w=17, seed=4)
+    want = np.stack([ndi.distance_transform_edt(~mi) <= width for mi in m])
+    np.testing.assert_array_equal(V.ring_mask(m, width), want)
+
+
+def test_only_bg_t_changes_only_box_pixels():
+    x, m, b, y = make_batch()
+    out = V.only_bg_t(x, b)
+    box = np.broadcast_to(box_of(b, *x.shape[2:])[:, None], x.shape)
+    np.testing.assert_array_equal(out[~box], x[~box])
+    assert not np.array_equal(out[box], x[box])
+
+
+def test_only_bg_b_sets_box_to_zero():
+    x, m, b, _ = make_batch()
+    out = V.only_bg_b(x, b)
+    box = np.broadcast_to(box_of(b, *x.shape[2:])[:, None], x.shape)
+    assert (out[box] == 0).all()
+    np.testing.assert_array_equal(out[~box], x[~box])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_mask_perturbations_match_skimage_disk_and_are_monotone(k):
+    _, m, _, _ = make_batch(seed=5)
+    dil, ero = V.mask_dilate(m, k), V.mask_erode(m, k)
+    np.testing.assert_array_equal(dil, np.stack([binary_dilation(mi, disk(k)) for mi in m]))
+    np.testing.assert_array_equal(ero, np.stack([binary_erosion(mi, disk(k)) for mi in m]))
+    areas = [V.mask_erode(m, k + 1).sum(), ero.sum(), m.sum(), dil.sum(), V.mask_dilate(m, k + 1).sum()]
+    assert all(a < b for a, b in zip(areas, areas[1:]))
+    assert (ero <= m).all() and (m <= dil).all()
+
+
+def test_perturbed_mask_is_returned_and_used():
+    x, m, b, _ = make_batch()
+    r = apply_variant("mask_dilate(2)+only_fg", x, m, bboxes=b)
+    np.testing.assert_array_equal(r.masks, V.mask_dilate(m, 2))
+    np.testing.assert_array_equal(r.images, x * r.masks[:, None])
+    assert r.spec == "mask_dilate(2)+only_fg"
+
+
+def test_perturbed_mask_box_is_recomputed_for_only_bg_b():
+    x = np.ones((1, 1, 9, 9), np.float32)
+    m = np.zeros((1, 9, 9), bool)
+    m[0, 4, 4] = True
+    r = apply_variant("mask_dilate(2)+only_bg_b", x, m, bboxes=np.array([[4, 4, 5, 5]]))
+    assert (r.images[0, 0] == 0).sum() == 25  # the 5x5 box of the dilated mask
+
+
+# --------------------------------------------------------------------------- only_bg_t, hand-computed
+def row_image(values):
+    return np.asarray(values, np.float32)[None, None]
+
+
+def test_tiling_left_strip_columns_from_origin():
+    # 2x6 image, box covers columns 2..5 on both rows: left margin 2 (area 2*2=4) beats the
+    # top/bottom margins (0). Box pixel at column x takes strip column x mod 2.
+    x = row_image([[0, 1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15]])
+    out = V.only_bg_t(x, [[0, 2, 2, 6]])[0, 0]
+    np.testing.assert_array_equal(out, [[0, 1, 0, 1, 0, 1], [10, 11, 10, 11, 10, 11]])
+
+
+def test_tiling_right_strip_uses_x_mod_width_not_box_offset():
+    # 1x7, box columns 0..3, right margin 3 (cols 4,5,6). Column x takes strip column
+    # x mod 3: x=0 -> col 4, x=1 -> col 5, x=2 -> col 6, x=3 -> col 4.
+    x = row_image([[0, 1, 2, 3, 40, 50, 60]])
+    out = V.only_bg_t(x, [[0, 0, 1, 4]])[0, 0]
+    np.testing.assert_array_equal(out, [[40, 50, 60, 40, 40, 50, 60]])
+
+
+def test_tiling_vertical_strips_top_and_bottom():
+    # 5x2 image (column vector pairs); box rows 1..4 -> top margin 1, bottom 1 (tie -> top).
+    x = np.arange(10, dtype=np.float32).reshape(1, 1, 5, 2)
+    out = V.only_bg_t(x, [[1, 0, 4, 2]])[0, 0]
+    np.testing.assert_array_equal(out, [[0, 1], [0, 1], [0, 1], [0, 1], [8, 9]])
+    # box rows 0..2 -> bottom margin 3 (rows 2,3,4); row y takes strip row y mod 3.
+    out = V.only_bg_t(x, [[0, 0, 2, 2]])[0, 0]
+    np.testing.assert_array_equal(out, [[4, 5], [6, 7], [4, 5], [6, 7], [8, 9]])
+
+
+def test_tiling_orientation_by_area_not_margin():
+    # 2x8 image, box (0,2)-(1,8): left margin 2 -> area 2*H = 4; bottom margin 1 -> area 1*W = 8.
+    # The bottom strip (row 1) wins although the column margin is wider.
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 2, 8)
+    out = V.only_bg_t(x, [[0, 2, 1, 8]])[0, 0]
+    np.testing.assert_array_equal(out[0], [0, 1, 10, 11, 12, 13, 14, 15])
+    np.testing.assert_array_equal(out[1], x[0, 0, 1])
+
+
+def test_tiling_ties_take_left_right_strip_then_the_origin_side():
+    # 4x4 image, box (1,1)-(3,3): every margin is 1 -> areas tie (1*4 = 1*4): the full-height
+    # left strip (column 0) is used; left/right tie -> left.
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    out = V.only_bg_t(x, [[1, 1, 3, 3]])[0, 0]
+    np.testing.assert_array_equal(out, [[0, 1, 2, 3], [4, 4, 4, 7], [8, 8, 8, 11], [12, 13, 14, 15]])
+
+
+def test_tiling_without_margin_falls_back_to_fill():
+    x = np.full((2, 2, 3, 3), 0.7, np.float32)
+    full = np.array([[0, 0, 3, 3], [0, 0, 3, 3]])
+    np.testing.assert_array_equal(V.only_bg_t(x, full), np.zeros_like(x))
+    np.testing.assert_allclose(V.only_bg_t(x, full, fill="0.1,0.9"),
+                               np.broadcast_to(np.array([0.1, 0.9], np.float32)[:, None, None], x.shape))
+
+
+def test_empty_box_changes_nothing():
+    x, _, _, _ = make_batch(n=2)
+    np.testing.assert_array_equal(V.only_bg_t(x, [[3, 3, 3, 3], [0, 5, 16, 5]]), x)
+
+
+# --------------------------------------------------------------------------- pairing
+def test_pairing_hand_computed_next_and_same():
+    labels = np.array([0, 0, 1, 1, 2])
+    for seed in range(5):
+        nxt = pair_cells(labels, "next", seed=seed)
+        assert list(labels[nxt]) == [1, 1, 2, 2, 0]
+        same = pair_cells(labels, "same", seed=seed)
+        assert list(same) == [1, 0, 3, 2, 4]  # the only cell of class 2 pairs with itself
+
+
+def test_pairing_next_skips_classes_absent_from_the_batch():
+    labels = np.array([0, 0, 3, 3])
+    assert list(labels[pair_cells(labels, "next", seed=0, num_classes=5)]) == [3, 3, 0, 0]
+    # class 4 absent: (3 + 1) mod 5 = 4 -> next present class after it, cyclically, is 0
+    assert list(labels[pair_cells(labels, "next", seed=0, num_classes=4)]) == [3, 3, 0, 0]
+
+
+def test_pairing_is_seeded_and_never_self_in_a_shared_class():
+    labels = np.repeat(np.arange(4), 25)
+    for rule in ["same", "rand", "next"]:
+        a, b, c = (pair_cells(labels, rule, seed=s) for s in (7, 7, 8))
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+        assert (a != np.arange(100)).all()
+    same = pair_cells(labels, "same", seed=0)
+    assert (labels[same] == labels).all()
+    rand = pair_cells(labels, "rand", seed=0)
+    assert len(np.unique(labels[rand])) == 4 and (labels[rand] != labels).any()
+
+
+def test_pairing_draws_uniformly_within_the_class():
+    labels = np.zeros(4, np.int64)
+    counts = np.zeros((4, 4))
+    for s in range(400):
+        p = pair_cells(labels, "same", seed=s)
+        counts[np.arange(4), p] += 1
+    assert (np.diag(counts) == 0).all()
+    off = counts[~np.eye(4, dtype=bool)]
+    assert off.min() > 100 and off.max() < 170  # each of 3 partners about 133 times
+
+
+@pytest.mark.parametrize("spec", ["mixed_same", "mixed_rand", "mixed_next"])
+def test_mixed_is_cell_on_partner_only_bg_t(spec):
+    x, m, b, y = make_batch(n=15)
+    r = apply_variant(spec, x, m, bboxes=b, labels=y, seed=11)
+    p = r.partner
+    expected = np.where(m[:, None], x, V.only_bg_t(x, b)[p])
+    np.testing.assert_array_equal(r.images, expected)
+    r2 = apply_variant(spec, x, m, bboxes=b, labels=y, seed=11)
+    np.testing.assert_array_equal(r2.partner, p)
+    assert not np.array_equal(apply_variant(spec, x, m, bboxes=b, labels=y, seed=12).partner, p)
+
+
+def test_non_mixed_partner_is_minus_one():
+    x, m, b, y = make_batch()
+    assert (apply_variant("only_bg_t", x, m, bboxes=b, labels=y).partner == -1).all()
+
+
+# --------------------------------------------------------------------------- fills and blur
+def test_fill_modes():
+    x, m, b, _ = make_batch()
+    mean = x.mean(axis=(0, 2, 3))
+    out = V.only_fg(x, m, fill="mean")
+    bg = ~m
+    np.testing.assert_allclose(out.transpose(1, 0, 2, 3)[:, bg], np.broadcast_to(mean[:, None], (3, bg.sum())),
+                               rtol=1e-6)
+    out = V.only_fg(x, m, fill=[0.1, 0.2, 0.3])
+    np.testing.assert_allclose(out[0, :, ~m[0]].T if False else out[:, :, 0, 0][~m[:, 0, 0]],
+                               np.tile([0.1, 0.2, 0.3], ((~m[:, 0, 0]).sum(), 1)), rtol=1e-6)
+    np.testing.assert_array_equal(V.only_fg(x, m, fill=0.5)[np.broadcast_to(~m[:, None], x.shape)], 0.5)
+    with pytest.raises(CellbgError, match="1 or 3 values"):
+        V.only_fg(x, m, fill=[0.1, 0.2])
+    with pytest.raises(CellbgError, match="'black', 'mean', 'noise'"):
+        V.only_fg(x, m, fill="blakc")
+
+
+def test_noise_fill_matches_background_statistics_and_is_seeded():
+    rng = np.random.default_rng(0)
+    n, h, w = 4, 64, 64
+    x = np.clip(rng.normal([0.3, 0.6], [0.05, 0.1], (n, h, w, 2)), 0, 1).astype(np.float32).transpose(0, 3, 1, 2)
+    m = np.zeros((n, h, w), bool)
+    m[:, 20:40, 20:40] = True
+    x[:, :, 20:40, 20:40] = 1.0  # the cell is bright; it must not leak into the statistics
+    a = V.only_fg(x, m, fill="noise", seed=1)
+    bgpix = a.transpose(1, 0, 2, 3)[:, ~m]
+    np.testing.assert_allclose(bgpix.mean(1), [0.3, 0.6], atol=0.01)
+    np.testing.assert_allclose(bgpix.std(1), [0.05, 0.1], rtol=0.1)
+    assert not np.array_equal(bgpix, x.transpose(1, 0, 2, 3)[:, ~m])
+    np.testing.assert_array_equal(a, V.only_fg(x, m, fill="noise", seed=1))
+    assert not np.array_equal(a, V.only_fg(x, m, fill="noise", seed=2))
+
+
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 5.0])
+def test_bg_blur_is_a_gaussian_of_the_background(sigma):
+    x, m, _, _ = make_batch(n=4, seed=6)
+    out = V.bg_blur(x.astype(np.float64), m, sigma)
+    want = ndi.gaussian_filter(x.astype(np.float64), (0, 0, sigma, sigma), mode="nearest", truncate=4.0)
+    want = np.where(m[:, None], x, want)
+    np.testing.assert_allclose(out, want, atol=1e-10)
+    np.testing.assert_array_equal(V.bg_blur(x, m, 0), x)
+
+
+def test_bg_color_grey_and_rgb():
+    x, m, _, _ = make_batch(c=1)
+    out = V.bg_color(x, m, 0.25)
+    assert (out[:, 0][~m] == 0.25).all()
+    with pytest.raises(CellbgError, match="1 or 1 values"):
+        apply_variant("bg_color(0,0,1)", x, m)
+
+
+# --------------------------------------------------------------------------- input checks
+def test_bad_inputs_raise_one_line_naming_the_argument():
+    x, m, b, y = make_batch(n=4)
+    cases = [
+        (lambda: apply_variant("only_fg", x[0], m), "images must be 4-D"),
+        (lambda: apply_variant("only_fg", x, m[:2]), "masks must have shape"),
+        (lambda: apply_variant("only_fg", x, m.astype(float)), "masks must be bool"),
+        (lambda: apply_variant("only_bg_b", x, m, bboxes=b[:, :3]), "bboxes must have shape"),
+        (lambda: apply_variant("only_bg_b", x, m, bboxes=b + 100), r"bboxes\[0\]"),
+        (lambda: apply_variant("only_bg_b", x, m, bboxes=b.astype(float)), "must be integers"),
+        (lambda: apply_variant("mixed_same", x, m, bboxes=b), "needs labels"),
+        (lambda: apply_variant("mixed_same", x, m, bboxes=b, labels=y[:2]), "labels must be 4"),
+        (lambda: apply_variant("mixed_next", x, m, bboxes=b, labels=y, num_classes=2), "num_classes=2"),
+    ]
+    for call, match in cases:
+        with pytest.raises(CellbgError, match=match) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_bboxes_default_to_the_mask_boxes():
+    x, m, b, _ = make_batch()
+    np.testing.assert_array_equal(apply_variant("only_bg_t", x, m).images, V.only_bg_t(x, b))
+
+
+def test_input_arrays_are_not_modified():
+    x, m, b, y = make_batch()
+    x0 = x.copy()
+    tx = torch.from_numpy(x.copy())
+    for spec in IMAGE_VARIANTS:
+        apply_variant(spec, x, m, bboxes=b, labels=y)
+        apply_variant(spec, tx, torch.from_numpy(m), bboxes=b, labels=y)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(tx.numpy(), x0)
+
+
+# --------------------------------------------------------------------------- MONAI-style transforms
+def test_array_transform_rebuilds_from_its_seed():
+    x, m, b, y = make_batch(n=15)
+    t = ApplyVariant("mixed_rand").set_random_state(42)
+    got = t(x, m, b, y)
+    seed = np.random.RandomState(42).randint(0, 2**31 - 1)
+    want = apply_variant("mixed_rand", x, m, bboxes=b, labels=y, seed=seed)
+    np.testing.assert_array_equal(got.images, want.images)
+    np.testing.assert_array_equal(got.partner, want.partner)
+    # the next call draws a new pairing; a re-seeded transform repeats the sequence
+    second = t(x, m, b, y)
+    assert not np.array_equal(second.partner, got.partner)
+    again = ApplyVariant("mixed_rand").set_random_state(42)
+    np.testing.assert_array_equal(again(x, m, b, y).partner, got.partner)
+
+
+def test_array_transform_accepts_a_single_crop():
+    x, m, b, y = make_batch(n=1)
+    r = ApplyVariant("only_bg_t")(torch.from_numpy(x[0]), torch.from_numpy(m[0]), b[0], y[0])
+    assert tuple(r.images.shape) == x.shape[1:]
+    np.testing.assert_array_equal(r.images.numpy(), V.only_bg_t(x, b)[0])
+
+
+def test_dictionary_transform_matches_array_transform():
+    import monai.transforms as mt
+
+    x, m, b, y = make_batch(n=15)
+    d = {"image": torch.from_numpy(x), "mask": torch.from_numpy(m), "bbox": b, "label": y}
+    td = ApplyVariantd("image", spec="mask_erode(1)+mixed_next").set_random_state(3)
+    assert isinstance(td, mt.MapTransform) and isinstance(td, mt.Randomizable)
+    out = td(d)
+    ref = ApplyVariant("mask_erode(1)+mixed_next").set_random_state(3)(x, m, b, y)
+    np.testing.assert_array_equal(out["image"].numpy(), ref.images)
+    np.testing.assert_array_equal(out["mask"].numpy(), ref.masks)
+    np.testing.assert_array_equal(out["partner"], ref.partner)
+    assert d["image"] is not out["image"]
+    # inside a MONAI Compose, seeds flow through Compose.set_random_state
+    c1 = mt.Compose([ApplyVariantd("image", spec="mixed_same")]).set_random_state(9)
+    c2 = mt.Compose([ApplyVariantd("image", spec="mixed_same")]).set_random_state(9)
+    np.testing.assert_array_equal(c1(d)["partner"], c2(d)["partner"])
+
+
+def test_dictionary_transform_needs_the_mask():
+    with pytest.raises(CellbgError, match="needs the mask under key 'mask'"):
+        ApplyVariantd("image", spec="only_fg")({"image": np.zeros((1, 1, 2, 2))})
+
+
+# --------------------------------------------------------------------------- gallery / export
+def test_gallery_png_has_one_panel_per_cell_and_variant(tmp_path):
+    import matplotlib.image as mpimg
+
+    x, m, b, y = make_batch(n=5)
+    specs = ["original", "only_fg", "only_bg_t", "mixed_rand"]
+    out = V.make_gallery(x, m, b, y, specs, tmp_path / "g" / "gallery.png", cells=[0, 2, 4])
+    png = mpimg.imread(out)
+    # figsize 1.4 in per panel at 100 dpi -> 140 px per row / column
+    assert png.shape[:2] == (3 * 140, 4 * 140)
+    assert not list((tmp_path / "g").glob("*.tmp*"))
+
+
+def test_export_writes_tiffs_equal_to_the_variant(tmp_path):
+    import pandas as pd
+    import tifffile
+
+    x, m, b, y = make_batch(n=6)
+    cells = pd.DataFrame({
+        "cell_id": [f"img{i // 3}-{i:04d}" for i in range(6)],
+        "label": np.array(["healthy", "sezary", "other"])[y],
+        "label_index": y,
+        "bbox_r0": b[:, 0], "bbox_c0": b[:, 1], "bbox_r1": b[:, 2], "bbox_c1": b[:, 3],
+    })
+    table = V.export_variants(x, m, cells, ["only_fg", "mixed_next"], tmp_path / "exp", seed=4)
+    assert len(table) == 12
+    ref = apply_variant("mixed_next", x, m, bboxes=b, labels=y, seed=4)
+    man = pd.read_csv(tmp_path / "exp" / "mixed_next" / "manifest.csv", keep_default_na=False)
+    for i, row in man.iterrows():
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "exp" / "mixed_next" / row.path), ref.images[i])
+        assert row.partner_cell_id == cells.cell_id[ref.partner[i]]
+    assert (pd.read_csv(tmp_path / "exp" / "only_fg" / "manifest.csv", keep_default_na=False).partner_cell_id == "").all()
+    with pytest.raises(CellbgError, match="lacks columns"):
+        V.export_variants(x, m, cells.drop(columns="bbox_r0"), ["only_fg"], tmp_path / "exp2")
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(V, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 10 and result.failed == 0
