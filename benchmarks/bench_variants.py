@@ -18,7 +18,7 @@ import time
 import numpy as np
 import scipy.ndimage as ndi
 import torch
-from skimage.morphology import binary_erosion, disk
+from skimage.morphology import disk, erosion
 
 from cellbg.variants import apply_variant
 
@@ -91,7 +91,7 @@ def run_loop(spec, images, masks, bboxes, labels):
         elif spec == "bg_ring(4)":
             out[i] = np.where(ndi.distance_transform_edt(~m) <= 4, img, 0)
         elif spec == "mask_erode(2)+only_fg":
-            out[i] = img * binary_erosion(m, disk(2))
+            out[i] = img * erosion(m, disk(2))
         else:
             raise ValueError(spec)
     return out
@@ -102,6 +102,12 @@ def run_batched(spec, images, masks, bboxes, labels, batch):
     for s in range(0, len(images), step):
         apply_variant(spec, images[s:s + step], masks[s:s + step], bboxes=bboxes[s:s + step],
                       labels=labels[s:s + step], seed=0)
+
+
+def run_per_crop_calls(spec, images, masks, bboxes, labels):
+    """The batched function called on one crop at a time (what a per-item Dataset does)."""
+    for i in range(len(images)):
+        apply_variant(spec, images[i:i + 1], masks[i:i + 1], bboxes=bboxes[i:i + 1], labels=labels[i:i + 1])
 
 
 def timed(fn, repeat=3):
@@ -124,7 +130,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--specs", nargs="*", default=SPECS)
-    X
+    ap.add_argument("--no-per-crop", dest="per_crop", action="store_false",
+                    help="skip the apply_variant-per-crop column")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1, like the numpy loop; 0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,15 +147,20 @@ def main() -> None:
             want = run_loop(spec, images[:k], masks[:k], bboxes[:k], labels[:k])
             got = apply_variant(spec, images[:k], masks[:k], bboxes=bboxes[:k], labels=labels[:k]).images
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=spec)
-    print(f"{'variant':<24}{'loop s':>9}{'batched s':>11}{'ratio':>8}")
+    print("columns: numpy per-crop loop | apply_variant per crop (n=1 calls; mixed_* cannot pair "
+          "alone: n/a) | apply_variant on batches; ratios = loop / batched")
+    print(f"{'variant':<24}{'loop s':>9}{'per-crop s':>12}{'batched s':>11}{'loop/batched':>14}{'per-crop/batched':>18}")
     tot_loop = tot_batch = 0.0
     for spec in args.specs:
         t_loop = timed(lambda: run_loop(spec, images, masks, bboxes, labels), args.repeat)
         t_batch = timed(lambda: run_batched(spec, images, masks, bboxes, labels, args.batch), args.repeat)
+        t_call = (float("nan") if spec.startswith("mixed") or not args.per_crop
+                  else timed(lambda: run_per_crop_calls(spec, images, masks, bboxes, labels), 1))
         tot_loop += t_loop
         tot_batch += t_batch
-        print(f"{spec:<24}{t_loop:9.3f}{t_batch:11.3f}{t_loop / t_batch:8.1f}x", flush=True)
-    print(f"{'all variants':<24}{tot_loop:9.3f}{tot_batch:11.3f}{tot_loop / tot_batch:8.1f}x")
+        print(f"{spec:<24}{t_loop:9.3f}{t_call:12.3f}{t_batch:11.3f}{t_loop / t_batch:13.1f}x"
+              f"{t_call / t_batch:17.1f}x", flush=True)
+    print(f"{'all variants':<24}{tot_loop:9.3f}{'':>12}{tot_batch:11.3f}{tot_loop / tot_batch:13.1f}x")
 
 
 if __name__ == "__main__":

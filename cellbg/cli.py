@@ -184,7 +184,8 @@ def segment_command(
         out.print(f"{len(table)} label images ({p.segmentation.method}) in {p.run_dir / 'segmentation'}")
         if evaluate:
             scores = evaluate_run(p, table)
-            out.print(_df_table(scores, title="per image (F1 etc. at IoU 0.5; AP over IoU 0.5:0.95)"))
+            cols = ["image_id", "n_true", "n_pred", "precision", "recall", "f1", "ap"]
+            out.print(_df_table(scores[cols], title="per image (F1 etc. at IoU 0.5; AP over IoU 0.5:0.95)"))
             m = summarize_evaluation(scores)
             out.print(f"mean precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
                       f"F1@0.5 {m['f1']:.3f}  AP@0.5:0.95 {m['ap']:.3f}  ({m['images']} images)")
@@ -209,10 +210,62 @@ def crops_command(protocol: ProtocolArg) -> None:
 
 
 # --- variants command (issue 5) ---
+@app.command("variants", rich_help_panel="Stages")
+def variants_command(
+    protocol: ProtocolArg,
+    gallery: Annotated[Path | None, typer.Option(help="write a montage PNG: rows = cells, columns = variants")] = None,
+    export: Annotated[Path | None, typer.Option(help="write every variant as TIFFs into this folder")] = None,
+) -> None:
+    """Check the protocol's background variants on the crops; optionally a gallery or a TIFF export."""
+    with _handle():
+        from cellbg.variants import run_variants
+
+        s = run_variants(_load(protocol), gallery=gallery, export=export)
+        out.print(f"{len(s['specs'])} variants on {s['cells']} cells: {', '.join(s['specs'])}")
+        if s["gallery"]:
+            out.print(f"gallery: {s['gallery']}")
+        if s["export"]:
+            out.print(f"exported TIFFs: {s['export']}")
+
 
 # --- train command (issue 6) ---
+@app.command(rich_help_panel="Stages")
+def train(protocol: ProtocolArg) -> None:
+    """Train every job (model x train variant x seed x fold) serially; finished jobs are skipped."""
+    with _handle():
+        from cellbg.train import run_training
+
+        p = _load(protocol, check_paths=False)
+
+        def show(r) -> None:
+            acc = ", ".join(f"{k} {v:.3f}" for k, v in r.accuracy.items())
+            out.print(f"{r.spec.model} / {r.spec.train_variant} / seed {r.spec.seed} / fold {r.spec.fold}: "
+                      f"{r.epochs} epochs (best {r.best_epoch}); test accuracy: {acc}", highlight=False)
+
+        results = run_training(p, progress=show)
+        out.print(f"{len(results)} jobs done; predictions in {p.run_dir / 'predictions.parquet'}")
 
 # --- saliency command (issue 8) ---
+@app.command(rich_help_panel="Stages")
+def saliency(
+    protocol: ProtocolArg,
+    montage: Annotated[
+        Path | None, typer.Option("--montage", help="also draw crops with their maps into this PNG")
+    ] = None,
+) -> None:
+    """Attribution maps and the background share of attribution for sampled held-out cells."""
+    with _handle():
+        from cellbg.saliency import run_saliency, write_montage
+
+        p = _load(protocol, check_paths=False)
+        table = run_saliency(p, progress=lambda i, n: out.print(f"job {i}/{n} mapped", highlight=False))
+        summary = table.groupby(["model", "train_variant", "method"], sort=False)[
+            ["background_share", "background_ratio", "sanity_rank_corr"]].mean().reset_index()
+        out.print(_df_table(summary, title=f"{len(table)} maps (mean per model, train variant, method)"))
+        out.print(f"maps in {p.run_dir / 'saliency.zarr'}, table in {p.run_dir / 'saliency.parquet'}")
+        if montage is not None:
+            out.print(f"montage: {write_montage(p.run_dir, montage)}")
+
 
 # --- stats command (issue 7) ---
 @app.command(rich_help_panel="Results")
@@ -222,9 +275,14 @@ def stats(run_dir: RunDirArg) -> None:
         from cellbg.stats import run_stats
 
         table = run_stats(run_dir)
-        primary = table[table["role"] == "primary"]
-        cols = ["family", "model", "comparison", "estimate", "ci_low", "ci_high", "pvalue", "p_holm", "p_bh"]
-        out.print(_df_table(primary[cols], title=f"{len(table)} tests, primary rows shown"))
+        out.print(f"{len(table)} tests; primary rows (estimate = B minus A, CI, p, Holm p, BH p):")
+        for r in table[table["role"] == "primary"].itertuples():
+            label = f"{r.comparison} ({r.name})" if r.name else r.comparison
+            out.print(
+                f"  {r.family:<12} {r.model} {label}: {r.estimate:+.3f} "
+                f"[{r.ci_low:.3f}, {r.ci_high:.3f}] p={r.pvalue:.3g} holm={r.p_holm:.3g} bh={r.p_bh:.3g}",
+                highlight=False, soft_wrap=True,
+            )
         out.print(f"wrote {Path(run_dir) / 'stats'}: tests.csv, accuracy.csv, summary.md", highlight=False)
 
 
@@ -272,8 +330,6 @@ def run(
             for s in summary.stages:
                 for j in s.jobs:
                     typer.echo(f"{s.name:<12} {'cached' if j.cached else 'to run':<7} {j.key}  {j.name}")
-                if not s.planned:
-                    typer.echo(f"{s.name:<12} {s.note}")
         typer.echo(summary.summary())
         if not summary.ok:
             err.print(f"[red]{len(summary.failures)} job(s) failed[/red]; finished jobs are kept, run again to retry")

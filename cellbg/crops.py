@@ -86,43 +86,77 @@ def _to_unit(image: np.ndarray) -> tuple[np.ndarray, float]:
     return image, 1.0
 
 
-def _properties(labels: np.ndarray) -> pd.DataFrame:
-    from skimage.measure import regionprops_table
+def _properties(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-cell area, box, centroid, eccentricity and solidity, from one pass of bincounts.
 
-    props = regionprops_table(
-        labels, properties=("label", "area", "bbox", "centroid", "eccentricity", "solidity")
-    )
-    return pd.DataFrame(props).rename(
-        columns={
-            "label": "instance",
-            "bbox-0": "r0",
-            "bbox-1": "c0",
-            "bbox-2": "r1",
-            "bbox-3": "c1",
-            "centroid-0": "centroid_r",
-            "centroid-1": "centroid_c",
-        }
-    )
+    Eccentricity is scikit-image's (from the eigenvalues of the pixel-coordinate
+    covariance). Solidity is the area over the area of the convex hull of the cell's pixel
+    squares (a filled rectangle is exactly 1); the hull is the only per-cell step.
+    """
+    from scipy import ndimage as ndi
+    from scipy.spatial import ConvexHull, QhullError
+
+    slices = ndi.find_objects(labels)
+    ids = np.array([i + 1 for i, sl in enumerate(slices) if sl is not None], np.int64)
+    rr, cc = np.nonzero(labels)  # moments from the cell pixels only (a few % of the image)
+    flat = labels[rr, cc]
+    rr, cc = rr.astype(np.float64), cc.astype(np.float64)
+    n = int(labels.max()) + 1
+    area = np.bincount(flat, minlength=n).astype(np.float64)
+    sum_r, sum_c = np.bincount(flat, rr, n), np.bincount(flat, cc, n)
+    sum_rr, sum_cc = np.bincount(flat, rr * rr, n), np.bincount(flat, cc * cc, n)
+    sum_rc = np.bincount(flat, rr * cc, n)
+    a = area[ids]
+    mr, mc = sum_r[ids] / a, sum_c[ids] / a
+    var_r, var_c = sum_rr[ids] / a - mr**2, sum_cc[ids] / a - mc**2
+    cov = sum_rc[ids] / a - mr * mc
+    half_gap = np.sqrt(((var_r - var_c) / 2) ** 2 + cov**2)
+    l1 = (var_r + var_c) / 2 + half_gap
+    l2 = np.maximum((var_r + var_c) / 2 - half_gap, 0)
+    ecc = np.sqrt(1 - np.divide(l2, l1, out=np.ones_like(l1), where=l1 > 0))
+    corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    box = np.empty((len(ids), 4), np.int64)
+    hull_area = np.empty(len(ids))
+    for j, i in enumerate(ids):
+        sl = slices[i - 1]
+        box[j] = sl[0].start, sl[1].start, sl[0].stop, sl[1].stop
+        pts = np.argwhere(labels[sl] == i)
+        pts = (pts[:, None, :] + corners[None]).reshape(-1, 2)
+        try:
+            hull_area[j] = ConvexHull(pts).volume
+        except QhullError:  # a degenerate cell: its pixel squares are its hull
+            hull_area[j] = a[j]
+    return {
+        "instance": ids,
+        "area": a.astype(np.int64),
+        "r0": box[:, 0],
+        "c0": box[:, 1],
+        "r1": box[:, 2],
+        "c1": box[:, 3],
+        "centroid_r": mr,
+        "centroid_c": mc,
+        "eccentricity": ecc,
+        "solidity": np.minimum(a / hull_area, 1.0),
+    }
 
 
-def _filter(props: pd.DataFrame, shape, *, min_area, max_area, exclude_border, min_solidity):
-    """Apply the filters in order; return kept rows and the count each one removed."""
+def _filter(props: dict, shape, *, min_area, max_area, exclude_border, min_solidity):
+    """Apply the filters in order; return the kept cells and the count each one removed."""
     h, w = shape
-    touches = (props["r0"] == 0) | (props["c0"] == 0) | (props["r1"] == h) | (props["c1"] == w)
-    props = props.assign(touches_border=touches.to_numpy(bool))
+    props = dict(props)
+    props["touches_border"] = (props["r0"] == 0) | (props["c0"] == 0) | (props["r1"] == h) | (props["c1"] == w)
     tests = {
         "min_area": props["area"] >= min_area,
         "max_area": props["area"] <= (max_area if max_area is not None else np.inf),
-        "border": ~props["touches_border"] if exclude_border else pd.Series(True, index=props.index),
+        "border": ~props["touches_border"] if exclude_border else np.ones(len(props["area"]), bool),
         "solidity": props["solidity"] >= min_solidity,
     }
-    keep = np.ones(len(props), bool)
+    keep = np.ones(len(props["area"]), bool)
     removed = {}
     for name in FILTERS:
-        passed = tests[name].to_numpy(bool)
-        removed[name] = int((keep & ~passed).sum())
-        keep &= passed
-    return props[keep].reset_index(drop=True), removed
+        removed[name] = int((keep & ~tests[name]).sum())
+        keep &= tests[name]
+    return {k: v[keep] for k, v in props.items()}, removed
 
 
 def crop_cells(
@@ -200,20 +234,18 @@ def crop_cells(
     labels = labels.astype(np.int32, copy=False)
     n_ch, h, w = image.shape
 
-    props = _properties(labels) if labels.any() else None
-    if props is None or props.empty:
+    if not labels.any():
         return _empty(n_ch, size, {k: 0 for k in FILTERS})
+    props = _properties(labels)
     props, removed = _filter(
         props, (h, w), min_area=min_area, max_area=max_area,
         exclude_border=exclude_border, min_solidity=min_solidity,
     )  # fmt: skip
-    if props.empty:
+    k = len(props["instance"])
+    if k == 0:
         return _empty(n_ch, size, removed)
-
-    r0, c0 = props["r0"].to_numpy(), props["c0"].to_numpy()
-    r1, c1 = props["r1"].to_numpy(), props["c1"].to_numpy()
-    inst = props["instance"].to_numpy(np.int32)
-    k = len(props)
+    r0, c0, r1, c1 = props["r0"], props["c0"], props["r1"], props["c1"]
+    inst = props["instance"].astype(np.int32)
     offs = np.arange(size)
     raw, divisor = _to_unit(image)
     if scale == "keep":
@@ -238,8 +270,8 @@ def crop_cells(
         extent = np.maximum(r1 - r0, c1 - c0)
         s = fit_fraction * size / extent  # crop pixels per image pixel
         # Pixel-centre coordinates: crop pixel i sits at (i + 0.5 - S/2) / s from the box centre.
-        rows = (r0 + r1) / 2 - 0.5 + (offs + 0.5 - size / 2) / s[:, None]
-        cols = (c0 + c1) / 2 - 0.5 + (offs + 0.5 - size / 2) / s[:, None]
+        rows = (r0 + r1)[:, None] / 2 - 0.5 + (offs + 0.5 - size / 2) / s[:, None]
+        cols = (c0 + c1)[:, None] / 2 - 0.5 + (offs + 0.5 - size / 2) / s[:, None]
         grid = np.stack(np.broadcast_arrays(rows[:, :, None], cols[:, None, :]))  # (2, k, S, S)
         crops = np.stack([map_coordinates(p.astype(np.float32), grid, order=1, mode="constant", cval=0.0) for p in raw])
         lab_crops = map_coordinates(labels, grid, order=0, mode="constant", cval=0)
@@ -269,11 +301,11 @@ def crop_cells(
     table = pd.DataFrame(
         {
             "instance": inst.astype(np.int64),
-            "area": props["area"].to_numpy(np.int64),
-            "eccentricity": props["eccentricity"].to_numpy(np.float64),
-            "solidity": props["solidity"].to_numpy(np.float64),
-            "centroid_r": props["centroid_r"].to_numpy(np.float64),
-            "centroid_c": props["centroid_c"].to_numpy(np.float64),
+            "area": props["area"],
+            "eccentricity": props["eccentricity"],
+            "solidity": props["solidity"],
+            "centroid_r": props["centroid_r"],
+            "centroid_c": props["centroid_c"],
             "crop_r0": np.asarray(crop_r0, np.float64),
             "crop_c0": np.asarray(crop_c0, np.float64),
             "scale": np.asarray(s, np.float64),
@@ -283,7 +315,7 @@ def crop_cells(
             "bbox_c1": bbox_c1.astype(np.int64),
             "padded": (out_r.any(axis=1) | out_c.any(axis=1)),
             "other_cells": other,
-            "touches_border": props["touches_border"].to_numpy(bool),
+            "touches_border": props["touches_border"],
             "pad_top": pad_top.astype(np.int64),
             "pad_bottom": pad_bottom.astype(np.int64),
             "pad_left": pad_left.astype(np.int64),

@@ -182,6 +182,18 @@ class VariantsConfig(_Section):
             raise ValueError("list at least one variant")
         if len(set(v)) != len(v):
             raise ValueError(f"variants listed twice: {sorted({x for x in v if v.count(x) > 1})}")
+        from cellbg._variant_spec import parse_variant  # torch-free parser of cellbg.variants
+
+        for spec in v:
+            parse_variant(spec)  # CellbgError (a ValueError) with a "did you mean"
+        return v
+
+    @field_validator("fill")
+    @classmethod
+    def _fill(cls, v: str) -> str:
+        from cellbg._variant_spec import check_fill
+
+        check_fill(v)
         return v
 
 
@@ -267,6 +279,12 @@ class SaliencyConfig(_Section):
     occlusion_overlap: float = Field(0.0, ge=0, lt=1, description="overlap of occlusion windows; 0 tiles the crop")
     ig_steps: int = Field(8, ge=2, description="integrated-gradients path points (Gauss-Legendre)")
     batch_size: int = Field(64, ge=1, description="images per forward/backward pass")
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _yaml_true(cls, v):
+        # YAML reads an unquoted `target: true` as the boolean; the user meant the true class.
+        return "true" if v is True else v
 
 
 # --------------------------------------------------------------------------- stats

@@ -252,6 +252,7 @@ def _tex_cell(text: str) -> str:
     out = out.replace("\0PM\0", "$\\pm$")
     for uni, tex in _TEX_UNICODE.items():
         out = out.replace(uni, tex)
+    out = re.sub(r"`([^`]+)`", r"\\texttt{\1}", out)  # Markdown code spans in captions
     return out.replace("< 0.001", "$<$0.001")
 
 
@@ -450,7 +451,7 @@ table {{ border-collapse: collapse; font-size: 0.8em; margin: .3em 0 1em 0; }}
 thead th {{ border-top: 2px solid #333; border-bottom: 1px solid #333; padding: .25em .45em; vertical-align: bottom; }}
 tbody td {{ padding: .2em .45em; }}
 .num {{ text-align: right; white-space: nowrap; }}
-.txt {{ text-align: left; }}
+.txt {{ text-align: left; min-width: 6em; }}
 tbody tr:last-child td {{ border-bottom: 2px solid #333; }}
 tbody tr:nth-child(even) {{ background: #f4f6f8; }}
 figure {{ margin: 1em 0 1.6em 0; }}
@@ -834,16 +835,21 @@ def _section_tests(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) ->
         md_rows.append(base)
         tex_rows.append(base)
     header = ["model", "comparison (a vs b)", "family", "Δ = b − a [95% CI]", "CI method", "test",
-              "statistic", "df", "p", "p Holm", "p BH", "n cells", "n patients", "n seeds", "McNemar b/c"]
-    caption = ("Paired tests; Δ is b minus a (accuracy as a fraction); p Holm and p BH are adjusted "
-               "within each family; McNemar b/c are the discordant counts (cell level).")
+              "statistic", "df", "p", "p Holm", "p BH", "cells", "patients", "seeds", "McNemar b/c"]
+    caption = ("Paired tests from `stats/tests.csv`; Δ is b minus a (accuracy as a fraction; background share "
+               "for the saliency family); p Holm and p BH are adjusted within each family over its primary tests; "
+               "cells, patients and seeds are the numbers each test used; McNemar b/c are the discordant counts "
+               "(cell level).")
     doc.table(pd.DataFrame(md_rows, columns=header), caption, "significance")
     tex["significance"] = latex_table(pd.DataFrame(tex_rows, columns=header), caption=caption,
                                       label="tab:significance", size="scriptsize", wide=True,
-                                      align="lll" + "r" * (len(header) - 3))
-    if run.summary_md:
-        doc.para("The statistics stage's own summary (`stats/summary.md`) follows.")
-        doc.code(run.summary_md.strip())
+                                      # long names wrap in paragraph columns (plain LaTeX, no package)
+                                      align="lp{3.2cm}lrp{1.6cm}p{2.6cm}" + "r" * (len(header) - 6))
+    prose = _summary_prose(run.summary_md or "")
+    if prose:
+        doc.para("In words, from the statistics stage (`stats/summary.md`, which also holds its tables):")
+        for line in prose:
+            doc.para(line)
     # One scale per plot: accuracy differences of the primary tests (saliency rows and
     # secondary/sensitivity re-tests of the same pair stay in the table).
     keep = np.isfinite(t["estimate"].astype(float))
@@ -852,6 +858,10 @@ def _section_tests(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) ->
     if "measure" in t.columns:
         keep &= t["measure"].fillna("accuracy").astype(str).isin(["accuracy", ""])
     forest = t[keep].copy()
+    # A planned (confirmatory) pair that the exploratory sweep tests again is drawn once.
+    pair = forest["model"].astype(str) + "|" + forest["a"].astype(str) + "|" + forest["b"].astype(str)
+    planned = set(pair[forest["family"].astype(str) == "confirmatory"])
+    forest = forest[~((forest["family"].astype(str) == "exploratory") & pair.isin(planned))]
     if "name" in forest.columns:
         named = forest["name"].fillna("").astype(str)
         forest["comparison"] = np.where(named != "", named + ": " + forest["comparison"].astype(str),
@@ -863,6 +873,26 @@ def _section_tests(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) ->
                    "difference.", png)
     elif figs.enabled:
         doc.absent("no primary accuracy test has a finite estimate, so there is no forest plot.")
+
+
+def _summary_prose(text: str) -> list[str]:
+    """The sentences of ``stats/summary.md``: its paragraphs and bullets, not its tables
+    or headings (the report shows the same numbers in its own tables)."""
+    out, block = [], []
+    for line in text.splitlines() + [""]:
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "|")):
+            if block:
+                out.append(" ".join(block))
+                block = []
+            continue
+        if stripped.startswith(("- ", "* ")):
+            if block:
+                out.append(" ".join(block))
+            block = [stripped[2:]]
+        else:
+            block.append(stripped)
+    return out
 
 
 def _section_bg_gap(doc: _Doc, run: _Run, tex: dict[str, str]) -> None:
@@ -1006,96 +1036,102 @@ def _section_saliency(doc: _Doc, run: _Run, figs: _Figures, n_cells: int) -> Non
     if sal.empty:
         doc.absent("no saliency was computed: `saliency.parquet` holds no maps.")
         return
-    summary = (sal.groupby(["model", "method"], sort=False)["background_share"]
-               .agg(["mean", "std", "size"]).reset_index())
-    doc.table(pd.DataFrame({
-        "model": summary["model"], "method": summary["method"],
-        "background share": [f"{m:.3f}" + ("" if _isnan(s) else f" ± {s:.3f}") for m, s in zip(summary["mean"], summary["std"], strict=True)],
-        "maps": summary["size"].astype(int),
-    }), "Share of attribution that falls on the background (mean ± SD over sampled cells).", None)
+    keys = [k for k in ("model", "train_variant", "method") if k in sal.columns]
+    summary = sal.groupby(keys, sort=False)["background_share"].agg(["mean", "std", "size"]).reset_index()
+    table = summary[keys].astype(str).rename(columns={"train_variant": "train variant"})
+    table["background share"] = [f"{m:.3f}" + ("" if _isnan(sd) else f" ± {sd:.3f}")
+                                 for m, sd in zip(summary["mean"], summary["std"], strict=True)]
+    table["maps"] = summary["size"].astype(int)
+    doc.table(table, "Share of attribution that falls on the background, outside the cell mask "
+              "(mean ± SD over the sampled cells, seeds and folds).", None)
     if not figs.enabled:
         return
-    zpath = run.run_dir / "saliency.zarr"
-    if not zpath.exists() or "map_index" not in sal.columns:
+    if not (run.run_dir / "saliency.zarr").exists() or "map_index" not in sal.columns:
         doc.absent("no saliency gallery: `saliency.zarr` (the maps) is missing.")
         return
-    png = _gallery(figs, run, sal, n_cells)
-    if png is None:
+    made = _gallery(figs, run, sal, n_cells)
+    if made is None:
         doc.absent("no saliency gallery: no cell has maps from every model.")
         return
-    method = str(sal["method"].iloc[0])
-    doc.figure("saliency_gallery", f"Saliency ({method}, absolute, scaled to its maximum; inferno) for sampled cells "
-               "(rows) and models (columns) over the crop (first column); white line: cell mask; under each map, "
-               "the share of attribution on the background.", png)
+    png, train, seed = made
+    doc.figure("saliency_gallery", f"Saliency maps (absolute, scaled to their maximum; inferno) of models trained on "
+               f"`{train}` (seed {seed}) for sampled cells (rows), one column per model and method, over the crop "
+               "(first column); white line: the cell mask; under each map, its background share.", png)
 
 
-def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> bytes | None:
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """A ``(C, H, W)`` crop in [0, 1] as something ``imshow`` draws: gray or RGB."""
+    image = np.clip(np.asarray(image, dtype=float), 0, 1)
+    return image[0] if image.shape[0] != 3 else np.moveaxis(image, 0, -1)
+
+
+def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tuple[bytes, str, int] | None:
+    """Cells (rows) x (model, method) (columns) over the crop; None when no cell has them all."""
     import zarr
 
-    methods = list(dict.fromkeys(sal["method"].astype(str)))
-    sal = sal[sal["method"].astype(str) == methods[0]]
-    models = _ordered(sal["model"], [m.key for m in run.protocol.models])
-    first = sal.sort_values(["train_variant", "seed", "fold"], kind="stable")
-    train = _ordered(first["train_variant"], run.protocol.variants.train)[0]
+    p = run.protocol
+    train = _ordered(sal["train_variant"], p.variants.train)[0]
     sal = sal[sal["train_variant"] == train]
-    sal = sal[sal["seed"] == sal["seed"].min()]
-    per_cell = sal.groupby("cell_id")["model"].nunique()
-    full = sorted(per_cell.index[per_cell == len(models)])
-    if not full:
-        return None
+    seed = int(sal["seed"].min())
+    sal = sal[sal["seed"] == seed]
+    models = _ordered(sal["model"], [m.key for m in p.models])
+    methods = _ordered(sal["method"], p.saliency.methods)
+    columns = [(m, meth) for m in models for meth in methods]
+    have = sal.groupby("cell_id").apply(lambda g: len(set(zip(g["model"], g["method"], strict=True))),
+                                        include_groups=False)
+    full = sorted(have.index[have == len(columns)])
+    if not full:  # fall back to one method, if every model has that for some cell
+        columns = [(m, methods[0]) for m in models]
+        sal = sal[sal["method"] == methods[0]]
+        have = sal.groupby("cell_id")["model"].nunique()
+        full = sorted(have.index[have == len(models)])
+        if not full:
+            return None
     labels = sal.drop_duplicates("cell_id").set_index("cell_id")["label"].astype(str)
     # Alternate the classes so the gallery shows each, in a fixed (sorted) order.
     by_class = {c: [x for x in full if labels[x] == c] for c in sorted(labels[full].unique())}
-    chosen = []
+    chosen: list[str] = []
     while len(chosen) < min(n_cells, len(full)):
         for c in by_class:
             if by_class[c] and len(chosen) < n_cells:
                 chosen.append(by_class[c].pop(0))
     maps = zarr.open_group(str(run.run_dir / "saliency.zarr"), mode="r")["maps"]
-    crops = None
+    crop_of: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if run.cells is not None and (run.run_dir / "crops.zarr").exists():
         group = zarr.open_group(str(run.run_dir / "crops.zarr"), mode="r")
-        row_of = pd.Series(np.arange(len(run.cells)), index=run.cells["cell_id"].astype(str))
-        crops = (group["images"], group["masks"], row_of)
-    lead = 1 if crops is not None else 0  # a first column with the plain crop, for context
-    fig = figs.new(1.7 * (len(models) + lead) + 0.6, 1.85 * len(chosen) + 0.4)
-    axes = fig.subplots(len(chosen), len(models) + lead, squeeze=False)
+        row_of = dict(zip(run.cells["cell_id"].astype(str), range(len(run.cells)), strict=True))
+        for cell in chosen:
+            if cell in row_of:
+                crop_of[cell] = (_rgb(group["images"][row_of[cell]]), np.asarray(group["masks"][row_of[cell]], float))
+    lead = 1 if crop_of else 0  # a first column with the plain crop, for context
+    fig = figs.new(1.65 * (len(columns) + lead) + 0.6, 1.85 * len(chosen) + 0.5)
+    axes = fig.subplots(len(chosen), len(columns) + lead, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     for i, cell in enumerate(chosen):
-        if lead:
-            ax = axes[i, 0]
-            if cell in crops[2].index:
-                k = int(crops[2][cell])
-                img = np.asarray(crops[0][k], dtype=float)
-                img = img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
-                ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None)
-                ax.contour(np.asarray(crops[1][k], dtype=float), levels=[0.5], colors="white", linewidths=0.8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_ylabel(f"{cell}\n({labels[cell]})", fontsize=7)
-            if i == 0:
-                ax.set_title("crop", fontsize=9)
-        for j, model in enumerate(models):
+        crop = crop_of.get(cell)
+        axes[i, 0].set_ylabel(f"{cell}\n({labels[cell]})", fontsize=7)
+        if lead and crop is not None:
+            axes[i, 0].imshow(crop[0], cmap="gray" if crop[0].ndim == 2 else None)
+            axes[i, 0].contour(crop[1], levels=[0.5], colors="white", linewidths=0.8)
+        if i == 0 and lead:
+            axes[0, 0].set_title("crop", fontsize=8)
+        for j, (model, method) in enumerate(columns):
             ax = axes[i, j + lead]
-            r = sal[(sal["cell_id"] == cell) & (sal["model"] == model)].iloc[0]
+            r = sal[(sal["cell_id"] == cell) & (sal["model"] == model) & (sal["method"] == method)].iloc[0]
             heat = np.abs(np.asarray(maps[int(r["map_index"])], dtype=float))
             heat = heat / heat.max() if heat.max() > 0 else heat
-            if crops is not None and cell in crops[2].index:
-                k = int(crops[2][cell])
-                img = np.asarray(crops[0][k], dtype=float)
-                img = img[0] if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
-                ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None)
+            if crop is not None:
+                ax.imshow(crop[0], cmap="gray" if crop[0].ndim == 2 else None)
                 ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0, vmax=1)
-                ax.contour(np.asarray(crops[1][k], dtype=float), levels=[0.5], colors="white", linewidths=0.8)
+                ax.contour(crop[1], levels=[0.5], colors="white", linewidths=0.8)
             else:
                 ax.imshow(heat, cmap="inferno", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
             ax.set_xlabel(f"bg share {float(r['background_share']):.2f}", fontsize=8)
             if i == 0:
-                ax.set_title(model, fontsize=9)
-            if j == 0 and not lead:
-                ax.set_ylabel(f"{cell}\n({labels[cell]})", fontsize=7)
-    return figs.save(fig, "saliency_gallery")
+                ax.set_title(f"{model}\n{method}" if len(methods) > 1 else model, fontsize=8)
+    return figs.save(fig, "saliency_gallery"), train, seed
 
 
 def _section_segmentation(doc: _Doc, run: _Run, tex: dict[str, str]) -> None:
@@ -1111,14 +1147,25 @@ def _section_segmentation(doc: _Doc, run: _Run, tex: dict[str, str]) -> None:
         return
     t = run.segmentation
     numeric = [c for c in t.columns if pd.api.types.is_numeric_dtype(t[c]) and not pd.api.types.is_bool_dtype(t[c])]
-    numeric = [c for c in numeric if c not in ("instance", "fold", "seed")]
-    rows = [[c, f"{t[c].mean():.3f}", "–" if len(t) < 2 else f"{t[c].std():.3f}",
-             f"{t[c].min():.3f}", f"{t[c].max():.3f}"] for c in numeric]
-    df = pd.DataFrame(rows, columns=["measure", "mean", "SD", "min", "max"])
-    caption = (f"Segmentation quality ({seg.method}) against ground truth over {len(t)} rows of "
-               f"`{run.segmentation_path.relative_to(run.run_dir)}`.")
+    counts = [c for c in ("n_true", "n_pred", "tp", "fp", "fn") if c in numeric]
+    rates = [c for c in numeric if c not in counts and c not in ("instance", "fold", "seed")]
+    pooled: dict[str, float] = {}
+    if {"tp", "fp", "fn"} <= set(counts):
+        # Pooled over images (micro average), beside the per-image mean (macro average).
+        tp, fp, fn = (float(t[c].sum()) for c in ("tp", "fp", "fn"))
+        pooled = {"precision": tp / (tp + fp) if tp + fp else np.nan,
+                  "recall": tp / (tp + fn) if tp + fn else np.nan,
+                  "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else np.nan}
+    rows = [[c, f"{t[c].mean():.3f}" + ("" if len(t) < 2 else f" ± {t[c].std():.3f}"),
+             "–" if c not in pooled or _isnan(pooled[c]) else f"{pooled[c]:.3f}"] for c in rates]
+    rows += [[c, f"{t[c].mean():.1f}" + ("" if len(t) < 2 else f" ± {t[c].std():.1f}"), f"{int(t[c].sum())} (total)"]
+             for c in counts]
+    df = pd.DataFrame(rows, columns=["measure", "per image (mean ± SD)", "pooled over images"])
+    caption = (f"Segmentation quality ({seg.method}) against ground truth on {len(t)} images "
+               f"(`{run.segmentation_path.relative_to(run.run_dir)}`); precision, recall and F1 at IoU 0.5, "
+               "AP averaged over IoU 0.5 to 0.95.")
     doc.table(df, caption, "segmentation")
-    tex["segmentation"] = latex_table(df, caption=caption, label="tab:segmentation")
+    tex["segmentation"] = latex_table(df, caption=caption, label="tab:segmentation", align="lrr")
 
 
 # =========================================================================== methods & provenance
@@ -1228,16 +1275,16 @@ def _methods(run: _Run) -> str:
 
 def _ci_text(run: _Run) -> str:
     """How the CIs were made: the methods the stats stage reports, else the protocol's plan."""
-    boot = f"{run.protocol.stats.bootstrap} bootstrap resamples, seed {run.protocol.stats.seed}"
     if run.tests is None:
-        return f"Confidence intervals were to be 95% ({boot}); no tests were run."
+        return (f"Confidence intervals were to be 95% ({run.protocol.stats.bootstrap} bootstrap resamples, "
+                f"seed {run.protocol.stats.seed}); no tests were run.")
     used = sorted({str(m) for m in run.tests["ci_method"] if not _isnan(m) and str(m)})
     tests = sorted({str(m) for m in run.tests["method"] if not _isnan(m) and str(m)})
-    text = f"Tests run: {_join(tests)}. " if tests else ""
+    # The names hold commas themselves, so the lists are separated by semicolons.
+    text = f"Tests run: {'; '.join(tests)}. " if tests else ""
     if not used:
         return text + "No confidence intervals were reported."
-    uses_boot = any("boot" in m.lower() for m in used)
-    return text + f"Confidence intervals are 95% ({_join(used)}{'; ' + boot if uses_boot else ''})."
+    return text + f"Confidence intervals are 95% ({'; '.join(used)}; bootstrap seed {run.protocol.stats.seed})."
 
 
 def _run_time(run_dir: Path) -> str:

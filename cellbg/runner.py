@@ -399,6 +399,10 @@ def _now() -> str:
     return _dt.datetime.now().isoformat(timespec="seconds")
 
 
+#: Environment variables naming the batch job a worker runs in (Slurm, PBS, LSF, SGE).
+_BATCH_JOB_VARS = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")
+
+
 def _execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> dict:
     """Run one job (on a Dask worker or in this process), logging to its log file.
 
@@ -419,10 +423,13 @@ def _execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> di
         os.environ["OMP_NUM_THREADS"] = str(torch_threads)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(torch_threads)
+    batch_job = next((os.environ[v] for v in _BATCH_JOB_VARS if os.environ.get(v)), None)
     with open(log_path, "a", encoding="utf-8", buffering=1) as log:
         log.write(
             f"=== attempt started {_now()} stage={job.stage} job={job.name} key={job.key} "
-            f"host={socket.gethostname()} pid={os.getpid()}\n"
+            f"host={socket.gethostname()} pid={os.getpid()}"
+            + (f" batch_job={batch_job}" if batch_job else "")
+            + "\n"
         )
         try:
             with _capture(log):
@@ -437,6 +444,11 @@ def _execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> di
                     {"key": job.key, "stage": job.stage, "name": job.name, "finished": _now(),
                      "seconds": round(time.perf_counter() - t0, 3), "host": socket.gethostname()},
                 )
+        except CellbgError as exc:
+            # bad input: a retry cannot help, so the error comes back as a result, not raised
+            log.write(f"=== attempt failed {_now()}: {type(exc).__name__}: {exc}\n")
+            traceback.print_exc(file=log)
+            return {"user_error": str(exc)}
         except BaseException as exc:
             log.write(f"=== attempt failed {_now()}: {type(exc).__name__}: {exc}\n")
             traceback.print_exc(file=log)
@@ -444,6 +456,17 @@ def _execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> di
         seconds = time.perf_counter() - t0
         log.write(f"=== attempt done {_now()} in {seconds:.1f} s\n")
     return {"seconds": seconds, "host": socket.gethostname()}
+
+
+def _execute_pickled(blob: bytes, run_dir: str, torch_threads: int | None = None) -> dict:
+    """:func:`_execute_job` of a job pickled with cloudpickle by the client.
+
+    Dask pickles a task's nested objects with plain pickle (by reference), which fails on
+    a batch node for functions defined in a script or registered to be pickled by value.
+    """
+    import cloudpickle
+
+    return _execute_job(cloudpickle.loads(blob), run_dir, torch_threads)
 
 
 def _attempts(log_path: Path) -> int:
@@ -455,11 +478,12 @@ def _attempts(log_path: Path) -> int:
         return 0
 
 
-def _describe_error(exc: BaseException, job: Job) -> str:
+def _describe_error(exc: BaseException, job: Job, batch_logs: Path | None = None) -> str:
     from distributed import KilledWorker
 
     if isinstance(exc, KilledWorker):
-        return "its worker process died while running it (killed, out of memory or past walltime?)"
+        where = f"; batch-job logs in {batch_logs}" if batch_logs is not None else ""
+        return f"its worker process died while running it (killed, out of memory or past walltime?{where})"
     msg = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
@@ -536,7 +560,7 @@ def make_cluster(cfg, run_dir: str | Path):
             n_workers=_local_workers(cfg),
             threads_per_worker=cfg.threads_per_worker,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: several runs may share a machine
             silence_logs=logging.CRITICAL,
             local_directory=cfg.local_directory or str(run_dir / STATE_DIR / "dask-scratch"),
             memory_limit=0,  # jobs own their memory; Dask must not pause or kill them for it
@@ -561,11 +585,16 @@ def make_cluster(cfg, run_dir: str | Path):
     threads = _torch_threads(cfg)
     log_dir = Path(cfg.log_directory) if cfg.log_directory else run_dir / "logs" / "batch"
     log_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.kind == "lsf":  # LSF's -W takes [hours:]minutes
+        minutes = int(walltime // 60)
+        batch_walltime = f"{minutes // 60:02d}:{minutes % 60:02d}"
+    else:
+        batch_walltime = cfg.walltime
     kwargs: dict[str, Any] = dict(
         cores=cfg.cores,
         memory=cfg.memory,
         processes=cfg.processes,
-        walltime=cfg.walltime,
+        walltime=batch_walltime,
         job_name=f"cellbg-{_safe(run_dir.name)}"[:40],
         python=cfg.python or sys.executable,
         job_extra_directives=[*_gpu_directives(cfg.kind, cfg.gpus), *cfg.job_extra_directives],
@@ -582,7 +611,7 @@ def make_cluster(cfg, run_dir: str | Path):
             "--lifetime-stagger", cfg.worker_lifetime_stagger,
         ],
         log_directory=str(log_dir),
-        scheduler_options={"dashboard_address": None},
+        scheduler_options={"dashboard_address": ":0"},
     )
     if cfg.interface:
         kwargs["interface"] = cfg.interface
@@ -667,8 +696,12 @@ class _Executor:
         every task on a dying worker towards ``allowed-failures``), and a batch cluster is
         asked for as many workers as jobs remain (see :class:`_JobsAdaptive`).
         """
+        import cloudpickle
+
         self._start()
         client = self.client
+        # Fixed by the configuration, never by how many jobs remain: a float sum depends on
+        # the thread count, and a resumed run must give the numbers of an uninterrupted one.
         threads = _torch_threads(self.cfg)
         waiting = list(jobs)
         in_flight: dict[str, tuple[Any, Job]] = {}
@@ -703,7 +736,7 @@ class _Executor:
                 while waiting and len(in_flight) < capacity:
                     job = waiting.pop(0)
                     fut = client.submit(
-                        _execute_job, job, str(self.run_dir), threads,
+                        _execute_pickled, cloudpickle.dumps(job), str(self.run_dir), threads,
                         key=f"{job.stage}-{job.key}", retries=self.cfg.retries, pure=False,
                     )
                     in_flight[fut.key] = (fut, job)
@@ -712,8 +745,12 @@ class _Executor:
                         del in_flight[k]
                         result = fut.result()
                         fut.release()
-                        done += 1
-                        yield job, result, None
+                        if "user_error" in result:
+                            failed += 1
+                            yield job, None, CellbgError(result["user_error"])
+                        else:
+                            done += 1
+                            yield job, result, None
                     elif fut.status in ("error", "cancelled", "lost"):
                         del in_flight[k]
                         if fut.status == "error":
@@ -979,6 +1016,9 @@ def run_stages(
         return RunSummary(run_dir, cfg.kind, True, time.perf_counter() - t_run, tuple(summaries), ())
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    batch_logs = None
+    if cfg.kind != "local":
+        batch_logs = Path(cfg.log_directory) if cfg.log_directory else run_dir / "logs" / "batch"
     with _run_lock(run_dir), _Executor(cfg, run_dir) as ex, _Display(progress) as display:
         _write_record(run_dir, "running", started, cfg.kind, summaries, failures)
         try:
@@ -1007,7 +1047,8 @@ def run_stages(
                     counts["failed"] += 1
                     log = job_log_path(run_dir, job)
                     stage_failures.append(
-                        JobFailure(job.stage, job.name, job.key, _describe_error(exc, job), log, _attempts(log))
+                        JobFailure(job.stage, job.name, job.key, _describe_error(exc, job, batch_logs), log,
+                                   _attempts(log))
                     )
 
                 for job in (j for j in todo if j.where == "client"):
@@ -1065,12 +1106,12 @@ def _run_in_client(job: Job, run_dir: Path, retries: int) -> BaseException | Non
     """Run a small job in this process with the same retries and logging as on a worker."""
     for attempt in range(retries + 1):
         try:
-            _execute_job(job, str(run_dir))
+            result = _execute_job(job, str(run_dir))
+            if "user_error" in result:  # bad input: a retry cannot help
+                return CellbgError(result["user_error"])
             return None
         except KeyboardInterrupt:
             raise
-        except CellbgError:
-            raise  # a user error is not helped by a retry; the CLI reports it in one line
         except Exception as exc:  # noqa: BLE001 - reported with its log path
             if attempt == retries:
                 return exc
@@ -1181,6 +1222,18 @@ def _plan_data(ctx: RunContext) -> list[Job]:
     return []  # user data: nothing to make; the digests below carry its content into the keys
 
 
+def _segment_protocol(p):
+    """The protocol the segment and crops jobs get.
+
+    On a worker one batch is one process's work (the worker pool is the parallelism), so
+    ``segmentation.workers`` is 1 there. The crops job gets the same protocol: its own call
+    of ``run_segmentation`` then finds the label images current and keeps them.
+    """
+    if p.segmentation.method == "masks":
+        return p
+    return p.model_copy(update={"segmentation": p.segmentation.model_copy(update={"workers": 1})})
+
+
 def _plan_segment(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
     ctx.key("data")
@@ -1190,8 +1243,7 @@ def _plan_segment(ctx: RunContext) -> list[Job]:
     channels = _section(p, "data", "channels")
     seg_dir = p.run_dir / "segmentation"
     masks_only = p.segmentation.method == "masks"
-    # On a worker one batch is one process's work: the worker pool is the parallelism.
-    worker_protocol = p if masks_only else p.model_copy(update={"segmentation": p.segmentation.model_copy(update={"workers": 1})})
+    worker_protocol = _segment_protocol(p)
     size = len(table) if masks_only else SEGMENT_BATCH
     jobs = []
     for start in range(0, len(table), max(size, 1)):
@@ -1221,7 +1273,7 @@ def _plan_crops(ctx: RunContext) -> list[Job]:
         _section(p, "training", "split"), p.seed,
     )
     return [
-        Job("crops", "crops", key, _job_crops, (p,), where="client",
+        Job("crops", "crops", key, _job_crops, (_segment_protocol(p),), where="client",
             outputs=(p.run_dir / "cells.parquet", p.run_dir / "crops.zarr"))
     ]
 

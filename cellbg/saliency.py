@@ -602,3 +602,376 @@ def rank_correlation(maps_a, maps_b) -> np.ndarray:
     denom = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, (ra * rb).sum(axis=1) / np.where(denom > 0, denom, 1.0), np.nan)
+
+
+# --------------------------------------------------------------------------- sampling
+def sample_cells(cells, n: int, *, seed: int = 0) -> np.ndarray:
+    """Row positions of up to ``n`` cells, spread evenly over patients, in a seeded order.
+
+    Cells are shuffled with ``numpy.random.default_rng(seed)`` and taken round-robin over
+    patients (the first cell of every patient, then the second, ...), so that a
+    patient-level test has cells from every patient.
+
+    Parameters
+    ----------
+    cells : DataFrame
+        With a ``patient_id`` column.
+    n : int
+        Cells to take (all of them when there are fewer).
+    seed : int
+
+    Returns
+    -------
+    (min(n, len(cells)),) ndarray of int
+        Positions in ``cells``, sorted.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> cells = pd.DataFrame({"patient_id": ["a"] * 6 + ["b"] * 2})
+    >>> sorted(cells.patient_id.iloc[sample_cells(cells, 4, seed=0)])
+    ['a', 'a', 'b', 'b']
+    """
+    import pandas as pd
+
+    if n < 1:
+        raise CellbgError(f"n must be a positive number of cells; got {n!r}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(cells))
+    patients = pd.Series(cells["patient_id"].to_numpy()[order])
+    rank = patients.groupby(patients, sort=False).cumcount().to_numpy()
+    chosen = order[np.lexsort((np.arange(len(order)), rank))[:n]]
+    return np.sort(chosen)
+
+
+# --------------------------------------------------------------------------- whole runs
+_COLUMNS = [
+    "cell_id", "patient_id", "label", "label_index", "model", "train_variant", "test_variant", "seed", "fold",
+    "method", "target", "target_index", "pred_index", "correct", "background_share", "background_ratio",
+    "background_fraction", "sanity_rank_corr", "map_index", "job_key",
+]
+
+
+def _method_options(cfg, method: str) -> dict:
+    if method == "occlusion":
+        return {"window": cfg.occlusion_window, "overlap": cfg.occlusion_overlap, "batch_size": cfg.batch_size}
+    if method == "integrated_gradients":
+        return {"steps": cfg.ig_steps, "batch_size": cfg.batch_size}
+    return {"batch_size": cfg.batch_size}
+
+
+def _job_cells(job_dir: Path, cells) -> np.ndarray:
+    """Crop rows of a job's held-out cells, in the order its predictions were made."""
+    import pandas as pd
+
+    held_out = pd.read_parquet(job_dir / "predictions.parquet", columns=["cell_id"])["cell_id"].astype(str)
+    held_out = held_out.drop_duplicates().to_numpy()
+    position = pd.Series(np.arange(len(cells)), index=cells["cell_id"].astype(str).to_numpy())
+    missing = ~np.isin(held_out, position.index)
+    if missing.any():
+        raise CellbgError(
+            f"{job_dir}: {int(missing.sum())} predicted cell(s) are not in cells.parquet (e.g. '{held_out[missing][0]}'); "
+            "the crops changed after training, run 'cellbg train' again"
+        )
+    return position.loc[held_out].to_numpy()
+
+
+def _job_maps(model, images, masks, rows, pred, *, cfg, layer: str, random_model) -> dict:
+    """Maps and background shares of one job's sampled cells for every method and target."""
+    targets = {"predicted": pred, "true": rows["label_index"].to_numpy(np.int64)}
+    kinds = ["predicted", "true"] if cfg.target == "both" else [cfg.target]
+    # One map per distinct (cell, class): when the prediction is right both targets share it.
+    cell = np.concatenate([np.arange(len(rows)) for _ in kinds])
+    cls = np.concatenate([targets[k] for k in kinds])
+    pairs, inverse = np.unique(np.stack([cell, cls], axis=1), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    out = {}
+    for method in cfg.methods:
+        options = _method_options(cfg, method)
+        if method == "gradcam":
+            options["layer"] = layer
+        maps = attribute(model, images[pairs[:, 0]], pairs[:, 1], method=method, **options)
+        if random_model is not None:
+            random_maps = attribute(random_model, images[pairs[:, 0]], pairs[:, 1], method=method, **options)
+            corr = rank_correlation(maps, random_maps)
+        else:
+            random_maps, corr = None, np.full(len(pairs), np.nan)
+        bs = background_share(maps, masks[pairs[:, 0]])
+        out[method] = {
+            "kinds": kinds, "cell": cell, "cls": cls, "inverse": inverse, "maps": maps, "random_maps": random_maps,
+            "share": bs.share, "ratio": bs.ratio, "fraction": bs.background_fraction, "corr": corr,
+        }
+    return out
+
+
+def run_saliency(protocol, *, progress=None):
+    """Attribution maps and background shares for a sample of cells of every trained job.
+
+    For each job of the protocol (model x train variant x seed x fold, all finished), the
+    same ``saliency.cells_per_job`` held-out cells of the fold (spread over patients, seeded
+    by ``protocol.seed`` and the fold, so that train variants are compared on the same
+    cells) are shown in ``saliency.test_variant`` to the trained model, and each method in
+    ``saliency.methods`` explains the predicted and/or the true class. With
+    ``saliency.sanity_check`` every map is also computed with a re-randomised copy of the
+    model (seeded by the job's seed) and the rank correlation of the two is recorded.
+
+    Parameters
+    ----------
+    protocol : Protocol
+        A loaded protocol whose crops and training jobs exist.
+    progress : callable, optional
+        Called as ``progress(job_number, n_jobs)`` after each job.
+
+    Returns
+    -------
+    DataFrame
+        The rows of ``<run>/saliency.parquet``: ``cell_id, patient_id, label, label_index,
+        model, train_variant, test_variant, seed, fold, method, target ('predicted' or
+        'true'), target_index, pred_index, correct, background_share, background_ratio,
+        background_fraction, sanity_rank_corr, map_index, job_key``.
+
+    Writes ``<run>/saliency.zarr``: arrays ``maps`` float32 ``(k, S, S)``, ``masks`` bool
+    ``(k, S, S)`` (the cell mask the share is computed with) and, with the sanity check,
+    ``random_maps``; row j belongs to row j of ``saliency.parquet`` (``map_index`` = j).
+    Both files are replaced atomically.
+
+    Raises
+    ------
+    CellbgError
+        No crops, unfinished training jobs, or an unknown test variant.
+    """
+    import pandas as pd
+    import torch
+    import zarr
+
+    from cellbg._io import atomic_dir, write_parquet_atomic
+    from cellbg.crops import load_crops
+    from cellbg.models import target_layer
+    from cellbg.train import DONE, crops_fingerprint, job_key, load_job_model, plan_jobs, select_device
+    from cellbg.variants import apply_variant, parse_variant
+
+    cfg = protocol.saliency
+    run_dir = Path(protocol.run_dir)
+    parse_variant(cfg.test_variant)
+    images, masks, cells = load_crops(run_dir)
+    crops_hash = crops_fingerprint(run_dir)
+    specs = plan_jobs(protocol)
+    job_dirs = [run_dir / "jobs" / job_key(protocol, s, crops_hash=crops_hash) for s in specs]
+    missing = [s for s, d in zip(specs, job_dirs) if not (d / DONE).exists()]
+    if missing:
+        s = missing[0]
+        raise CellbgError(
+            f"{len(missing)} training job(s) not finished in {run_dir}, e.g. model '{s.model}', train variant "
+            f"'{s.train_variant}', seed {s.seed}, fold {s.fold}; run 'cellbg train' first"
+        )
+    device = select_device(protocol.training.device)
+    bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)
+    labels = cells["label_index"].to_numpy(np.int64)
+    frames, all_maps, all_random, all_masks = [], [], [], []
+    for number, (spec, job_dir) in enumerate(zip(specs, job_dirs), start=1):
+        model, meta = load_job_model(job_dir, device=device)
+        held_out = _job_cells(job_dir, cells)
+        # The variant sees the whole held-out set, as in training's predictions (the
+        # mixed_* pairing pool), and the sample is taken from its output.
+        shown = apply_variant(
+            cfg.test_variant, images[held_out], masks[held_out], bboxes=bboxes[held_out], labels=labels[held_out],
+            fill=protocol.variants.fill, seed=protocol.variants.seed,
+        )
+        pick = sample_cells(cells.iloc[held_out], cfg.cells_per_job, seed=int(np.random.SeedSequence(
+            [protocol.seed, spec.fold]).generate_state(1)[0]))
+        x = torch.as_tensor(np.asarray(shown.images)[pick], dtype=torch.float32)
+        fg = np.asarray(shown.masks)[pick].astype(bool)
+        rows = cells.iloc[held_out[pick]].reset_index(drop=True)
+        with torch.no_grad():
+            logits = torch.cat([model(c.to(device)).cpu() for c in x.split(cfg.batch_size)]) if len(x) else torch.zeros(0, 2)
+        pred = logits.argmax(1).numpy().astype(np.int64) if logits.shape[1] > 1 else (logits[:, 0] > 0).long().numpy()
+        random_model = randomize_weights(model, seed=spec.seed) if cfg.sanity_check else None
+        results = _job_maps(model, x, fg, rows, pred, cfg=cfg, layer=target_layer(model), random_model=random_model)
+        for method, r in results.items():
+            n_rows = len(r["cell"])
+            start = sum(len(m) for m in all_maps)
+            frame = pd.DataFrame({
+                "cell_id": rows["cell_id"].astype(str).to_numpy()[r["cell"]],
+                "patient_id": rows["patient_id"].astype(str).to_numpy()[r["cell"]],
+                "label": rows["label"].astype(str).to_numpy()[r["cell"]],
+                "label_index": rows["label_index"].to_numpy(np.int64)[r["cell"]],
+                "model": spec.model,
+                "train_variant": spec.train_variant,
+                "test_variant": cfg.test_variant,
+                "seed": spec.seed,
+                "fold": spec.fold,
+                "method": method,
+                "target": np.repeat(r["kinds"], len(rows)),
+                "target_index": r["cls"],
+                "pred_index": pred[r["cell"]],
+                "correct": pred[r["cell"]] == rows["label_index"].to_numpy(np.int64)[r["cell"]],
+                "background_share": r["share"][r["inverse"]],
+                "background_ratio": r["ratio"][r["inverse"]],
+                "background_fraction": r["fraction"][r["inverse"]],
+                "sanity_rank_corr": r["corr"][r["inverse"]],
+                "map_index": np.arange(start, start + n_rows),
+                "job_key": job_dir.name,
+            })
+            frames.append(frame)
+            all_maps.append(r["maps"][r["inverse"]])
+            all_masks.append(fg[r["cell"]])
+            if r["random_maps"] is not None:
+                all_random.append(r["random_maps"][r["inverse"]])
+        if progress is not None:
+            progress(number, len(specs))
+    size = images.shape[-2:]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_COLUMNS)
+    table = table[_COLUMNS]
+    stacked = {
+        "maps": np.concatenate(all_maps).astype(np.float32) if all_maps else np.zeros((0, *size), np.float32),
+        "masks": np.concatenate(all_masks) if all_masks else np.zeros((0, *size), bool),
+    }
+    if cfg.sanity_check:
+        stacked["random_maps"] = (
+            np.concatenate(all_random).astype(np.float32) if all_random else np.zeros((0, *size), np.float32)
+        )
+    # The store is complete before the table that indexes it appears.
+    with atomic_dir(run_dir / "saliency.zarr") as tmp:
+        group = zarr.open_group(str(tmp), mode="w")
+        for name, data in stacked.items():
+            chunks = (max(1, min(len(data), 256)), *data.shape[1:])
+            group.create_array(name, data=data, chunks=chunks)
+        group.attrs.update({
+            "methods": list(cfg.methods),
+            "target": cfg.target,
+            "test_variant": cfg.test_variant,
+            "rows": "row j of each array belongs to row j of saliency.parquet (map_index = j)",
+        })
+    write_parquet_atomic(table, run_dir / "saliency.parquet")
+    return table
+
+
+def load_saliency(run_dir) -> tuple:
+    """Read ``saliency.parquet`` and the maps of ``saliency.zarr``.
+
+    Returns
+    -------
+    table : DataFrame
+    maps : (k, S, S) float32 ndarray
+    masks : (k, S, S) bool ndarray
+    """
+    import pandas as pd
+    import zarr
+
+    run_dir = Path(run_dir)
+    store, path = run_dir / "saliency.zarr", run_dir / "saliency.parquet"
+    for p in (store, path):
+        if not p.exists():
+            raise CellbgError(f"no {p.name} in {run_dir}; run 'cellbg saliency PROTOCOL' first")
+    group = zarr.open_group(str(store), mode="r")
+    table = pd.read_parquet(path)
+    maps, masks = np.asarray(group["maps"][:]), np.asarray(group["masks"][:])
+    if len(maps) != len(table):
+        raise CellbgError(f"{store} holds {len(maps)} maps but {path.name} has {len(table)} rows; run saliency again")
+    return table, maps, masks
+
+
+# --------------------------------------------------------------------------- montage
+def montage(images, masks, maps: dict, *, shares: dict | None = None, titles: Sequence[str] | None = None):
+    """A figure of crops (rows) with one attribution map per column.
+
+    Parameters
+    ----------
+    images : (n, C, H, W) array_like
+        Crops in [0, 1]; one or three channels are shown as they are, others as their mean.
+    masks : (n, H, W) bool
+        Cell masks; their outline is drawn on every panel.
+    maps : dict of str -> (n, H, W) array_like
+        Column title -> maps. Each map is scaled to its own positive maximum.
+    shares : dict of str -> (n,) array_like, optional
+        Column title -> background share, printed under each map.
+    titles : sequence of str, optional
+        Row titles (cell ids).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fig = montage(np.zeros((2, 1, 8, 8)), np.ones((2, 8, 8), bool), {"gradcam": np.ones((2, 8, 8))})
+    >>> len(fig.axes)
+    4
+    """
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images, dtype=np.float32)
+    masks = np.asarray(masks, dtype=bool)
+    check_nd(images, 4, arg_name="images")
+    n = len(images)
+    shares = shares or {}
+    fig = Figure(figsize=(1.6 * (1 + len(maps)), 1.75 * max(n, 1)), layout="constrained")
+    axes = fig.subplots(max(n, 1), 1 + len(maps), squeeze=False)
+    rgb = images if images.shape[1] in (1, 3) else images.mean(axis=1, keepdims=True)
+    for i in range(n):
+        crop = np.clip(np.moveaxis(rgb[i], 0, -1), 0, 1)
+        axes[i, 0].imshow(crop[..., 0] if crop.shape[-1] == 1 else crop, cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].set_title(titles[i] if titles is not None else "crop", fontsize=6)
+        for j, (name, m) in enumerate(maps.items(), start=1):
+            panel = np.asarray(m[i], dtype=np.float32)
+            top = float(panel.max()) if panel.max() > 0 else 1.0
+            axes[i, j].imshow(np.clip(panel / top, 0, 1), cmap="inferno", vmin=0, vmax=1)
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=6)
+            if name in shares:
+                axes[i, j].set_xlabel(f"bg share {float(np.asarray(shares[name])[i]):.2f}", fontsize=6)
+        for ax in axes[i]:
+            if masks[i].any():
+                ax.contour(masks[i], levels=[0.5], colors="cyan", linewidths=0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return fig
+
+
+def write_montage(run_dir, path, *, cells: int = 6, target: str = "predicted", model: str | None = None,
+                  seed: int | None = None, fold: int | None = None) -> Path:
+    """Draw crops with their maps for every train variant and method; save as PNG.
+
+    Takes the first ``cells`` cells of one (model, seed, fold) of ``saliency.parquet`` (by
+    default the first), which every train variant saw, and writes one row per cell and one
+    column per (train variant, method), each with its background share.
+
+    Returns
+    -------
+    Path
+        ``path``, written atomically.
+    """
+    from cellbg._io import atomic_path
+    from cellbg.crops import load_crops
+
+    run_dir = Path(run_dir)
+    table, maps, _ = load_saliency(run_dir)
+    if table.empty:
+        raise CellbgError(f"{run_dir}/saliency.parquet has no rows to draw")
+    target = look_up_option(target, sorted(table["target"].unique()), what="saliency target")
+    first = table.iloc[0]
+    model = first["model"] if model is None else look_up_option(model, sorted(table["model"].unique()), what="model")
+    seed = int(first["seed"]) if seed is None else int(seed)
+    fold = int(first["fold"]) if fold is None else int(fold)
+    sel = table[(table["model"] == model) & (table["seed"] == seed) & (table["fold"] == fold) & (table["target"] == target)]
+    if sel.empty:
+        raise CellbgError(f"no saliency rows for model '{model}', seed {seed}, fold {fold}, target '{target}'")
+    cell_ids = list(dict.fromkeys(sel["cell_id"]))[:cells]
+    images, masks, crop_cells = load_crops(run_dir)
+    row_of = {c: i for i, c in enumerate(crop_cells["cell_id"].astype(str))}
+    idx = np.array([row_of[c] for c in cell_ids])
+    columns, shares = {}, {}
+    for (variant, method), group in sel.groupby(["train_variant", "method"], sort=False):
+        g = group.drop_duplicates("cell_id").set_index("cell_id").reindex(cell_ids)
+        if g["map_index"].isna().any():
+            continue
+        name = f"{variant}\n{method}"
+        columns[name] = maps[g["map_index"].to_numpy(np.int64)]
+        shares[name] = g["background_share"].to_numpy()
+    fig = montage(images[idx], masks[idx], columns, shares=shares, titles=cell_ids)
+    fig.suptitle(f"{model}, seed {seed}, fold {fold}; maps of the {target} class", fontsize=7)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+    return path

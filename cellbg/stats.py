@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from cellbg._checks import CellbgError, look_up_option
+from cellbg._checks import CellbgError, did_you_mean, look_up_option
 
 __all__ = [
     "TestResult",
@@ -73,7 +73,8 @@ TESTS_COLUMNS = [
     "name", "measure", "scale", "saliency_method", "alpha", "n_resamples", "note",
 ]  # fmt: skip
 
-_PRED_COLUMNS = ("cell_id", "patient_id", "label", "model", "train_variant", "test_variant", "seed", "fold", "pred", "correct")
+_PAIR_COLUMNS = ("cell_id", "patient_id", "label", "model", "train_variant", "test_variant", "seed", "fold", "correct")
+_PRED_COLUMNS = _PAIR_COLUMNS + ("pred",)
 _SAL_COLUMNS = ("cell_id", "patient_id", "model", "train_variant", "seed", "fold", "method", "background_share")
 
 
@@ -159,7 +160,10 @@ class TestResult:
             lines.append(f"  discordant pairs: b = {self.mcnemar_b:g} (A right, B wrong), c = {self.mcnemar_c:g}")
         if self.n_resamples:
             lines.append(f"  resamples: {self.n_resamples}")
-        lines.append(f"  n: {self.n_cells} cells, {self.n_patients} patients, {self.n_seeds} seeds")
+        counts = ((self.n_cells, "cells"), (self.n_patients, "patients"), (self.n_seeds, "seeds"))
+        sizes = [f"{v} {k}" for v, k in counts if v]
+        if sizes:
+            lines.append("  n: " + ", ".join(sizes))
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
@@ -194,6 +198,7 @@ class GEEFit:
     tvalues: pd.Series
     pvalues: pd.Series
     conf_int: pd.DataFrame
+    cov_params: pd.DataFrame
     df: float
     cov_type: str
     n_obs: int
@@ -276,7 +281,7 @@ def paired_outcomes(predictions: pd.DataFrame, a: str, b: str, *, model: str | N
     >>> paired_outcomes(p, "original:original", "original:only_fg")[["correct_a", "correct_b"]].values.tolist()
     [[True, False]]
     """
-    _check_columns(predictions, ("cell_id", "patient_id", "label", "model", "train_variant", "test_variant", "seed", "fold", "correct"), "predictions")
+    _check_columns(predictions, _PAIR_COLUMNS, "predictions")
     models = predictions["model"].unique()
     if model is None:
         if len(models) != 1:
@@ -292,10 +297,15 @@ def paired_outcomes(predictions: pd.DataFrame, a: str, b: str, *, model: str | N
         rows = sub[(sub["train_variant"] == train) & (sub["test_variant"] == test)]
         if rows.empty:
             have = sorted(set(sub["train_variant"].astype(str) + ":" + sub["test_variant"].astype(str)))
-            look_up_option(cond, have, what=f"condition for model '{model}'")
+            raise CellbgError(
+                f"condition '{cond}' has no predictions for model '{model}'{did_you_mean(cond, have)}; "
+                f"available: {', '.join(have)}"
+            )
         if rows.duplicated(keys).any():
             dup = rows.loc[rows.duplicated(keys), keys].iloc[0].tolist()
-            raise CellbgError(f"predictions: condition {cond} of model '{model}' has duplicate rows for cell/seed/fold {dup}")
+            raise CellbgError(
+                f"predictions: condition {cond} of model '{model}' has duplicate rows for cell/seed/fold {dup}"
+            )
         part = rows[keys + ["patient_id", "label", "correct"]].rename(columns={"correct": "correct" + suffix})
         parts.append(part)
     merged = parts[0].merge(parts[1].drop(columns=["patient_id", "label"]), on=keys, how="inner")
@@ -333,6 +343,10 @@ def patient_accuracy(paired: pd.DataFrame) -> pd.DataFrame:
     out["acc_b"] = out["correct_b"] / out["n"]
     out["diff"] = out["acc_b"] - out["acc_a"]
     return out
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -719,7 +733,8 @@ def gee_fit(
     q = sps.t.ppf(1 - alpha / 2, df)
     conf = pd.DataFrame({"low": params - q * bse, "high": params + q * bse})
     dep = np.ravel(res.model.cov_struct.dep_params) if cov_struct == "exchangeable" else []
-    return GEEFit(params, bse, tvalues, pvalues, conf, df, cov_type, int(model.nobs), n_groups,
+    cov = pd.DataFrame(np.asarray(res.cov_params()), index=model.exog_names, columns=model.exog_names)
+    return GEEFit(params, bse, tvalues, pvalues, conf, cov, df, cov_type, int(model.nobs), n_groups,
                   family, cov_struct, float(dep[0]) if len(dep) else NAN, alpha)
 
 
@@ -738,7 +753,9 @@ def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias
     Returns
     -------
     TestResult
-        ``estimate`` = log odds ratio of being correct under B versus A.
+        ``estimate`` = the model's marginal accuracy under B minus under A, with a
+        delta-method t-interval; ``statistic`` and ``pvalue`` test the log odds ratio of
+        being correct under B versus A (given, with its interval, in ``note``).
     """
     _check_columns(paired, ("patient_id", "correct_a", "correct_b"), "paired outcomes")
     n = len(paired)
@@ -753,7 +770,7 @@ def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias
     name = "GEE logistic (patients, exchangeable, bias-reduced SE, t ref)"
     k = long["correct"].mean()
     if k in (0.0, 1.0):
-        return TestResult(name, NAN, scale="log odds ratio", alpha=alpha, **sizes,
+        return TestResult(name, 0.0, scale="accuracy difference (GEE marginal)", alpha=alpha, **sizes,
                           note="every cell has the same outcome; the odds ratio is not defined")
     import warnings
 
@@ -762,13 +779,22 @@ def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias
             warnings.simplefilter("ignore")
             fit = gee_fit(long, "correct ~ condition", groups="patient", cov_type=cov_type, alpha=alpha)
     except (np.linalg.LinAlgError, ValueError, ZeroDivisionError) as exc:
-        return TestResult(name, NAN, scale="log odds ratio", alpha=alpha, **sizes,
-                          note=f"GEE did not fit: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return TestResult(name, NAN, scale="accuracy difference (GEE marginal)", alpha=alpha, **sizes,
+                          note=f"GEE did not fit: {_first_line(exc)}")
+    # Marginal accuracies expit(b0) and expit(b0 + b1); delta method for their difference.
+    b0, b1 = float(fit.params["Intercept"]), float(fit.params["condition"])
+    acc_a, acc_b = 1 / (1 + math.exp(-b0)), 1 / (1 + math.exp(-(b0 + b1)))
+    grad = np.array([acc_b * (1 - acc_b) - acc_a * (1 - acc_a), acc_b * (1 - acc_b)])
+    cov = fit.cov_params.loc[["Intercept", "condition"], ["Intercept", "condition"]].to_numpy()
+    se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
+    q = sps.t.ppf(1 - alpha / 2, fit.df)
+    est = acc_b - acc_a
+    lor = fit.conf_int.loc["condition"]
+    note = f"log odds ratio {b1:.4g} [{lor['low']:.4g}, {lor['high']:.4g}]; the test is on the log odds ratio"
     return TestResult(
-        name, float(fit.params["condition"]), float(fit.conf_int.loc["condition", "low"]),
-        float(fit.conf_int.loc["condition", "high"]), f"t, df={fit.df:g}, {cov_type} SE",
+        name, est, est - q * se, est + q * se, f"delta method t, df={fit.df:g}, {cov_type} SE",
         float(fit.tvalues["condition"]), fit.df, float(fit.pvalues["condition"]),
-        scale="log odds ratio", alpha=alpha, **sizes,
+        scale="accuracy difference (GEE marginal)", alpha=alpha, note=note, **sizes,
     )
 
 
@@ -914,7 +940,7 @@ def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
         balanced_accuracy, balanced_accuracy_sd, n_cells, n_patients, n_seeds, n_folds,
         n_rows``. SDs are NaN with one seed.
     """
-    _check_columns(predictions, ("cell_id", "patient_id", "label", "model", "train_variant", "test_variant", "seed", "fold", "correct"), "predictions")
+    _check_columns(predictions, _PAIR_COLUMNS, "predictions")
     keys = ["model", "train_variant", "test_variant"]
     df = predictions[keys + ["seed", "fold", "cell_id", "patient_id", "label", "correct"]].copy()
     df["correct"] = df["correct"].astype(float)
@@ -1005,12 +1031,14 @@ def compare_conditions(
     out.append(("sensitivity", other()))
     if n_pat >= 2:
         w = wilcoxon_test(pat["acc_a"], pat["acc_b"])
-        out.append(("sensitivity", w.replace(method="Wilcoxon signed-rank (patients)", scale="median patient difference", alpha=alpha, **sizes)))
+        w = w.replace(method="Wilcoxon signed-rank (patients)", scale="median patient difference", alpha=alpha)
+        out.append(("sensitivity", w.replace(**sizes)))
     if n_resamples and n_pat >= 2:
         ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
         s1, s2, s3 = ss.spawn(3)
         bt = patient_bootstrap(pat["diff"], n_resamples=n_resamples, alpha=alpha, seed=s1)
-        out.append(("sensitivity", bt.replace(method="patient cluster bootstrap-t (mean of patient differences)", **sizes)))
+        bt = bt.replace(method="patient cluster bootstrap-t (mean of patient differences)")
+        out.append(("sensitivity", bt.replace(**sizes)))
         diff_sums = pat["correct_b"] - pat["correct_a"]
         pooled = patient_bootstrap(diff_sums, pat["n"], n_resamples=n_resamples, alpha=alpha, seed=s2)
         out.append(("sensitivity", pooled.replace(method="patient cluster bootstrap-t (pooled over cells)", **sizes)))
@@ -1018,14 +1046,15 @@ def compare_conditions(
             pc = patient_bootstrap(pat["diff"], n_resamples=n_resamples, alpha=alpha, seed=s3, method="percentile")
             out.append(("sensitivity", pc.replace(note=">= 30 patients: percentile bootstrap reported", **sizes)))
     mc = mcnemar_test(paired_table(paired["correct_a"], paired["correct_b"]))
-    out.append(("secondary", mc.replace(n_cells=sizes["n_cells"], n_patients=sizes["n_patients"], n_seeds=sizes["n_seeds"], alpha=alpha)))
+    out.append(("secondary", mc.replace(alpha=alpha, **sizes)))
     folds = _fold_differences(paired)
     n_folds = int(paired["fold"].nunique())
     if n_folds >= 2 and len(folds) >= 2:
         total = paired.groupby("seed")["cell_id"].nunique().mean()
         ratio = float(np.mean(folds["n_test"] / np.maximum(total - folds["n_test"], 1)))
         nb = corrected_resampled_t_test(folds["diff"], test_train_ratio=ratio, alpha=alpha)
-        out.append(("secondary", nb.replace(note=f"{len(folds)} seed x fold results, n_test/n_train = {ratio:.3g}", **sizes)))
+        nb = nb.replace(note=f"{len(folds)} seed x fold results, n_test/n_train = {ratio:.3g}")
+        out.append(("secondary", nb.replace(**sizes)))
     seeds = sorted(paired["seed"].unique())
     if n_folds == 2 and len(seeds) >= 5:
         grid = folds[folds["seed"].isin(seeds[:5])].pivot(index="seed", columns="fold", values="diff")
@@ -1091,7 +1120,7 @@ def _read_predictions(run_dir: Path) -> pd.DataFrame:
     try:
         df = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises many types for a damaged file
-        raise CellbgError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise CellbgError(f"cannot read {path}: {_first_line(exc)}") from None
     _check_columns(df, _PRED_COLUMNS, str(path))
     if df.empty:
         raise CellbgError(f"{path} holds no rows")
@@ -1117,7 +1146,7 @@ def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
     try:
         sal = pd.read_parquet(path)
     except Exception as exc:
-        raise CellbgError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise CellbgError(f"cannot read {path}: {_first_line(exc)}") from None
     _check_columns(sal, _SAL_COLUMNS, str(path))
     sal = sal[np.isfinite(sal["background_share"].astype(float))]
     rows = []
@@ -1134,12 +1163,15 @@ def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
             both = per[[ref, other]].dropna()
             a, b = f"{ref}:{test_variant}", f"{other}:{test_variant}"
             used = sub[sub["train_variant"].isin([ref, other]) & sub["patient_id"].isin(both.index)]
-            sizes = dict(n_cells=int(used["cell_id"].nunique()), n_patients=len(both), n_seeds=int(used["seed"].nunique()))
+            sizes = dict(
+                n_cells=int(used["cell_id"].nunique()), n_patients=len(both), n_seeds=int(used["seed"].nunique())
+            )
             if len(both) >= 2:
                 r = paired_t_test(both[ref], both[other], alpha=alpha)
                 r = r.replace(method="paired t (patients)", **sizes)
             else:
-                r = TestResult("paired t (patients)", NAN, alpha=alpha, note=f"needs at least 2 patients; got {len(both)}", **sizes)
+                note = f"needs at least 2 patients; got {len(both)}"
+                r = TestResult("paired t (patients)", NAN, alpha=alpha, note=note, **sizes)
             rows.append(_row("saliency", "primary", str(model), a, b, r.replace(scale="background share difference"),
                              measure="background_share", saliency_method=str(method)))
     return rows
@@ -1178,7 +1210,6 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
     rows: list[dict] = []
     models = [m.key for m in protocol.models if m.key in set(preds["model"])]
     models += sorted(set(preds["model"]) - set(models))
-    conditions = set(preds["train_variant"] + ":" + preds["test_variant"])
 
     for model in models:
         for k, comp in enumerate(cfg.confirmatory):
@@ -1226,14 +1257,16 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
         table.to_csv(tmp, index=False)
     with atomic_path(out_dir / "accuracy.csv") as tmp:
         acc.to_csv(tmp, index=False)
-    write_text_atomic(out_dir / "summary.md", _summary_md(protocol, table, acc, conditions))
+    write_text_atomic(out_dir / "summary.md", _summary_md(protocol, table, acc))
     return table
 
 
-def _fmt(v, digits: int = 3) -> str:
+def _fmt(v, digits: int = 3, *, integer: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, float):
+        if integer and v == round(v):
+            return str(int(v))
         return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
     return str(v)
 
@@ -1242,19 +1275,26 @@ def _md_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+        cells = (_fmt(v, integer=c == "df" or c.startswith(("n_", "mcnemar_"))) for c, v in zip(cols, row))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame, conditions: set[str]) -> str:
+def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame) -> str:
     cfg = protocol.stats
     level = f"{100 * (1 - cfg.alpha):g}%"
+    primary_text = (
+        "a paired t-test on per-patient accuracy differences (df = patients - 1)"
+        if cfg.primary == "patient_t"
+        else "GEE logistic regression clustered by patient (exchangeable, bias-reduced covariance, "
+        "t reference with patients - 1 df)"
+    )
     parts = [
         f"# Statistics: {protocol.name}",
         "",
         "The unit of inference is the patient. The primary test averages correctness within each "
         "patient (over cells, seeds and folds, paired on seed and fold) and compares conditions "
-        f"with {'a paired t-test on per-patient accuracy differences (df = patients - 1)' if cfg.primary == 'patient_t' else 'GEE logistic regression clustered by patient (exchangeable, bias-reduced covariance, t reference with patients - 1 df)'}. "
+        f"with {primary_text}. "
         "Estimates are condition B minus condition A. "
         f"Intervals are {level}. Holm adjusts the confirmatory family, Benjamini-Hochberg the "
         "exploratory grid (both are given for every family). McNemar is cell-level and "
@@ -1268,7 +1308,8 @@ def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame, conditions: se
         parts.append(f"Percentile bootstrap intervals are not reported: {n_pat} patients < 30; "
                      "the studentized (bootstrap-t) patient cluster bootstrap is given instead.")
     parts.append("")
-    cols = ["model", "comparison", "estimate", "ci_low", "ci_high", "statistic", "df", "pvalue", "p_holm", "p_bh", "n_patients"]
+    cols = ["model", "comparison", "estimate", "ci_low", "ci_high", "statistic", "df", "pvalue", "p_holm", "p_bh",
+            "n_patients"]  # fmt: skip
     for fam in ("confirmatory", "exploratory", "saliency"):
         sub = table[(table["family"] == fam) & (table["role"] == "primary")]
         if sub.empty:
@@ -1288,7 +1329,10 @@ def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame, conditions: se
     others = table[(table["family"] == "confirmatory") & (table["role"] != "primary")]
     if not others.empty:
         parts += ["## Confirmatory: sensitivity and secondary tests", ""]
-        parts += [_md_table(others[["model", "comparison", "role", "method", "estimate", "ci_low", "ci_high", "pvalue", "mcnemar_b", "mcnemar_c"]]), ""]
+        ocols = ["model", "comparison", "role", "method", "estimate", "ci_low", "ci_high", "pvalue", "mcnemar_b",
+                 "mcnemar_c"]  # fmt: skip
+        parts += [_md_table(others[ocols]), ""]
     parts += ["## Accuracy (mean and SD over seeds)", ""]
-    parts += [_md_table(acc[["model", "condition", "accuracy", "accuracy_sd", "balanced_accuracy", "n_cells", "n_patients", "n_seeds"]]), ""]
+    acols = ["model", "condition", "accuracy", "accuracy_sd", "balanced_accuracy", "n_cells", "n_patients", "n_seeds"]
+    parts += [_md_table(acc[acols]), ""]
     return "\n".join(parts)

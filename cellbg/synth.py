@@ -271,14 +271,6 @@ def _harmonics(dy, dx, rho, amps: np.ndarray, phases: np.ndarray, orders) -> np.
     return out
 
 
-def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
-    """Gaussian-filtered white noise with unit standard deviation (a texture)."""
-    from scipy.ndimage import gaussian_filter
-
-    z = gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, mode="wrap")
-    return z / max(float(z.std()), 1e-6)
-
-
 # ----------------------------------------------------------------------------- cells
 def _draw_cells(rng: np.random.Generator, label: str, n: int) -> dict:
     """Morphology parameters of ``n`` cells of one class (arrays of length n)."""
@@ -601,7 +593,7 @@ def synth_field(
         image = image.reshape(3, size, size)
     else:
         weights = np.array(
-            [stain.offset, 0.035, 0.3, 0.12, _CUE_GRAY[label], 0.16, 0.72], np.float32
+            [stain.offset, 0.035, 0.3, 0.12, _CUE_GRAY[label], 0.14, 0.5], np.float32
         )  # emissions
         emission = (weights @ layers).reshape(size, size)
         image = np.float32(stain.gain) * illum * emission
@@ -763,6 +755,10 @@ def make_dataset(
         mode=mode, seed=seed,
     )
 
+    # the parameters first: they mark the folder as a synthetic dataset, so a run killed
+    # half-way is replaced on the next call instead of being refused as foreign
+    write_text_atomic(out_dir / "synth.json", json.dumps(params, indent=2, sort_keys=True) + "\n")
+
     root = np.random.SeedSequence(seed)
     design_ss, *patient_ss = root.spawn(patients + 1)
     design = np.random.default_rng(design_ss)
@@ -804,7 +800,6 @@ def make_dataset(
     _remove_stale(out_dir, {r["path"] for r in manifest_rows} | {r["mask"] for r in manifest_rows})
     truth_df = pd.concat(truth, ignore_index=True)[TRUTH_COLUMNS]
     write_text_atomic(out_dir / "cells_truth.csv", truth_df.to_csv(index=False, lineterminator="\n"))
-    write_text_atomic(out_dir / "synth.json", json.dumps(params, indent=2, sort_keys=True) + "\n")
     manifest = pd.DataFrame(manifest_rows, columns=["path", "label", "patient", "mask"])
     # the manifest is written last: its presence means the dataset is complete
     write_text_atomic(out_dir / "manifest.csv", manifest.to_csv(index=False, lineterminator="\n"))

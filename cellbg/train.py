@@ -391,32 +391,33 @@ class RandDihedral(Transform):
         n, c, h, w = images.shape
         if h != w:
             raise CellbgError(f"RandDihedral needs square images; got {h}x{w}")
-        out = images.clone()
-        for op in torch.unique(self._ops).tolist():
-            if op == 0:
-                continue
-            sel = (self._ops == op).nonzero().flatten()
+        order = torch.argsort(self._ops, stable=True)
+        parts = []
+        for op, count in zip(*torch.unique_consecutive(self._ops[order], return_counts=True)):
+            sel = order[sum(len(p) for p in parts):][: int(count)]
             # MONAI treats the first axis as channels: fold (images, channels) into it.
-            x = images[sel].reshape(-1, h, w)
-            k, flip = op % 4, op >= 4
+            x = images.index_select(0, sel).reshape(-1, h, w)
+            k, flip = int(op) % 4, int(op) >= 4
             if k:
                 x = Rotate90(k=k, spatial_axes=(0, 1))(x)
             if flip:
                 x = Flip(spatial_axis=1)(x)
-            out[sel] = torch.as_tensor(x).reshape(len(sel), c, h, w)
-        return out
+            parts.append(torch.as_tensor(x).reshape(int(count), c, h, w))
+        # Gather back into batch order (index_put would be slow in deterministic mode).
+        return torch.cat(parts).index_select(0, torch.argsort(order))
 
 
 class RandIntensityJitter(Transform):
-    """Per-image, per-channel random contrast and brightness: ``x * a + b``, clipped to [0, 1].
+    """Per-image random contrast and brightness: ``x * a + b``, clipped to [0, 1].
 
-    ``a`` is uniform in ``[1 - scale, 1 + scale]``, ``b`` in ``[-shift, shift]``; one draw per
-    image and channel (stain and illumination vary per cell and channel).
+    ``a`` is uniform in ``[1 - scale, 1 + scale]``, ``b`` in ``[-shift, shift]``, one draw per
+    image shared by its channels, so colour (the ratio between channels) is kept: a
+    background cue carried by colour must not be augmented away.
 
     Examples
     --------
     >>> t = RandIntensityJitter(scale=0.0, shift=0.0).set_random_state(0)
-    >>> t.randomize((2, 3))
+    >>> t.randomize(2)
     >>> x = torch.rand(2, 3, 4, 4)
     >>> bool(torch.equal(t(x), x))
     True
@@ -431,16 +432,16 @@ class RandIntensityJitter(Transform):
         self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed or 0))
         return self
 
-    def randomize(self, shape: tuple[int, int]) -> None:
-        u = torch.rand((2, *shape), generator=self.generator) * 2 - 1
+    def randomize(self, n: int) -> None:
+        u = torch.rand((2, n), generator=self.generator) * 2 - 1
         self._a = 1 + self.scale * u[0]
         self._b = self.shift * u[1]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self._a is None or tuple(self._a.shape) != tuple(images.shape[:2]):
-            raise RuntimeError("call randomize((n, C)) with the batch shape first")
-        a = self._a.to(images.dtype)[..., None, None]
-        b = self._b.to(images.dtype)[..., None, None]
+        if self._a is None or len(self._a) != len(images):
+            raise RuntimeError("call randomize(n) with the batch size first")
+        a = self._a.to(images.dtype)[:, None, None, None]
+        b = self._b.to(images.dtype)[:, None, None, None]
         return (images * a + b).clamp_(0.0, 1.0)
 
 
@@ -482,29 +483,22 @@ def _available_memory() -> int:
 
 
 def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto") -> _Crops:
-    """Open ``crops.zarr`` and ``cells.parquet`` (file contract of the crops stage)."""
-    import zarr
+    """The run's crops (:func:`cellbg.crops.load_crops`), in memory when they fit."""
+    from cellbg.crops import load_crops
 
-    store, table = run_dir / "crops.zarr", run_dir / "cells.parquet"
-    if not store.is_dir() or not table.is_file():
-        raise CellbgError(f"no crops in {run_dir} (cells.parquet and crops.zarr); run 'cellbg crops' first")
-    cells = pd.read_parquet(table)
+    images, masks, cells = load_crops(run_dir, lazy=True)
+    table = Path(run_dir) / "cells.parquet"
     missing = [c for c in _CELL_COLUMNS if c not in cells.columns]
     if missing:
         raise CellbgError(f"{table}: missing column(s) {missing}")
-    group = zarr.open_group(str(store), mode="r")
-    try:
-        images, masks = group["images"], group["masks"]
-        classes = [str(c) for c in group.attrs["classes"]]
-    except KeyError as exc:
-        raise CellbgError(f"{store}: missing {exc} (expected arrays 'images', 'masks' and attribute 'classes')") from None
-    if images.ndim != 4 or images.shape[0] != len(cells) or tuple(masks.shape) != (images.shape[0], *images.shape[2:]):
-        raise CellbgError(
-            f"{store}: images {tuple(images.shape)} / masks {tuple(masks.shape)} do not match "
-            f"{len(cells)} cells in {table.name} (expected (n, C, S, S) and (n, S, S))"
-        )
+    classes = [str(c) for c in cells.attrs.get("classes", [])]
     if len(classes) < 2:
-        raise CellbgError(f"{store}: needs at least two classes; got {classes}")
+        raise CellbgError(f"{Path(run_dir) / 'crops.zarr'}: needs at least two classes; got {classes}")
+    if images.ndim != 4 or tuple(masks.shape) != (images.shape[0], *images.shape[2:]):
+        raise CellbgError(
+            f"{Path(run_dir) / 'crops.zarr'}: images {tuple(images.shape)} and masks {tuple(masks.shape)} "
+            "are not (n, C, S, S) and (n, S, S)"
+        )
     fit = images.nbytes < 0.5 * _available_memory()
     if in_memory is True or (in_memory == "auto" and fit):
         images = torch.from_numpy(np.ascontiguousarray(images[...], dtype=np.float32))
@@ -557,7 +551,7 @@ class _TrainBatches(torch.utils.data.Dataset):
         if self.augment:
             g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, b, 2))
             self.dihedral.set_random_state(generator=g).randomize(len(idx))
-            self.jitter.set_random_state(generator=g).randomize(tuple(images.shape[:2]))
+            self.jitter.set_random_state(generator=g).randomize(len(idx))
             images = self.jitter(self.dihedral(images))
         return images.contiguous(), torch.from_numpy(labels)
 
@@ -883,6 +877,9 @@ def _predict(model, crops: _Crops, split: Split, protocol, spec: JobSpec, *, dev
 def run_training(protocol, *, progress: Callable[[JobResult], None] | None = None) -> list[JobResult]:
     """Run every job of the protocol serially (skipping finished ones), then
     :func:`collect_predictions`. The runner (:mod:`cellbg.runner`) runs them in parallel."""
+    from cellbg.protocol import write_resolved
+
+    write_resolved(protocol)  # collect_predictions and later stages read the run's protocol
     results = []
     for spec in plan_jobs(protocol):
         result = run_job(protocol, spec)

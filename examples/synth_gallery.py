@@ -66,7 +66,7 @@ def main(out: Path, mode: str = "rgb", seed: int = 0) -> Path:
                  fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=95)
     plt.close(fig)
     return out
 

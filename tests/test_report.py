@@ -48,7 +48,9 @@ def _protocol(run_dir: Path, **overrides) -> Protocol:
         "models": [{"arch": "resnet", "depth": 10, "width": 0.25}, {"arch": "shufflenet_v2", "width": 0.5}],
         "training": {"epochs": 3, "seeds": SEEDS, "split": {"folds": 3}},
         "saliency": {"methods": ["gradcam"]},
-        "stats": {"bootstrap": 200},
+        # The BG-GAP pair as a planned comparison keeps the stats stage small (no exploratory sweep).
+        "stats": {"bootstrap": 200, "exploratory": False, "confirmatory": [
+            {"a": "original:original", "b": "original:only_fg"}, {"a": "original:mixed_rand", "b": "original:mixed_same"}]},
     }
     raw.update(overrides)
     return Protocol.model_validate(raw)
@@ -152,8 +154,21 @@ def _write_crops_and_saliency(run_dir: Path, cells: pd.DataFrame) -> pd.DataFram
     return sal
 
 
+SEG_TP, SEG_FP, SEG_FN = [5, 4, 6], [1, 0, 1], [0, 2, 1]
+
+
+def _write_segmentation_evaluation(run_dir: Path) -> None:
+    """``segmentation/evaluation.csv`` as :func:`cellbg.segment.evaluate_run` writes it."""
+    tp, fp, fn = (np.array(x, float) for x in (SEG_TP, SEG_FP, SEG_FN))
+    (run_dir / "segmentation").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"image_id": ["a", "b", "c"], "n_true": tp + fn, "n_pred": tp + fp, "tp": tp, "fp": fp, "fn": fn,
+                  "precision": tp / (tp + fp), "recall": tp / (tp + fn), "f1": 2 * tp / (2 * tp + fp + fn),
+                  "ap": [0.7, 0.6, 0.8], "mean_matched_iou": [0.8, 0.75, 0.85]},
+                 ).to_csv(run_dir / "segmentation" / "evaluation.csv", index=False)
+
+
 def make_run(run_dir: Path, *, with_predictions=True, with_stats=True, with_jobs=True, with_saliency=True,
-             **protocol) -> dict:
+             with_segmentation=True, **protocol) -> dict:
     p = _protocol(run_dir, **protocol)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(p)
@@ -166,6 +181,8 @@ def make_run(run_dir: Path, *, with_predictions=True, with_stats=True, with_jobs
             out["tests"] = _write_stats(run_dir)
     if with_jobs:
         _write_jobs(run_dir)
+    if with_segmentation and out["protocol"].segmentation.method != "masks":
+        _write_segmentation_evaluation(run_dir)
     if with_saliency:
         out["saliency"] = _write_crops_and_saliency(run_dir, cells)
     return out
@@ -173,9 +190,17 @@ def make_run(run_dir: Path, *, with_predictions=True, with_stats=True, with_jobs
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
+    """A run with every input, reported in a fresh interpreter that must never import torch."""
     run_dir = tmp_path_factory.mktemp("report") / "run"
     made = make_run(run_dir)
-    made["report"] = write_report(run_dir)
+    code = (
+        "import sys\nimport cellbg.report as r\nassert 'torch' not in sys.modules, 'import'\n"
+        f"r.write_report({str(run_dir)!r}, gallery_cells=2)\n"
+        "assert 'torch' not in sys.modules, 'write_report'\nprint('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    made["no_torch"] = (res.returncode, res.stdout.strip(), res.stderr[-2000:])
+    made["report"] = run_dir / "report"
     made["run_dir"] = run_dir
     return made
 
@@ -234,9 +259,13 @@ def test_bg_gap_matches_predictions(full_run):
         assert r[4] == f"{100 * np.mean(gaps):.1f} $\\pm$ {100 * np.std(gaps, ddof=1):.1f}"
         # the stats stage tests it as b - a with a = mixed_rand, b = mixed_same (primary row)
         hit = tests[(tests.model == model) & (tests.a == f"{train}:mixed_rand") & (tests.b == f"{train}:mixed_same")
-                    & (tests.role == "primary")].iloc[0]
-        assert r[5] == f"[{100 * hit.ci_low:.1f}, {100 * hit.ci_high:.1f}]"
-        assert r[6] == ("$<$0.001" if hit.pvalue < 0.001 else f"{hit.pvalue:.3f}") and r[7] == hit.method
+                    & (tests.role == "primary")]
+        if train == "original":
+            hit = hit.iloc[0]
+            assert r[5] == f"[{100 * hit.ci_low:.1f}, {100 * hit.ci_high:.1f}]"
+            assert r[6] == _fmt_p(hit.pvalue) and r[7] == hit.method
+        else:  # not among the planned comparisons
+            assert hit.empty and (r[5], r[6], r[7]) == ("--", "--", "not tested")
 
 
 def test_bg_gap_table_sign_from_stats_row():
@@ -273,20 +302,32 @@ def test_significance_tex_matches_stats(full_run):
     assert float(rows[0][3].split()[0]) == pytest.approx(d.mean(), abs=5e-4)
 
 
+def test_segmentation_table_pools_counts(full_run):
+    rows = {r[0].replace("\\_", "_"): r[1:] for r in _tex_rows((full_run["report"] / "tables" / "segmentation.tex").read_text())}
+    tp, fp, fn = sum(SEG_TP), sum(SEG_FP), sum(SEG_FN)
+    assert rows["precision"][1] == f"{tp / (tp + fp):.3f}" == "0.882"
+    assert rows["recall"][1] == f"{tp / (tp + fn):.3f}" == "0.833"
+    assert rows["f1"][1] == f"{2 * tp / (2 * tp + fp + fn):.3f}" == "0.857"
+    assert rows["ap"] == ["0.700 $\\pm$ 0.100", "--"]
+    assert rows["tp"] == ["5.0 $\\pm$ 1.0", "15 (total)"]
+
+
 # --------------------------------------------------------------------------- LaTeX
 def _structural_check(text: str) -> None:
     assert text.count("{") - text.count("\\{") == text.count("}") - text.count("\\}")
     assert text.count("\\begin{tabular}") == text.count("\\end{tabular}") == 1
     for rule in ("\\toprule", "\\midrule", "\\bottomrule"):
         assert text.count(rule) == 1
-    spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", text).group(1)
+    spec = re.search(r"\\begin\{tabular\}\{((?:[lrc]|p\{[^}]+\})+)\}", text).group(1)
+    n_columns = len(re.findall(r"[lrc]|p\{[^}]+\}", spec))
     for row in [_tex_header(text)] + _tex_rows(text):
-        assert len(row) == len(spec)
+        assert len(row) == n_columns
 
 
 def test_tex_tables_compile(full_run, tmp_path):
     tables = sorted((full_run["report"] / "tables").glob("*.tex"))
-    assert {t.stem for t in tables} == {"accuracy_resnet", "accuracy_shufflenet_v2", "bg_gap", "significance"}
+    assert {t.stem for t in tables} == {"accuracy_resnet", "accuracy_shufflenet_v2", "bg_gap", "significance",
+                                        "segmentation"}
     for t in tables:
         _structural_check(t.read_text())
     if shutil.which("pdflatex") is None:  # structural check above is then the whole test
@@ -362,12 +403,15 @@ def test_missing_parts_are_stated(tmp_path):
                      "masks were supplied with the data"):
         assert sentence in md, sentence
     assert {p.stem for p in (out / "figures").glob("*.png")} == {"accuracy_heatmap"}
+    figures = {p.name: p.read_bytes() for p in (out / "figures").iterdir()}
+    assert {p.name: p.read_bytes() for p in (write_report(run_dir) / "figures").iterdir()} == figures  # deterministic
     assert {p.stem for p in (out / "tables").glob("*.tex")} == {"accuracy_resnet", "accuracy_shufflenet_v2"}
     assert "Parts not available in this run:" in md
 
     # a run with nothing but its protocol still gives a report that says so
     bare = tmp_path / "bare"
-    make_run(bare, with_predictions=False, with_jobs=False, with_saliency=False, saliency={"enabled": False})
+    make_run(bare, with_predictions=False, with_jobs=False, with_saliency=False, with_segmentation=False,
+             saliency={"enabled": False})
     md = (write_report(bare) / "report.md").read_text()
     assert "no predictions were found" in md and "saliency was switched off in the protocol" in md
     assert not list((bare / "report").glob("tables/*.tex"))
@@ -401,30 +445,29 @@ def test_bad_inputs_are_one_line_errors_and_keep_the_old_report(full_run, tmp_pa
     assert r.exit_code == 2 and "lacks column" in r.output and "Traceback" not in r.output
 
 
-def test_cli_report(full_run, tmp_path):
+def test_cli_report_is_deterministic(full_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(full_run["run_dir"], run_dir, ignore=shutil.ignore_patterns("report", "saliency*", "jobs"))
+    # the same run with figures off (cheaper); the tables must not change
+    resolved = run_dir / "protocol.resolved.yaml"
+    resolved.write_text(resolved.read_text().replace("  figures: true", "  figures: false"))
     r = CliRunner().invoke(app, ["report", str(run_dir), "--gallery-cells", "2"])
     assert r.exit_code == 0, r.output
     assert "report written to" in r.output and "tables/significance.tex" in r.output
-    assert (run_dir / "report" / "report.html").exists()
+    out = run_dir / "report"
+    md = (out / "report.md").read_text()
+    assert "no saliency was computed" in md and "figures are switched off" in md
+    assert not (out / "figures").exists()
+    # Same predictions and stats, another process: the same bytes for every table.
+    tables = sorted((out / "tables").glob("*.tex"))
+    assert len(tables) == 5
+    for p in tables:
+        assert p.read_bytes() == (full_run["report"] / "tables" / p.name).read_bytes(), p.name
 
 
-def test_report_never_imports_torch_and_is_deterministic(full_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(full_run["run_dir"], run_dir)
-    code = (
-        "import sys\nimport cellbg.report as r\nassert 'torch' not in sys.modules, 'import'\n"
-        f"r.write_report({str(run_dir)!r}, gallery_cells=2)\n"
-        "assert 'torch' not in sys.modules, 'write_report'\nprint('ok')\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
-    # and the same run gives the same bytes, in another process
-    for sub in ("tables", "figures"):
-        for p in sorted((full_run["report"] / sub).iterdir()):
-            if p.stem != "saliency_gallery":  # drawn here with 2 cells, not 4
-                assert (run_dir / "report" / sub / p.name).read_bytes() == p.read_bytes(), p.name
+def test_report_never_imports_torch(full_run):
+    returncode, stdout, stderr = full_run["no_torch"]
+    assert returncode == 0 and stdout == "ok", stderr
 
 
 def test_parse_condition():

@@ -223,48 +223,7 @@ def test_client_job_failure_is_reported(tmp_path):
     assert json.loads((tmp_path / ".cellbg" / "last-run.json").read_text())["state"] == "failed"
 
 
-# --------------------------------------------------------------------------- kill and resume
-_SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-import test_runner
-from cellbg.protocol import ExecutorConfig
-from cellbg.runner import run_stages
-values = {{f"j{{i}}": str(i * i) for i in range(8)}}
-if __name__ == "__main__":  # Dask's worker processes are spawned: they re-import this file
-    s = run_stages(test_runner.make_stages(values, seconds=1.0), sys.argv[1],
-                   executor=ExecutorConfig(workers=2), progress=False)
-    print(s.summary())
-    sys.exit(0 if s.ok else 1)
-"""
-
-
-def test_killed_run_resumes_without_redoing_finished_jobs(tmp_path):
-    script = tmp_path / "run_it.py"
-    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and len(list((run_dir / "out").glob("*.txt"))) < 3:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)  # the whole `cellbg run` process, mid-stage
-    proc.wait(timeout=30)
-    finished = {p.stem for p in (run_dir / "out").glob("*.txt")}
-    assert 3 <= len(finished) < 8
-
-    st = status(run_dir, stages=[])
-    assert st.state == "interrupted"
-
-    again = subprocess.run([sys.executable, str(script), str(run_dir)], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0, again.stdout + again.stderr
-    made = calls(run_dir)
-    for name in finished:  # finished before the kill: not run again
-        assert made.count(name) == 1
-    assert (run_dir / "total.txt").read_text() == "".join(f"j{i}={i * i}\n" for i in range(8))
-
-
+# --------------------------------------------------------------------------- misc
 def test_one_run_per_folder(tmp_path):
     import fcntl
 
@@ -280,10 +239,10 @@ def test_one_run_per_folder(tmp_path):
     ("kind", "expected", "absent"),
     [
         ("slurm", ["#SBATCH -p short", "#SBATCH -A proj42", "#SBATCH --gres=gpu:1", "#SBATCH -t 02:00:00",
-                   "#SBATCH --constraint=a100"], ["--mem"]),
+                   "#SBATCH --constraint=a100"], ["#SBATCH --mem"]),
         ("pbs", ["#PBS -q short", "#PBS -A proj42", "#PBS -l ngpus=1", "#PBS -l walltime=02:00:00"], []),
         ("sge", ["#$ -q short", "#$ -P proj42", "#$ -l gpu=1", "#$ -l h_rt=02:00:00"], []),
-        ("lsf", ["#BSUB -q short", "#BSUB -P proj42", '#BSUB -gpu "num=1"', "#BSUB -W 02:00"], []),
+        ("lsf", ["#BSUB -q short", '#BSUB -P "proj42"', '#BSUB -gpu "num=1"', "#BSUB -W 02:00"], []),
     ],
 )
 def test_batch_job_script(tmp_path, kind, expected, absent):
@@ -316,3 +275,190 @@ def test_lifetime_must_end_before_walltime(tmp_path):
     cfg = ExecutorConfig(kind="slurm", walltime="00:30:00", worker_lifetime="45m")
     with pytest.raises(CellbgError, match="must be shorter than executor.walltime"):
         make_cluster(cfg, tmp_path)
+
+
+# --------------------------------------------------------------------------- the cellbg pipeline
+#: A protocol small enough for the default test run: 4 patients, 2 models x 2 train
+#: variants x 2 folds = 8 training jobs of one epoch on 24-pixel crops.
+TINY = {
+    "name": "tiny",
+    "output": "run",
+    "seed": 0,
+    "data": {"source": "synthetic", "synthetic": {"patients": 4, "cells_per_patient": 12, "cells_per_image": 4,
+                                                  "image_size": 160, "signal": 0.9, "seed": 0}},
+    "segmentation": {"method": "masks"},
+    "crops": {"size": 24},
+    "variants": {"train": ["original", "only_fg"], "test": ["original", "only_fg"]},
+    "models": [{"arch": "resnet", "label": "resnet_a", "depth": 10, "width": 0.125},
+               {"arch": "resnet", "label": "resnet_b", "depth": 10, "width": 0.25}],
+    "training": {"epochs": 1, "batch_size": 32, "seeds": [0], "split": {"kind": "kfold", "folds": 2}},
+    "saliency": {"methods": ["gradcam"], "cells_per_job": 4, "sanity_check": False},
+    "stats": {"bootstrap": 50},
+    "report": {"formats": ["md"], "figures": False},
+    "executor": {"workers": 2, "retries": 1},
+}
+
+
+def write_protocol(folder: Path, **changes) -> Path:
+    """The tiny protocol (with top-level sections replaced or merged) in ``folder``."""
+    import copy
+
+    import yaml
+
+    proto = copy.deepcopy(TINY)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(proto.get(key), dict):
+            proto[key] = {**proto[key], **value}
+        else:
+            proto[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "protocol.yaml"
+    path.write_text(yaml.safe_dump(proto, sort_keys=False))
+    return path
+
+
+def reference_run(base: Path) -> Path:
+    """The tiny protocol run once, uninterrupted, per test session (test_slurm reuses it)."""
+    from cellbg.runner import run_protocol
+
+    folder = base / "tiny-reference"
+    run_dir = folder / "run"
+    if not (run_dir / ".cellbg" / "last-run.json").exists() or \
+            json.loads((run_dir / ".cellbg" / "last-run.json").read_text())["state"] != "finished":
+        summary = run_protocol(write_protocol(folder), progress=False)
+        assert summary.ok, summary.summary()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return reference_run(tmp_path_factory.getbasetemp())
+
+
+def cellbg(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cellbg.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_same_results(run_dir: Path, reference: Path, *, saliency: bool = True) -> None:
+    """Same predictions, statistics (and saliency) as the reference run, to the last bit."""
+    import pandas as pd
+
+    keys = ["cell_id", "model", "train_variant", "test_variant", "seed", "fold"]
+    ours = pd.read_parquet(run_dir / "predictions.parquet").sort_values(keys).reset_index(drop=True)
+    theirs = pd.read_parquet(reference / "predictions.parquet").sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ours, theirs)
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "stats" / "tests.csv"),
+                                  pd.read_csv(reference / "stats" / "tests.csv"))
+    if saliency:
+        pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "saliency.parquet"),
+                                      pd.read_parquet(reference / "saliency.parquet"))
+
+
+def test_pipeline_end_to_end_and_rerun_does_no_work(reference):
+    import pandas as pd
+
+    cells = pd.read_parquet(reference / "cells.parquet")
+    preds = pd.read_parquet(reference / "predictions.parquet")
+    # every cell is tested once (its fold) per model x train variant x test variant x seed
+    assert len(preds) == len(cells) * 2 * 2 * 2
+    assert set(preds["model"]) == {"resnet_a", "resnet_b"}
+    assert (reference / "stats" / "tests.csv").exists() and (reference / "saliency.parquet").exists()
+    assert (reference / "report" / "report.md").exists()
+    assert len(list((reference / "jobs").glob("*/DONE"))) == 8
+    logs = sorted(p.name.split("-")[0] for p in (reference / "logs").glob("*.log") if p.name != "dask.log")
+    assert logs == ["crops", "data", "predictions", "report", "saliency", "segment", "stats"] + ["train"] * 8
+    # a second run of the finished protocol does no work (and starts no cluster)
+    mtimes = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file() and ".cellbg" not in p.parts}
+    t0 = time.perf_counter()
+    again = cellbg("run", str(reference.parent / "protocol.yaml"))
+    assert again.returncode == 0, again.stderr
+    assert "0 jobs ran" in again.stdout
+    assert time.perf_counter() - t0 < 60
+    changed = [p for p, m in mtimes.items() if p.exists() and p.stat().st_mtime_ns != m
+               and p.name != "protocol.resolved.yaml"]
+    assert changed == []
+    st = cellbg("status", str(reference))
+    assert st.returncode == 0 and "finished" in st.stdout
+    assert all(line.split()[1] == line.split()[2] for line in st.stdout.splitlines()[2:] if line.strip())
+
+
+def test_changing_one_model_reruns_only_its_jobs(reference, tmp_path):
+    models = [TINY["models"][0], {**TINY["models"][1], "width": 0.5}]
+    path = write_protocol(tmp_path, output=str(reference), models=models)
+    dry = cellbg("run", str(path), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    rows = [line.split() for line in dry.stdout.splitlines()]
+    train = [w for w in rows if w and w[0] == "train" and w[1] in ("cached", "to")]
+    assert len(train) == 8
+    to_run = [words[-1] for words in train if words[1] == "to"]
+    cached = [words[-1] for words in train if words[1] == "cached"]
+    assert sorted(to_run) == sorted(n for n in to_run if n.startswith("resnet_b/")) and len(to_run) == 4
+    assert all(n.startswith("resnet_a/") for n in cached) and len(cached) == 4
+    for stage in ("data", "segment", "crops"):
+        assert any(line.startswith(stage) and " cached " in line for line in dry.stdout.splitlines())
+
+
+def test_killed_run_resumes_with_the_same_results(reference, tmp_path):
+    path = write_protocol(tmp_path)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cellbg.cli", "run", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list((run_dir / "jobs").glob("*/DONE")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # `cellbg run` dies mid-way through training
+    proc.wait(timeout=30)
+    finished = {p.parent.name for p in (run_dir / "jobs").glob("*/DONE")}
+    assert 1 <= len(finished) < 8
+    st = cellbg("status", str(run_dir))
+    assert "interrupted" in st.stdout
+
+    again = cellbg("run", str(path))
+    assert again.returncode == 0, again.stderr
+    for key in finished:  # finished before the kill: not trained again
+        assert (run_dir / "logs" / f"train-{key}.log").read_text().count("=== attempt started") == 1
+    assert_same_results(run_dir, reference)
+
+
+def test_failed_jobs_are_reported_with_their_logs(reference, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("saliency.*", "logs"))
+    # 1. a job that raises: a typo in the saliency test variant, found on the worker
+    path = write_protocol(tmp_path, saliency={"test_variant": "only_fgg"})
+    first = cellbg("run", str(path))
+    assert first.returncode == 1
+    key = json.loads((run_dir / ".cellbg" / "last-run.json").read_text())["failures"][0]["key"]
+    log = run_dir / "logs" / f"saliency-{key}.log"
+    # a user error is not retried: one attempt, reported with the job's log
+    assert "saliency saliency failed after 1 attempt(s): CellbgError" in first.stdout
+    assert str(log) in first.stdout
+    assert "only_fgg" in log.read_text() and "Traceback" in log.read_text()
+    table = {line.split()[0]: line.split()[1:] for line in first.stdout.splitlines() if line.strip()}
+    assert table["train"][:3] == ["8", "8", "0"]  # finished training kept: 8 jobs, 8 cached, 0 ran
+    assert "not run: saliency failed" in first.stdout
+
+    # 2. a job whose worker process is killed (as by the OOM killer), no retries
+    path = write_protocol(tmp_path, executor={"workers": 2, "retries": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "cellbg.cli", "run", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    logs = []
+    while not logs:
+        logs = [p for p in (run_dir / "logs").glob("saliency-*.log") if p != log and "pid=" in p.read_text()]
+        assert proc.poll() is None and time.monotonic() < deadline, "the saliency job ended before the kill"
+        time.sleep(0.02)
+    worker_pid = int(logs[0].read_text().split("pid=")[1].split()[0])
+    os.kill(worker_pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1, out + err
+    assert "worker process died" in out and str(logs[0]) in out
+    assert "finished jobs are kept" in err
+
+    # 3. run again: everything finishes, with the reference's numbers
+    again = cellbg("run", str(path))
+    assert again.returncode == 0, again.stderr
+    assert_same_results(run_dir, reference)

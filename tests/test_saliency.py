@@ -287,3 +287,214 @@ def test_sanity_check_flags_maps_that_ignore_the_weights():
     assert np.all(trained.reshape(4, 16, 16)[:, 8:, :] == 0)
     rnd = integrated_gradients(randomize_weights(local, seed=0), x, [1] * 4, steps=4)
     assert np.all(rank_correlation(trained, rnd) < 0.5)
+
+
+# --------------------------------------------------------------------------- whole runs
+def _protocol(tmp_path, text: str):
+    from cellbg.protocol import parse_protocol, write_resolved
+
+    p = parse_protocol(text, base_dir=tmp_path)
+    write_resolved(p)
+    return p
+
+
+def _build_run(p):
+    """data -> masks -> crops -> training with the real upstream stages."""
+    from cellbg.crops import run_crops
+    from cellbg.data import discover
+    from cellbg.segment import run_segmentation
+    from cellbg.train import run_training
+
+    run_segmentation(p, discover(p))
+    run_crops(p)
+    run_training(p)
+    return p
+
+
+_TINY = """
+name: tiny
+output: run
+seed: 0
+data:
+  source: synthetic
+  synthetic: {patients: 4, cells_per_patient: 8, cells_per_image: 4, image_size: 128, signal: 1.0, seed: 0}
+segmentation: {method: masks}
+crops: {size: 32, workers: 1}
+variants: {train: [original, only_fg], test: [original]}
+models: [{arch: resnet, depth: 10, width: 0.125}]
+training: {epochs: 1, batch_size: 16, seeds: [0], split: {kind: kfold, folds: 2}, max_folds: 1}
+saliency: {cells_per_job: 4, ig_steps: 2, occlusion_window: 16, target: both}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A trained two-job run (original and only_fg) and its saliency outputs."""
+    from cellbg.saliency import run_saliency
+
+    tmp = tmp_path_factory.mktemp("saliency")
+    (tmp / "tiny.yaml").write_text(_TINY)
+    p = _build_run(_protocol(tmp, _TINY))
+    return p, run_saliency(p)
+
+
+def test_run_saliency_files_follow_the_contract(tiny_run):
+    import pandas as pd
+    import zarr
+
+    from cellbg.saliency import load_saliency
+
+    p, table = tiny_run
+    on_disk, maps, masks = load_saliency(p.run_dir)
+    pd.testing.assert_frame_equal(on_disk, table)
+    contract = ["cell_id", "patient_id", "label", "model", "train_variant", "seed", "fold", "method", "target",
+                "background_share", "background_ratio", "sanity_rank_corr", "map_index"]
+    assert set(contract) <= set(table.columns)
+    np.testing.assert_array_equal(table["map_index"], np.arange(len(table)))
+    # 2 jobs x 4 cells x 3 methods x 2 targets
+    assert len(table) == 2 * 4 * 3 * 2 and maps.shape == (len(table), 32, 32) and masks.dtype == bool
+    assert set(table["method"]) == set(METHODS) and set(table["target"]) == {"predicted", "true"}
+    # The stored numbers are those of the stored maps.
+    bs = background_share(maps, masks)
+    np.testing.assert_allclose(table["background_share"], bs.share, equal_nan=True)
+    np.testing.assert_allclose(table["background_ratio"], bs.ratio, equal_nan=True)
+    random_maps = zarr.open_group(str(p.run_dir / "saliency.zarr"), mode="r")["random_maps"][:]
+    np.testing.assert_allclose(table["sanity_rank_corr"], rank_correlation(maps, random_maps), equal_nan=True)
+    assert np.isfinite(table["sanity_rank_corr"]).any()
+
+
+def test_run_saliency_pairs_cells_across_train_variants(tiny_run):
+    import pandas as pd
+
+    p, table = tiny_run
+    cells = pd.read_parquet(p.run_dir / "cells.parquet").set_index("cell_id")
+    per_variant = table.groupby("train_variant")["cell_id"].apply(lambda s: sorted(set(s)))
+    assert per_variant["original"] == per_variant["only_fg"]  # the same cells for a paired comparison
+    assert (cells.loc[table["cell_id"], "fold"].to_numpy() == table["fold"].to_numpy()).all()  # held out
+    assert table["patient_id"].nunique() == 2  # spread over the fold's patients
+    # Where the prediction is right, both targets explain the same class: same map, same share.
+    right = table[table["correct"]]
+    if len(right):
+        wide = right.pivot_table(index=["train_variant", "method", "cell_id"], columns="target",
+                                 values="background_share")
+        np.testing.assert_allclose(wide["predicted"], wide["true"], equal_nan=True)
+    wrong = table[~table["correct"]]
+    assert (wrong["target_index"] == np.where(wrong["target"] == "true", wrong["label_index"], wrong["pred_index"])).all()
+
+
+def test_run_saliency_maps_are_the_models_maps(tiny_run):
+    """A stored map equals a fresh map of the job's model on the cell's crop."""
+    from cellbg.crops import load_crops
+    from cellbg.saliency import load_saliency
+    from cellbg.train import load_job_model
+
+    p, table = tiny_run
+    _, maps, _ = load_saliency(p.run_dir)
+    images, _, cells = load_crops(p.run_dir)
+    for method in METHODS:
+        row = table[(table["method"] == method) & (table["train_variant"] == "only_fg")].iloc[-1]
+        model, _ = load_job_model(p.run_dir / "jobs" / row["job_key"])
+        i = int(np.flatnonzero(cells["cell_id"] == row["cell_id"])[0])
+        options = {"integrated_gradients": {"steps": 2}, "occlusion": {"window": 16}}.get(method, {})
+        fresh = attribute(model, images[i : i + 1], [int(row["target_index"])], method=method, **options)
+        np.testing.assert_allclose(maps[int(row["map_index"])], fresh[0], rtol=1e-4, atol=1e-6)
+
+
+def test_run_saliency_is_deterministic(tiny_run):
+    import pandas as pd
+
+    from cellbg.saliency import load_saliency, run_saliency
+
+    p, table = tiny_run
+    _, maps, _ = load_saliency(p.run_dir)
+    again = run_saliency(p)
+    pd.testing.assert_frame_equal(again, table)
+    np.testing.assert_array_equal(load_saliency(p.run_dir)[1], maps)
+
+
+def test_run_saliency_unfinished_jobs_keep_outputs(tiny_run):
+    from cellbg.saliency import run_saliency
+
+    p, _ = tiny_run
+    before = (p.run_dir / "saliency.parquet").read_bytes()
+    other = p.model_copy(deep=True)
+    other.training.seeds = [7]
+    with pytest.raises(CellbgError, match=r"2 training job\(s\) not finished.*seed 7.*cellbg train"):
+        run_saliency(other)
+    assert (p.run_dir / "saliency.parquet").read_bytes() == before
+
+
+def test_cli_saliency_with_montage(tiny_run):
+    from typer.testing import CliRunner
+
+    from cellbg.cli import app
+
+    p, table = tiny_run
+    png = p.run_dir / "montage.png"
+    result = CliRunner().invoke(app, ["saliency", str(p.run_dir.parent / "tiny.yaml"), "--montage", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "background_share" in result.output and "montage" in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = CliRunner().invoke(app, ["saliency", str(p.run_dir.parent / "missing.yaml")])
+    assert bad.exit_code == 2 and "protocol file not found" in bad.output
+
+
+def test_montage_layout():
+    from cellbg.saliency import montage
+
+    images = np.zeros((3, 3, 16, 16), np.float32)
+    masks = np.zeros((3, 16, 16), bool)
+    masks[:, 4:12, 4:12] = True
+    maps = {"gradcam": np.ones((3, 16, 16)), "occlusion": np.zeros((3, 16, 16))}
+    fig = montage(images, masks, maps, shares={"gradcam": [0.75] * 3}, titles=["a", "b", "c"])
+    assert len(fig.axes) == 9
+    assert fig.axes[1].get_xlabel() == "bg share 0.75" and fig.axes[2].get_xlabel() == ""
+
+
+_PLANTED = """
+name: planted-{signal}
+output: run-{signal}
+seed: 0
+data:
+  source: synthetic
+  synthetic: {{patients: 12, cells_per_patient: 24, cells_per_image: 4, image_size: 128, signal: {signal}, seed: 3}}
+segmentation: {{method: masks}}
+crops: {{size: 40, workers: 1}}
+variants: {{train: [original, only_fg], test: [original]}}
+models: [{{arch: resnet, depth: 10, width: 0.125}}]
+training:
+  epochs: 15
+  patience: 15
+  batch_size: 16
+  lr: 0.003
+  augment: false
+  seeds: [0]
+  split: {{kind: fixed, test_patients: [P07, P08, P09, P10, P11, P12], val_fraction: 0.2}}
+saliency: {{cells_per_job: 60, target: true, sanity_check: false}}
+"""
+
+
+@pytest.mark.slow
+def test_planted_background_signal_is_found_and_absent_without_it(tmp_path):
+    """Issue 8 "done when": with a strong planted background cue, models trained on
+    ``original`` put a larger share of attribution on the background than models trained on
+    ``only_fg`` (paired t on per-patient means, p < 0.01); with signal 0 the gap is small."""
+    from cellbg.saliency import run_saliency
+    from cellbg.stats import paired_t_test
+
+    gaps = {}
+    for signal in (1.0, 0.0):
+        p = _build_run(_protocol(tmp_path, _PLANTED.format(signal=signal)))
+        table = run_saliency(p)
+        per = table.groupby(["method", "patient_id", "train_variant"])["background_share"].mean().unstack()
+        for method in METHODS:
+            m = per.loc[method]
+            assert len(m) == 6
+            r = paired_t_test(m["only_fg"], m["original"])
+            gaps[signal, method] = (float((m["original"] - m["only_fg"]).mean()), r.pvalue)
+    print(gaps)
+    for method in METHODS:
+        gap, pvalue = gaps[1.0, method]
+        assert gap > 0 and pvalue < 0.01, (method, gap, pvalue)
+        gap0, _ = gaps[0.0, method]
+        assert abs(gap0) < 0.5 * gap, (method, gap0, gap)

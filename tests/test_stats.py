@@ -310,8 +310,13 @@ def test_accuracy_table_means_over_seeds():
 def test_gee_test_detects_a_planted_effect():
     preds = make_predictions(patients=10, cells=30, seeds=(0,), test=("original", "only_fg"),
                              effects={"original:only_fg": -1.5})
-    r = gee_test(paired_outcomes(preds, "original:original", "original:only_fg"))
-    assert r.estimate < -0.8 and r.pvalue < 0.01 and r.df == 9 and r.scale == "log odds ratio"
+    paired = paired_outcomes(preds, "original:original", "original:only_fg")
+    r = gee_test(paired)
+    assert r.pvalue < 0.01 and r.df == 9 and "log odds ratio" in r.note
+    # the estimate is the marginal accuracy difference: with one binary covariate the GEE's
+    # fitted marginal means are the observed accuracies
+    pooled = paired["correct_b"].mean() - paired["correct_a"].mean()
+    assert r.estimate == pytest.approx(pooled, abs=0.02) and r.ci_low < r.estimate < r.ci_high < 0
 
 
 def test_compare_conditions_roles_and_fold_tests():
@@ -418,7 +423,7 @@ def test_run_stats_gee_primary_and_saliency_family(tmp_path):
     sal.to_parquet(run / "saliency.parquet", index=False)
     table = run_stats(run)
     conf = table[(table.family == "confirmatory") & (table.role == "primary")].iloc[0]
-    assert conf.method.startswith("GEE") and conf.df == 5 and conf.scale == "log odds ratio"
+    assert conf.method.startswith("GEE") and conf.df == 5 and conf.scale == "accuracy difference (GEE marginal)"
     assert (table.family == "exploratory").sum() == 0
     s = table[table.family == "saliency"]
     assert len(s) == 1 and s.iloc[0].saliency_method == "gradcam"
@@ -432,7 +437,7 @@ def test_run_stats_user_errors(tmp_path):
         run_stats(tmp_path / "nope")
     preds = make_predictions(patients=3, cells=4, seeds=(0,), test=("original", "only_fg"))
     run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:no_fg")])
-    with pytest.raises(CellbgError, match="unknown condition for model 'resnet' 'original:no_fg'"):
+    with pytest.raises(CellbgError, match=r"condition 'original:no_fg' has no predictions for model 'resnet' \(did you mean 'original:only_fg'\?\); available: only_fg:only_fg"):
         run_stats(run)
     preds.drop(columns=["correct"]).to_parquet(run / "predictions.parquet")
     with pytest.raises(CellbgError, match=r"lacks columns \['correct'\]"):
@@ -451,7 +456,17 @@ def test_cli_stats(tmp_path):
     res = CliRunner().invoke(app, ["stats", str(run)])
     assert res.exit_code == 0, res.output
     written = pd.read_csv(run / "stats" / "tests.csv")
-    assert f"{len(written)} tests, primary rows shown" in res.output
+    assert f"{len(written)} tests; primary rows" in res.output
+    assert "confirmatory resnet original:original vs original:only_fg" in res.output
     assert (run / "stats" / "summary.md").exists()
     bad = CliRunner().invoke(app, ["stats", str(tmp_path / "missing")])
     assert bad.exit_code == 2
+
+
+def test_percentile_bootstrap_only_from_30_patients(tmp_path):
+    preds = make_predictions(patients=30, cells=4, seeds=(0,), folds=3, test=("original", "only_fg"))
+    run = make_run(tmp_path, preds, exploratory=False)
+    table = run_stats(run)
+    pct = table[table.method == "patient cluster bootstrap (percentile)"]
+    assert len(pct) == 1 and pct.iloc[0].n_patients == 30 and pct.iloc[0].n_resamples == 199
+    assert "Percentile patient bootstrap intervals are reported" in (run / "stats" / "summary.md").read_text()

@@ -103,8 +103,8 @@ def test_parse_errors_are_one_clear_line(spec, match):
 
 # --------------------------------------------------------------------------- properties
 @pytest.mark.parametrize("spec", IMAGE_VARIANTS)
-@pytest.mark.parametrize("kind", ["numpy", "torch"])
-@pytest.mark.parametrize("dtype", ["float32", "float64", "uint8"])
+@pytest.mark.parametrize("kind, dtype", [("numpy", "float32"), ("numpy", "uint8"), ("torch", "float32"),
+                                         ("torch", "float64")])
 def test_type_dtype_shape_kept(spec, kind, dtype):
     x, m, b, y = make_batch(n=6)
     x = (x * 255).astype(np.uint8) if dtype == "uint8" else x.astype(dtype)
@@ -408,6 +408,15 @@ def test_bad_inputs_raise_one_line_naming_the_argument():
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("fill", ["black", "mean", "noise"])
+def test_empty_batch_gives_empty_output(fill):
+    x, m = np.zeros((0, 3, 8, 8), np.float32), np.zeros((0, 8, 8), bool)
+    b, y = np.zeros((0, 4), np.int64), np.zeros(0, np.int64)
+    for spec in IMAGE_VARIANTS:
+        r = apply_variant(spec, x, m, bboxes=b, labels=y, fill=fill)
+        assert r.images.shape == x.shape and r.images.dtype == x.dtype and r.partner.shape == (0,)
+
+
 def test_bboxes_default_to_the_mask_boxes():
     x, m, b, _ = make_batch()
     np.testing.assert_array_equal(apply_variant("only_bg_t", x, m).images, V.only_bg_t(x, b))
@@ -510,3 +519,44 @@ def test_export_writes_tiffs_equal_to_the_variant(tmp_path):
 def test_docstring_examples_run():
     result = doctest.testmod(V, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 10 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- CLI on a contract run folder
+def test_cli_variants_gallery_and_export(tmp_path):
+    import pandas as pd
+    import tifffile
+    import zarr
+    from typer.testing import CliRunner
+
+    from cellbg.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    x, m, b, y = make_batch(n=6, h=16, w=16)
+    group = zarr.open_group(str(run / "crops.zarr"), mode="w")
+    group.create_array("images", data=x)
+    group.create_array("masks", data=m)
+    group.attrs["classes"] = ["a", "b", "c"]
+    cells = pd.DataFrame({
+        "cell_id": [f"im-{i:04d}" for i in range(6)], "label": np.array(["a", "b", "c"])[y], "label_index": y,
+        "bbox_r0": b[:, 0], "bbox_c0": b[:, 1], "bbox_r1": b[:, 2], "bbox_c1": b[:, 3],
+    })
+    cells.to_parquet(run / "cells.parquet")
+    proto = tmp_path / "p.yaml"
+    proto.write_text(
+        f"name: t\noutput: {run}\nvariants:\n  train: [original]\n  test: [only_fg, 'mask_erode(1)+mixed_same']\n"
+        "  seed: 5\n"
+    )
+    r = CliRunner().invoke(app, ["variants", str(proto), "--gallery", str(tmp_path / "g.png"),
+                                 "--export", str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    assert "3 variants on 6 cells" in r.stdout
+    assert (tmp_path / "g.png").stat().st_size > 0
+    ref = apply_variant("mask_erode(1)+mixed_same", x, m, bboxes=b, labels=y, seed=5)
+    got = tifffile.imread(tmp_path / "exp" / "mask_erode_1_+mixed_same" / "b" / "im-0001.tif")
+    np.testing.assert_array_equal(got, ref.images[1])
+    # a missing crop store is one red line and exit 2
+    proto.write_text(f"name: t\noutput: {tmp_path / 'empty'}\n")
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(app, ["variants", str(proto)])
+    assert r.exit_code == 2 and "cellbg crops" in r.output

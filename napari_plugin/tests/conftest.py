@@ -10,7 +10,7 @@ output: run
 seed: 0
 data:
   source: synthetic
-  synthetic: {patients: 4, cells_per_patient: 12, cells_per_image: 6, image_size: 128, signal: 0.9, seed: 3}
+  synthetic: {patients: 4, cells_per_patient: 12, cells_per_image: 4, image_size: 128, signal: 0.9, seed: 3}
 segmentation: {method: masks}
 crops: {size: 32, workers: 1}
 variants:

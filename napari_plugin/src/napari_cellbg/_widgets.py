@@ -4,11 +4,10 @@ No science lives here: segmentation is :func:`cellbg.segment.segment`, variants 
 :func:`cellbg.variants.apply_variant`, background shares come from ``saliency.parquet``.
 """
 
-from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import napari
 import numpy as np
 import pandas as pd
 from magicgui import magic_factory
@@ -27,12 +26,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_cellbg._runfolder import RunFolder
+from napari.qt.threading import thread_worker
 
-if TYPE_CHECKING:  # pragma: no cover
-    import napari
-    from napari.qt.threading import FunctionWorker
-    from napari.types import LayerDataTuple
+from napari_cellbg._runfolder import RunFolder
 
 __all__ = [
     "segment_widget",
@@ -42,6 +38,12 @@ __all__ = [
     "variant_strip",
     "export_cells_csv",
 ]
+
+
+def _camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
 # --------------------------------------------------------------------------- segment
@@ -62,6 +64,7 @@ def run_segmenter(data: np.ndarray, *, rgb: bool, method: str, **options) -> np.
     cellprob_threshold={"min": -6.0, "max": 6.0, "step": 0.5},
 )
 def segment_widget(
+    viewer: napari.Viewer,
     image: napari.layers.Image,
     method: str = "threshold",
     model: str = "cpsam",
@@ -69,15 +72,15 @@ def segment_widget(
     min_area: int = 30,
     flow_threshold: float = 0.4,
     cellprob_threshold: float = 0.0,
-) -> FunctionWorker[LayerDataTuple]:
-    """Run a cellbg segmenter on the selected image layer (in a thread, with a progress bar)."""
-    from napari.qt.threading import thread_worker
+):
+    """Run a cellbg segmenter on the selected image layer (in a thread, with a progress bar).
 
+    Returns the started worker; its result is added as a Labels layer, and an error is
+    shown in napari's notification area instead of freezing or crashing the window.
+    """
     data = np.asarray(image.data)
     if data.ndim > (3 if image.rgb else 2):  # a stack: segment the plane on view
-        step = image._slice_input.point if hasattr(image, "_slice_input") else None
-        index = int(step[0]) if step is not None else 0
-        data = data[index]
+        data = data[int(viewer.dims.current_step[0])]
     options = {"min_area": min_area} if method == "threshold" else {
         "model": model,
         "diameter": diameter or None,
@@ -88,10 +91,13 @@ def segment_widget(
 
     @thread_worker(progress={"total": 0, "desc": f"cellbg: {method} segmentation"})
     def _work():
-        labels = run_segmenter(data, rgb=image.rgb, method=method, **options)
-        return (labels, {"name": name}, "labels")
+        return run_segmenter(data, rgb=image.rgb, method=method, **options)
 
-    return _work()
+    worker = _work()
+    worker.returned.connect(lambda labels: viewer.add_labels(labels, name=name))
+    worker.errored.connect(lambda exc: napari.utils.notifications.show_error(f"cellbg: {exc}"))
+    worker.start()
+    return worker
 
 
 # --------------------------------------------------------------------------- table model
@@ -171,7 +177,7 @@ class CellBrowser(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self.run: RunFolder | None = None
+        self.run = None
         self.table = pd.DataFrame()
         self.labels_layer = None
 
@@ -254,8 +260,9 @@ class CellBrowser(QWidget):
         step = list(self.viewer.dims.current_step)
         step[0] = int(row["image_index"])
         self.viewer.dims.current_step = tuple(step)
-        self.viewer.camera.center = (float(row["centroid_r"]), float(row["centroid_c"]))
-        self.viewer.camera.zoom = max(self.viewer.camera.zoom, 2.0)
+        camera = _camera(self.viewer)
+        camera.center = (float(row["centroid_r"]), float(row["centroid_c"]))
+        camera.zoom = max(camera.zoom, 2.0)
         variants = list(self.run.protocol.variants.test)
         strip = variant_strip(self.run, int(row["store_index"]), variants)
         width = self.run.images.shape[2]
@@ -294,7 +301,7 @@ class SaliencyWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self.run: RunFolder | None = None
+        self.run = None
         self.table = pd.DataFrame()
         self.maps = None
         self.combos = {k: QComboBox() for k in ("model", "train_variant", "seed", "method")}

@@ -1,0 +1,77 @@
+"""The runner on a real Slurm cluster (scripts/start-slurm.sh starts a one-node one in CI).
+
+Skipped, with the reason, only where Slurm's client commands are not installed; where they
+are installed the cluster must answer, or the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from cellbg._io import write_text_atomic
+from cellbg.protocol import ExecutorConfig
+from cellbg.runner import Job, Stage, hash_key, run_stages
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        shutil.which("sbatch") is None or shutil.which("sinfo") is None,
+        reason="Slurm is not installed here (sbatch/sinfo missing); scripts/start-slurm.sh sets up a local one as root",
+    ),
+]
+
+SLURM = ExecutorConfig(
+    kind="slurm", cores=1, memory="1GB", walltime="00:15:00", max_jobs_in_flight=2, retries=1,
+    worker_wait_timeout=120,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _slurm_answers():
+    state = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    assert state.returncode == 0 and state.stdout.strip(), (
+        f"Slurm is installed but not answering ({state.stderr.strip()}); start it with scripts/start-slurm.sh"
+    )
+
+
+def square_in_slurm_job(run_dir: str, name: str, value: int) -> None:
+    """A job that records its result and the Slurm job it ran in."""
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    write_text_atomic(Path(run_dir) / "out" / f"{name}.txt", f"{value * value} {job_id}")
+
+
+def _stages():
+    def plan(ctx):
+        return [
+            Job("square", f"n{i}", hash_key("square", i), square_in_slurm_job, (str(ctx.run_dir), f"n{i}", i),
+                outputs=(ctx.run_dir / "out" / f"n{i}.txt",))
+            for i in range(4)
+        ]
+
+    return [Stage("square", plan)]
+
+
+def test_jobs_run_in_slurm_batch_jobs(tmp_path):
+    summary = run_stages(_stages(), tmp_path, executor=SLURM, progress=False)
+    assert summary.ok, summary.summary()
+    assert summary.ran == 4
+    job_ids = set()
+    for i in range(4):
+        value, job_id = (tmp_path / "out" / f"n{i}.txt").read_text().split()
+        assert int(value) == i * i
+        assert job_id.isdigit()  # ran inside a Slurm job, not in this process
+        job_ids.add(job_id)
+    assert 1 <= len(job_ids) <= 2  # the cap: at most two batch jobs in flight
+    # dask-jobqueue wrote the batch jobs' output where the runner said
+    assert any((tmp_path / "logs" / "batch").glob("*.err"))
+    again = run_stages(_stages(), tmp_path, executor=SLURM, progress=False)
+    assert again.ran == 0
