@@ -215,7 +215,7 @@ def segment_threshold(
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_li, threshold_local, threshold_otsu
-    from skimage.segmentation import relabel_sequential, watershed
+    from skimage.segmentation import relabel_sequential
 
     check_nd(image, (2, 3), arg_name="image")
     method = look_up_option(method, _THRESHOLDS, what="threshold method")
@@ -443,10 +443,10 @@ def _want_gpu(gpu: str | bool) -> bool:
 @functools.lru_cache(maxsize=2)
 def _cellpose_model(path: str, use_gpu: bool):
     # Cached: constructing builds a ViT-L (seconds, ~2 GB), so repeated calls reuse it.
+    _check_cp4_weights(path)  # before importing Cellpose and building its ViT
     import torch
     from cellpose import models
 
-    _check_cp4_weights(path)
     device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
     try:
         return models.CellposeModel(gpu=device.type == "cuda", device=device, pretrained_model=path)

@@ -1020,7 +1020,7 @@ def compare_conditions(
 
     def gee() -> TestResult:
         if n_pat < 2:
-            return TestResult("GEE logistic", NAN, scale="log odds ratio", alpha=alpha,
+            return TestResult("GEE logistic", NAN, scale="accuracy difference (GEE marginal)", alpha=alpha,
                               note=f"needs at least 2 patients; got {n_pat}", **sizes)
         return gee_test(paired, alpha=alpha)
 
@@ -1060,7 +1060,7 @@ def compare_conditions(
         grid = folds[folds["seed"].isin(seeds[:5])].pivot(index="seed", columns="fold", values="diff")
         if grid.shape == (5, 2) and np.all(np.isfinite(grid.to_numpy())):
             cv = five_by_two_cv_test(grid.to_numpy())
-            out.append(("secondary", cv.replace(alpha=alpha, note="first 5 seeds x 2 patient-grouped folds", **sizes)))
+            out.append(("secondary", cv.replace(alpha=alpha, note="first 5 seeds x the 2 patient-grouped folds of the protocol's split", **sizes)))
     return out
 
 

@@ -1,7 +1,6 @@
 """Single-cell crops: geometry, padding, masks, filters, the store and its errors."""
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -58,7 +58,7 @@ def _config(run_dir: Path, *, signal: float, **training) -> dict:
         "crops": {"size": 64, "exclude_border": False, "workers": 1},
         "models": [TINY_RESNET],
         "variants": {"train": ["original", "only_fg"], "test": ["original", "only_fg", "mixed_rand"],
-                     "fill": "noise"},
+                     "fill": "mean"},
         "training": {"epochs": 12, "batch_size": 32, "lr": 3e-3, "patience": 12,
                      "split": {"folds": 2, "val_fraction": 0.25}, "max_folds": 1, **training},
     }
@@ -351,17 +351,15 @@ def test_kill_after_epoch_two_then_resume_equals_uninterrupted(strong_run, tmp_p
 
 # --------------------------------------------------------------------------- the science
 def _accuracy(config: dict) -> dict:
-    p = Protocol.model_validate(config)
-    acc = {}
-    for spec in plan_jobs(p):
-        acc[spec.train_variant] = run_job(p, spec).accuracy
-    return acc
+    # no validation split: every training patient trains, and the last epoch is kept
+    p = _protocol(config, **{"training.epochs": 15, "training.split.val_fraction": 0.0})
+    return {spec.train_variant: run_job(p, spec).accuracy for spec in plan_jobs(p)}
 
 
 def _extra_drop(acc: dict, test_variant: str) -> float:
-    """How much more accuracy the original-trained model loses on ``test_variant`` (relative to
-    the original images) than the only_fg-trained model does."""
-    drop = {t: acc[t]["original"] - acc[t][test_variant] for t in ("original", "only_fg")}
+    """How much more accuracy the original-trained model loses on ``test_variant`` than the
+    only_fg-trained model does, each relative to the images it was trained on."""
+    drop = {t: acc[t][t] - acc[t][test_variant] for t in ("original", "only_fg")}
     return drop["original"] - drop["only_fg"]
 
 
@@ -370,11 +368,11 @@ def test_planted_background_signal_is_found_and_absent_signal_is_not(strong_run,
     null = _accuracy(null_run)
     print("accuracy (train variant -> test variant)", strong, null)
     # both models learn the task from the cell alone
-    assert strong["only_fg"]["only_fg"] > 0.7 and null["only_fg"]["only_fg"] > 0.7
-    assert null["original"]["original"] > 0.7
+    assert strong["only_fg"]["only_fg"] > 0.75 and null["only_fg"]["only_fg"] > 0.75
+    assert null["original"]["original"] > 0.75
     # a strong planted cue: the original-trained model leans on the background
     assert _extra_drop(strong, "only_fg") > 0.15, strong
-    assert _extra_drop(strong, "mixed_rand") > 0.1, strong
+    assert _extra_drop(strong, "mixed_rand") > 0.15, strong
     # no cue: no extra loss beyond noise
     assert _extra_drop(null, "only_fg") < 0.1, null
     assert _extra_drop(null, "mixed_rand") < 0.1, null
