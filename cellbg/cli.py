@@ -240,10 +240,10 @@ def train(protocol: ProtocolArg) -> None:
         def show(r) -> None:
             acc = ", ".join(f"{k} {v:.3f}" for k, v in r.accuracy.items())
             out.print(f"{r.spec.model} / {r.spec.train_variant} / seed {r.spec.seed} / fold {r.spec.fold}: "
-                      f"{r.epochs} epochs (best {r.best_epoch}); test accuracy: {acc}", highlight=False)
+                      f"{r.epochs} epochs (best {r.best_epoch}); test accuracy: {acc}", highlight=False, soft_wrap=True)
 
         results = run_training(p, progress=show)
-        out.print(f"{len(results)} jobs done; predictions in {p.run_dir / 'predictions.parquet'}")
+        out.print(f"{len(results)} jobs done; predictions in {p.run_dir / 'predictions.parquet'}", soft_wrap=True)
 
 # --- saliency command (issue 8) ---
 @app.command(rich_help_panel="Stages")

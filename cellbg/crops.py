@@ -498,14 +498,16 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
             if buffered >= images_arr.chunks[0]:
                 flush()
         flush()
+        cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+            {c: pd.Series(dtype=_dtype(c)) for c in CELL_COLUMNS}
+        )
+        cells = cells[CELL_COLUMNS]
         group.attrs["classes"] = classes
         group.attrs["size"] = size
         group.attrs["scale"] = cfg.scale
+        # Ties the store to its table: a run killed between the two renames is detected.
+        group.attrs["cell_ids_sha256"] = _ids_hash(cells["cell_id"])
 
-    cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        {c: pd.Series(dtype=_dtype(c)) for c in CELL_COLUMNS}
-    )
-    cells = cells[CELL_COLUMNS]
     for image_id in empty_images:
         warnings.warn(f"image {image_id} has no cells after segmentation and filters; it adds no rows", UserWarning, stacklevel=2)
     write_parquet_atomic(cells, run_dir / "cells.parquet")
@@ -522,6 +524,12 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
     write_resolved(protocol)
     cells.attrs["summary"] = summary
     return cells
+
+
+def _ids_hash(cell_ids) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(map(str, cell_ids)).encode()).hexdigest()
 
 
 def load_crops(run_dir: str | Path, *, lazy: bool = False):
@@ -564,6 +572,9 @@ def load_crops(run_dir: str | Path, *, lazy: bool = False):
         raise CellbgError(
             f"{store} holds {images.shape[0]} crops but {table} has {len(cells)} rows; run `cellbg crops` again"
         )
+    stamp = group.attrs.get("cell_ids_sha256")
+    if stamp is not None and stamp != _ids_hash(cells["cell_id"]):
+        raise CellbgError(f"{store} and {table} come from different runs; run `cellbg crops` again")
     cells.attrs["classes"] = classes
     if not lazy:
         images, masks = np.asarray(images[:]), np.asarray(masks[:])

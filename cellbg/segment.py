@@ -852,6 +852,7 @@ def _seg_hash(protocol) -> str:
     from cellbg.protocol import protocol_hash
 
     d = json.loads(protocol.model_dump_json())
+    d["segmentation"].pop("workers", None)  # how many processes never changes the labels
     return protocol_hash({"segmentation": d["segmentation"], "data": d["data"]})
 
 

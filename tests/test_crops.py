@@ -234,9 +234,21 @@ def test_mismatched_segmentation_is_one_line_error(tmp_path):
     assert not (protocol.run_dir / "cells.parquet").exists() and not (protocol.run_dir / "crops.zarr").exists()
 
 
-def test_load_crops_without_a_run_is_a_clear_error(tmp_path):
+def test_load_crops_without_a_run_or_with_mixed_files_is_a_clear_error(tmp_path):
     with pytest.raises(CellbgError, match="run `cellbg crops PROTOCOL` first"):
         load_crops(tmp_path)
+    # A store and a table of the same length from different runs are told apart.
+    a = run_crops(_protocol(_dataset(tmp_path / "a")))
+    b_root = _dataset(tmp_path / "b")
+    (b_root / "im0.tif").rename(b_root / "im9.tif")
+    manifest = pd.read_csv(b_root / "manifest.csv")
+    manifest.loc[0, "path"] = "im9.tif"
+    manifest.to_csv(b_root / "manifest.csv", index=False)
+    b = run_crops(_protocol(b_root))
+    assert len(a) == len(b)
+    (tmp_path / "b" / "run" / "cells.parquet").replace(tmp_path / "a" / "run" / "cells.parquet")
+    with pytest.raises(CellbgError, match="come from different runs"):
+        load_crops(tmp_path / "a" / "run")
 
 
 def test_cli_crops(tmp_path):

@@ -517,8 +517,12 @@ def test_export_writes_tiffs_equal_to_the_variant(tmp_path):
 
 
 def test_docstring_examples_run():
+    import cellbg._variant_spec as spec_module
+
     result = doctest.testmod(V, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 10 and result.failed == 0
+    result = doctest.testmod(spec_module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 2 and result.failed == 0
 
 
 # --------------------------------------------------------------------------- CLI on a contract run folder
