@@ -245,6 +245,7 @@ def train(protocol: ProtocolArg) -> None:
         results = run_training(p, progress=show)
         out.print(f"{len(results)} jobs done; predictions in {p.run_dir / 'predictions.parquet'}", soft_wrap=True)
 
+
 # --- saliency command (issue 8) ---
 @app.command(rich_help_panel="Stages")
 def saliency(

@@ -562,7 +562,7 @@ def make_cluster(cfg, run_dir: str | Path):
             processes=True,
             dashboard_address=":0",  # any free port: several runs may share a machine
             silence_logs=logging.CRITICAL,
-            local_directory=cfg.local_directory or str(run_dir / STATE_DIR / "dask-scratch"),
+            local_directory=os.path.expandvars(cfg.local_directory or str(run_dir / STATE_DIR / "dask-scratch")),
             memory_limit=0,  # jobs own their memory; Dask must not pause or kill them for it
             env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
         )

@@ -71,6 +71,7 @@ __all__ = [
     "RandIntensityJitter",
     "select_device",
     "num_threads",
+    "train_epoch",
 ]
 
 DONE = "DONE"
@@ -556,6 +557,24 @@ class _TrainBatches(torch.utils.data.Dataset):
         return images.contiguous(), torch.from_numpy(labels)
 
 
+def _epoch_loader(crops: _Crops, train: np.ndarray, protocol, spec: JobSpec, seeds: dict, epoch: int, *,
+                  device: torch.device) -> torch.utils.data.DataLoader:
+    """The batches of one epoch: a seeded order (or class-balanced draw) of the training rows."""
+    cfg = protocol.training
+    g = torch.Generator().manual_seed(_seed(seeds["sampler_seed"], epoch))
+    if cfg.balanced_sampling:
+        labels = crops.labels[train]
+        counts = np.bincount(labels, minlength=len(crops.classes)).astype(np.float64)
+        weights = torch.as_tensor(1.0 / counts[labels])
+        pos = torch.multinomial(weights, len(train), replacement=True, generator=g).numpy()
+    else:
+        pos = torch.randperm(len(train), generator=g).numpy()
+    batches = _TrainBatches(crops, train[pos], batch_size=cfg.batch_size, variant=spec.train_variant,
+                            fill=protocol.variants.fill, augment=cfg.augment, seed=seeds["batch_seed"], epoch=epoch)
+    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+                                       pin_memory=device.type == "cuda")
+
+
 # --------------------------------------------------------------------------- runtime
 def select_device(device: str = "auto") -> torch.device:
     """``"auto"``: CUDA when available, else CPU; ``"cuda"`` fails clearly when absent."""
@@ -622,6 +641,32 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, d
     return sum(losses) / n, float((p.argmax(1) == labels).float().mean()) if len(labels) else float("nan"), p
 
 
+def train_epoch(model: nn.Module, batches, optimizer, *, scaler=None, device=torch.device("cpu"),
+                amp: bool = False) -> tuple[float, int, int]:
+    """One pass of forward, backward and optimizer step over ``batches`` of ``(x, y)``.
+
+    Returns the summed loss, the number of correct predictions and the number of samples.
+    (Shared by :func:`run_job` and the input-pipeline benchmark, which feeds it tensors
+    already in memory.)
+    """
+    model.train()
+    scaler = scaler if scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return loss_sum, correct, seen
+
+
 # --------------------------------------------------------------------------- one job
 def _job_meta(protocol, spec: JobSpec, key: str, crops: _Crops, split: Split, seeds: dict) -> dict:
     model = _model_spec(protocol, spec.model)
@@ -655,6 +700,23 @@ def _result_from_files(spec: JobSpec, key: str, job_dir: Path, seconds: float = 
     return JobResult(spec=spec, key=key, job_dir=job_dir, done=True, epochs=int(history["epoch"].max()),
                      best_epoch=int(best_row["epoch"]), best_val_loss=float(best_row["val_loss"]),
                      accuracy=acc, seconds=seconds)
+
+
+def _job_seeds(protocol, spec: JobSpec) -> dict:
+    """Every seed of a job, derived from its seed and fold (recorded in history.csv).
+
+    The initialisation and batch-order seeds do not depend on the train variant, so models
+    trained on different variants start from the same weights and see the cells in the
+    same order (paired comparisons).
+    """
+    return {
+        "seed": spec.seed,
+        "init_seed": _seed(spec.seed, spec.fold, 0),
+        "sampler_seed": _seed(spec.seed, spec.fold, 1),
+        "batch_seed": _seed(spec.seed, spec.fold, 2, _text_seed(spec.train_variant), protocol.variants.seed),
+        "val_split_seed": protocol.seed,
+        "test_variant_seed": protocol.variants.seed,
+    }
 
 
 def run_job(
@@ -708,14 +770,7 @@ def run_job(
     split = patient_split(crops.cells, fold=spec.fold, val_fraction=cfg.split.val_fraction,
                           val_patients=cfg.split.val_patients if cfg.split.kind == "fixed" else None,
                           seed=protocol.seed)
-    seeds = {
-        "seed": spec.seed,
-        "init_seed": _seed(spec.seed, spec.fold, 0),
-        "sampler_seed": _seed(spec.seed, spec.fold, 1),
-        "batch_seed": _seed(spec.seed, spec.fold, 2, _text_seed(spec.train_variant), protocol.variants.seed),
-        "val_split_seed": protocol.seed,
-        "test_variant_seed": protocol.variants.seed,
-    }
+    seeds = _job_seeds(protocol, spec)
     meta = _job_meta(protocol, spec, key, crops, split, seeds)
     job_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(job_dir / "spec.json", meta)
@@ -756,43 +811,16 @@ def run_job(
                                    seed=_seed(seeds["batch_seed"], 0xFFFF)).images
             val_y = torch.from_numpy(crops.labels[split.val])
 
-        train_labels = crops.labels[split.train]
-        if cfg.balanced_sampling:
-            counts = np.bincount(train_labels, minlength=len(crops.classes)).astype(np.float64)
-            weights = torch.as_tensor(1.0 / counts[train_labels])
-
         epochs_this_call = 0
         while state["epoch"] < cfg.epochs and not state["stopped"]:
             if max_epochs_this_call is not None and epochs_this_call >= max_epochs_this_call:
                 break
             epoch = state["epoch"] + 1
             te = time.perf_counter()
-            g = torch.Generator().manual_seed(_seed(seeds["sampler_seed"], epoch))
-            if cfg.balanced_sampling:
-                pos = torch.multinomial(weights, len(split.train), replacement=True, generator=g).numpy()
-            else:
-                pos = torch.randperm(len(split.train), generator=g).numpy()
-            batches = _TrainBatches(crops, split.train[pos], batch_size=cfg.batch_size, variant=spec.train_variant,
-                                    fill=protocol.variants.fill, augment=cfg.augment, seed=seeds["batch_seed"],
-                                    epoch=epoch)
-            loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
-                                                 pin_memory=device.type == "cuda")
-            model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
+            loader = _epoch_loader(crops, split.train, protocol, spec, seeds, epoch, device=device)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed(seeds["init_seed"], epoch))  # for any layer that draws (dropout)
-                for x, y in loader:
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    with _autocast(device, amp):
-                        logits = model(x)
-                        loss = nn.functional.cross_entropy(logits.float(), y)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    loss_sum += loss.item() * len(y)
-                    correct += int((logits.argmax(1) == y).sum())
-                    seen += len(y)
+                loss_sum, correct, seen = train_epoch(model, loader, optimizer, scaler=scaler, device=device, amp=amp)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if val_x is not None:

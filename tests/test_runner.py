@@ -462,3 +462,23 @@ def test_failed_jobs_are_reported_with_their_logs(reference, tmp_path):
     again = cellbg("run", str(path))
     assert again.returncode == 0, again.stderr
     assert_same_results(run_dir, reference)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "sezary", "xiao_variants", "background_factors"])
+def test_shipped_protocols_are_valid(name):
+    from cellbg.protocol import load_protocol
+    from cellbg.variants import parse_variant
+
+    p = load_protocol(Path(__file__).parents[1] / "protocols" / f"{name}.yaml", check_paths=False)
+    for spec in [*p.variants.train, *p.variants.test, p.saliency.test_variant]:
+        parse_variant(spec)
+    conditions = {f"{a}:{b}" for a in p.variants.train for b in p.variants.test}
+    for c in p.stats.confirmatory:
+        assert {c.a, c.b} <= conditions
+
+
+def test_status_needs_a_run_folder(tmp_path):
+    with pytest.raises(CellbgError, match="run folder not found"):
+        status(tmp_path / "nope")
+    with pytest.raises(CellbgError, match="not a cellbg run folder"):
+        status(tmp_path)

@@ -433,7 +433,7 @@ def test_cli_saliency_with_montage(tiny_run):
     png = p.run_dir / "montage.png"
     result = CliRunner().invoke(app, ["saliency", str(p.run_dir.parent / "tiny.yaml"), "--montage", str(png)])
     assert result.exit_code == 0, result.output
-    assert "background_share" in result.output and "montage" in result.output
+    assert "48 maps (mean per model, train variant, method)" in result.output and "montage:" in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(app, ["saliency", str(p.run_dir.parent / "missing.yaml")])
     assert bad.exit_code == 2 and "protocol file not found" in bad.output

@@ -75,3 +75,21 @@ def test_jobs_run_in_slurm_batch_jobs(tmp_path):
     assert any((tmp_path / "logs" / "batch").glob("*.err"))
     again = run_stages(_stages(), tmp_path, executor=SLURM, progress=False)
     assert again.ran == 0
+
+
+def test_pipeline_on_slurm_gives_the_local_results(tmp_path, tmp_path_factory):
+    from test_runner import assert_same_results, reference_run, write_protocol
+
+    reference = reference_run(tmp_path_factory.getbasetemp())
+    executor = {"kind": "local", "cores": 1, "memory": "2GB", "walltime": "00:20:00", "max_jobs_in_flight": 2,
+                "retries": 1, "worker_wait_timeout": 120}
+    path = write_protocol(tmp_path, executor=executor)
+    run = subprocess.run([sys.executable, "-m", "cellbg.cli", "run", str(path), "--executor", "slurm"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    run_dir = tmp_path / "run"
+    train_logs = list((run_dir / "logs").glob("train-*.log"))
+    assert len(train_logs) == 8
+    for log in train_logs + list((run_dir / "logs").glob("saliency-*.log")):
+        assert "batch_job=" in log.read_text()  # each ran on a worker inside a Slurm job
+    assert_same_results(run_dir, reference)
