@@ -2,17 +2,22 @@
 
     .venv/bin/python benchmarks/bench_variants.py [--n 10000] [--size 64] [--batch 512]
 
-The per-image loop is what a script does one crop at a time: numpy slicing / ``np.where`` /
-``np.tile`` per crop, ``scipy.ndimage.gaussian_filter`` and ``distance_transform_edt`` per
-crop, ``skimage.morphology`` per mask, one partner drawn per cell. The batched side calls
-:func:`cellbg.variants.apply_variant` on batches of ``--batch`` crops (the way a training
-loader uses it; ``--batch 0`` = all crops at once). Both sides produce the same images
-(checked on a sample before timing). Prints seconds per side and the ratio per variant.
+Baseline 1 (the issue's): the per-image loop a script runs, one crop at a time: numpy
+slicing / ``np.where`` / ``np.tile`` per crop, ``scipy.ndimage.gaussian_filter`` and
+``distance_transform_edt`` per crop, ``skimage.morphology`` per mask, one partner drawn per
+cell, written into one output array. Baseline 2 (printed separately): the same per-crop code
+in a torch ``Dataset.__getitem__``, consumed through a ``DataLoader`` (``num_workers=0``,
+``batch_size=--batch``), as a training script would. The batched side calls
+:func:`cellbg.variants.apply_variant` on batches of ``--batch`` crops (the way the training
+loader uses it; ``--batch 0`` = all crops at once). Every side produces the same images
+(checked on a sample before timing). Prints seconds per side, the ratios per variant and
+overall, and the machine's load average (the machine is shared; timings are noisy).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -64,37 +69,62 @@ def loop_partner(i, labels, rule, rng):
     return pool[rng.integers(len(pool))]
 
 
+def variant_of_one(spec, i, images, masks, bboxes, labels, rng):
+    """The variant of crop ``i`` alone, the way a script computes it (numpy/scipy/skimage)."""
+    img, m, box = images[i], masks[i], bboxes[i]
+    if spec == "original":
+        return img.copy()
+    if spec == "only_fg":
+        return img * m
+    if spec == "no_fg":
+        return img * ~m
+    if spec == "only_bg_b":
+        o = img.copy()
+        o[:, box[0]:box[2], box[1]:box[3]] = 0
+        return o
+    if spec == "only_bg_t":
+        return loop_only_bg_t(img, box)
+    if spec in ("mixed_same", "mixed_next"):
+        j = loop_partner(i, labels, spec[6:], rng)
+        return np.where(m, img, loop_only_bg_t(images[j], bboxes[j]))
+    if spec == "bg_color(0,0,1)":
+        return np.where(m, img, np.array([0, 0, 1], np.float32)[:, None, None])
+    if spec == "bg_blur(2)":
+        return np.where(m, img, ndi.gaussian_filter(img, (0, 2, 2), mode="nearest"))
+    if spec == "bg_ring(4)":
+        return np.where(ndi.distance_transform_edt(~m) <= 4, img, 0)
+    if spec == "mask_erode(2)+only_fg":
+        return img * erosion(m, disk(2))
+    raise ValueError(spec)
+
+
 def run_loop(spec, images, masks, bboxes, labels):
+    """Baseline 1: a plain loop over the crops, one variant image at a time, into one array."""
     out = np.empty_like(images)
     rng = np.random.default_rng(0)
     for i in range(len(images)):
-        img, m, box = images[i], masks[i], bboxes[i]
-        if spec == "original":
-            out[i] = img.copy()
-        elif spec == "only_fg":
-            out[i] = img * m
-        elif spec == "no_fg":
-            out[i] = img * ~m
-        elif spec == "only_bg_b":
-            o = img.copy()
-            o[:, box[0]:box[2], box[1]:box[3]] = 0
-            out[i] = o
-        elif spec == "only_bg_t":
-            out[i] = loop_only_bg_t(img, box)
-        elif spec in ("mixed_same", "mixed_next"):
-            j = loop_partner(i, labels, spec[6:], rng)
-            out[i] = np.where(m, img, loop_only_bg_t(images[j], bboxes[j]))
-        elif spec == "bg_color(0,0,1)":
-            out[i] = np.where(m, img, np.array([0, 0, 1], np.float32)[:, None, None])
-        elif spec == "bg_blur(2)":
-            out[i] = np.where(m, img, ndi.gaussian_filter(img, (0, 2, 2), mode="nearest"))
-        elif spec == "bg_ring(4)":
-            out[i] = np.where(ndi.distance_transform_edt(~m) <= 4, img, 0)
-        elif spec == "mask_erode(2)+only_fg":
-            out[i] = img * erosion(m, disk(2))
-        else:
-            raise ValueError(spec)
+        out[i] = variant_of_one(spec, i, images, masks, bboxes, labels, rng)
     return out
+
+
+class PerCropDataset(torch.utils.data.Dataset):
+    """Baseline 2: the per-item Dataset a training script writes (variant in ``__getitem__``)."""
+
+    def __init__(self, spec, images, masks, bboxes, labels):
+        self.spec, self.arrays = spec, (images, masks, bboxes, labels)
+        self.rng = np.random.default_rng(0)
+
+    def __len__(self):
+        return len(self.arrays[0])
+
+    def __getitem__(self, i):
+        return torch.from_numpy(variant_of_one(self.spec, i, *self.arrays, self.rng))
+
+
+def run_dataloader(spec, images, masks, bboxes, labels, batch):
+    """Baseline 2 consumed the usual way: a DataLoader collating batches (no workers)."""
+    return torch.utils.data.DataLoader(PerCropDataset(spec, images, masks, bboxes, labels),
+                                       batch_size=batch or len(images), num_workers=0)
 
 
 def run_batched(spec, images, masks, bboxes, labels, batch):
@@ -123,6 +153,11 @@ SPECS = ["original", "only_fg", "no_fg", "only_bg_b", "only_bg_t", "mixed_same",
          "bg_color(0,0,1)", "bg_blur(2)", "bg_ring(4)", "mask_erode(2)+only_fg"]
 
 
+def load() -> str:
+    """The 1-minute load average and the cores: the machine is shared, timings are noisy."""
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=10_000)
@@ -132,6 +167,8 @@ def main() -> None:
     ap.add_argument("--specs", nargs="*", default=SPECS)
     ap.add_argument("--no-per-crop", dest="per_crop", action="store_false",
                     help="skip the apply_variant-per-crop column")
+    ap.add_argument("--no-dataloader", dest="dataloader", action="store_false",
+                    help="skip baseline 2 (DataLoader over a per-crop Dataset)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1, like the numpy loop; 0: torch's default)")
     args = ap.parse_args()
@@ -139,28 +176,45 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     images, masks, bboxes, labels = make_crops(args.n, args.size)
     print(f"{args.n} crops 3x{args.size}x{args.size}, batch {args.batch or args.n}, torch threads "
-          f"{torch.get_num_threads()}, best of {args.repeat}")
-    # Same answers on a sample (the pairing variants draw differently; compare the deterministic ones).
+          f"{torch.get_num_threads()}, best of {args.repeat}; {load()}")
+    # Same answers on a sample, from every side (the pairing variants draw their partners
+    # differently; compare the deterministic ones).
     k = 64
     for spec in args.specs:
         if not spec.startswith("mixed"):
             want = run_loop(spec, images[:k], masks[:k], bboxes[:k], labels[:k])
             got = apply_variant(spec, images[:k], masks[:k], bboxes=bboxes[:k], labels=labels[:k]).images
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=spec)
-    print("columns: numpy per-crop loop | apply_variant per crop (n=1 calls; mixed_* cannot pair "
-          "alone: n/a) | apply_variant on batches; ratios = loop / batched")
-    print(f"{'variant':<24}{'loop s':>9}{'per-crop s':>12}{'batched s':>11}{'loop/batched':>14}{'per-crop/batched':>18}")
-    tot_loop = tot_batch = 0.0
+            loaded = torch.cat(list(run_dataloader(spec, images[:k], masks[:k], bboxes[:k], labels[:k], 16))).numpy()
+            np.testing.assert_array_equal(loaded, want, err_msg=spec)
+    print("baseline 1 (the issue's baseline): numpy loop, one crop at a time, into one array\n"
+          "baseline 2: torch DataLoader (num_workers=0, batch_size=--batch) over a Dataset whose\n"
+          "  __getitem__ computes one crop's variant with the same code\n"
+          "per-crop: apply_variant called with n=1 (mixed_* cannot pair alone: n/a)\n"
+          "batched: apply_variant on batches of --batch; ratios = baseline / batched")
+    print(f"{'variant':<24}{'loop s':>9}{'loader s':>10}{'per-crop s':>12}{'batched s':>11}"
+          f"{'loop/batched':>14}{'loader/batched':>16}{'per-crop/batched':>18}")
+    tot_loop = tot_loader = tot_batch = 0.0
+
+    def drain(spec):
+        for _ in run_dataloader(spec, images, masks, bboxes, labels, args.batch):
+            pass
+
     for spec in args.specs:
         t_loop = timed(lambda: run_loop(spec, images, masks, bboxes, labels), args.repeat)
         t_batch = timed(lambda: run_batched(spec, images, masks, bboxes, labels, args.batch), args.repeat)
+        t_loader = timed(lambda: drain(spec), args.repeat) if args.dataloader else float("nan")
         t_call = (float("nan") if spec.startswith("mixed") or not args.per_crop
                   else timed(lambda: run_per_crop_calls(spec, images, masks, bboxes, labels), 1))
         tot_loop += t_loop
+        tot_loader += t_loader
         tot_batch += t_batch
-        print(f"{spec:<24}{t_loop:9.3f}{t_call:12.3f}{t_batch:11.3f}{t_loop / t_batch:13.1f}x"
-              f"{t_call / t_batch:17.1f}x", flush=True)
-    print(f"{'all variants':<24}{tot_loop:9.3f}{'':>12}{tot_batch:11.3f}{tot_loop / tot_batch:13.1f}x")
+        print(f"{spec:<24}{t_loop:9.3f}{t_loader:10.3f}{t_call:12.3f}{t_batch:11.3f}{t_loop / t_batch:13.1f}x"
+              f"{t_loader / t_batch:15.1f}x{t_call / t_batch:17.1f}x", flush=True)
+    print(f"{'all variants':<24}{tot_loop:9.3f}{tot_loader:10.3f}{'':>12}{tot_batch:11.3f}"
+          f"{tot_loop / tot_batch:13.1f}x{tot_loader / tot_batch:15.1f}x")
+    print(f"overall: batched is {tot_loop / tot_batch:.1f}x baseline 1 (numpy per-crop loop) and "
+          f"{tot_loader / tot_batch:.1f}x baseline 2 (DataLoader over a per-crop Dataset); {load()}")
 
 
 if __name__ == "__main__":

@@ -278,6 +278,12 @@ class SaliencyConfig(_Section):
     occlusion_window: int = Field(8, ge=1, description="side of the occluding square, pixels")
     occlusion_overlap: float = Field(0.0, ge=0, lt=1, description="overlap of occlusion windows; 0 tiles the crop")
     ig_steps: int = Field(8, ge=2, description="integrated-gradients path points (Gauss-Legendre)")
+    ig_baseline: Literal["background", "black", "white"] = Field(
+        "background", description="integrated-gradients baseline: the run's median background colour, black or white"
+    )
+    occlusion_fill: Literal["black", "background", "white"] = Field(
+        "black", description="occluding colour: black (as only_fg), the run's median background colour, or white"
+    )
     batch_size: int = Field(64, ge=1, description="images per forward/backward pass")
 
     @field_validator("target", mode="before")

@@ -223,11 +223,14 @@ class Stage:
 
     ``prepare(context, jobs)``, when given, runs in this process before the stage's jobs
     that are not cached (never in a dry run), e.g. to clear their stale outputs.
+    ``worker_modules`` names the modules the stage's worker jobs import: when an earlier
+    stage has work to do, the cluster is started early and imports them meanwhile.
     """
 
     name: str
     plan: Callable[[RunContext], list[Job]]
     prepare: Callable[[RunContext, list[Job]], None] | None = None
+    worker_modules: tuple[str, ...] = ()
 
 
 # =========================================================================== results
@@ -542,6 +545,27 @@ def _local_workers(cfg) -> int:
     return cfg.workers or max(1, _local_cores() // cfg.threads_per_worker)
 
 
+def _worker_dask_config(run_dir: Path) -> Path:
+    """A Dask config folder for batch-job workers, with the settings local workers get.
+
+    Environment variables cannot carry them: Dask lower-cases their keys, and the glibc
+    variable's name is upper case. The folder is in the run folder, which the nodes share.
+    """
+    import yaml
+
+    from cellbg._io import write_text_atomic
+
+    folder = Path(run_dir) / STATE_DIR / "dask-config"
+    settings = {
+        "distributed": {
+            "worker": {"daemon": False},
+            "nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None}},
+        }
+    }
+    write_text_atomic(folder / "cellbg-workers.yaml", yaml.safe_dump(settings))
+    return folder
+
+
 def make_cluster(cfg, run_dir: str | Path):
     """A Dask cluster for ``cfg`` (an :class:`~cellbg.protocol.ExecutorConfig`).
 
@@ -600,7 +624,8 @@ def make_cluster(cfg, run_dir: str | Path):
         job_extra_directives=[*_gpu_directives(cfg.kind, cfg.gpus), *cfg.job_extra_directives],
         job_directives_skip=list(cfg.job_directives_skip),
         job_script_prologue=[
-            f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} DASK_DISTRIBUTED__WORKER__DAEMON=False",
+            f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}",
+            f"export DASK_CONFIG={_worker_dask_config(run_dir)}",
             *cfg.job_script_prologue,
         ],
         # --nthreads again (after dask-jobqueue's cores // processes): the last one wins, so a
@@ -640,6 +665,8 @@ class _Executor:
         self.client = None
         self.cluster = None
         self.adaptive = None
+        self._warm: threading.Thread | None = None
+        self._warm_error: BaseException | None = None
         self._stack = contextlib.ExitStack()
 
     def __enter__(self):
@@ -649,6 +676,9 @@ class _Executor:
         self.close()
 
     def close(self) -> None:
+        if self._warm is not None:
+            self._warm.join(timeout=120)
+            self._warm = None
         with contextlib.suppress(Exception):
             if self.client is not None:
                 self.client.close(timeout=10)
@@ -657,6 +687,35 @@ class _Executor:
                 self.cluster.close(timeout=20)
         self.client = self.cluster = self.adaptive = None
         self._stack.close()
+
+    def warm_up(self, modules: Sequence[str] = ()) -> None:
+        """Start the cluster in the background and import ``modules`` on its workers.
+
+        Called when a run has work to do before its first worker stage: the workers start
+        (and import PyTorch) while this process runs the small stages.
+        """
+        if self.client is not None or self._warm is not None:
+            return
+
+        def work() -> None:
+            try:
+                self._start()
+                if modules:
+                    self.client.run(_import_modules, list(modules))
+            except BaseException as exc:  # noqa: BLE001 - raised again by _ensure_started
+                self._warm_error = exc
+
+        self._warm = threading.Thread(target=work, name="cellbg-warm-up", daemon=True)
+        self._warm.start()
+
+    def _ensure_started(self) -> None:
+        if self._warm is not None:
+            self._warm.join()
+            self._warm = None
+            if self._warm_error is not None:
+                error, self._warm_error = self._warm_error, None
+                raise error
+        self._start()
 
     def _start(self) -> None:
         if self.client is not None:
@@ -673,6 +732,9 @@ class _Executor:
                     "distributed.scheduler.worker-saturation": 1.0,
                     # jobs may start their own process pools (segmentation, crops)
                     "distributed.worker.daemon": False,
+                    # Dask sets MALLOC_TRIM_THRESHOLD_ in workers, which makes glibc return
+                    # and re-fault every large buffer: PyTorch training ran 2-3x slower.
+                    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
                     "distributed.scheduler.worker-ttl": "5 minutes",
                     "distributed.comm.timeouts.connect": "60s",
                 }
@@ -698,7 +760,7 @@ class _Executor:
         """
         import cloudpickle
 
-        self._start()
+        self._ensure_started()
         client = self.client
         # Fixed by the configuration, never by how many jobs remain: a float sum depends on
         # the thread count, and a resumed run must give the numbers of an uninterrupted one.
@@ -773,6 +835,13 @@ class _Executor:
             if self.adaptive is not None:
                 self.adaptive.wanted = 0
         on_update(done, 0, failed)
+
+
+def _import_modules(modules: list[str]) -> None:
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
 
 
 def _jobs_adaptive():
@@ -981,6 +1050,7 @@ def run_stages(
     """
     from cellbg.protocol import ExecutorConfig
 
+    stages = list(stages)
     run_dir = Path(run_dir).resolve()
     cfg = executor if executor is not None else ExecutorConfig()
     ctx = context or RunContext(run_dir=run_dir)
@@ -1022,7 +1092,7 @@ def run_stages(
     with _run_lock(run_dir), _Executor(cfg, run_dir) as ex, _Display(progress) as display:
         _write_record(run_dir, "running", started, cfg.kind, summaries, failures)
         try:
-            for stage in stages:
+            for index, stage in enumerate(stages):
                 if blocked_by is not None:
                     summaries.append(
                         StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=f"not run: {blocked_by} failed")
@@ -1036,6 +1106,9 @@ def run_stages(
                 todo = [j for j, c in zip(jobs, is_cached) if not c]
                 if todo and stage.prepare is not None:
                     stage.prepare(ctx, todo)
+                later = [m for st in stages[index:] for m in st.worker_modules]
+                if todo and later:
+                    ex.warm_up(later)
                 display.start(stage.name, len(todo), sum(is_cached))
                 stage_failures: list[JobFailure] = []
                 counts = {"done": 0, "failed": 0}
@@ -1338,11 +1411,11 @@ def pipeline_stages() -> list[Stage]:
     """The cellbg pipeline: data, segment, crops, train, predictions, saliency, stats, report."""
     return [
         Stage("data", _plan_data),
-        Stage("segment", _plan_segment, _prepare_segment),
+        Stage("segment", _plan_segment, _prepare_segment, worker_modules=("cellbg.segment",)),
         Stage("crops", _plan_crops),
-        Stage("train", _plan_train),
+        Stage("train", _plan_train, worker_modules=("cellbg.train",)),
         Stage("predictions", _plan_predictions),
-        Stage("saliency", _plan_saliency),
+        Stage("saliency", _plan_saliency, worker_modules=("cellbg.saliency",)),
         Stage("stats", _plan_stats),
         Stage("report", _plan_report),
     ]

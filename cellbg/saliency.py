@@ -17,8 +17,9 @@ Three attribution methods, all on batches and all for an explicit target class:
     the target-class probability when a window of the crop is filled with ``fill`` (positive =
     the window supports the class). The occluded copies of a crop run in batches.
 ``integrated_gradients``
-    Integrated gradients (Sundararajan et al. 2017) from Captum, from a black baseline,
-    summed over channels.
+    Integrated gradients (Sundararajan et al. 2017) from Captum, summed over channels, from
+    a uniform baseline image; in a run the baseline is the run's median background colour
+    (:func:`background_colour`), an empty field, not black (see ``docs/saliency.md``).
 
 A built-in sanity check (Adebayo et al. 2018) recomputes every map with the same
 architecture and re-randomised weights (:func:`randomize_weights`) and records the Spearman
@@ -59,6 +60,7 @@ __all__ = [
     "occlusion",
     "integrated_gradients",
     "attribute",
+    "background_colour",
     "randomize_weights",
     "rank_correlation",
     "sample_cells",
@@ -378,8 +380,9 @@ def occlusion(
         Side of the occluding square in pixels.
     overlap : float, optional
         Overlap of neighbouring windows in [0, 1); 0 tiles the crop (fastest).
-    fill : float or {'mean_img', 'mean_patch', 'gaussian'}, optional
-        Value written into the window (0 = black, as the ``only_fg`` fill), or a MONAI mode.
+    fill : float, (C,) array_like or {'mean_img', 'mean_patch', 'gaussian'}, optional
+        Value written into the window (0 = black), one value per channel (a colour, e.g.
+        :func:`background_colour`: the window becomes empty background), or a MONAI mode.
     batch_size : int, optional
         Occluded copies per forward pass.
 
@@ -403,11 +406,17 @@ def occlusion(
         raise CellbgError(f"window must be a positive integer number of pixels; got {window!r}")
     if not 0 <= overlap < 1:
         raise CellbgError(f"overlap must be in [0, 1); got {overlap!r}")
+    x = _as_batch(images).to(_device_of(model))
+    shift = None
     if isinstance(fill, str):
         fill = look_up_option(fill, ("mean_img", "mean_patch", "gaussian"), what="occlusion fill")
-    else:
+    elif np.ndim(fill) == 0:
         fill = float(fill)
-    x = _as_batch(images).to(_device_of(model))
+    else:
+        # A colour: MONAI fills with one number (its callable modes fail in 1.6), so the
+        # model sees x - colour + colour and the window is filled with 0 in shifted space.
+        shift = _as_baseline(fill, x[:1])[:1]
+        fill = 0.0
     n, _, h, w = x.shape
     if n and (window > h or window > w):
         raise CellbgError(f"occlusion window {window} is larger than the crop ({h} x {w}); use a smaller window")
@@ -416,6 +425,8 @@ def occlusion(
         return out
     with _EvalCopy(model) as wrapped, torch.no_grad():
         t = _as_targets(targets, n, _num_classes(wrapped, x))
+        if shift is not None:
+            wrapped, x = _Shifted(wrapped, shift), x - shift
         intact = torch.cat([wrapped(chunk).softmax(1) for chunk in x.split(batch_size)])
         # ``activate`` as a callable: MONAI's own choice (sigmoid vs softmax) looks at the
         # image's channel count, not at the number of classes.
@@ -438,8 +449,24 @@ def occlusion(
     return out
 
 
+def _Shifted(net, shift):
+    """``net(x + shift)``: lets MONAI's constant-0 occlusion fill with a colour."""
+    from torch import nn
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.register_buffer("shift", shift)
+
+        def forward(self, x):
+            return self.net(x + self.shift)
+
+    return Shifted().eval()
+
+
 def integrated_gradients(
-    model, images, targets, *, steps: int = 8, baseline: float = 0.0, batch_size: int = 64
+    model, images, targets, *, steps: int = 8, baseline=0.0, batch_size: int = 64
 ) -> np.ndarray:
     """Integrated-gradients maps (Captum ``IntegratedGradients``) for a target class.
 
@@ -454,8 +481,12 @@ def integrated_gradients(
     targets : (n,) array_like of int
     steps : int, optional
         Points on the integration path (>= 2).
-    baseline : float, optional
-        The reference image's value (0 = black, as the ``only_fg`` fill).
+    baseline : float, (C,) array_like or (n, C, H, W) array_like, optional
+        The reference image: one value, one value per channel (a uniform colour, e.g.
+        :func:`background_colour`), or one image per crop. The attribution of a pixel is
+        zero where the crop equals the baseline, so the baseline decides what counts as
+        "nothing": black suits dark-field images, a brightfield background colour suits
+        brightfield ones.
     batch_size : int, optional
         Path images per forward/backward pass.
 
@@ -484,6 +515,7 @@ def integrated_gradients(
     out = np.zeros((n, *x.shape[2:]), dtype=np.float32)
     if n == 0:
         return out
+    base = _as_baseline(baseline, x)
     with _EvalCopy(model) as wrapped:
         t = _as_targets(targets, n, _num_classes(wrapped, x)).to(x.device)
         ig = IntegratedGradients(wrapped)
@@ -492,10 +524,66 @@ def integrated_gradients(
             sl = slice(start, start + per_chunk)
             with torch.enable_grad():
                 attr = ig.attribute(
-                    x[sl], baselines=float(baseline), target=t[sl], n_steps=int(steps), internal_batch_size=batch_size
+                    x[sl], baselines=base[sl], target=t[sl], n_steps=int(steps), internal_batch_size=batch_size
                 )
             out[sl] = attr.sum(dim=1).detach().cpu().numpy()
     return out
+
+
+def _as_baseline(baseline, x):
+    """The baseline as an (n, C, H, W) tensor like ``x``."""
+    import torch
+
+    b = torch.as_tensor(np.asarray(baseline, dtype=np.float32), device=x.device)
+    n, c = x.shape[:2]
+    if b.ndim == 0:
+        return torch.full_like(x, float(b))
+    if b.shape == (c,):
+        return b.view(1, c, 1, 1).expand_as(x).contiguous()
+    if tuple(b.shape) == tuple(x.shape):
+        return b
+    raise CellbgError(
+        f"baseline must be a number, one value per channel ({c},) or one image per crop {tuple(x.shape)}; "
+        f"got shape {tuple(b.shape)}"
+    )
+
+
+def background_colour(images, masks, *, max_crops: int = 512) -> np.ndarray:
+    """Median colour of the background pixels of a set of crops, per channel.
+
+    The integrated-gradients baseline of a run: a uniform field of this colour is an
+    "empty" crop of the dataset (white-ish in brightfield, dark in fluorescence).
+
+    Parameters
+    ----------
+    images : (n, C, H, W) array_like
+    masks : (n, H, W) bool
+        Cells; the other pixels are background.
+    max_crops : int, optional
+        Use at most this many crops, evenly spaced (the median is stable long before).
+
+    Returns
+    -------
+    (C,) ndarray of float32
+        Zeros when there are no background pixels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> images = np.ones((2, 3, 4, 4)) * np.array([0.9, 0.8, 0.7])[:, None, None]
+    >>> masks = np.zeros((2, 4, 4), bool); masks[:, 1:3, 1:3] = True
+    >>> background_colour(images, masks).round(2).tolist()
+    [0.9, 0.8, 0.7]
+    """
+    check_nd(images, 4, arg_name="images")
+    n = len(images)
+    if tuple(np.shape(masks)) != (n, *np.shape(images)[2:]):
+        raise CellbgError(f"masks shape {np.shape(masks)} does not match images shape {np.shape(images)}")
+    take = np.unique(np.linspace(0, n - 1, min(n, max_crops)).round().astype(int)) if n else np.zeros(0, int)
+    pixels = np.moveaxis(np.asarray(images[take], dtype=np.float32), 1, -1)[~np.asarray(masks[take], bool)]
+    if not len(pixels):
+        return np.zeros(np.shape(images)[1], np.float32)
+    return np.median(pixels, axis=0).astype(np.float32)
 
 
 def attribute(model, images, targets, *, method: str, **options) -> np.ndarray:
@@ -652,11 +740,17 @@ _COLUMNS = [
 ]
 
 
-def _method_options(cfg, method: str) -> dict:
+def _reference(name: str, colour) -> float | np.ndarray:
+    """A named reference colour: 'black', 'white' or the run's 'background' colour."""
+    return {"black": 0.0, "white": 1.0}.get(name, colour)
+
+
+def _method_options(cfg, method: str, *, colour=0.0) -> dict:
     if method == "occlusion":
-        return {"window": cfg.occlusion_window, "overlap": cfg.occlusion_overlap, "batch_size": cfg.batch_size}
+        return {"window": cfg.occlusion_window, "overlap": cfg.occlusion_overlap, "batch_size": cfg.batch_size,
+                "fill": _reference(cfg.occlusion_fill, colour)}
     if method == "integrated_gradients":
-        return {"steps": cfg.ig_steps, "batch_size": cfg.batch_size}
+        return {"steps": cfg.ig_steps, "batch_size": cfg.batch_size, "baseline": _reference(cfg.ig_baseline, colour)}
     return {"batch_size": cfg.batch_size}
 
 
@@ -676,7 +770,7 @@ def _job_cells(job_dir: Path, cells) -> np.ndarray:
     return position.loc[held_out].to_numpy()
 
 
-def _job_maps(model, images, masks, rows, pred, *, cfg, layer: str, random_model) -> dict:
+def _job_maps(model, images, masks, rows, pred, *, cfg, layer: str, random_model, colour) -> dict:
     """Maps and background shares of one job's sampled cells for every method and target."""
     targets = {"predicted": pred, "true": rows["label_index"].to_numpy(np.int64)}
     kinds = ["predicted", "true"] if cfg.target == "both" else [cfg.target]
@@ -687,7 +781,7 @@ def _job_maps(model, images, masks, rows, pred, *, cfg, layer: str, random_model
     inverse = inverse.reshape(-1)
     out = {}
     for method in cfg.methods:
-        options = _method_options(cfg, method)
+        options = _method_options(cfg, method, colour=colour)
         if method == "gradcam":
             options["layer"] = layer
         maps = attribute(model, images[pairs[:, 0]], pairs[:, 1], method=method, **options)
@@ -767,6 +861,7 @@ def run_saliency(protocol, *, progress=None):
     device = select_device(protocol.training.device)
     bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)
     labels = cells["label_index"].to_numpy(np.int64)
+    colour = background_colour(images, masks)
     frames, all_maps, all_random, all_masks = [], [], [], []
     for number, (spec, job_dir) in enumerate(zip(specs, job_dirs), start=1):
         model, meta = load_job_model(job_dir, device=device)
@@ -786,7 +881,8 @@ def run_saliency(protocol, *, progress=None):
             logits = torch.cat([model(c.to(device)).cpu() for c in x.split(cfg.batch_size)]) if len(x) else torch.zeros(0, 2)
         pred = logits.argmax(1).numpy().astype(np.int64) if logits.shape[1] > 1 else (logits[:, 0] > 0).long().numpy()
         random_model = randomize_weights(model, seed=spec.seed) if cfg.sanity_check else None
-        results = _job_maps(model, x, fg, rows, pred, cfg=cfg, layer=target_layer(model), random_model=random_model)
+        results = _job_maps(model, x, fg, rows, pred, cfg=cfg, layer=target_layer(model), random_model=random_model,
+                           colour=colour)
         for method, r in results.items():
             n_rows = len(r["cell"])
             start = sum(len(m) for m in all_maps)
@@ -840,6 +936,9 @@ def run_saliency(protocol, *, progress=None):
             "methods": list(cfg.methods),
             "target": cfg.target,
             "test_variant": cfg.test_variant,
+            "background_colour": colour.astype(float).tolist(),
+            "ig_baseline": cfg.ig_baseline,
+            "occlusion_fill": cfg.occlusion_fill,
             "rows": "row j of each array belongs to row j of saliency.parquet (map_index = j)",
         })
     write_parquet_atomic(table, run_dir / "saliency.parquet")

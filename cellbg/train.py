@@ -766,7 +766,7 @@ def run_job(
 
     for v in [spec.train_variant, *protocol.variants.test]:
         parse_variant(v)
-    crops = _read_crops(run_dir, in_memory=getattr(cfg, "in_memory", "auto"))
+    crops = _read_crops(run_dir)
     split = patient_split(crops.cells, fold=spec.fold, val_fraction=cfg.split.val_fraction,
                           val_patients=cfg.split.val_patients if cfg.split.kind == "fixed" else None,
                           seed=protocol.seed)

@@ -19,6 +19,7 @@ with ``+``: ``mask_erode(2)+only_fg``. :func:`apply_variant` is the batch entry 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- array plumbing
+# Numpy input is worked on with numpy and torch input with torch (no conversions on the way);
+# the few steps computed in torch for both (fills, blur) go through zero-copy views.
 def _as_torch(x, *, arg_name: str) -> tuple[torch.Tensor, bool]:
     """Return a torch view of ``x`` (no copy for numpy) and whether it came in as numpy."""
     if isinstance(x, torch.Tensor):
@@ -75,43 +78,61 @@ def _as_torch(x, *, arg_name: str) -> tuple[torch.Tensor, bool]:
         raise CellbgError(f"{arg_name} must be a numpy array or torch tensor; got {type(x).__name__}") from None
 
 
-def _back(x: torch.Tensor, was_numpy: bool, like: torch.Tensor):
-    x = x.to(dtype=like.dtype)
-    return x.numpy() if was_numpy else x
+def _to_numpy(a) -> np.ndarray:
+    return a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
-def _check_images(images) -> tuple[torch.Tensor, bool]:
-    t, is_np = _as_torch(images, arg_name="images")
-    if t.ndim != 4:
-        raise CellbgError(f"images must be 4-D (n, C, H, W); got shape {tuple(t.shape)}")
-    return t, is_np
+def _check_images(images) -> tuple[np.ndarray | torch.Tensor, bool]:
+    """The images as they came (numpy or torch, no copy) and whether they are numpy."""
+    if isinstance(images, torch.Tensor):
+        x, is_np = images, False
+    else:
+        try:
+            x, is_np = np.asarray(images), True
+        except (TypeError, ValueError):
+            raise CellbgError(f"images must be a numpy array or torch tensor; got {type(images).__name__}") from None
+        if x.dtype == object:
+            raise CellbgError(f"images must be a numpy array or torch tensor; got {type(images).__name__}")
+    if x.ndim != 4:
+        raise CellbgError(f"images must be 4-D (n, C, H, W); got shape {tuple(x.shape)}")
+    return x, is_np
 
 
-def _check_masks(masks, images: torch.Tensor) -> torch.Tensor:
-    m, _ = _as_torch(masks, arg_name="masks")
+def _check_masks(masks, images):
+    """The masks as bool, in the images' kind (numpy, or torch on the images' device)."""
     n, _, h, w = images.shape
-    if tuple(m.shape) != (n, h, w):
-        raise CellbgError(f"masks must have shape (n, H, W) = {(n, h, w)} to match images; got {tuple(m.shape)}")
-    if m.dtype != torch.bool:
-        if m.dtype.is_floating_point or m.dtype.is_complex:
-            raise CellbgError(f"masks must be bool (True = cell); got {m.dtype}")
+    if isinstance(images, torch.Tensor):
+        m, _ = _as_torch(masks, arg_name="masks")
+        m = m.to(images.device)
+        shape, dtype = tuple(m.shape), m.dtype
+        is_bool, is_float = dtype == torch.bool, dtype.is_floating_point or dtype.is_complex
+    else:
+        m = _to_numpy(masks) if isinstance(masks, torch.Tensor) else np.asarray(masks)
+        shape, dtype = m.shape, m.dtype
+        is_bool, is_float = dtype == np.bool_, not (np.issubdtype(dtype, np.integer) or dtype == np.bool_)
+    if shape != (n, h, w):
+        raise CellbgError(f"masks must have shape (n, H, W) = {(n, h, w)} to match images; got {shape}")
+    if not is_bool:
+        if is_float:
+            raise CellbgError(f"masks must be bool (True = cell); got {dtype}")
         m = m != 0
-    return m.to(images.device)
+    return m
 
 
-def _check_bboxes(bboxes, images: torch.Tensor) -> torch.Tensor:
-    b, _ = _as_torch(bboxes, arg_name="bboxes")
+def _check_bboxes(bboxes, images) -> np.ndarray:
+    """(n, 4) int64 ndarray (boxes are small; index planning is done in numpy)."""
+    b = _to_numpy(bboxes)
     n, _, h, w = images.shape
-    if tuple(b.shape) != (n, 4):
-        raise CellbgError(f"bboxes must have shape (n, 4) = {(n, 4)} (r0, c0, r1, c1); got {tuple(b.shape)}")
-    if b.dtype.is_floating_point:
+    if b.shape != (n, 4):
+        raise CellbgError(f"bboxes must have shape (n, 4) = {(n, 4)} (r0, c0, r1, c1); got {b.shape}")
+    if not np.issubdtype(b.dtype, np.integer):
         raise CellbgError(f"bboxes must be integers (r0, c0, r1, c1, end exclusive); got {b.dtype}")
-    b = b.to(dtype=torch.int64, device=images.device)
+    b = b.astype(np.int64)
     if n:
-        r0, c0, r1, c1 = b.unbind(1)
+        r0, c0, r1, c1 = b.T
         bad = (r0 < 0) | (c0 < 0) | (r1 > h) | (c1 > w) | (r0 > r1) | (c0 > c1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
             raise CellbgError(
                 f"bboxes[{i}] = {b[i].tolist()} is not inside the {h}x{w} crop (need 0 <= r0 <= r1 <= H, 0 <= c0 <= c1 <= W)"
             )
@@ -127,27 +148,34 @@ def _check_labels(labels, n: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _box_mask(bboxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(n, H, W) bool: inside each cell's bounding box."""
-    r = torch.arange(h, device=bboxes.device)
-    c = torch.arange(w, device=bboxes.device)
-    r0, c0, r1, c1 = (v[:, None] for v in bboxes.unbind(1))
-    rows = (r >= r0) & (r < r1)
-    cols = (c >= c0) & (c < c1)
+def _like(a: np.ndarray, images):
+    """A small numpy array (index, box) moved to the images' kind and device."""
+    return torch.from_numpy(a).to(images.device) if isinstance(images, torch.Tensor) else a
+
+
+def _box_mask(bboxes: np.ndarray, images):
+    """(n, H, W) bool in the images' kind: inside each cell's bounding box."""
+    _, _, h, w = images.shape
+    r0, c0, r1, c1 = (v[:, None] for v in bboxes.T)
+    rows = _like((np.arange(h) >= r0) & (np.arange(h) < r1), images)
+    cols = _like((np.arange(w) >= c0) & (np.arange(w) < c1), images)
     return rows[:, :, None] & cols[:, None, :]
 
 
-def _bboxes_of(masks: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Bounding boxes of the masks; ``fallback`` rows where a mask is empty."""
+def _bboxes_of(masks, fallback: np.ndarray) -> np.ndarray:
+    """Bounding boxes of the masks (int64 ndarray); ``fallback`` rows where a mask is empty."""
     n, h, w = masks.shape
-    rows, cols = masks.any(2), masks.any(1)
-    r0 = rows.int().argmax(1)
-    r1 = h - rows.flip(1).int().argmax(1)
-    c0 = cols.int().argmax(1)
-    c1 = w - cols.flip(1).int().argmax(1)
-    boxes = torch.stack([r0, c0, r1, c1], 1).to(torch.int64)
+    rows, cols = _to_numpy(masks.any(2)), _to_numpy(masks.any(1))
+    boxes = np.stack([rows.argmax(1), cols.argmax(1), h - rows[:, ::-1].argmax(1), w - cols[:, ::-1].argmax(1)], 1)
     empty = ~rows.any(1)
-    return torch.where(empty[:, None], fallback, boxes)
+    return np.where(empty[:, None], fallback, boxes).astype(np.int64)
+
+
+def _copy(x):
+    """A C-contiguous copy (flat views of it are written in place)."""
+    if isinstance(x, torch.Tensor):
+        return torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+    return x.copy(order="C")
 
 
 # --------------------------------------------------------------------------- fills
@@ -240,31 +268,80 @@ def _select(cond: torch.Tensor, a: torch.Tensor, b) -> torch.Tensor:
         else out + b * (1 - c)
 
 
-# --------------------------------------------------------------------------- morphology
-def _sq_dist_within(masks: torch.Tensor, width: int) -> torch.Tensor:
-    """Exact squared Euclidean distance to the nearest True pixel, capped beyond ``width``.
+def _fill_as(fill: torch.Tensor, x):
+    """The fill (a float tensor from :func:`resolve_fill`) in ``x``'s kind and dtype.
 
-    Row pass: horizontal distance to the nearest True pixel in the same row (running max/min
-    of True-pixel column indices). Column pass: min over row offsets ``|dr| <= width`` of
-    ``row_dist(r + dr)**2 + dr**2`` (offsets beyond ``width`` can only give distances
-    > ``width``). Values > ``width**2`` are "outside" (may be inexact; inf where no pixel).
+    Integer images take the rounded fill (as ``torch.round`` then a cast, half to even).
+    """
+    if isinstance(x, torch.Tensor):
+        return fill.round().to(x.dtype) if not x.dtype.is_floating_point else fill.to(x.dtype)
+    f = fill.cpu().numpy()
+    return np.round(f).astype(x.dtype) if not np.issubdtype(x.dtype, np.floating) else f.astype(x.dtype, copy=False)
+
+
+def _keep(cond, x, fill: torch.Tensor):
+    """A new array: ``x`` where ``cond`` (broadcast over channels), ``fill`` elsewhere.
+
+    Numpy: a black fill is one ``multiply`` by the condition (what ``image * mask`` means),
+    any other fill is written once and ``x`` copied over it where ``cond`` holds; no
+    temporaries of the batch. Torch: :func:`_select`.
+    """
+    if isinstance(x, torch.Tensor):
+        return _select(cond, x, fill)
+    if fill.ndim == 0 and float(fill) == 0.0:
+        return np.multiply(x, cond, dtype=x.dtype)
+    out = np.empty_like(x, order="C")
+    out[...] = _fill_as(fill, x)
+    np.copyto(out, x, where=cond)
+    return out
+
+
+def _paste(cond, x, base):
+    """``x`` where ``cond``, ``base`` elsewhere; numpy writes into ``base`` (a fresh array)."""
+    if isinstance(x, torch.Tensor):
+        return _select(cond, x, base)
+    np.copyto(base, x, where=cond)
+    return base
+
+
+# --------------------------------------------------------------------------- morphology
+def _dilate_disk(masks, k: int):
+    """Binary dilation of every mask by the Euclidean disk of radius ``k`` (exact), in the crop.
+
+    The disk is the union over row offsets ``|dr| <= k`` of horizontal segments of half-width
+    ``floor(sqrt(k**2 - dr**2))``. So: dilate each row horizontally (shifted ORs; the
+    half-width only grows as ``|dr|`` falls, so one running horizontal dilation serves every
+    offset, largest ``|dr|`` first) and OR it in shifted by ``dr`` rows. About ``4 k`` shifted
+    ORs of bool arrays for the whole batch; the same code for numpy arrays and torch tensors.
     """
     n, h, w = masks.shape
-    # "No True pixel" is a finite far value (arithmetic select beats torch.where on CPU);
-    # far**2 exceeds every in-crop squared distance and width**2.
-    far = float(2 * (h + w + int(width) + 1))
-    col = torch.arange(w, device=masks.device, dtype=torch.float32)
-    mf = masks.to(torch.float32)
-    left = (mf * (col + far) - far).cummax(dim=2).values
-    right = (far - mf * (far - col)).flip(2).cummin(dim=2).values.flip(2)
-    row_sq = torch.minimum(col - left, right - col).clamp_(max=far) ** 2
-    reach = min(int(width), h - 1)
-    padded = torch.nn.functional.pad(row_sq, (0, 0, reach, reach), value=far * far)
-    best = row_sq.clone()
-    for dr in range(1, reach + 1):  # a loop over ring offsets, not over pixels or cells
-        best = torch.minimum(best, padded[:, reach + dr : reach + dr + h] + dr * dr)
-        best = torch.minimum(best, padded[:, reach - dr : reach - dr + h] + dr * dr)
-    return best
+    out = masks.clone() if isinstance(masks, torch.Tensor) else masks.copy()
+    if k <= 0 or n == 0:
+        return out
+    across = masks.clone() if isinstance(masks, torch.Tensor) else masks.copy()  # running row dilation
+    half = 0
+    for dr in range(min(k, h - 1), -1, -1):  # a loop over disk rows, not over pixels or cells
+        want = min(math.isqrt(k * k - dr * dr), w - 1)
+        while half < want:
+            half += 1
+            across[..., half:] |= masks[..., :-half]
+            across[..., :-half] |= masks[..., half:]
+        if dr == 0:
+            out |= across
+        else:
+            out[:, dr:] |= across[:, :-dr]
+            out[:, :-dr] |= across[:, dr:]
+    return out
+
+
+def _check_mask_stack(masks):
+    if isinstance(masks, torch.Tensor):
+        m = masks
+    else:
+        m = np.asarray(masks)
+    if m.ndim != 3:
+        raise CellbgError(f"masks must be 3-D (n, H, W); got shape {tuple(m.shape)}")
+    return m if m.dtype in (torch.bool, np.bool_) else m != 0
 
 
 def ring_mask(masks, width: int):
@@ -293,14 +370,10 @@ def ring_mask(masks, width: int):
            [0, 0, 1, 0, 0],
            [0, 0, 0, 0, 0]])
     """
-    m, is_np = _as_torch(masks, arg_name="masks")
-    if m.ndim != 3:
-        raise CellbgError(f"masks must be 3-D (n, H, W); got shape {tuple(m.shape)}")
+    m = _check_mask_stack(masks)
     if width < 0:
         raise CellbgError(f"width must be >= 0; got {width}")
-    m = m != 0 if m.dtype != torch.bool else m
-    out = _sq_dist_within(m, int(width)) <= float(width) ** 2
-    return out.numpy() if is_np else out
+    return _dilate_disk(m, int(width))
 
 
 def mask_dilate(masks, k: int):
@@ -324,74 +397,80 @@ def mask_erode(masks, k: int):
     >>> int(mask_erode(m, 1).sum())
     1
     """
-    m, is_np = _as_torch(masks, arg_name="masks")
-    if m.ndim != 3:
-        raise CellbgError(f"masks must be 3-D (n, H, W); got shape {tuple(m.shape)}")
+    m = _check_mask_stack(masks)
     if k < 0:
         raise CellbgError(f"k must be >= 0; got {k}")
-    m = m != 0 if m.dtype != torch.bool else m
-    out = ~(_sq_dist_within(~m, int(k)) <= float(k) ** 2)
-    return out.numpy() if is_np else out
+    return ~_dilate_disk(~m, int(k))
 
 
-# --------------------------------------------------------------------------- variants (torch core)
-def _only_fg(x, m, fill):
-    return _select(m.unsqueeze(1), x, fill)
+# --------------------------------------------------------------------------- variants (numpy or torch)
+def _tile_plan(b: np.ndarray, c: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where ``only_bg_t`` writes and what it reads, for the box pixels only.
 
-
-def _no_fg(x, m, fill):
-    return _select(~m.unsqueeze(1), x, fill)
-
-
-def _only_bg_b(x, b, fill):
-    return _select(~_box_mask(b, x.shape[2], x.shape[3]).unsqueeze(1), x, fill)
-
-
-def _tile_sources(b: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per crop: flat source index of every pixel (its tile inside the box, itself outside),
-    whether a margin exists, and the box as a (n, H, W) bool."""
-    r0, c0, r1, c1 = b.unbind(1)
+    Returns flat indices into a C-contiguous ``(n, C, H, W)`` array (channel 0; add
+    ``ch * H * W`` for channel ``ch``): destination of every box pixel, its tile's source
+    pixel, and the cells without any margin (box = whole crop). Built from the box sizes
+    with ``repeat``/``cumsum`` (no scan of the full image).
+    """
+    n = len(b)
+    r0, c0, r1, c1 = b.T
     left, right, top, bottom = c0, w - c1, r0, h - r1
-    side_w = torch.maximum(left, right)  # widest left/right margin
-    side_h = torch.maximum(top, bottom)  # widest top/bottom margin
+    side_w = np.maximum(left, right)  # widest left/right margin
+    side_h = np.maximum(top, bottom)  # widest top/bottom margin
     # Ties: equal areas -> the left/right (full-height) strip; equal margins -> left / top.
     use_cols = side_w * h >= side_h * w
-    strip_start = torch.where(
-        use_cols,
-        torch.where(left >= right, torch.zeros_like(c0), c1),
-        torch.where(top >= bottom, torch.zeros_like(r0), r1),
-    )
-    strip_len = torch.where(use_cols, side_w, side_h)
-    has_margin = strip_len > 0
-    step = strip_len.clamp(min=1)[:, None]
+    strip_start = np.where(use_cols, np.where(left >= right, 0, c1), np.where(top >= bottom, 0, r1))
+    strip_len = np.where(use_cols, side_w, side_h)
+    no_margin = strip_len == 0
+    step = np.maximum(strip_len, 1)[:, None]
     start = strip_start[:, None]
-    cols_case = use_cols[:, None].long()
-    rr = torch.arange(h, device=b.device)[None, :]
-    cc = torch.arange(w, device=b.device)[None, :]
     # The tiling is separable: the source row depends on the row only, the column on the column.
-    src_c = cc + cols_case * (start + cc % step - cc)  # (n, W)
-    src_r = rr + (1 - cols_case) * (start + rr % step - rr)  # (n, H)
-    # Full-size (n, H, W) arithmetic in int32 (several times faster than int64 on CPU).
-    i32 = torch.int32
-    row_in = ((rr >= r0[:, None]) & (rr < r1[:, None])).to(i32)  # (n, H)
-    col_in = ((cc >= c0[:, None]) & (cc < c1[:, None])).to(i32)  # (n, W)
-    box = row_in[:, :, None] * col_in[:, None, :]
-    # Inside the box: tile - own = row shift + column shift (the tiling is separable).
-    shift = ((src_r - rr) * w).to(i32)[:, :, None] + (src_c - cc).to(i32)[:, None, :]
-    own = ((rr * w)[:, :, None] + cc[:, None, :]).to(i32)
-    return (own + box * shift).long(), has_margin, box.bool()
+    rr, cc = np.arange(h), np.arange(w)
+    src_r = np.where(use_cols[:, None], rr, start + rr % step)  # (n, H)
+    src_c = np.where(use_cols[:, None], start + cc % step, cc)  # (n, W)
+    # Every box row (cell, row), then every pixel of it (row, offset j in the box).
+    height, width = r1 - r0, c1 - c0
+    row_cell = np.repeat(np.arange(n), height)
+    first_row = np.cumsum(height) - height
+    row = r0[row_cell] + np.arange(len(row_cell)) - first_row[row_cell]
+    cell_base = row_cell * (c * h * w)
+    dst_row = cell_base + row * w + c0[row_cell]
+    src_row = cell_base + src_r[row_cell, row] * w
+    col_row = row_cell * w + c0[row_cell]  # into src_c.ravel()
+    seg = width[row_cell]
+    pix_row = np.repeat(np.arange(len(row_cell)), seg)
+    j = np.arange(len(pix_row)) - (np.cumsum(seg) - seg)[pix_row]
+    dst = dst_row[pix_row] + j
+    src = src_row[pix_row] + src_c.ravel()[col_row[pix_row] + j]
+    return dst, src, no_margin
 
 
-def _only_bg_t(x, b, fill):
-    """Tile the box of every crop (one gather: box pixels read their tile, others themselves)."""
-    n, c, h, w = x.shape
-    src, has_margin, box = _tile_sources(b, h, w)
-    tiled = x.reshape(n, c, h * w).gather(2, src.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
-    if not bool(has_margin.all()):
-        # No margin (the box is the whole crop): nothing to tile; the box takes the fill.
-        filled = _select(torch.zeros_like(box).unsqueeze(1), tiled, fill)
-        tiled = _select((~box | has_margin[:, None, None]).unsqueeze(1), tiled, filled)
-    return tiled
+def _tile_into(out, src, b: np.ndarray, fill: torch.Tensor) -> None:
+    """Write ``only_bg_t`` of ``src`` into the box pixels of ``out`` (C-contiguous, same shape).
+
+    ``out`` may be ``src`` itself: the strip read is outside the box written. Cells without
+    margin take the fill in the box (the whole crop), the fill row of their own position.
+    """
+    n, c, h, w = out.shape
+    dst_i, src_i, no_margin = _tile_plan(b, c, h, w)
+    dst_i, src_i = _like(dst_i, out), _like(src_i, out)
+    flat_out, flat_src = out.reshape(-1), src.reshape(-1)
+    plane = h * w
+    for ch in range(c):  # a loop over channels: each writes its box pixels in one gather
+        flat_out[ch * plane:][dst_i] = flat_src[ch * plane:][src_i]
+    if no_margin.any():
+        cells = np.flatnonzero(no_margin)
+        value = _fill_as(fill, out)
+        full = value.expand(out.shape) if isinstance(out, torch.Tensor) else np.broadcast_to(value, out.shape)
+        out[_like(cells, out)] = full[_like(cells, out)]
+
+
+def _only_bg_t(x, b: np.ndarray, fill):
+    """Tile the box of every crop: copy the batch once, then write only the box pixels."""
+    out = _copy(x)
+    if x.shape[0]:
+        _tile_into(out, out, b, fill)
+    return out
 
 
 def pair_cells(labels, rule: str, *, seed: int = 0, num_classes: int | None = None) -> np.ndarray:
@@ -455,10 +534,15 @@ def pair_cells(labels, rule: str, *, seed: int = 0, num_classes: int | None = No
 
 
 def _mixed(x, m, b, labels, rule, seed, fill, num_classes):
-    partner_np = pair_cells(labels, rule, seed=seed, num_classes=num_classes)
-    partner = torch.from_numpy(partner_np).to(x.device)
-    background = _only_bg_t(x[partner], b[partner], fill)  # partner's own only_bg_t
-    return _select(m.unsqueeze(1), x, background), partner_np
+    partner = pair_cells(labels, rule, seed=seed, num_classes=num_classes)
+    # The partners' crops, gathered once; their only_bg_t written in place; the cells pasted on.
+    if isinstance(x, torch.Tensor):
+        background = x[torch.from_numpy(partner).to(x.device)].contiguous()
+    else:
+        background = np.ascontiguousarray(x[partner])
+    if len(partner):
+        _tile_into(background, background, b[partner], fill)
+    return _paste(m[:, None], x, background), partner
 
 
 def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:
@@ -493,13 +577,19 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _bg_blur(x, m, sigma):
-    if x.numel() == 0:
-        return x.clone()
-    return _select(m.unsqueeze(1), x, _blur(x, sigma))
+    if x.shape[0] == 0 or sigma == 0:
+        return _copy(x)
+    if isinstance(x, torch.Tensor):
+        return _select(m.unsqueeze(1), x, _blur(x, sigma))
+    # The blur itself in torch (zero-copy view) so that numpy and torch give the same numbers.
+    blurred = _blur(torch.from_numpy(np.ascontiguousarray(x)), sigma).numpy()
+    if blurred.dtype != x.dtype:
+        blurred = _fill_as(torch.from_numpy(blurred), x)
+    return _paste(m[:, None], x, blurred)
 
 
 def _bg_ring(x, m, width, fill):
-    return _select(_sq_dist_within(m, width).unsqueeze(1) <= float(width) ** 2, x, fill)
+    return _keep(_dilate_disk(m, width)[:, None], x, fill)
 
 
 # --------------------------------------------------------------------------- public result + entry point
@@ -579,27 +669,27 @@ def apply_variant(
     v = parse_variant(spec)
     x, is_np = _check_images(images)
     m = _check_masks(masks, x)
-    n, _, h, w = x.shape
+    n = x.shape[0]
     given_boxes = _check_bboxes(bboxes, x) if bboxes is not None else None
     for pname, (k,) in v.perturbations:
-        m = mask_erode(m, int(k)) if pname == "mask_erode" else mask_dilate(m, int(k))
+        m = ~_dilate_disk(~m, int(k)) if pname == "mask_erode" else _dilate_disk(m, int(k))
     partner = np.full(n, -1, np.int64)
     name, args = v.name, v.args
     needs_box = name in ("only_bg_b", "only_bg_t") or name.startswith("mixed_")
     if needs_box:
-        fallback = given_boxes if given_boxes is not None else torch.zeros((n, 4), dtype=torch.int64, device=x.device)
+        fallback = given_boxes if given_boxes is not None else np.zeros((n, 4), np.int64)
         b = _bboxes_of(m, fallback) if (v.perturbations or given_boxes is None) else given_boxes
     needs_fill = name in ("only_fg", "no_fg", "only_bg_b", "only_bg_t", "bg_ring") or name.startswith("mixed_")
     fill_t = resolve_fill(fill, x, m, seed=seed) if needs_fill else None
 
     if name == "original":
-        out = x.clone()
+        out = _copy(x)
     elif name == "only_fg":
-        out = _only_fg(x, m, fill_t)
+        out = _keep(m[:, None], x, fill_t)
     elif name == "no_fg":
-        out = _no_fg(x, m, fill_t)
+        out = _keep(~m[:, None], x, fill_t)
     elif name == "only_bg_b":
-        out = _only_bg_b(x, b, fill_t)
+        out = _keep(~_box_mask(b, x)[:, None], x, fill_t)
     elif name == "only_bg_t":
         out = _only_bg_t(x, b, fill_t)
     elif name.startswith("mixed_"):
@@ -607,15 +697,14 @@ def apply_variant(
             raise CellbgError(f"{name} needs labels (class index per cell) to choose partners")
         out, partner = _mixed(x, m, b, _check_labels(labels, n), name[6:], seed, fill_t, num_classes)
     elif name == "bg_color":
-        out = _only_fg(x, m, resolve_fill(list(args), x))
+        out = _keep(m[:, None], x, resolve_fill(list(args), x))
     elif name == "bg_blur":
         out = _bg_blur(x, m, args[0])
     elif name == "bg_ring":
         out = _bg_ring(x, m, int(args[0]), fill_t)
     else:  # pragma: no cover - the registry and this switch are kept together
         raise AssertionError(name)
-    out_masks = m.numpy() if is_np else m
-    return VariantResult(_back(out, is_np, x), out_masks, partner, v.spec)
+    return VariantResult(out, m, partner, v.spec)
 
 
 # --------------------------------------------------------------------------- one public function per variant

@@ -48,7 +48,7 @@ def _note_call(run_dir: str, name: str) -> None:
 def write_value(run_dir: str, name: str, value: str, seconds: float = 0.0) -> None:
     """A job: (optionally sleep, then) write ``out/<name>.txt``."""
     _note_call(run_dir, name)
-    print(f"job {name} writes {value}")
+    print(f"job {name} writes {value}; MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_')}")
     time.sleep(seconds)
     write_text_atomic(Path(run_dir) / "out" / f"{name}.txt", value)
 
@@ -130,6 +130,8 @@ def test_cache_dry_run_and_one_changed_job(tmp_path):
     for name in values:  # every job logged to <run>/logs/<stage>-<key>.log
         log = tmp_path / "logs" / f"make-{hash_key('make', name, values[name])}.log"
         assert f"job {name} writes {values[name]}" in log.read_text()
+        # Dask's default makes glibc trim every free: PyTorch ran 2-3x slower in workers
+        assert "MALLOC_TRIM_THRESHOLD_=None" in log.read_text()
 
     # everything cached: no job runs, no cluster starts
     t0 = time.perf_counter()
@@ -262,6 +264,7 @@ def test_batch_job_script(tmp_path, kind, expected, absent):
     for text in absent:
         assert text not in script
     assert "module load cuda/12" in script
+    assert f"export DASK_CONFIG={tmp_path / '.cellbg' / 'dask-config'}" in script
     assert "export OMP_NUM_THREADS=4" in script  # 4 cores, one job per worker
     assert "/opt/venv/bin/python -m distributed.cli.dask_worker" in script
     assert "--interface lo" in script and "--local-directory $TMPDIR" in script

@@ -12,6 +12,7 @@ from cellbg._checks import CellbgError
 from cellbg.saliency import (
     METHODS,
     attribute,
+    background_colour,
     background_share,
     gradcam,
     integrated_gradients,
@@ -186,6 +187,15 @@ def test_occlusion_known_answer():
     np.testing.assert_allclose(maps[1], -expected, atol=1e-6)  # class 0 loses what class 1 gains
 
 
+def test_occlusion_with_a_colour_fill():
+    # Two channels; the reader averages both. Filling with (0.2, 0.6) gives a block mean of 0.4.
+    x = torch.full((1, 2, 16, 16), 0.8)
+    maps = occlusion(TopLeftReader(), x, [1], window=8, fill=[0.2, 0.6])
+    expected = 1 / (1 + np.exp(-(10 * 0.8 - 5))) - 1 / (1 + np.exp(-(10 * 0.4 - 5)))
+    np.testing.assert_allclose(maps[0, :8, :8], expected, atol=1e-6)
+    np.testing.assert_allclose(maps[0, 8:], 0.0, atol=1e-7)
+
+
 def test_single_logit_binary_model():
     x = _images()
     single, double = GapLinear(single_logit=True), GapLinear()
@@ -333,7 +343,6 @@ def tiny_run(tmp_path_factory):
     from cellbg.saliency import run_saliency
 
     tmp = tmp_path_factory.mktemp("saliency")
-    (tmp / "tiny.yaml").write_text(_TINY)
     p = _build_run(_protocol(tmp, _TINY))
     return p, run_saliency(p)
 
@@ -390,12 +399,14 @@ def test_run_saliency_maps_are_the_models_maps(tiny_run):
 
     p, table = tiny_run
     _, maps, _ = load_saliency(p.run_dir)
-    images, _, cells = load_crops(p.run_dir)
+    images, masks, cells = load_crops(p.run_dir)
+    colour = background_colour(images, masks)  # the default integrated-gradients baseline
     for method in METHODS:
         row = table[(table["method"] == method) & (table["train_variant"] == "only_fg")].iloc[-1]
         model, _ = load_job_model(p.run_dir / "jobs" / row["job_key"])
         i = int(np.flatnonzero(cells["cell_id"] == row["cell_id"])[0])
-        options = {"integrated_gradients": {"steps": 2}, "occlusion": {"window": 16}}.get(method, {})
+        options = {"integrated_gradients": {"steps": 2, "baseline": colour},
+                   "occlusion": {"window": 16, "fill": 0.0}}.get(method, {})
         fresh = attribute(model, images[i : i + 1], [int(row["target_index"])], method=method, **options)
         np.testing.assert_allclose(maps[int(row["map_index"])], fresh[0], rtol=1e-4, atol=1e-6)
 
@@ -431,9 +442,12 @@ def test_cli_saliency_with_montage(tiny_run):
 
     p, table = tiny_run
     png = p.run_dir / "montage.png"
-    result = CliRunner().invoke(app, ["saliency", str(p.run_dir.parent / "tiny.yaml"), "--montage", str(png)])
+    # Same training jobs (saliency settings are not part of a job's key), one cheap method.
+    cli_protocol = p.run_dir.parent / "tiny-cli.yaml"
+    cli_protocol.write_text(_TINY.replace("ig_steps: 2,", "methods: [gradcam], sanity_check: false,"))
+    result = CliRunner().invoke(app, ["saliency", str(cli_protocol), "--montage", str(png)])
     assert result.exit_code == 0, result.output
-    assert "48 maps (mean per model, train variant, method)" in result.output and "montage:" in result.output
+    assert "16 maps (mean per model, train variant, method)" in result.output and "montage:" in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(app, ["saliency", str(p.run_dir.parent / "missing.yaml")])
     assert bad.exit_code == 2 and "protocol file not found" in bad.output
@@ -498,3 +512,27 @@ def test_planted_background_signal_is_found_and_absent_without_it(tmp_path):
         assert gap > 0 and pvalue < 0.01, (method, gap, pvalue)
         gap0, _ = gaps[0.0, method]
         assert abs(gap0) < 0.5 * gap, (method, gap0, gap)
+
+
+def test_integrated_gradients_baseline_decides_what_is_nothing():
+    # Linear model: IG = (x - baseline) * w / (H W). A pixel equal to the baseline gets 0.
+    x = _images()
+    per_channel = integrated_gradients(GapLinear(), x, [1, 1, 1], steps=4, baseline=[0.25])
+    np.testing.assert_allclose(per_channel, (x[:, 0].numpy() - 0.25) / 256, rtol=1e-4, atol=1e-7)
+    images = x.numpy()
+    np.testing.assert_allclose(integrated_gradients(GapLinear(), x, [1, 1, 1], steps=4, baseline=images), 0.0)
+    with pytest.raises(CellbgError, match="baseline must be a number"):
+        integrated_gradients(GapLinear(), x, [1, 1, 1], baseline=[0.1, 0.2])
+
+
+def test_background_colour_is_the_median_of_background_pixels():
+    from cellbg.saliency import background_colour
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(5, 2, 8, 8)).astype(np.float32)
+    masks = np.zeros((5, 8, 8), bool)
+    masks[:, 2:6, 2:6] = True
+    images[:, :, 2:6, 2:6] = 50.0  # cells far from the background must not move the median
+    expected = [np.median(images[:, c][~masks]) for c in range(2)]
+    np.testing.assert_allclose(background_colour(images, masks), expected, rtol=1e-6)
+    np.testing.assert_allclose(background_colour(images, np.ones((5, 8, 8), bool)), [0.0, 0.0])

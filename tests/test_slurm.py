@@ -46,7 +46,8 @@ def _slurm_answers():
 def square_in_slurm_job(run_dir: str, name: str, value: int) -> None:
     """A job that records its result and the Slurm job it ran in."""
     job_id = os.environ.get("SLURM_JOB_ID", "")
-    write_text_atomic(Path(run_dir) / "out" / f"{name}.txt", f"{value * value} {job_id}")
+    malloc = os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset")
+    write_text_atomic(Path(run_dir) / "out" / f"{name}.txt", f"{value * value} {job_id} {malloc}")
 
 
 def _stages():
@@ -66,9 +67,10 @@ def test_jobs_run_in_slurm_batch_jobs(tmp_path):
     assert summary.ran == 4
     job_ids = set()
     for i in range(4):
-        value, job_id = (tmp_path / "out" / f"n{i}.txt").read_text().split()
+        value, job_id, malloc = (tmp_path / "out" / f"n{i}.txt").read_text().split()
         assert int(value) == i * i
         assert job_id.isdigit()  # ran inside a Slurm job, not in this process
+        assert malloc == "unset"  # the batch script undoes Dask's glibc setting (slow PyTorch)
         job_ids.add(job_id)
     assert 1 <= len(job_ids) <= 2  # the cap: at most two batch jobs in flight
     # dask-jobqueue wrote the batch jobs' output where the runner said

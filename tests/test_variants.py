@@ -126,6 +126,58 @@ def test_numpy_and_torch_give_the_same_numbers():
         np.testing.assert_array_equal(a.partner, t.partner)
 
 
+@pytest.mark.parametrize("fill", ["black", "0.2,0.4,0.6", "noise"])
+def test_numpy_and_torch_agree_on_integers_strides_and_boxes_without_margin(fill):
+    # uint8 images (rounded fills), non-contiguous views, 0/1 integer masks and some boxes that
+    # cover the whole crop (no margin: the fill) or nothing; numpy and torch work natively
+    # and must give the same numbers, equal to those of contiguous copies.
+    x, m, b, y = make_batch(n=9, seed=7)
+    x = (x * 255).astype(np.uint8)
+    b[0] = [0, 0, 16, 20]
+    b[1] = [4, 4, 4, 9]
+    x_view = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # W-major strides
+    m_int = m.astype(np.int16)
+    assert not x_view.flags.c_contiguous
+    for spec in IMAGE_VARIANTS:
+        a = apply_variant(spec, x_view, m_int, bboxes=b, labels=y, fill=fill, seed=4)
+        c = apply_variant(spec, x, m, bboxes=b, labels=y, fill=fill, seed=4)
+        t = apply_variant(spec, torch.from_numpy(x_view), torch.from_numpy(m_int), bboxes=torch.from_numpy(b),
+                          labels=y, fill=fill, seed=4)
+        np.testing.assert_array_equal(a.images, c.images, err_msg=spec)
+        np.testing.assert_array_equal(a.images, t.images.numpy(), err_msg=spec)
+        np.testing.assert_array_equal(a.masks, t.masks.numpy(), err_msg=spec)
+        assert a.images.dtype == np.uint8 and t.images.dtype == torch.uint8
+
+
+def test_mixed_background_of_a_partner_without_margin_is_the_fill():
+    # Cell 1's box is its whole crop: as a partner it lends the fill as background.
+    x = np.stack([np.full((1, 4, 4), 0.3), np.full((1, 4, 4), 0.8)]).astype(np.float32)
+    m = np.zeros((2, 4, 4), bool)
+    m[0, 1, 1] = m[1, 2, 2] = True
+    b = np.array([[1, 1, 2, 2], [0, 0, 4, 4]])
+    for kind in (np.asarray, torch.from_numpy):
+        r = apply_variant("mixed_next", kind(x), kind(m), bboxes=kind(b), labels=np.array([0, 1]), fill="0.5")
+        out = np.asarray(r.images)
+        assert r.partner.tolist() == [1, 0]
+        want0 = np.full((4, 4), 0.5, np.float32)
+        want0[1, 1] = 0.3
+        np.testing.assert_array_equal(out[0, 0], want0)
+        want1 = np.full((4, 4), 0.3, np.float32)  # partner 0's only_bg_t: its box tiled from 0.3
+        want1[2, 2] = 0.8
+        np.testing.assert_array_equal(out[1, 0], want1)
+
+
+def test_ring_and_perturbations_on_tensors_match_numpy():
+    _, m, _, _ = make_batch(n=10, h=15, w=17, seed=4)
+    tm = torch.from_numpy(m)
+    for width in (0, 1, 3, 40):
+        ring = V.ring_mask(tm, width)
+        assert isinstance(ring, torch.Tensor) and ring.dtype == torch.bool
+        np.testing.assert_array_equal(ring.numpy(), V.ring_mask(m, width))
+        np.testing.assert_array_equal(V.mask_erode(tm, width).numpy(), V.mask_erode(m, width))
+    np.testing.assert_array_equal(V.ring_mask(m, 40), np.broadcast_to(m.any((1, 2))[:, None, None], m.shape))
+
+
 @pytest.mark.parametrize("spec", ["only_fg", "mixed_same", "mixed_rand", "mixed_next", "bg_color(1,0,0)",
                                   "bg_blur(2)", "bg_ring(1)", "bg_ring(3)", "mask_erode(1)+mixed_rand"])
 @pytest.mark.parametrize("fill", ["black", "mean", "noise", "0.2,0.4,0.6"])
