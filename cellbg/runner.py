@@ -70,9 +70,6 @@ __all__ = [
 #: Folder inside a run that holds the runner's own bookkeeping (markers, digests, lock).
 STATE_DIR = ".cellbg"
 
-_log = logging.getLogger("cellbg.runner")
-
-
 # =========================================================================== keys and jobs
 def hash_key(*parts: Any) -> str:
     """A 16-hex-digit SHA-256 of ``parts`` (JSON-serialised) and the cellbg version.
@@ -572,8 +569,15 @@ def make_cluster(cfg, run_dir: str | Path):
     ``local``: a :class:`distributed.LocalCluster` of worker processes. ``slurm``, ``pbs``,
     ``sge``, ``lsf``: a dask-jobqueue cluster whose batch jobs start workers with this
     Python (``executor.python``); the runner scales it to the jobs that remain, up to
-    ``max_jobs_in_flight`` batch jobs. Each worker retires itself after ``worker_lifetime`` (default: walltime minus 5 minutes), and
-    a new batch job replaces it, so a long run outlives any walltime.
+    ``max_jobs_in_flight`` batch jobs. Each worker retires itself after
+    ``worker_lifetime`` (default: walltime minus 5 minutes) and a new batch job replaces
+    it, so a long run outlives any walltime.
+
+    Examples
+    --------
+    >>> from cellbg.protocol import ExecutorConfig
+    >>> cluster = make_cluster(ExecutorConfig(kind="slurm", gpus=1), "runs/x")  # doctest: +SKIP
+    >>> print(cluster.job_script())  # the batch script each worker job runs  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
     if cfg.kind == "local":
@@ -694,8 +698,8 @@ class _Executor:
         Called when a run has work to do before its first worker stage: the workers start
         (and import PyTorch) while this process runs the small stages.
         """
-        if self.client is not None or self._warm is not None:
-            return
+        if self.client is not None or self._warm is not None or self.cfg.kind != "local":
+            return  # batch-job workers come later anyway (and their cluster wants the main thread)
 
         def work() -> None:
             try:
@@ -784,7 +788,8 @@ class _Executor:
                         if now - no_worker_since > self.cfg.worker_wait_timeout:
                             batch_logs = self.cfg.log_directory or self.run_dir / "logs" / "batch"
                             where = f" (batch-job logs: {batch_logs})" if self.cfg.kind != "local" else ""
-                            exc = RuntimeError(f"no Dask worker connected for {self.cfg.worker_wait_timeout:.0f} s{where}")
+                            wait = self.cfg.worker_wait_timeout
+                            exc = RuntimeError(f"no Dask worker connected for {wait:.0f} s{where}")
                             for fut, job in in_flight.values():
                                 fut.cancel()
                             for job in [j for _, j in in_flight.values()] + waiting:
@@ -1008,7 +1013,8 @@ def _write_record(run_dir: Path, state: str, started: str, executor: str, stages
                 for s in stages
             ],
             "failures": [
-                {"stage": f.stage, "name": f.name, "key": f.key, "error": f.error, "log": str(f.log), "attempts": f.attempts}
+                {"stage": f.stage, "name": f.name, "key": f.key, "error": f.error, "log": str(f.log),
+                 "attempts": f.attempts}
                 for f in failures
             ],
         },
@@ -1067,7 +1073,8 @@ def run_stages(
     if dry_run:
         for stage in stages:
             if blocked_by is not None:
-                summaries.append(StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=f"planned after {blocked_by}"))
+                note = f"planned after {blocked_by}"
+                summaries.append(StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=note))
                 continue
             try:
                 jobs = stage.plan(ctx)

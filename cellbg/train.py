@@ -105,7 +105,8 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:
-        return cls(model=str(d["model"]), train_variant=str(d["train_variant"]), seed=int(d["seed"]), fold=int(d["fold"]))
+        return cls(model=str(d["model"]), train_variant=str(d["train_variant"]), seed=int(d["seed"]),
+                   fold=int(d["fold"]))
 
 
 @dataclass(frozen=True)
@@ -429,7 +430,9 @@ class RandIntensityJitter(Transform):
         self.generator = torch.Generator().manual_seed(0)
         self._a = self._b = None
 
-    def set_random_state(self, seed: int | None = None, generator: torch.Generator | None = None) -> RandIntensityJitter:
+    def set_random_state(
+        self, seed: int | None = None, generator: torch.Generator | None = None
+    ) -> RandIntensityJitter:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(int(seed or 0))
         return self
 

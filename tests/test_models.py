@@ -49,7 +49,9 @@ def test_target_layer_is_last_feature_map(arch):
     assert grad.shape == out.shape and grad.abs().sum() > 0
 
 def test_resnet_depth_width_and_stem():
-    layers = {d: len(get_model("resnet", in_channels=1, num_classes=2, depth=d, width=0.125).layer3) for d in (10, 18, 34)}
+    layers = {
+        d: len(get_model("resnet", in_channels=1, num_classes=2, depth=d, width=0.125).layer3) for d in (10, 18, 34)
+    }
     assert layers == {10: 1, 18: 2, 34: 6}
     wide = get_model("resnet", in_channels=1, num_classes=2, depth=10, width=0.5)
     thin = get_model("resnet", in_channels=1, num_classes=2, depth=10, width=0.25)

@@ -115,7 +115,9 @@ def test_job_key_tracks_exactly_what_the_job_depends_on(tmp_path):
     assert len(key) == 16 and key == job_key(Protocol.model_validate(base), spec, crops_hash="c0")
     changed = {
         "crops content": job_key(p, spec, crops_hash="c1"),
-        "this model's width": job_key(_protocol(base, **{"models": [dict(TINY_RESNET, width=0.5), {"arch": "cellyolo"}]}), spec, crops_hash="c0"),
+        "this model's width": job_key(
+            _protocol(base, **{"models": [dict(TINY_RESNET, width=0.5), {"arch": "cellyolo"}]}), spec, crops_hash="c0"
+        ),
         "learning rate": job_key(_protocol(base, **{"training": {"lr": 0.01}}), spec, crops_hash="c0"),
         "fill": job_key(_protocol(base, **{"variants": {"fill": "mean"}}), spec, crops_hash="c0"),
         "test variants": job_key(_protocol(base, **{"variants": {"test": ["original"]}}), spec, crops_hash="c0"),
@@ -149,6 +151,17 @@ def test_crops_fingerprint_follows_bytes(strong_run, tmp_path):
     assert crops_fingerprint(copy) != crops_fingerprint(run)
     with pytest.raises(CellbgError, match="run 'cellbg crops' first"):
         crops_fingerprint(tmp_path / "nothing")
+
+
+def test_streamed_crops_equal_in_memory(strong_run):
+    from cellbg.train import _read_crops
+
+    run = Path(strong_run["output"])
+    memory, streamed = _read_crops(run), _read_crops(run, in_memory=False)
+    assert isinstance(memory.images, torch.Tensor) and not isinstance(streamed.images, torch.Tensor)
+    idx = np.array([7, 2, 30, 2, 0])
+    for a, b in zip(memory.take(idx), streamed.take(idx)):
+        assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- splits
