@@ -213,8 +213,9 @@ def main() -> None:
               f"{t_loader / t_batch:15.1f}x{t_call / t_batch:17.1f}x", flush=True)
     print(f"{'all variants':<24}{tot_loop:9.3f}{tot_loader:10.3f}{'':>12}{tot_batch:11.3f}"
           f"{tot_loop / tot_batch:13.1f}x{tot_loader / tot_batch:15.1f}x")
-    print(f"overall: batched is {tot_loop / tot_batch:.1f}x baseline 1 (numpy per-crop loop) and "
-          f"{tot_loader / tot_batch:.1f}x baseline 2 (DataLoader over a per-crop Dataset); {load()}")
+    second = (f" and {tot_loader / tot_batch:.1f}x baseline 2 (DataLoader over a per-crop Dataset)"
+              if args.dataloader else "")
+    print(f"overall: batched is {tot_loop / tot_batch:.1f}x baseline 1 (numpy per-crop loop){second}; {load()}")
 
 
 if __name__ == "__main__":

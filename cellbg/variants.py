@@ -336,13 +336,11 @@ def _dilate_disk(masks, k: int):
 
 
 def _check_mask_stack(masks):
-    if isinstance(masks, torch.Tensor):
-        m = masks
-    else:
-        m = np.asarray(masks)
+    m = masks if isinstance(masks, torch.Tensor) else np.asarray(masks)
     if m.ndim != 3:
         raise CellbgError(f"masks must be 3-D (n, H, W); got shape {tuple(m.shape)}")
-    return m if m.dtype in (torch.bool, np.bool_) else m != 0
+    is_bool = m.dtype == torch.bool if isinstance(m, torch.Tensor) else m.dtype == np.bool_
+    return m if is_bool else m != 0
 
 
 def ring_mask(masks, width: int):

@@ -536,3 +536,12 @@ def test_background_colour_is_the_median_of_background_pixels():
     expected = [np.median(images[:, c][~masks]) for c in range(2)]
     np.testing.assert_allclose(background_colour(images, masks), expected, rtol=1e-6)
     np.testing.assert_allclose(background_colour(images, np.ones((5, 8, 8), bool)), [0.0, 0.0])
+
+
+def test_protocol_target_reads_unquoted_yaml_true():
+    from cellbg.protocol import parse_protocol
+
+    p = parse_protocol("name: x\nsaliency:\n  target: true\n")
+    assert p.saliency.target == "true"
+    with pytest.raises(CellbgError, match="saliency.target"):
+        parse_protocol("name: x\nsaliency:\n  target: false\n")
