@@ -656,6 +656,39 @@ def make_cluster(cfg, run_dir: str | Path):
         raise CellbgError(f"executor '{cfg.kind}': cannot set up the cluster: {exc}") from None
 
 
+_SUBMIT_COMMANDS = {"slurm": "sbatch", "pbs": "qsub", "sge": "qsub", "lsf": "bsub"}
+
+
+def _check_batch_system(cfg, cluster, run_dir: Path) -> None:
+    """Fail at once, in one line, when batch jobs cannot be submitted.
+
+    Otherwise dask-jobqueue's submission errors only reach a log while the run waits for
+    workers. Writes the batch script to ``<run>/logs/batch/job-script.sh``; Slurm checks it
+    with ``sbatch --test-only`` (a wrong partition, account or directive).
+    """
+    import shutil
+    import subprocess
+
+    from cellbg._io import write_text_atomic
+
+    command = _SUBMIT_COMMANDS[cfg.kind]
+    script = write_text_atomic(
+        Path(cfg.log_directory or run_dir / "logs" / "batch") / "job-script.sh", cluster.job_script()
+    )
+    if shutil.which(command) is None:
+        cluster.close()
+        raise CellbgError(
+            f"executor '{cfg.kind}': '{command}' is not on this machine's PATH; run cellbg on a node "
+            "that can submit batch jobs, or use --executor local"
+        )
+    if cfg.kind == "slurm":
+        check = subprocess.run([command, "--test-only", str(script)], capture_output=True, text=True, timeout=120)
+        if check.returncode != 0:
+            cluster.close()
+            reason = next((line for line in check.stderr.splitlines() if "error" in line), check.stderr.strip())
+            raise CellbgError(f"executor 'slurm': sbatch rejects the batch script {script}: {reason}")
+
+
 class _Executor:
     """Runs jobs: client jobs in this process, worker jobs on a Dask cluster made lazily.
 
@@ -747,6 +780,7 @@ class _Executor:
         self._stack.enter_context(_dask_logs_to_file(self.run_dir / "logs" / "dask.log"))
         self.cluster = make_cluster(self.cfg, self.run_dir)
         if self.cfg.kind != "local":
+            _check_batch_system(self.cfg, self.cluster, self.run_dir)
             # idle workers go after a minute (between stages); never more than the job cap
             self.adaptive = self.cluster.adapt(
                 Adaptive=_jobs_adaptive(), minimum_jobs=0, maximum_jobs=self.cfg.max_jobs_in_flight or 8,

@@ -572,7 +572,7 @@ def background_colour(images, masks, *, max_crops: int = 512) -> np.ndarray:
     >>> import numpy as np
     >>> images = np.ones((2, 3, 4, 4)) * np.array([0.9, 0.8, 0.7])[:, None, None]
     >>> masks = np.zeros((2, 4, 4), bool); masks[:, 1:3, 1:3] = True
-    >>> background_colour(images, masks).round(2).tolist()
+    >>> [round(float(v), 2) for v in background_colour(images, masks)]
     [0.9, 0.8, 0.7]
     """
     check_nd(images, 4, arg_name="images")
@@ -808,6 +808,9 @@ def run_saliency(protocol, *, progress=None):
     ``saliency.methods`` explains the predicted and/or the true class. With
     ``saliency.sanity_check`` every map is also computed with a re-randomised copy of the
     model (seeded by the job's seed) and the rank correlation of the two is recorded.
+    Integrated gradients starts from ``saliency.ig_baseline`` and occlusion fills with
+    ``saliency.occlusion_fill``; ``background`` is :func:`background_colour` of the run's
+    crops.
 
     Parameters
     ----------

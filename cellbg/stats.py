@@ -1152,7 +1152,11 @@ def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
     rows = []
     test_variant = protocol.saliency.test_variant
     order = list(protocol.variants.train)
-    for (model, method), sub in sal.groupby(["model", "method"], sort=True):
+    # With saliency.target 'both' every cell has a map for the predicted and one for the true
+    # class; they are separate analyses, never pooled (a correct cell would count twice).
+    if "target" not in sal.columns:
+        sal = sal.assign(target="")
+    for (model, method, target), sub in sal.groupby(["model", "method", "target"], sort=True):
         present = [v for v in order if v in set(sub["train_variant"])]
         present += sorted(set(sub["train_variant"]) - set(present))
         if len(present) < 2:
@@ -1173,7 +1177,8 @@ def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
                 note = f"needs at least 2 patients; got {len(both)}"
                 r = TestResult("paired t (patients)", NAN, alpha=alpha, note=note, **sizes)
             rows.append(_row("saliency", "primary", str(model), a, b, r.replace(scale="background share difference"),
-                             measure="background_share", saliency_method=str(method)))
+                             measure="background_share",
+                             saliency_method=f"{method} ({target} class)" if target else str(method)))
     return rows
 
 

@@ -95,3 +95,13 @@ def test_pipeline_on_slurm_gives_the_local_results(tmp_path, tmp_path_factory):
     for log in train_logs + list((run_dir / "logs").glob("saliency-*.log")):
         assert "batch_job=" in log.read_text()  # each ran on a worker inside a Slurm job
     assert_same_results(run_dir, reference)
+
+
+def test_a_rejected_batch_script_is_one_clear_error(tmp_path):
+    from cellbg._checks import CellbgError
+
+    bad = SLURM.model_copy(update={"queue": "no_such_partition"})
+    with pytest.raises(CellbgError, match="sbatch rejects the batch script .*job-script.sh: .*partition"):
+        run_stages(_stages(), tmp_path, executor=bad, progress=False)
+    assert "#SBATCH -p no_such_partition" in (tmp_path / "logs" / "batch" / "job-script.sh").read_text()
+    assert not (tmp_path / "out").exists()

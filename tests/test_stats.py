@@ -415,9 +415,10 @@ def test_run_stats_gee_primary_and_saliency_family(tmp_path):
     rng = np.random.default_rng(0)
     cells = preds.drop_duplicates("cell_id")[["cell_id", "patient_id", "label", "fold"]]
     sal = pd.concat(
-        [cells.assign(model="resnet", train_variant=tv, seed=0, method="gradcam", target=1,
+        [cells.assign(model="resnet", train_variant=tv, seed=0, method="gradcam", target=target,
                       background_share=rng.uniform(0.1, 0.3, len(cells)) + shift,
                       background_ratio=1.0, sanity_rank_corr=0.1, map_index=0)
+         for target in ("predicted", "true")
          for tv, shift in (("original", 0.3), ("only_fg", 0.0))]
     )  # fmt: skip
     sal.to_parquet(run / "saliency.parquet", index=False)
@@ -426,10 +427,13 @@ def test_run_stats_gee_primary_and_saliency_family(tmp_path):
     assert conf.method.startswith("GEE") and conf.df == 5 and conf.scale == "accuracy difference (GEE marginal)"
     assert (table.family == "exploratory").sum() == 0
     s = table[table.family == "saliency"]
-    assert len(s) == 1 and s.iloc[0].saliency_method == "gradcam"
-    per = sal.groupby(["train_variant", "patient_id"])["background_share"].mean()
-    assert s.iloc[0].estimate == pytest.approx((per["only_fg"] - per["original"]).mean())
-    assert s.iloc[0].pvalue < 0.01 and s.iloc[0].p_holm == pytest.approx(s.iloc[0].pvalue)
+    # maps for the predicted and for the true class are separate analyses, never pooled
+    assert s.saliency_method.tolist() == ["gradcam (predicted class)", "gradcam (true class)"]
+    for row, target in zip(s.itertuples(), ("predicted", "true")):
+        per = sal[sal.target == target].groupby(["train_variant", "patient_id"])["background_share"].mean()
+        assert row.estimate == pytest.approx((per["only_fg"] - per["original"]).mean())
+        assert row.n_cells == len(cells) and row.pvalue < 0.01
+    assert s.p_holm.to_numpy() == pytest.approx(adjust_pvalues(s.pvalue, "holm"))
 
 
 def test_run_stats_user_errors(tmp_path):

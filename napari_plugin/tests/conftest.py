@@ -19,7 +19,7 @@ variants:
 models:
   - {arch: resnet, depth: 10, width: 0.0625}
 training: {epochs: 1, batch_size: 32, seeds: [0], split: {kind: kfold, folds: 2}, max_folds: 1}
-saliency: {cells_per_job: 6, methods: [gradcam]}
+saliency: {cells_per_job: 6, methods: [gradcam], target: both}
 stats: {bootstrap: 50}
 """
 

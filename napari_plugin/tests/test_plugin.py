@@ -140,6 +140,8 @@ def test_open_run_browse_cells_and_saliency(make_napari_viewer, plugin_run, qtbo
     viewer.window.add_dock_widget(sal)
     rows = sal.selection()
     assert len(rows) > 0
+    for key in ("model", "train_variant", "method", "target"):
+        assert rows[key].nunique() == 1  # one analysis at a time, never pooled
     share = sal.show()
     np.testing.assert_allclose(share, rows["background_share"].mean())
     assert "background share" in sal.share.text()

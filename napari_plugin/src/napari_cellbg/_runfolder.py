@@ -121,7 +121,8 @@ class RunFolder:
 
     def cell_table(self) -> pd.DataFrame:
         """One row per cell: label, patient, and per (model, train, test) the prediction,
-        whether it is correct, and the mean background share per model where computed.
+        whether it is correct, and the mean background share per model where computed (of
+        the maps for the predicted class when both predicted and true were computed).
 
         Columns of the per-condition parts are named ``pred|model|train|test`` and
         ``correct|model|train|test`` (first seed and fold that predicted the cell).
@@ -144,6 +145,8 @@ class RunFolder:
             table = table.merge(wide_pred, left_on="cell_id", right_index=True, how="left")
             table = table.merge(wide_ok, left_on="cell_id", right_index=True, how="left")
         sal = self.saliency
+        if sal is not None and "target" in sal and (sal["target"] == "predicted").any():
+            sal = sal[sal["target"] == "predicted"]  # one map per cell: the predicted class's
         if sal is not None and len(sal):
             share = sal.groupby(["cell_id", "model", "train_variant"])["background_share"].mean().reset_index()
             share["key"] = "bg_share|" + share["model"] + "|" + share["train_variant"]

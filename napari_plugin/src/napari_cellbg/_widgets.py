@@ -296,7 +296,8 @@ class CellBrowser(QWidget):
 
 # --------------------------------------------------------------------------- saliency
 class SaliencyWidget(QWidget):
-    """Choose model, train variant, seed and method; overlay maps and show background share."""
+    """Choose model, train variant, seed, method and target class; overlay maps and show the
+    background share."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
@@ -304,7 +305,7 @@ class SaliencyWidget(QWidget):
         self.run = None
         self.table = pd.DataFrame()
         self.maps = None
-        self.combos = {k: QComboBox() for k in ("model", "train_variant", "seed", "method")}
+        self.combos = {k: QComboBox() for k in ("model", "train_variant", "seed", "method", "target")}
         self.where = QComboBox()
         self.where.addItems(["crop", "field of view"])
         self.show_button = QPushButton("Show")
@@ -329,13 +330,15 @@ class SaliencyWidget(QWidget):
             return
         self.table = self.run.saliency.reset_index(drop=True)
         self.maps = self.run.saliency_maps()
+        if "target" not in self.table:
+            self.table["target"] = "predicted"
         for k, combo in self.combos.items():
             combo.clear()
             combo.addItems([str(v) for v in sorted(self.table[k].unique())])
         self.share.setText(f"{len(self.table)} maps")
 
     def selection(self) -> pd.DataFrame:
-        """Rows of saliency.parquet matching the chosen model, train variant, seed, method."""
+        """Rows of saliency.parquet matching the chosen model, train variant, seed, method, target."""
         mask = np.ones(len(self.table), bool)
         for k, combo in self.combos.items():
             mask &= self.table[k].astype(str).to_numpy() == combo.currentText()
