@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.gui
 
 if not os.environ.get("DISPLAY"):
-    pytest.skip("napari GUI tests need an X server: run under xvfb-run (make test does)", allow_module_level=True)
+    pytest.skip(reason="napari GUI tests need an X server: run under xvfb-run (make test does)", allow_module_level=True)
 
 napari = pytest.importorskip("napari", reason="napari is installed by `make test` (extra 'napari')")
 
