@@ -478,12 +478,13 @@ def _attempts(log_path: Path) -> int:
         return 0
 
 
-def _describe_error(exc: BaseException, job: Job, batch_logs: Path | None = None) -> str:
+def _describe_error(exc: BaseException, attempts: int, batch_logs: Path | None = None) -> str:
     from distributed import KilledWorker
 
     if isinstance(exc, KilledWorker):
         where = f"; batch-job logs in {batch_logs}" if batch_logs is not None else ""
-        return f"its worker process died while running it (killed, out of memory or past walltime?{where})"
+        when = "while running it" if attempts else "before the job started"
+        return f"its worker process died {when} (killed, out of memory or past walltime?{where})"
     msg = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
@@ -555,7 +556,10 @@ def _worker_dask_config(run_dir: Path) -> Path:
     folder = Path(run_dir) / STATE_DIR / "dask-config"
     settings = {
         "distributed": {
-            "worker": {"daemon": False},
+            # Dask would pause and restart a worker at 80-95 % of `memory`, and importing
+            # PyTorch alone takes ~0.7 GB; the batch system enforces the real limit.
+            "worker": {"daemon": False, "memory": {"target": False, "spill": False, "pause": False,
+                                                   "terminate": False}},
             "nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None}},
         }
     }
@@ -590,7 +594,7 @@ def make_cluster(cfg, run_dir: str | Path):
             processes=True,
             dashboard_address=":0",  # any free port: several runs may share a machine
             silence_logs=logging.CRITICAL,
-            local_directory=os.path.expandvars(cfg.local_directory or str(run_dir / STATE_DIR / "dask-scratch")),
+            local_directory=os.path.expandvars(cfg.local_directory) if cfg.local_directory else None,
             memory_limit=0,  # jobs own their memory; Dask must not pause or kill them for it
             env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
         )
@@ -794,7 +798,7 @@ class _Executor:
         Jobs are handed to the scheduler only as worker threads are free, so a worker never
         holds queued jobs: when a job kills its worker, only that job is blamed (Dask counts
         every task on a dying worker towards ``allowed-failures``), and a batch cluster is
-        asked for as many workers as jobs remain (see :class:`_JobsAdaptive`).
+        asked for as many workers as jobs remain (see :func:`_jobs_adaptive`).
         """
         import cloudpickle
 
@@ -974,10 +978,10 @@ class _Display:
 
     def start(self, stage: str, todo: int, cached: int) -> None:
         self._cached = cached
-        if self.progress is not None:
-            self.task = self.progress.add_task(stage, total=max(todo, 1) if todo else 0, info=self._info(0, 0))
-            if not todo:
-                self.progress.update(self.task, total=1, completed=1)
+        if self.progress is not None:  # a stage with nothing to do shows as complete
+            self.task = self.progress.add_task(
+                stage, total=max(todo, 1), completed=0 if todo else 1, info=self._info(0, 0)
+            )
 
     def _info(self, running: int, failed: int) -> str:
         parts = [f"running {running}"]
@@ -998,10 +1002,6 @@ class _Display:
                 f"{s.name}: {s.total} jobs, {s.cached} cached, {s.ran} ran{failed} ({s.seconds:.1f} s)",
                 highlight=False,
             )
-
-    def say(self, text: str) -> None:
-        if not self.quiet:
-            self.console.print(text, highlight=False)
 
 
 # =========================================================================== the loop
@@ -1063,6 +1063,7 @@ def run_stages(
     dry_run: bool = False,
     progress: bool | None = None,
     context: RunContext | None = None,
+    on_start: Callable[[], Any] | None = None,
 ) -> RunSummary:
     """Plan and run ``stages`` in order, skipping cached jobs.
 
@@ -1081,12 +1082,27 @@ def run_stages(
         Live display; default: when stderr is a terminal. ``False``: silent.
     context : RunContext, optional
         Carries the protocol and file digests to the planners.
+    on_start : callable, optional
+        Called once the run folder is locked for this run (not in a dry run).
 
     Returns
     -------
     RunSummary
         Per stage: jobs, cached, ran, failed; the failures with their log paths. A failed
         job stops the run after its stage (every other job of the stage still finishes).
+
+    Examples
+    --------
+    >>> def plan(ctx):
+    ...     out = ctx.run_dir / "hello.txt"
+    ...     return [Job("greet", "hello", hash_key("hello"), out.write_text, ("hi",),
+    ...                 where="client", outputs=(out,))]
+    >>> import tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> run_stages([Stage("greet", plan)], run, progress=False).ran
+    1
+    >>> run_stages([Stage("greet", plan)], run, progress=False).ran  # cached now
+    0
     """
     from cellbg.protocol import ExecutorConfig
 
@@ -1131,6 +1147,8 @@ def run_stages(
     if cfg.kind != "local":
         batch_logs = Path(cfg.log_directory) if cfg.log_directory else run_dir / "logs" / "batch"
     with _run_lock(run_dir), _Executor(cfg, run_dir) as ex, _Display(progress) as display:
+        if on_start is not None:
+            on_start()
         _write_record(run_dir, "running", started, cfg.kind, summaries, failures)
         try:
             for index, stage in enumerate(stages):
@@ -1160,9 +1178,10 @@ def run_stages(
                         return
                     counts["failed"] += 1
                     log = job_log_path(run_dir, job)
+                    attempts = _attempts(log)
                     stage_failures.append(
-                        JobFailure(job.stage, job.name, job.key, _describe_error(exc, job, batch_logs), log,
-                                   _attempts(log))
+                        JobFailure(job.stage, job.name, job.key, _describe_error(exc, attempts, batch_logs), log,
+                                   attempts)
                     )
 
                 for job in (j for j in todo if j.where == "client"):
@@ -1501,11 +1520,11 @@ def run_protocol(
         kind = look_up_option(str(executor), ["local", "slurm", "pbs", "sge", "lsf"], what="executor")
         cfg = cfg.model_copy(update={"kind": kind})
     run_dir = Path(protocol.run_dir).resolve()
-    if not dry_run:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_resolved(protocol)
     ctx = RunContext(run_dir=run_dir, protocol=protocol)
-    return run_stages(pipeline_stages(), run_dir, executor=cfg, dry_run=dry_run, progress=progress, context=ctx)
+    return run_stages(
+        pipeline_stages(), run_dir, executor=cfg, dry_run=dry_run, progress=progress, context=ctx,
+        on_start=lambda: write_resolved(protocol),  # stats and report read it
+    )
 
 
 # =========================================================================== status

@@ -15,7 +15,7 @@ from napari_cellbg import CellBrowser, SaliencyWidget
 
 def main(run_dir: str, out: str) -> None:
     viewer = napari.Viewer(show=False)
-    viewer.window.resize(1600, 1000)
+    viewer.window.resize(1800, 1100)
     viewer.open(run_dir, plugin="napari-cellbg")
     for name in ("saliency", "saliency crops"):
         if name in viewer.layers:
@@ -28,7 +28,6 @@ def main(run_dir: str, out: str) -> None:
     viewer.reset_view()
     viewer.screenshot(canvas_only=False)  # the first call makes a hidden viewer draw
     iio.imwrite(out, viewer.screenshot(canvas_only=False))
-    viewer.close()
 
 
 if __name__ == "__main__":

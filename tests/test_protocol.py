@@ -151,3 +151,28 @@ def test_write_resolved_and_load_run(tmp_path):
 def test_shipped_protocols_validate(name):
     p = load_protocol(REPO / "protocols" / name, check_paths=False)
     assert p.name
+
+
+def test_atomic_writes_keep_the_old_file_on_failure_and_use_the_umask(tmp_path):
+    import os
+    import stat
+
+    from cellbg._io import atomic_dir, atomic_path, write_text_atomic
+
+    target = write_text_atomic(tmp_path / "a.txt", "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary left behind
+    mask = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "b.txt", "x")
+        with atomic_dir(tmp_path / "store") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "store").stat().st_mode) == 0o755
+    assert (tmp_path / "store" / "f").read_text() == "y"

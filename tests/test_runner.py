@@ -294,7 +294,8 @@ TINY = {
     "models": [{"arch": "resnet", "label": "resnet_a", "depth": 10, "width": 0.125},
                {"arch": "resnet", "label": "resnet_b", "depth": 10, "width": 0.25}],
     "training": {"epochs": 1, "batch_size": 32, "seeds": [0], "split": {"kind": "kfold", "folds": 2}},
-    "saliency": {"methods": ["gradcam"], "cells_per_job": 4, "sanity_check": False},
+    # big enough (~2 s) for a test to kill the saliency job's worker while it runs
+    "saliency": {"methods": ["gradcam", "occlusion"], "cells_per_job": 16, "sanity_check": True},
     "stats": {"bootstrap": 50},
     "report": {"formats": ["md"], "figures": False},
     "executor": {"workers": 2, "retries": 1},
@@ -490,3 +491,34 @@ def test_status_needs_a_run_folder(tmp_path):
         status(tmp_path / "nope")
     with pytest.raises(CellbgError, match="not a cellbg run folder"):
         status(tmp_path)
+
+
+def test_segment_batches_on_workers_feed_crops(reference, tmp_path):
+    """User data (a manifest), threshold segmentation in worker batches, then crops."""
+    from cellbg.protocol import load_protocol
+    from cellbg.runner import RunContext, pipeline_stages
+
+    data = {"source": "manifest", "manifest": str(reference.parent / "run" / "data" / "manifest.csv")}
+    path = write_protocol(tmp_path, data=data, segmentation={"method": "threshold"})
+    protocol = load_protocol(path)
+    stages = pipeline_stages()[:3]  # data, segment, crops
+    summary = run_stages(stages, tmp_path / "run", executor=LOCAL, progress=False,
+                         context=RunContext(tmp_path / "run", protocol))
+    assert summary.ok, summary.summary()
+    data_stage, segment, crops = summary.stages
+    assert data_stage.total == 0  # user data: nothing to make
+    assert segment.ran >= 1 and all(j.where == "worker" for j in segment.jobs)
+    labels = sorted((tmp_path / "run" / "segmentation").glob("*.tif"))
+    n_images = len((reference / "data" / "manifest.csv").read_text().splitlines()) - 1
+    assert len(labels) == n_images
+    assert crops.ran == 1 and (tmp_path / "run" / "cells.parquet").exists()
+
+    # new crop size: crops run again, the label images are kept (neither the runner nor
+    # run_crops' own call of run_segmentation segments again)
+    stamps = [p.stat().st_mtime_ns for p in labels]
+    protocol = load_protocol(write_protocol(tmp_path, data=data, segmentation={"method": "threshold"},
+                                            crops={"size": 28}))
+    again = run_stages(stages, tmp_path / "run", executor=LOCAL, progress=False,
+                       context=RunContext(tmp_path / "run", protocol))
+    assert [(s.cached, s.ran) for s in again.stages[1:]] == [(segment.total, 0), (0, 1)]
+    assert [p.stat().st_mtime_ns for p in labels] == stamps

@@ -83,7 +83,8 @@ def test_pipeline_on_slurm_gives_the_local_results(tmp_path, tmp_path_factory):
     from test_runner import assert_same_results, reference_run, write_protocol
 
     reference = reference_run(tmp_path_factory.getbasetemp())
-    executor = {"kind": "local", "cores": 1, "memory": "2GB", "walltime": "00:20:00", "max_jobs_in_flight": 2,
+    # 1GB: Dask alone would restart a worker importing PyTorch (~0.7 GB) at 95 % of it
+    executor = {"kind": "local", "cores": 1, "memory": "1GB", "walltime": "00:20:00", "max_jobs_in_flight": 2,
                 "retries": 1, "worker_wait_timeout": 120}
     path = write_protocol(tmp_path, executor=executor)
     run = subprocess.run([sys.executable, "-m", "cellbg.cli", "run", str(path), "--executor", "slurm"],
