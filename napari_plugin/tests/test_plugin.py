@@ -67,10 +67,26 @@ def test_reader_layers_match_the_run_files(plugin_run):
     plane = seg[int(first["image_index"])]
     r, c = int(round(first["centroid_r"])), int(round(first["centroid_c"]))
     assert plane[r, c] == first["index"]
-    maps, kw, kind = layers["saliency"]
+    # saliency: one field-of-view layer per (method, model, train variant), predicted class
     sal = pd.read_parquet(plugin_run / "saliency.parquet")
-    assert kind == "image" and maps.shape[0] == len(sal) and kw["colormap"] == "inferno"
-    assert kw["blending"] == "additive"
+    chosen = sal[(sal.target == "predicted") & (sal.seed == sal.seed.min())]
+    groups = chosen.groupby(["model", "train_variant", "method"])
+    sal_layers = {k: v for k, v in layers.items() if k.startswith("saliency ")}
+    assert len(sal_layers) == groups.ngroups
+    (model, train_variant, method), rows = next(iter(groups))
+    fov, kw, kind = sal_layers[f"saliency {method} | {model} | {train_variant}"]
+    assert kind == "image" and fov.shape == images.shape[:3]
+    assert kw["colormap"] == "inferno" and kw["blending"] == "additive"
+    # a cell's map sits at its crop's place in its image (crops are not rescaled here)
+    maps = run.saliency_maps()
+    cell = cells.set_index("cell_id").loc[rows.cell_id.iloc[0]]
+    r0, c0 = int(cell.crop_r0), int(cell.crop_c0)
+    m = maps[rows.map_index.iloc[0]]
+    plane = fov[features.set_index("cell_id").loc[rows.cell_id.iloc[0], "image_index"]]
+    rr0, cc0 = max(r0, 0), max(c0, 0)
+    window = plane[rr0: r0 + m.shape[0], cc0: c0 + m.shape[1]]
+    assert (window >= m[rr0 - r0: rr0 - r0 + window.shape[0], cc0 - c0: cc0 - c0 + window.shape[1]] - 1e-6).all()
+    assert (fov >= 0).all() and fov.max() > 0
 
 
 def test_segmenter_function_without_a_viewer():
@@ -93,7 +109,8 @@ def test_open_run_browse_cells_and_saliency(make_napari_viewer, plugin_run, qtbo
     viewer = make_napari_viewer()
     viewer.open(str(plugin_run), plugin="napari-cellbg")
     names = [ly.name for ly in viewer.layers]
-    assert {"images", "segmentation", "saliency"} <= set(names)
+    assert {"images", "segmentation"} <= set(names)
+    assert any(n.startswith("saliency ") for n in names)
     labels = viewer.layers["segmentation"]
 
     browser = CellBrowser(viewer)
@@ -145,9 +162,14 @@ def test_open_run_browse_cells_and_saliency(make_napari_viewer, plugin_run, qtbo
     share = sal.show()
     np.testing.assert_allclose(share, rows["background_share"].mean())
     assert "background share" in sal.share.text()
+    crop_side = browser.run.crops()[0].shape[-1]
+    assert viewer.layers["saliency"].data.ndim == 2  # a montage beside the images, no new slider
+    assert viewer.layers["saliency"].data.shape[1] >= crop_side
     sal.where.setCurrentText("field of view")
-    sal.show()
-    assert "saliency (field of view)" in viewer.layers
+    sal.show(cell_id=rows["cell_id"].iloc[0])
+    fov = viewer.layers["saliency (field of view)"].data
+    assert fov.shape == viewer.layers["images"].data.shape[:3] and fov.max() > 0
+    assert rows["cell_id"].iloc[0] in sal.share.text()
 
     shot = _screenshot_not_blank(viewer)
     keep = os.environ.get("CELLBG_SCREENSHOT")

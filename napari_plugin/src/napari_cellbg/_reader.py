@@ -57,25 +57,25 @@ def run_layers(run: RunFolder) -> list[tuple]:
         layers.append((shifted, kwargs, "labels"))
     maps = run.saliency_maps()
     if maps is not None and run.cells is not None:
-        sal = run.saliency
-        idx = run.cells.set_index("cell_id").loc[sal["cell_id"], "store_index"].to_numpy()
-        images, _, _ = run.crops()
-        crops = images[idx]
-        crops = np.moveaxis(crops, 1, -1) if crops.shape[1] == 3 else crops[:, 0]
-        layers.append((crops, {"name": "saliency crops", "rgb": crops.ndim == 4}, "image"))
-        layers.append(
-            (
-                maps,
-                {
-                    "name": "saliency",
-                    "colormap": "inferno",
-                    "blending": "additive",
-                    "opacity": 0.7,
-                    "metadata": {"table": sal.reset_index(drop=True)},
-                },
-                "image",
+        # One field-of-view layer per analysis (model, training variant, method): maps of the
+        # predicted class, pasted at their cells' places, so they overlay the images directly.
+        sal = run.saliency_choices()
+        groups = sal.groupby(["model", "train_variant", "method"], sort=True)
+        for i, ((model, train_variant, method), rows) in enumerate(groups):
+            layers.append(
+                (
+                    run.saliency_fov(rows, maps),
+                    {
+                        "name": f"saliency {method} | {model} | {train_variant}",
+                        "colormap": "inferno",
+                        "blending": "additive",
+                        "opacity": 0.7,
+                        "visible": i == 0,
+                        "metadata": {"table": rows.reset_index(drop=True), "cellbg_run": str(run.run_dir)},
+                    },
+                    "image",
+                )
             )
-        )
     return layers
 
 

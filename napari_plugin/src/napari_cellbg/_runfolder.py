@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["RunFolder", "find_run_dir"]
+__all__ = ["RunFolder", "find_run_dir", "montage"]
 
 
 def find_run_dir(path: str | Path) -> Path | None:
@@ -26,6 +26,18 @@ def find_run_dir(path: str | Path) -> Path | None:
     if path.is_dir() and (path / "protocol.resolved.yaml").exists():
         return path
     return None
+
+
+def montage(tiles: np.ndarray, *, columns: int | None = None, gap: int = 2) -> np.ndarray:
+    """Arrange tiles (k, S, S[, C]) in a grid with ``gap`` pixels between them (row-major)."""
+    k, h, w = tiles.shape[:3]
+    columns = columns or int(np.ceil(np.sqrt(k)))
+    rows = int(np.ceil(k / columns))
+    out = np.zeros((rows * (h + gap) - gap, columns * (w + gap) - gap, *tiles.shape[3:]), tiles.dtype)
+    for i, tile in enumerate(tiles):  # one slice assignment per tile, not per pixel
+        r, c = divmod(i, columns)
+        out[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = tile
+    return out
 
 
 class RunFolder:
@@ -112,6 +124,44 @@ class RunFolder:
         import zarr
 
         return np.asarray(zarr.open_group(str(path), mode="r")["maps"][:])
+
+    def saliency_fov(self, rows: pd.DataFrame, maps: np.ndarray) -> np.ndarray:
+        """Paste the maps of saliency ``rows`` into field-of-view coordinates: (N, H, W).
+
+        Each map covers its cell's crop (origin ``crop_r0, crop_c0``, ``scale`` crop pixels
+        per image pixel); where crops of neighbouring cells overlap the larger value is kept;
+        pixels outside every sampled crop are 0.
+        """
+        from skimage.transform import resize
+
+        n, h, w = self.images.shape[:3]
+        out = np.zeros((n, h, w), np.float32)
+        cells = self.cells.set_index("cell_id")
+        for j, row in zip(rows["map_index"].to_numpy(), rows.itertuples()):
+            c = cells.loc[row.cell_id]
+            m = maps[j]
+            scale = float(c["scale"])
+            if scale != 1.0:
+                size = max(1, int(round(m.shape[0] / scale)))
+                m = resize(m, (size, size), order=1, preserve_range=True, anti_aliasing=scale > 1)
+            r0, c0 = int(round(c["crop_r0"])), int(round(c["crop_c0"]))
+            rr0, cc0 = max(r0, 0), max(c0, 0)
+            rr1, cc1 = min(r0 + m.shape[0], h), min(c0 + m.shape[1], w)
+            if rr1 <= rr0 or cc1 <= cc0:
+                continue
+            plane = out[int(c["image_index"])]
+            patch = m[rr0 - r0: rr1 - r0, cc0 - c0: cc1 - c0]
+            np.maximum(plane[rr0:rr1, cc0:cc1], patch, out=plane[rr0:rr1, cc0:cc1])
+        return out
+
+    def saliency_choices(self) -> pd.DataFrame:
+        """One row per (model, train_variant, method) with maps for the predicted class of the
+        first seed: the analyses the reader shows as field-of-view layers."""
+        sal = self.saliency
+        if "target" in sal and (sal["target"] == "predicted").any():
+            sal = sal[sal["target"] == "predicted"]
+        sal = sal[sal["seed"] == sal["seed"].min()]
+        return sal
 
     def crops(self):
         """(images (n, C, S, S), masks (n, S, S), cells) from the crop store."""

@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 
 from napari.qt.threading import thread_worker
 
-from napari_cellbg._runfolder import RunFolder
+from napari_cellbg._runfolder import RunFolder, montage
 
 __all__ = [
     "segment_widget",
@@ -357,29 +357,31 @@ class SaliencyWidget(QWidget):
             f"over {len(rows)} cells"
         )
         if self.where.currentText() == "crop":
-            self._set_layer("saliency", maps, {"colormap": "inferno", "blending": "additive", "opacity": 0.7})
+            # a 2-D montage beside the images (a stack would take over the image slider)
+            images, _, _ = self.run.crops()
+            store = self.run.cells.set_index("cell_id").loc[rows["cell_id"], "store_index"].to_numpy()
+            crops = images[store]
+            crops = np.moveaxis(crops, 1, -1) if crops.shape[1] == 3 else crops[:, 0]
+            beside = (0, self.run.images.shape[2] + 8)
+            self._set_layer("saliency crops", montage(crops), {"rgb": crops.ndim == 4, "translate": beside})
+            self._set_layer(
+                "saliency",
+                montage(maps),
+                {"colormap": "inferno", "blending": "additive", "opacity": 0.7, "translate": beside},
+            )
         else:
-            cells = self.run.cells.set_index("cell_id")
-            pick = cell_id or rows["cell_id"].iloc[0]
-            j = int(np.flatnonzero(rows["cell_id"].to_numpy() == pick)[0])
-            c = cells.loc[pick]
-            step = list(self.viewer.dims.current_step)
-            step[0] = int(c["image_index"])
-            self.viewer.dims.current_step = tuple(step)
-            s = float(c["scale"]) if "scale" in c else 1.0
             self._set_layer(
                 "saliency (field of view)",
-                maps[j],
-                {
-                    "colormap": "inferno",
-                    "blending": "additive",
-                    "opacity": 0.7,
-                    "translate": (float(c["crop_r0"]), float(c["crop_c0"])),
-                    "scale": (1 / s, 1 / s),
-                },
+                self.run.saliency_fov(rows, self.maps),
+                {"colormap": "inferno", "blending": "additive", "opacity": 0.7},
             )
-            share = float(rows["background_share"].iloc[j])
-            label = f"{pick}: background share {share:.2f}; " + label
+            if cell_id is not None:
+                c = self.run.cells.set_index("cell_id").loc[cell_id]
+                step = list(self.viewer.dims.current_step)
+                step[0] = int(c["image_index"])
+                self.viewer.dims.current_step = tuple(step)
+                share = float(rows.loc[rows["cell_id"] == cell_id, "background_share"].iloc[0])
+                label = f"{cell_id}: background share {share:.2f}; " + label
         self.share.setText(label)
         return mean_share
 
