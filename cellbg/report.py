@@ -556,7 +556,7 @@ def _forest(figs: _Figures, tests: pd.DataFrame):
         ax.axvline(0.0, color="0.4", lw=0.8, ls="--")
         names = sub["comparison"].astype(str)
         if names.duplicated(keep=False).any():  # the same pair under two tests: name the test
-            names = names + "  [" + sub["method"].fillna("").astype(str) + "]"
+            names = names + "  [" + sub["method"].astype("string").fillna("").astype(str) + "]"
         ax.set_yticks(y, names, fontsize=7)
         ax.set_title(model, fontsize=10, loc="left")
         ax.grid(axis="x", color="0.9")
@@ -856,14 +856,14 @@ def _section_tests(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) ->
     if "role" in t.columns:
         keep &= t["role"].astype(str) == "primary"
     if "measure" in t.columns:
-        keep &= t["measure"].fillna("accuracy").astype(str).isin(["accuracy", ""])
+        keep &= t["measure"].astype("string").fillna("accuracy").astype(str).isin(["accuracy", ""])
     forest = t[keep].copy()
     # A planned (confirmatory) pair that the exploratory sweep tests again is drawn once.
     pair = forest["model"].astype(str) + "|" + forest["a"].astype(str) + "|" + forest["b"].astype(str)
     planned = set(pair[forest["family"].astype(str) == "confirmatory"])
     forest = forest[~((forest["family"].astype(str) == "exploratory") & pair.isin(planned))]
     if "name" in forest.columns:
-        named = forest["name"].fillna("").astype(str)
+        named = forest["name"].astype("string").fillna("").astype(str)  # all-empty reads back as float NaN
         forest["comparison"] = np.where(named != "", named + ": " + forest["comparison"].astype(str),
                                         forest["comparison"].astype(str))
     if figs.enabled and len(forest):
