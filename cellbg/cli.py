@@ -7,7 +7,6 @@ failure. ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import contextlib
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated

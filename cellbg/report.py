@@ -905,7 +905,7 @@ def _section_bg_gap(doc: _Doc, run: _Run, tex: dict[str, str]) -> None:
         doc.absent("BG-GAP = acc(mixed_same) − acc(mixed_rand) needs both `mixed_same` and `mixed_rand` "
                    "among the test variants; this run did not test both.")
         return
-    rows, tex_rows = [], []
+    rows = []
     for r in gap.itertuples(index=False):
         pp = "–" if _isnan(r.gap) else f"{100 * r.gap:.1f}"
         sd = "" if _isnan(r.gap_sd) else f" ± {100 * r.gap_sd:.1f}"

@@ -1420,7 +1420,7 @@ def _spec_name(spec) -> str:
 
 
 def _plan_train(ctx: RunContext) -> list[Job]:
-    from cellbg import train
+    from cellbg import _jobs as train  # planning and keys only: no torch in the client
 
     p = ctx.protocol
     ctx.key("crops")

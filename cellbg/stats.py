@@ -1211,7 +1211,6 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
     cfg = protocol.stats
     preds = _read_predictions(run_dir)
     alpha = cfg.alpha
-    root = np.random.SeedSequence(cfg.seed)
     rows: list[dict] = []
     models = [m.key for m in protocol.models if m.key in set(preds["model"])]
     models += sorted(set(preds["model"]) - set(models))
