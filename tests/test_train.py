@@ -119,7 +119,7 @@ def test_job_key_tracks_exactly_what_the_job_depends_on(tmp_path):
             _protocol(base, **{"models": [dict(TINY_RESNET, width=0.5), {"arch": "cellyolo"}]}), spec, crops_hash="c0"
         ),
         "learning rate": job_key(_protocol(base, **{"training": {"lr": 0.01}}), spec, crops_hash="c0"),
-        "fill": job_key(_protocol(base, **{"variants": {"fill": "mean"}}), spec, crops_hash="c0"),
+        "fill": job_key(_protocol(base, **{"variants": {"fill": "black"}}), spec, crops_hash="c0"),
         "test variants": job_key(_protocol(base, **{"variants": {"test": ["original"]}}), spec, crops_hash="c0"),
         "job seed": job_key(p, JobSpec("resnet", "original", 1, 0), crops_hash="c0"),
         "job fold": job_key(p, JobSpec("resnet", "original", 0, 1), crops_hash="c0"),
