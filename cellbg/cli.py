@@ -333,7 +333,8 @@ def run(
         typer.echo(summary.summary())
         if not summary.ok:
             err.print(f"[red]{len(summary.failures)} job(s) failed[/red]; finished jobs are kept, run again to retry")
-            raise typer.Exit(code=1)
+            # bad input everywhere (exit 2, as for any user error) vs a failure of the code or machine
+            raise typer.Exit(code=2 if all(f.user_error for f in summary.failures) else 1)
         if not dry_run:
             typer.echo(f"run folder: {summary.run_dir} ({summary.ran} jobs ran in {summary.seconds:.1f} s)")
 

@@ -241,6 +241,7 @@ class JobFailure:
     error: str
     log: Path
     attempts: int
+    user_error: bool = False  # bad input (a CellbgError): fix the input, a retry cannot help
 
     def __str__(self) -> str:
         return (
@@ -1181,7 +1182,7 @@ def run_stages(
                     attempts = _attempts(log)
                     stage_failures.append(
                         JobFailure(job.stage, job.name, job.key, _describe_error(exc, attempts, batch_logs), log,
-                                   attempts)
+                                   attempts, user_error=isinstance(exc, CellbgError))
                     )
 
                 for job in (j for j in todo if j.where == "client"):

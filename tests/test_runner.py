@@ -439,7 +439,7 @@ def test_failed_jobs_are_reported_with_their_logs(reference, tmp_path):
     # 1. a job that raises: a typo in the saliency test variant, found on the worker
     path = write_protocol(tmp_path, saliency={"test_variant": "only_fgg"})
     first = cellbg("run", str(path))
-    assert first.returncode == 1
+    assert first.returncode == 2  # bad input, as every user error; a killed worker below is 1
     key = json.loads((run_dir / ".cellbg" / "last-run.json").read_text())["failures"][0]["key"]
     log = run_dir / "logs" / f"saliency-{key}.log"
     # a user error is not retried: one attempt, reported with the job's log
@@ -522,3 +522,27 @@ def test_segment_batches_on_workers_feed_crops(reference, tmp_path):
                        context=RunContext(tmp_path / "run", protocol))
     assert [(s.cached, s.ran) for s in again.stages[1:]] == [(segment.total, 0), (0, 1)]
     assert [p.stat().st_mtime_ns for p in labels] == stamps
+
+
+def test_bad_input_inside_a_job_exits_2_with_the_file_named(tmp_path):
+    """A corrupt image met by a segmentation job is a user error: exit 2, file and log named."""
+    import numpy as np
+    import tifffile
+    from typer.testing import CliRunner
+
+    from cellbg.cli import app
+
+    (tmp_path / "im").mkdir()
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / "im" / f"{name}.tif", np.zeros((64, 64), np.uint8))
+    (tmp_path / "im" / "c.tif").write_bytes(b"not a tiff at all")
+    (tmp_path / "m.csv").write_text("path,label,patient\nim/a.tif,x,p1\nim/b.tif,y,p2\nim/c.tif,y,p1\n")
+    (tmp_path / "p.yaml").write_text(
+        "name: bad\noutput: run\ndata: {source: manifest, manifest: m.csv}\n"
+        "segmentation: {method: threshold}\nexecutor: {workers: 1}\n"
+    )
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "p.yaml")])
+    assert res.exit_code == 2, res.output
+    assert "cannot read image" in res.output and "c.tif" in res.output
+    log = next((tmp_path / "run" / "logs").glob("segment-*.log"))
+    assert "c.tif" in log.read_text()
