@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 
 from napari.qt.threading import thread_worker
 
+from napari_cellbg._reader import labels_features
 from napari_cellbg._runfolder import RunFolder, montage
 
 __all__ = [
@@ -44,6 +45,11 @@ def _camera(viewer):
     """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _run_dir_from_layers(viewer) -> str | None:
+    """The run folder the viewer's layers were read from (the reader records it), or None."""
+    return next((ly.metadata["cellbg_run"] for ly in viewer.layers if "cellbg_run" in ly.metadata), None)
 
 
 # --------------------------------------------------------------------------- segment
@@ -214,24 +220,23 @@ class CellBrowser(QWidget):
     def load(self, run_dir: str | Path | None = None) -> None:
         """Load the table of ``run_dir`` or of the run the viewer's layers came from."""
         if run_dir is None:
-            for layer in self.viewer.layers:
-                if "cellbg_run" in layer.metadata:
-                    run_dir = layer.metadata["cellbg_run"]
-                    if layer.__class__.__name__ == "Labels":
-                        self.labels_layer = layer
+            run_dir = _run_dir_from_layers(self.viewer)
+            self.labels_layer = next(
+                (ly for ly in self.viewer.layers if "cellbg_run" in ly.metadata and ly.__class__.__name__ == "Labels"),
+                self.labels_layer,
+            )
         if run_dir is None:
             return
         self.run = RunFolder(run_dir)
-        self.table = self.run.cell_table()
         if self.labels_layer is not None and "offsets" in self.labels_layer.metadata:
-            offsets = np.asarray(self.labels_layer.metadata["offsets"])
-            self.table.insert(
-                0, "index", offsets[self.table["image_index"].to_numpy()] + self.run.cells["instance"].to_numpy()
-            )
+            # the same table the reader put on the layer: keyed by the layer's global label ids
+            self.table = labels_features(self.run, np.asarray(self.labels_layer.metadata["offsets"]))
             self.labels_layer.features = self.table
             self.labels_layer.events.selected_label.connect(self._on_label_selected)
             if self._on_click not in self.labels_layer.mouse_drag_callbacks:
                 self.labels_layer.mouse_drag_callbacks.append(self._on_click)
+        else:
+            self.table = self.run.cell_table()
         self.proxy.setSourceModel(_FrameModel(self.table))
         self.view.selectionModel().selectionChanged.connect(self._on_selection)
         self.status.setText(f"{len(self.table)} cells from {self.run.run_dir.name}")
@@ -321,7 +326,7 @@ class SaliencyWidget(QWidget):
 
     def load(self, run_dir: str | Path | None = None) -> None:
         if run_dir is None:
-            run_dir = next((ly.metadata["cellbg_run"] for ly in self.viewer.layers if "cellbg_run" in ly.metadata), None)
+            run_dir = _run_dir_from_layers(self.viewer)
         if run_dir is None:
             return
         self.run = RunFolder(run_dir)
