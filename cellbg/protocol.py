@@ -399,6 +399,10 @@ class Protocol(_Section):
 
 
 # --------------------------------------------------------------------------- loading
+#: pydantic puts the discriminator value of the model union into error locations
+#: (``models.0.resnet.dept``); they are not protocol keys.
+_MODEL_TAGS = {"resnet": ResNetSpec, "shufflenet_v2": ShuffleNetSpec, "cellyolo": CellYoloSpec}
+
 def _yaml_lines(text: str) -> dict[tuple, int]:
     """Map each key path in a YAML document to its 1-based line number."""
     lines: dict[tuple, int] = {}
@@ -426,7 +430,7 @@ def _yaml_lines(text: str) -> dict[tuple, int]:
 
 def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
     """The line of the deepest existing prefix of ``loc`` (pydantic adds union tags)."""
-    clean = tuple(x for x in loc if not (isinstance(x, str) and x in ("resnet", "shufflenet_v2", "cellyolo")))
+    clean = tuple(x for x in loc if not (isinstance(x, str) and x in _MODEL_TAGS))
     for n in range(len(clean), 0, -1):
         if clean[:n] in lines:
             return lines[clean[:n]]
@@ -437,7 +441,7 @@ def _format_errors(err: ValidationError, lines: dict[tuple, int], source: str) -
     out = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = ".".join(str(x) for x in loc if x not in ("resnet", "shufflenet_v2", "cellyolo")) or "(top level)"
+        key = ".".join(str(x) for x in loc if x not in _MODEL_TAGS) or "(top level)"
         line = _line_of(loc, lines)
         where = f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
@@ -461,8 +465,8 @@ def _suggest_key(loc: tuple, parent: tuple) -> str:
     for part in parent:
         if isinstance(part, int):
             continue
-        if part in ("resnet", "shufflenet_v2", "cellyolo"):
-            model = {"resnet": ResNetSpec, "shufflenet_v2": ShuffleNetSpec, "cellyolo": CellYoloSpec}[part]
+        if part in _MODEL_TAGS:
+            model = _MODEL_TAGS[part]
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
