@@ -15,7 +15,8 @@ overall, and the machine's load average (the machine is shared; timings are nois
 
 Floor and ceiling (measured in the same run): every variant reads each crop and writes a
 new one, so no implementation can beat a bare copy of the same batches on this machine
-(the fastest of a fresh ``copy`` and ``np.copyto`` into a preallocated array, per batch).
+(the fastest of a fresh ``copy``, ``np.copyto`` into a preallocated array, and torch's
+``copy_`` with ``--threads`` threads, per batch).
 ``bg_blur`` also needs ``2 * (2r + 1)`` multiply-adds per value (two passes of a
 ``2r + 1``-tap filter; a symmetric kernel saves multiplies, not instructions), which cannot
 run faster than the multiply-add rate of a large float32 GEMM at the same thread count.
@@ -163,7 +164,13 @@ def copy_floor(images, batch, repeat):
         for s in range(0, len(images), step):
             np.copyto(out[s:s + step], images[s:s + step])
 
-    return min(timed(fresh, repeat), timed(into, repeat))
+    src, dst = torch.from_numpy(images), torch.from_numpy(out)
+
+    def torch_into():  # torch's copy uses all of torch's threads
+        for s in range(0, len(images), step):
+            dst[s:s + step].copy_(src[s:s + step])
+
+    return min(timed(fresh, repeat), timed(into, repeat), timed(torch_into, repeat))
 
 
 def multiply_add_rate(repeat) -> float:
