@@ -28,7 +28,8 @@ Run (about 25 s per seed on 2 cores)::
     .venv/bin/python benchmarks/validate_null_pipeline.py --seeds 20 --signal 0 --out /tmp/null
     .venv/bin/python benchmarks/validate_null_pipeline.py --seeds 5 --signal 0.9 --out /tmp/power
 
-Runs are kept under ``--out`` (one folder per seed), so an interrupted call resumes with
+The protocol is copied into ``--out``, so relative data paths in it would not resolve: use a
+protocol with synthetic data (or absolute paths). Runs are kept under ``--out`` (one folder per seed), so an interrupted call resumes with
 ``cellbg run``'s cache. Prints one line per seed and the rejection rates with exact
 (Clopper-Pearson) 95% intervals.
 """
@@ -72,8 +73,12 @@ def write_protocol(base: Path, out_dir: Path, seed: int, signal: float, override
     return path
 
 
+def _hits(rows: pd.DataFrame, p_column: str, alpha: float) -> tuple[int, int]:
+    return int((rows[p_column] < alpha).sum()), len(rows)
+
+
 def rejections(tests: pd.DataFrame) -> dict[str, float]:
-    """The per-seed outcomes read from ``stats/tests.csv``."""
+    """The per-seed outcomes read from ``stats/tests.csv``: (rejected, tested) and estimates."""
     primary = tests[tests["role"] == "primary"]
     alpha = float(primary["alpha"].iloc[0])
     conf = primary[primary["family"] == "confirmatory"]
@@ -81,17 +86,13 @@ def rejections(tests: pd.DataFrame) -> dict[str, float]:
     gap = expl[expl["name"] == "BG-GAP (original)"]
     gap_fg = expl[expl["name"] == "BG-GAP (only_fg)"]
     fg_trained = expl[(expl["a"] == "original:original") & (expl["b"] == "only_fg:only_fg")]
-    return {
-        "confirmatory": float((conf["p_holm"] < alpha).mean()),
-        "confirmatory_estimate": float(conf["estimate"].mean()),
-        "confirmatory_p": float(conf["p_holm"].min()),
-        "bg_gap": float((gap["p_bh"] < alpha).mean()) if len(gap) else float("nan"),
-        "bg_gap_estimate": float(gap["estimate"].mean()) if len(gap) else float("nan"),
-        "bg_gap_p": float(gap["p_bh"].min()) if len(gap) else float("nan"),
-        "bg_gap_only_fg": float((gap_fg["p_bh"] < alpha).mean()) if len(gap_fg) else float("nan"),
-        "fg_trained": float((fg_trained["p_bh"] < alpha).mean()) if len(fg_trained) else float("nan"),
-        "fg_trained_estimate": float(fg_trained["estimate"].mean()) if len(fg_trained) else float("nan"),
-    }
+    out = {}
+    for key, rows, p_column in [("confirmatory", conf, "p_holm"), ("bg_gap", gap, "p_bh"),
+                                ("bg_gap_only_fg", gap_fg, "p_bh"), ("fg_trained", fg_trained, "p_bh")]:
+        out[key], out[f"{key}_n"] = _hits(rows, p_column, alpha)
+        out[f"{key}_estimate"] = float(rows["estimate"].mean()) if len(rows) else float("nan")
+        out[f"{key}_p"] = float(rows[p_column].min()) if len(rows) else float("nan")
+    return out
 
 
 def interval(hits: int, n: int) -> str:
@@ -128,15 +129,12 @@ def main() -> None:
               f"{r['bg_gap_estimate']:8.3f} {r['bg_gap_p']:8.3f} {r['bg_gap_only_fg']:21.0f} "
               f"{r['fg_trained_estimate']:10.3f} {r['fg_trained']:5.0f}", flush=True)
     table = pd.DataFrame(rows)
-    n = len(table)
-    print(f"\nsignal {args.signal:g}, {n} seeds (the estimates are accuracy differences b - a):")
-    print(f"  confirmatory (Holm) rejected: {interval(int(table['confirmatory'].round().sum()), n)}")
-    gap = table["bg_gap"].dropna()
-    print(f"  BG-GAP original (BH) rejected: {interval(int(gap.round().sum()), len(gap))}")
-    gap_fg = table["bg_gap_only_fg"].dropna()
-    print(f"  BG-GAP only_fg (BH) rejected: {interval(int(gap_fg.round().sum()), len(gap_fg))}")
-    fg = table["fg_trained"].dropna()
-    print(f"  original:original vs only_fg:only_fg (BH) rejected: {interval(int(fg.round().sum()), len(fg))}")
+    print(f"\nsignal {args.signal:g}, {len(table)} seeds (the estimates are accuracy differences b - a):")
+    for key, what in [("confirmatory", "confirmatory (Holm)"), ("bg_gap", "BG-GAP original (BH)"),
+                      ("bg_gap_only_fg", "BG-GAP only_fg (BH)"),
+                      ("fg_trained", "original:original vs only_fg:only_fg (BH)")]:
+        if table[f"{key}_n"].sum():
+            print(f"  {what} rejected: {interval(int(table[key].sum()), int(table[f'{key}_n'].sum()))}")
     print(f"  mean confirmatory estimate {table['confirmatory_estimate'].mean():+.3f}, "
           f"mean BG-GAP {table['bg_gap_estimate'].mean():+.3f}, mean only_fg-trained "
           f"{table['fg_trained_estimate'].mean():+.3f}")
