@@ -9,16 +9,18 @@ switched off to save time), and reads ``stats/tests.csv``. At ``--signal 0`` the
 background information to find, so every rejection is a false positive; at the protocol's
 own signal the rejections are the power.
 
-Counted per seed (alpha = the protocol's ``stats.alpha``):
+Counted per seed (alpha = the protocol's ``stats.alpha``), each from the primary test of the
+confirmatory family (Holm) when the protocol made the comparison confirmatory, else from the
+exploratory family (BH):
 
-- ``confirmatory``: the primary test of each confirmatory comparison (default
-  original:original vs original:only_fg), Holm-adjusted within its family;
-- ``bg_gap``: the primary test of BG-GAP (mixed_rand vs mixed_same) for each trained
-  model, BH-adjusted within the exploratory family;
-- ``fg_trained``: original:original vs only_fg:only_fg (a model that never sees a
-  background against one that does, each on its own kind of image; BH), the comparison
-  that asks whether the background adds information rather than whether removing it
-  disturbs a model trained with it.
+- original:original vs original:only_fg: how much the original-trained model loses when its
+  background is replaced by the fill (dependence on the background);
+- BG-GAP (original:mixed_rand vs original:mixed_same): whether it uses class information
+  in the background (the default confirmatory comparison when both mixed variants are
+  tested);
+- BG-GAP of the only_fg-trained model: a negative control (it never saw a background);
+- original:original vs only_fg:only_fg: a model that never sees a background against one
+  that does, each on its own kind of image.
 
 The other exploratory comparisons (e.g. original vs no_fg, where the cell itself is removed)
 lose real information at any signal, so they are not null tests and are not counted.
@@ -26,11 +28,13 @@ lose real information at any signal, so they are not null tests and are not coun
 Run (about 25 s per seed on 2 cores)::
 
     .venv/bin/python benchmarks/validate_null_pipeline.py --seeds 20 --signal 0 --out /tmp/null
-    .venv/bin/python benchmarks/validate_null_pipeline.py --seeds 5 --signal 0.9 --out /tmp/power
+    .venv/bin/python benchmarks/validate_null_pipeline.py --seeds 10 --signal 0.9 --out /tmp/power
+    .venv/bin/python benchmarks/validate_null_pipeline.py --seeds 15 --signal 0 --out /tmp/null16 \
+        --set data.synthetic.patients=16
 
 The protocol is copied into ``--out``, so relative data paths in it would not resolve: use a
-protocol with synthetic data (or absolute paths). Runs are kept under ``--out`` (one folder per seed), so an interrupted call resumes with
-``cellbg run``'s cache. Prints one line per seed and the rejection rates with exact
+protocol with synthetic data (or absolute paths). Runs are kept under ``--out`` (one folder
+per seed), so an interrupted call resumes with ``cellbg run``'s cache. Prints one line per seed and the rejection rates with exact
 (Clopper-Pearson) 95% intervals.
 """
 
@@ -73,25 +77,31 @@ def write_protocol(base: Path, out_dir: Path, seed: int, signal: float, override
     return path
 
 
-def _hits(rows: pd.DataFrame, p_column: str, alpha: float) -> tuple[int, int]:
-    return int((rows[p_column] < alpha).sum()), len(rows)
+#: What is counted: (key, label, a, b). Each comparison is read from the confirmatory family
+#: (Holm) when the protocol made it confirmatory, else from the exploratory family (BH).
+COMPARISONS = [
+    ("only_fg_drop", "original:original vs original:only_fg", "original:original", "original:only_fg"),
+    ("bg_gap", "BG-GAP, original-trained", "original:mixed_rand", "original:mixed_same"),
+    ("bg_gap_only_fg", "BG-GAP, only_fg-trained", "only_fg:mixed_rand", "only_fg:mixed_same"),
+    ("fg_trained", "original:original vs only_fg:only_fg", "original:original", "only_fg:only_fg"),
+]
 
 
 def rejections(tests: pd.DataFrame) -> dict[str, float]:
-    """The per-seed outcomes read from ``stats/tests.csv``: (rejected, tested) and estimates."""
+    """The per-seed outcomes read from ``stats/tests.csv``: rejected, tested, estimate, p."""
     primary = tests[tests["role"] == "primary"]
     alpha = float(primary["alpha"].iloc[0])
-    conf = primary[primary["family"] == "confirmatory"]
-    expl = primary[primary["family"] == "exploratory"]
-    gap = expl[expl["name"] == "BG-GAP (original)"]
-    gap_fg = expl[expl["name"] == "BG-GAP (only_fg)"]
-    fg_trained = expl[(expl["a"] == "original:original") & (expl["b"] == "only_fg:only_fg")]
-    out = {}
-    for key, rows, p_column in [("confirmatory", conf, "p_holm"), ("bg_gap", gap, "p_bh"),
-                                ("bg_gap_only_fg", gap_fg, "p_bh"), ("fg_trained", fg_trained, "p_bh")]:
-        out[key], out[f"{key}_n"] = _hits(rows, p_column, alpha)
+    out: dict[str, float] = {}
+    for key, _, a, b in COMPARISONS:
+        rows = primary[(primary["a"] == a) & (primary["b"] == b)]
+        confirmatory = rows[rows["family"] == "confirmatory"]
+        rows, p_column = (confirmatory, "p_holm") if len(confirmatory) else (
+            rows[rows["family"] == "exploratory"], "p_bh")
+        out[key] = int((rows[p_column] < alpha).sum())
+        out[f"{key}_n"] = len(rows)
         out[f"{key}_estimate"] = float(rows["estimate"].mean()) if len(rows) else float("nan")
         out[f"{key}_p"] = float(rows[p_column].min()) if len(rows) else float("nan")
+        out[f"{key}_adjusted"] = "Holm, confirmatory" if p_column == "p_holm" else "BH, exploratory"
     return out
 
 
@@ -115,7 +125,7 @@ def main() -> None:
     rows = []
     print(f"{args.protocol.name} {' '.join(args.overrides)} at signal {args.signal:g}, seeds {args.first_seed}.."
           f"{args.first_seed + args.seeds - 1}; runs in {args.out}", flush=True)
-    print(f"{'seed':>4} {'s':>5} {'conf. drop':>10} {'p_holm':>8} {'BG-GAP':>8} {'p_bh':>8} {'BG-GAP(only_fg) rej.':>21} {'fg-trained':>10} {'rej.':>5}")
+    print(f"{'seed':>4} {'s':>5}" + "".join(f" {k[:14]:>14} {'p':>6}" for k, *_ in COMPARISONS))
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         protocol = write_protocol(args.protocol, args.out, seed, args.signal, args.overrides)
         t0 = time.perf_counter()
@@ -125,19 +135,17 @@ def main() -> None:
         r = rejections(pd.read_csv(args.out / f"seed{seed}" / "run" / "stats" / "tests.csv"))
         r["seed"] = seed
         rows.append(r)
-        print(f"{seed:4d} {time.perf_counter() - t0:5.0f} {r['confirmatory_estimate']:10.3f} {r['confirmatory_p']:8.3f} "
-              f"{r['bg_gap_estimate']:8.3f} {r['bg_gap_p']:8.3f} {r['bg_gap_only_fg']:21.0f} "
-              f"{r['fg_trained_estimate']:10.3f} {r['fg_trained']:5.0f}", flush=True)
+        print(f"{seed:4d} {time.perf_counter() - t0:5.0f}"
+              + "".join(f" {r[k + '_estimate']:14.3f} {r[k + '_p']:6.3f}" for k, *_ in COMPARISONS), flush=True)
     table = pd.DataFrame(rows)
-    print(f"\nsignal {args.signal:g}, {len(table)} seeds (the estimates are accuracy differences b - a):")
-    for key, what in [("confirmatory", "confirmatory (Holm)"), ("bg_gap", "BG-GAP original (BH)"),
-                      ("bg_gap_only_fg", "BG-GAP only_fg (BH)"),
-                      ("fg_trained", "original:original vs only_fg:only_fg (BH)")]:
+    print(f"\nsignal {args.signal:g}, {len(table)} seeds (estimates: accuracy difference b - a, mean over seeds):")
+    for key, label, _, _ in COMPARISONS:
         if table[f"{key}_n"].sum():
-            print(f"  {what} rejected: {interval(int(table[key].sum()), int(table[f'{key}_n'].sum()))}")
-    print(f"  mean confirmatory estimate {table['confirmatory_estimate'].mean():+.3f}, "
-          f"mean BG-GAP {table['bg_gap_estimate'].mean():+.3f}, mean only_fg-trained "
-          f"{table['fg_trained_estimate'].mean():+.3f}")
+            adjusted = ", ".join(sorted(set(table[f"{key}_adjusted"])))
+            print(f"  {label} ({adjusted}): rejected "
+                  f"{interval(int(table[key].sum()), int(table[f'{key}_n'].sum()))}; "
+                  f"estimate {100 * table[f'{key}_estimate'].mean():+.1f} points "
+                  f"(SE {100 * table[f'{key}_estimate'].std() / len(table) ** 0.5:.1f})")
     table.to_csv(args.out / f"summary_signal{args.signal:g}.csv", index=False)
 
 

@@ -97,6 +97,24 @@ def test_comparison_condition_format():
         parse_protocol("name: x\nstats:\n  confirmatory:\n    - {a: original, b: 'original:only_fg'}\n")
 
 
+def test_default_confirmatory_follows_the_variants():
+    bg_gap = [("original:mixed_rand", "original:mixed_same")]
+    only_fg_drop = [("original:original", "original:only_fg")]
+
+    def confirmatory(text):
+        return [(c.a, c.b) for c in parse_protocol("name: x\n" + text).stats.confirmatory]
+
+    assert confirmatory("") == bg_gap  # Xiao's eight test variants by default
+    assert confirmatory("variants: {test: [original, only_fg, mixed_rand, mixed_same]}\n") == bg_gap
+    assert confirmatory("variants: {test: [original, only_fg, mixed_same]}\n") == only_fg_drop
+    assert confirmatory("variants: {train: [only_fg]}\n") == only_fg_drop
+    explicit = "stats: {confirmatory: [{a: 'original:original', b: 'only_fg:only_fg'}]}\n"
+    assert confirmatory(explicit) == [("original:original", "only_fg:only_fg")]
+    # the choice is written into the resolved protocol, so a run keeps it
+    p = parse_protocol("name: x\n")
+    assert yaml.safe_load(resolved_yaml(p))["stats"]["confirmatory"] == [{"a": a, "b": b} for a, b in bg_gap]
+
+
 def test_paths_are_relative_to_protocol_file(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "imgs").mkdir()

@@ -100,7 +100,8 @@ def make_run(tmp_path: Path, preds: pd.DataFrame, **stats) -> Path:
     models = [{"arch": "resnet", "depth": 10, "label": m} for m in sorted(preds["model"].unique())]
     p = Protocol.model_validate(
         {"name": "stats-test", "output": str(run), "models": models, "stats": {"bootstrap": 199, **stats},
-         "variants": {"train": sorted(preds["train_variant"].unique(), key=lambda v: v != "original")}}
+         "variants": {"train": sorted(preds["train_variant"].unique(), key=lambda v: v != "original"),
+                      "test": sorted(preds["test_variant"].unique())}}
     )  # fmt: skip
     run.mkdir(parents=True, exist_ok=True)
     write_resolved(p)
@@ -367,7 +368,7 @@ def test_stats_never_imports_torch():
 def test_run_stats_writes_contract_files(tmp_path):
     preds = make_predictions(patients=8, cells=15, models=("resnet", "shufflenet"),
                              effects={"original:only_fg": -1.2, "original:mixed_rand": -0.8})
-    run = make_run(tmp_path, preds)
+    run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:only_fg")])
     table = run_stats(run)
     on_disk = pd.read_csv(run / "stats" / "tests.csv")
     assert list(on_disk.columns[: len(CONTRACT_COLUMNS)]) == CONTRACT_COLUMNS
@@ -465,6 +466,27 @@ def test_cli_stats(tmp_path):
     assert (run / "stats" / "summary.md").exists()
     bad = CliRunner().invoke(app, ["stats", str(tmp_path / "missing")])
     assert bad.exit_code == 2
+
+
+def test_default_confirmatory_is_bg_gap_when_the_mixed_variants_are_tested(tmp_path):
+    # A planted background cue (mixed_rand loses accuracy) is the default confirmatory test,
+    # BG-GAP = acc(mixed_same) - acc(mixed_rand) per patient, Holm over the models.
+    preds = make_predictions(patients=8, cells=15, models=("resnet", "shufflenet"),
+                             effects={"original:mixed_rand": -1.5})
+    table = run_stats(make_run(tmp_path, preds))
+    conf = table[(table.family == "confirmatory") & (table.role == "primary")]
+    assert list(zip(conf.model, conf.a, conf.b)) == [("resnet", "original:mixed_rand", "original:mixed_same"),
+                                                     ("shufflenet", "original:mixed_rand", "original:mixed_same")]
+    for row in conf.itertuples():
+        m = preds[(preds.model == row.model) & (preds.train_variant == "original")]
+        acc = m.groupby(["test_variant", "patient_id"])["correct"].mean()
+        assert row.estimate == pytest.approx((acc["mixed_same"] - acc["mixed_rand"]).mean())
+        assert row.estimate > 0 and row.p_holm < 0.05
+    # Without the mixed variants the default falls back to the only_fg drop.
+    few = make_predictions(patients=5, cells=6, seeds=(0,), test=("original", "only_fg"))
+    table = run_stats(make_run(tmp_path / "few", few))
+    conf = table[(table.family == "confirmatory") & (table.role == "primary")].iloc[0]
+    assert (conf.a, conf.b) == ("original:original", "original:only_fg")
 
 
 def test_percentile_bootstrap_only_from_30_patients(tmp_path):
