@@ -317,9 +317,9 @@ class Comparison(_Section):
 #: The confirmatory comparison when ``original`` is trained and ``mixed_same`` and
 #: ``mixed_rand`` are tested: BG-GAP of the original-trained model. On synthetic data with no
 #: background cue (benchmarks/validate_null_pipeline.py) it keeps its false-positive rate
-#: (1/40 runs with 6 patients, 1/15 with 16), while original:original vs original:only_fg,
-#: which also measures the shock of a flat surround, was significant in 10 of 15 runs with
-#: 16 patients. See docs/statistics.md, "The whole pipeline with no background cue".
+#: (significant in 2/40 runs with 6 patients, 1/15 with 16), while original:original vs
+#: original:only_fg, which also measures the shock of a flat surround, was significant in 10
+#: of 15 runs with 16 patients as the confirmatory test. See docs/statistics.md, "The whole pipeline with no background cue".
 BG_GAP_COMPARISON = ("original:mixed_rand", "original:mixed_same")
 #: The fallback when the mixed variants are not tested: the model's dependence on its background.
 ONLY_FG_DROP_COMPARISON = ("original:original", "original:only_fg")
