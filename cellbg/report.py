@@ -1263,7 +1263,7 @@ def _methods(run: _Run) -> str:
     st = p.stats
     primary = ("a paired t-test on per-patient accuracies" if st.primary == "patient_t"
                else "a GEE logistic model of cell correctness clustered by patient")
-    conf = _join([f"`{cmp.a}` vs `{cmp.b}`" for cmp in st.confirmatory])
+    conf = _join([f"`{cmp.a}` vs `{cmp.b}`" + _bg_gap_label(cmp.a, cmp.b) for cmp in st.confirmatory])
     stats_text = (f" The unit of analysis was the patient: the primary test was {primary}, with cell-level "
                   f"McNemar tests as a secondary, conditional result. Confirmatory comparisons were {conf}"
                   f"{'; every other condition was compared with original:original as exploratory' if st.exploratory else ''}. "
@@ -1280,6 +1280,15 @@ def _methods(run: _Run) -> str:
                                                 "scikit-image", "statsmodels", "scipy") if k in vers)
     return (f"{data_text}{seg_text}.{counts}{crops_text}{var_text}{train_text}{stats_text}{sal_text}"
             f" Analyses used cellbg {__version__} ({soft}).")
+
+
+def _bg_gap_label(a: str, b: str) -> str:
+    """`` (BG-GAP, ...)`` when ``a`` vs ``b`` is one training variant's mixed_rand vs mixed_same."""
+    train_a, _, test_a = a.partition(":")
+    train_b, _, test_b = b.partition(":")
+    if train_a == train_b and {test_a, test_b} == {"mixed_rand", "mixed_same"}:
+        return " (BG-GAP: accuracy with a background from a cell of the same class vs a random class)"
+    return ""
 
 
 def _ci_text(run: _Run) -> str:

@@ -380,6 +380,9 @@ def test_methods_and_provenance(full_run):
                    "3-fold cross-validation with folds grouped by patient", "unit of analysis was the patient",
                    "Holm", "alpha = 0.05", "30 cells from 6 patients", f"numpy {version('numpy')}"):
         assert phrase in methods, phrase
+    # the BG-GAP pair is named as such, the only_fg drop is not
+    assert "`original:mixed_rand` vs `original:mixed_same` (BG-GAP:" in methods
+    assert "`original:original` vs `original:only_fg` (BG-GAP" not in methods
     prov = md.split("## Provenance", 1)[1]
     assert f"protocol hash: {protocol_hash(full_run['protocol'])}" in prov
     assert f"numpy {version('numpy')}" in prov and f"pandas {version('pandas')}" in prov
