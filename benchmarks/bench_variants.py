@@ -35,7 +35,7 @@ import scipy.ndimage as ndi
 import torch
 from skimage.morphology import disk, erosion
 
-from cellbg.variants import apply_variant
+from cellbg.variants import _gaussian_kernel, apply_variant, parse_variant
 
 
 def make_crops(n, size, seed=0):
@@ -181,9 +181,8 @@ def multiply_add_rate(repeat) -> float:
 
 
 def blur_multiply_adds(spec: str, images) -> float:
-    """Multiply-adds a separable gaussian of ``bg_blur(sigma)`` needs (scipy's truncate 4)."""
-    sigma = float(spec[len("bg_blur("):-1])
-    taps = 2 * int(4.0 * sigma + 0.5) + 1
+    """Multiply-adds a separable gaussian of ``bg_blur(sigma)`` needs: two passes of its kernel."""
+    taps = _gaussian_kernel(float(parse_variant(spec).args[0]), torch.float32, "cpu").numel()
     return images.size * 2 * taps
 
 

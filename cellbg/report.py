@@ -1284,8 +1284,9 @@ def _methods(run: _Run) -> str:
 
 def _bg_gap_label(a: str, b: str) -> str:
     """`` (BG-GAP, ...)`` when ``a`` vs ``b`` is one training variant's mixed_rand vs mixed_same."""
-    train_a, _, test_a = a.partition(":")
-    train_b, _, test_b = b.partition(":")
+    from cellbg.stats import _split_condition
+
+    (train_a, test_a), (train_b, test_b) = _split_condition(a), _split_condition(b)
     if train_a == train_b and {test_a, test_b} == {"mixed_rand", "mixed_same"}:
         return " (BG-GAP: accuracy with a background from a cell of the same class vs a random class)"
     return ""
