@@ -44,8 +44,8 @@ def main() -> None:
     from cellbg.crops import run_crops
     from cellbg.models import get_model
     from cellbg.protocol import Protocol
+    from cellbg.planning import JobSpec
     from cellbg.train import (
-        JobSpec,
         _autocast,
         _epoch_loader,
         _job_seeds,

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cellbg._checks import CellbgError, check_file
+from cellbg.ids import image_id
 
 __all__ = [
     "read_image",
@@ -131,11 +132,6 @@ def read_mask(path: str | Path) -> np.ndarray:
     return mask.astype(np.int32)
 
 
-def _image_id(rel: str) -> str:
-    """A readable, unique id from a relative path (separators and dots made safe)."""
-    stem = re.sub(r"\.[^./]+$", "", rel)
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")
-
 
 def discover_folders(
     root: str | Path,
@@ -185,7 +181,7 @@ def discover_folders(
                 mask_path = str(cand)
             rows.append(
                 {
-                    "image_id": _image_id(str(rel)),
+                    "image_id": image_id(str(rel)),
                     "path": str(f),
                     "label": cdir.name,
                     "patient_id": str(patient),
@@ -229,7 +225,7 @@ def discover_manifest(manifest: str | Path) -> pd.DataFrame:
             mask_path = str(mp)
         rows.append(
             {
-                "image_id": _image_id(str(r["path"])),
+                "image_id": image_id(str(r["path"])),
                 "path": str(path),
                 "label": str(r["label"]).strip(),
                 "patient_id": str(r["patient"]).strip(),

@@ -844,7 +844,8 @@ def run_saliency(protocol, *, progress=None):
     from cellbg._io import atomic_dir, write_parquet_atomic
     from cellbg.crops import load_crops
     from cellbg.models import target_layer
-    from cellbg.train import DONE, crops_fingerprint, job_key, load_job_model, plan_jobs, select_device
+    from cellbg.planning import DONE, crops_fingerprint, job_key, plan_jobs
+    from cellbg.train import load_job_model, select_device
     from cellbg.variants import apply_variant, parse_variant
 
     cfg = protocol.saliency

@@ -45,6 +45,7 @@ import pandas as pd
 
 from cellbg._checks import CellbgError, look_up_option
 from cellbg._io import atomic_path, write_text_atomic
+from cellbg.ids import image_id
 
 __all__ = [
     "CLASSES",
@@ -793,7 +794,7 @@ def make_dataset(
             cells = fov.cells.copy()
             cells.insert(0, "path", rel_img)
             cells.insert(1, "mask", rel_mask)
-            cells.insert(2, "image_id", _image_id(rel_img))
+            cells.insert(2, "image_id", image_id(rel_img))
             cells.insert(3, "patient", pid)
             truth.append(cells)
 
@@ -804,12 +805,6 @@ def make_dataset(
     # the manifest is written last: its presence means the dataset is complete
     write_text_atomic(out_dir / "manifest.csv", manifest.to_csv(index=False, lineterminator="\n"))
     return manifest
-
-
-def _image_id(rel: str) -> str:
-    from cellbg.data import _image_id as image_id
-
-    return image_id(rel)
 
 
 def _prepare_out_dir(out_dir: Path) -> None:

@@ -25,6 +25,7 @@ protocol and seed give the same predictions.
 
 Examples
 --------
+>>> from cellbg.planning import plan_jobs
 >>> from cellbg.protocol import Protocol
 >>> p = Protocol.model_validate({"name": "demo", "training": {"seeds": [0, 1],
 ...     "split": {"folds": 3}}, "variants": {"train": ["original"]}})
@@ -53,7 +54,7 @@ from torch import nn
 from cellbg import __version__
 from cellbg._checks import CellbgError
 from cellbg._io import atomic_path, write_json_atomic, write_parquet_atomic, write_text_atomic
-from cellbg._jobs import (  # noqa: F401 (re-exported: the planning half of this module)
+from cellbg.planning import (
     DONE,
     JobResult,
     JobSpec,
@@ -65,12 +66,7 @@ from cellbg._jobs import (  # noqa: F401 (re-exported: the planning half of this
 from cellbg.models import get_model
 
 __all__ = [
-    "JobSpec",
-    "JobResult",
     "Split",
-    "plan_jobs",
-    "job_key",
-    "crops_fingerprint",
     "patient_split",
     "run_job",
     "run_training",

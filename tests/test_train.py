@@ -20,16 +20,13 @@ from cellbg import CellbgError
 from cellbg.cli import app
 from cellbg.crops import run_crops
 from cellbg.protocol import Protocol, load_protocol
+from cellbg.planning import JobSpec, crops_fingerprint, job_key, plan_jobs
 from cellbg.train import (
-    JobSpec,
     RandDihedral,
     RandIntensityJitter,
     collect_predictions,
-    crops_fingerprint,
-    job_key,
     load_job_model,
     patient_split,
-    plan_jobs,
     run_job,
     run_training,
     select_device,
@@ -330,7 +327,8 @@ def test_kill_after_epoch_two_then_resume_equals_uninterrupted(strong_run, tmp_p
     script = textwrap.dedent(f"""
         import os, signal
         from cellbg.protocol import load_protocol
-        from cellbg.train import JobSpec, run_job
+        from cellbg.planning import JobSpec
+        from cellbg.train import run_job
 
         def die(epoch, row):
             if epoch == 2:

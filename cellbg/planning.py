@@ -1,7 +1,7 @@
 """Training jobs as data: what jobs a protocol holds and the content key of each.
 
 Kept free of torch so that planning a run, checking its cache and ``cellbg status`` are
-instant; :mod:`cellbg.train` runs the jobs and re-exports everything here.
+instant; :mod:`cellbg.train` runs the jobs planned here, and the runner plans with it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,286 @@
+"""The run loop: plan each stage once upstream is done, skip cached jobs, run the rest.
+
+:func:`run_stages` holds the run folder's lock, writes the run record
+(``<run>/.cellbg/last-run.json``) as stages finish, runs small jobs in this process and
+worker jobs on the executor, and stops after a stage in which a job failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from cellbg import __version__
+from cellbg._checks import CellbgError
+from cellbg._io import write_json_atomic
+from cellbg.runner.display import Display
+from cellbg.runner.execute import attempts_in_log, describe_error, execute_job, now
+from cellbg.runner.executors import Executor
+from cellbg.runner.jobs import (
+    STATE_DIR,
+    FileDigests,
+    Job,
+    JobFailure,
+    JobRecord,
+    NotReady,
+    RunContext,
+    RunSummary,
+    Stage,
+    StageSummary,
+    hash_key,
+    job_log_path,
+)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """One ``cellbg run`` per run folder; the lock goes with the process, even on kill -9."""
+    path = run_dir / STATE_DIR / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            raise CellbgError(f"run folder {run_dir} is in use by {who}; wait for it or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"cellbg run pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def record_path(run_dir: Path) -> Path:
+    return Path(run_dir) / STATE_DIR / "last-run.json"
+
+
+def _write_record(run_dir: Path, state: str, started: str, executor: str, stages, failures) -> None:
+    write_json_atomic(
+        record_path(run_dir),
+        {
+            "state": state,
+            "started": started,
+            "updated": now(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "executor": executor,
+            "cellbg": __version__,
+            "stages": [
+                {k: getattr(s, k) for k in ("name", "total", "cached", "ran", "failed", "seconds", "planned", "note")}
+                for s in stages
+            ],
+            "failures": [
+                {"stage": f.stage, "name": f.name, "key": f.key, "error": f.error, "log": str(f.log),
+                 "attempts": f.attempts}
+                for f in failures
+            ],
+        },
+    )
+
+
+def run_stages(
+    stages: Sequence[Stage],
+    run_dir: str | Path,
+    *,
+    executor=None,
+    dry_run: bool = False,
+    progress: bool | None = None,
+    context: RunContext | None = None,
+    on_start: Callable[[], Any] | None = None,
+) -> RunSummary:
+    """Plan and run ``stages`` in order, skipping cached jobs.
+
+    Parameters
+    ----------
+    stages : sequence of Stage
+        Each planned when the ones before it have finished.
+    run_dir : path
+        The run folder (markers in ``<run>/.cellbg``, logs in ``<run>/logs``).
+    executor : ExecutorConfig, optional
+        Where worker jobs run; default a local cluster.
+    dry_run : bool
+        Plan only: list each stage's jobs and which are cached. Stages after the first one
+        with work to do are listed as planned later (their inputs do not exist yet).
+    progress : bool, optional
+        Live display; default: when stderr is a terminal. ``False``: silent.
+    context : RunContext, optional
+        Carries the protocol and file digests to the planners.
+    on_start : callable, optional
+        Called once the run folder is locked for this run (not in a dry run).
+
+    Returns
+    -------
+    RunSummary
+        Per stage: jobs, cached, ran, failed; the failures with their log paths. A failed
+        job stops the run after its stage (every other job of the stage still finishes).
+
+    Examples
+    --------
+    >>> def plan(ctx):
+    ...     out = ctx.run_dir / "hello.txt"
+    ...     return [Job("greet", "hello", hash_key("hello"), out.write_text, ("hi",),
+    ...                 where="client", outputs=(out,))]
+    >>> import tempfile
+    >>> run = tempfile.mkdtemp()
+    >>> run_stages([Stage("greet", plan)], run, progress=False).ran
+    1
+    >>> run_stages([Stage("greet", plan)], run, progress=False).ran  # cached now
+    0
+    """
+    from cellbg.protocol import ExecutorConfig
+
+    stages = list(stages)
+    run_dir = Path(run_dir).resolve()
+    cfg = executor if executor is not None else ExecutorConfig()
+    ctx = context or RunContext(run_dir=run_dir)
+    ctx.run_dir = run_dir
+    if ctx.digests is None:
+        ctx.digests = FileDigests(run_dir)
+    t_run = time.perf_counter()
+    started = now()
+    summaries: list[StageSummary] = []
+    failures: list[JobFailure] = []
+    blocked_by: str | None = None
+    interrupted = False
+
+    if dry_run:
+        for stage in stages:
+            if blocked_by is not None:
+                note = f"planned after {blocked_by}"
+                summaries.append(StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=note))
+                continue
+            try:
+                jobs = stage.plan(ctx)
+            except NotReady as exc:
+                summaries.append(StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=f"planned after {exc}"))
+                blocked_by = blocked_by or str(exc)
+                continue
+            records = tuple(JobRecord(j.name, j.key, j.is_cached(run_dir), j.where) for j in jobs)
+            n_cached = sum(r.cached for r in records)
+            summaries.append(StageSummary(stage.name, len(jobs), n_cached, 0, 0, 0.0, jobs=records))
+            if n_cached < len(jobs):
+                blocked_by = stage.name
+            else:
+                ctx.keys[stage.name] = hash_key(sorted(j.key for j in jobs))
+        ctx.digests.save()
+        return RunSummary(run_dir, cfg.kind, True, time.perf_counter() - t_run, tuple(summaries), ())
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    batch_logs = None
+    if cfg.kind != "local":
+        batch_logs = Path(cfg.log_directory) if cfg.log_directory else run_dir / "logs" / "batch"
+    with _run_lock(run_dir), Executor(cfg, run_dir) as ex, Display(progress) as display:
+        if on_start is not None:
+            on_start()
+        _write_record(run_dir, "running", started, cfg.kind, summaries, failures)
+        try:
+            for index, stage in enumerate(stages):
+                if blocked_by is not None:
+                    summaries.append(
+                        StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=f"not run: {blocked_by} failed")
+                    )
+                    continue
+                t0 = time.perf_counter()
+                jobs = stage.plan(ctx)
+                ctx.digests.save()
+                _check_unique(stage, jobs)
+                is_cached = [j.is_cached(run_dir) for j in jobs]
+                todo = [j for j, c in zip(jobs, is_cached) if not c]
+                if todo and stage.prepare is not None:
+                    stage.prepare(ctx, todo)
+                later = [m for st in stages[index:] for m in st.worker_modules]
+                if todo and later:
+                    ex.warm_up(later)
+                display.start(stage.name, len(todo), sum(is_cached))
+                stage_failures: list[JobFailure] = []
+                counts = {"done": 0, "failed": 0}
+
+                def record(job: Job, exc: BaseException | None) -> None:
+                    if exc is None:
+                        counts["done"] += 1
+                        return
+                    counts["failed"] += 1
+                    log = job_log_path(run_dir, job)
+                    attempts = attempts_in_log(log)
+                    stage_failures.append(
+                        JobFailure(job.stage, job.name, job.key, describe_error(exc, attempts, batch_logs), log,
+                                   attempts, user_error=isinstance(exc, CellbgError))
+                    )
+
+                for job in (j for j in todo if j.where == "client"):
+                    record(job, _run_in_client(job, run_dir, cfg.retries))
+                    display.update(counts["done"], 0, counts["failed"])
+                worker_jobs = [j for j in todo if j.where == "worker"]
+                if worker_jobs:
+                    base_done, base_failed = counts["done"], counts["failed"]
+                    for job, _result, exc in ex.run_worker_jobs(
+                        worker_jobs,
+                        lambda d, r, f: display.update(base_done + d, r, base_failed + f),
+                    ):
+                        record(job, exc)
+                summary = StageSummary(
+                    stage.name,
+                    len(jobs),
+                    sum(is_cached),
+                    counts["done"],
+                    counts["failed"],
+                    time.perf_counter() - t0,
+                    jobs=tuple(JobRecord(j.name, j.key, c, j.where) for j, c in zip(jobs, is_cached)),
+                )
+                summaries.append(summary)
+                display.end(summary)
+                failures.extend(stage_failures)
+                if stage_failures:
+                    blocked_by = stage.name
+                else:
+                    ctx.keys[stage.name] = hash_key(sorted(j.key for j in jobs))
+                _write_record(run_dir, "running", started, cfg.kind, summaries, failures)
+        except KeyboardInterrupt:
+            interrupted = True
+            _write_record(run_dir, "interrupted", started, cfg.kind, summaries, failures)
+            raise
+        except BaseException:
+            _write_record(run_dir, "failed", started, cfg.kind, summaries, failures)
+            raise
+        finally:
+            ctx.digests.save()
+        state = "failed" if failures else "finished"
+        _write_record(run_dir, state, started, cfg.kind, summaries, failures)
+    return RunSummary(
+        run_dir, cfg.kind, False, time.perf_counter() - t_run, tuple(summaries), tuple(failures), interrupted
+    )
+
+
+def _check_unique(stage: Stage, jobs: Sequence[Job]) -> None:
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise RuntimeError(f"stage {stage.name} planned two jobs named {dup[0]}")
+
+
+def _run_in_client(job: Job, run_dir: Path, retries: int) -> BaseException | None:
+    """Run a small job in this process with the same retries and logging as on a worker."""
+    for attempt in range(retries + 1):
+        try:
+            result = execute_job(job, str(run_dir))
+            if "user_error" in result:  # bad input: a retry cannot help
+                return CellbgError(result["user_error"])
+            return None
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported with its log path
+            if attempt == retries:
+                return exc
+    return None  # pragma: no cover
+
+

@@ -1,0 +1,294 @@
+"""The cellbg pipeline as stages: data, segment, crops, train, predictions, saliency,
+stats, report.
+
+Each ``_plan_*`` function turns the resolved protocol and the keys of the finished
+upstream stages into jobs; the job functions (``_job_*``) import their stage module on the
+worker, so the client never imports torch. :func:`run_protocol` runs them all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cellbg._io import atomic_dir
+from cellbg.runner.jobs import Job, NotReady, RunContext, RunSummary, Stage, hash_key
+from cellbg.runner.loop import run_stages
+
+
+def _section(protocol, *path: str) -> Any:
+    """A part of the resolved protocol as plain JSON data (for keys)."""
+    obj = json.loads(protocol.model_dump_json())
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+def _job_synth(protocol) -> None:
+    """Make the synthetic dataset in ``<run>/data`` (replacing an older one only when done)."""
+    from cellbg import synth
+
+    with atomic_dir(protocol.run_dir / "data") as tmp:
+        synth.make_dataset(tmp, **protocol.data.synthetic.model_dump())
+
+
+def _job_segment(protocol, table) -> None:
+    from cellbg import segment
+
+    segment.run_segmentation(protocol, table=table)
+
+
+def _prepare_segment(ctx: RunContext, todo: list[Job]) -> None:
+    """Clear what the segment jobs to run would otherwise keep.
+
+    ``run_segmentation`` keeps label images whose ``segmentation/params.json`` matches the
+    settings; here the runner's keys decide (they also see changed image bytes), so the
+    stale label images of the batches to run and the shared params file go first, in this
+    process, before batches run side by side.
+    """
+    (ctx.run_dir / "segmentation" / "params.json").unlink(missing_ok=True)
+    for job in todo:
+        for out in job.outputs:
+            Path(out).unlink(missing_ok=True)
+
+
+def _job_crops(protocol) -> None:
+    from cellbg import crops
+
+    crops.run_crops(protocol)
+
+
+def _job_train(protocol, spec, job_dir: str) -> None:
+    from cellbg import train
+
+    train.run_job(protocol, spec, job_dir=Path(job_dir))
+
+
+def _job_collect(run_dir: str) -> None:
+    from cellbg import train
+
+    train.collect_predictions(Path(run_dir))
+
+
+def _job_saliency(protocol) -> None:
+    from cellbg import saliency
+
+    saliency.run_saliency(protocol)
+
+
+def _job_stats(run_dir: str) -> None:
+    from cellbg import stats
+
+    stats.run_stats(Path(run_dir))
+
+
+def _job_report(run_dir: str) -> None:
+    from cellbg import report
+
+    report.write_report(Path(run_dir))
+
+
+#: Images per segmentation job. Fixed (never from the worker count) so that cache keys do
+#: not depend on the executor.
+SEGMENT_BATCH = 16
+
+
+def _image_table(ctx: RunContext):
+    """The discovered image table with a content digest per image and mask."""
+    if "images" not in ctx.data:
+        from cellbg.data import discover
+
+        if ctx.protocol.data.source == "synthetic" and not (ctx.run_dir / "data" / "manifest.csv").exists():
+            raise NotReady("data")
+        table = discover(ctx.protocol)
+        table = table.assign(
+            digest=[ctx.digests(p) for p in table["path"]],
+            mask_digest=[ctx.digests(m) if m else "" for m in table["mask_path"]],
+        )
+        ctx.data["images"] = table
+    return ctx.data["images"]
+
+
+def _plan_data(ctx: RunContext) -> list[Job]:
+    p = ctx.protocol
+    if p.data.source == "synthetic":
+        return [
+            Job("data", "synthetic", hash_key("data", _section(p, "data")), _job_synth, (p,),
+                where="client", outputs=(p.run_dir / "data" / "manifest.csv",))
+        ]
+    return []  # user data: nothing to make; the digests below carry its content into the keys
+
+
+def _segment_protocol(p):
+    """The protocol the segment and crops jobs get.
+
+    On a worker one batch is one process's work (the worker pool is the parallelism), so
+    ``segmentation.workers`` is 1 there. The crops job gets the same protocol: its own call
+    of ``run_segmentation`` then finds the label images current and keeps them.
+    """
+    if p.segmentation.method == "masks":
+        return p
+    return p.model_copy(update={"segmentation": p.segmentation.model_copy(update={"workers": 1})})
+
+
+def _plan_segment(ctx: RunContext) -> list[Job]:
+    p = ctx.protocol
+    ctx.key("data")
+    table = _image_table(ctx).sort_values("image_id", kind="stable").reset_index(drop=True)
+    seg = _section(p, "segmentation")
+    seg.pop("workers", None)  # how many processes cannot change a label image
+    channels = _section(p, "data", "channels")
+    seg_dir = p.run_dir / "segmentation"
+    masks_only = p.segmentation.method == "masks"
+    worker_protocol = _segment_protocol(p)
+    size = len(table) if masks_only else SEGMENT_BATCH
+    jobs = []
+    for start in range(0, len(table), max(size, 1)):
+        batch = table.iloc[start : start + size]
+        content = batch[["image_id", "digest", "mask_digest"]].values.tolist()
+        name = f"images-{start:05d}-{start + len(batch) - 1:05d}"
+        jobs.append(
+            Job(
+                "segment", name, hash_key("segment", seg, channels, content), _job_segment,
+                (worker_protocol, batch.drop(columns=["digest", "mask_digest"])),
+                # copying the user's masks is quick: no worker needed
+                where="client" if masks_only else "worker",
+                outputs=tuple(seg_dir / f"{i}.tif" for i in batch["image_id"]),
+            )
+        )
+    return jobs
+
+
+def _plan_crops(ctx: RunContext) -> list[Job]:
+    p = ctx.protocol
+    table = _image_table(ctx)
+    content = sorted(table[["image_id", "label", "patient_id", "digest"]].values.tolist())
+    crops_section = _section(p, "crops")
+    crops_section.pop("workers", None)
+    key = hash_key(
+        "crops", ctx.key("segment"), content, _section(p, "data"), crops_section,
+        _section(p, "training", "split"), p.seed,
+    )
+    return [
+        Job("crops", "crops", key, _job_crops, (_segment_protocol(p),), where="client",
+            outputs=(p.run_dir / "cells.parquet", p.run_dir / "crops.zarr"))
+    ]
+
+
+def _spec_name(spec) -> str:
+    parts = [getattr(spec, a, None) for a in ("model", "train_variant", "seed", "fold")]
+    if any(v is None for v in parts):
+        return str(spec)
+    model, variant, seed, fold = parts
+    return f"{model}/{variant}/s{seed}/f{fold}"
+
+
+def _plan_train(ctx: RunContext) -> list[Job]:
+    from cellbg import planning  # planning and keys only: no torch in the client
+
+    p = ctx.protocol
+    ctx.key("crops")
+    jobs = []
+    for spec in planning.plan_jobs(p):
+        key = planning.job_key(p, spec)
+        job_dir = p.run_dir / "jobs" / key
+        jobs.append(
+            Job("train", _spec_name(spec), key, _job_train, (p, spec, str(job_dir)),
+                marker=job_dir / "DONE", writes_marker=True,
+                outputs=(job_dir / "predictions.parquet",))
+        )
+    return jobs
+
+
+def _plan_predictions(ctx: RunContext) -> list[Job]:
+    p = ctx.protocol
+    key = hash_key("predictions", ctx.key("train"))
+    return [Job("predictions", "predictions", key, _job_collect, (str(p.run_dir),), where="client",
+                outputs=(p.run_dir / "predictions.parquet",))]
+
+
+def _plan_saliency(ctx: RunContext) -> list[Job]:
+    p = ctx.protocol
+    if not p.saliency.enabled:
+        return []
+    key = hash_key("saliency", ctx.key("train"), ctx.key("crops"), _section(p, "saliency"), _section(p, "variants"))
+    return [Job("saliency", "saliency", key, _job_saliency, (p,),
+                outputs=(p.run_dir / "saliency.parquet", p.run_dir / "saliency.zarr"))]
+
+
+def _plan_stats(ctx: RunContext) -> list[Job]:
+    p = ctx.protocol
+    key = hash_key("stats", ctx.key("predictions"), ctx.keys.get("saliency", ""), _section(p, "stats"))
+    return [Job("stats", "stats", key, _job_stats, (str(p.run_dir),), where="client",
+                outputs=(p.run_dir / "stats" / "tests.csv",))]
+
+
+def _plan_report(ctx: RunContext) -> list[Job]:
+    p = ctx.protocol
+    key = hash_key("report", ctx.key("stats"), ctx.key("predictions"), ctx.keys.get("saliency", ""),
+                   _section(p, "report"), p.name)
+    return [Job("report", "report", key, _job_report, (str(p.run_dir),), where="client",
+                outputs=(p.run_dir / "report",))]
+
+
+def pipeline_stages() -> list[Stage]:
+    """The cellbg pipeline: data, segment, crops, train, predictions, saliency, stats, report."""
+    return [
+        Stage("data", _plan_data),
+        Stage("segment", _plan_segment, _prepare_segment, worker_modules=("cellbg.segment",)),
+        Stage("crops", _plan_crops),
+        Stage("train", _plan_train, worker_modules=("cellbg.train",)),
+        Stage("predictions", _plan_predictions),
+        Stage("saliency", _plan_saliency, worker_modules=("cellbg.saliency",)),
+        Stage("stats", _plan_stats),
+        Stage("report", _plan_report),
+    ]
+
+
+def run_protocol(
+    protocol_path,
+    *,
+    executor: str | None = None,
+    dry_run: bool = False,
+    progress: bool | None = None,
+) -> RunSummary:
+    """Run a whole protocol, skipping every job whose inputs have not changed.
+
+    Parameters
+    ----------
+    protocol_path : path or Protocol
+        The protocol file (or an already loaded :class:`~cellbg.protocol.Protocol`).
+    executor : {"local", "slurm", "pbs", "sge", "lsf"}, optional
+        Overrides ``executor.kind`` of the protocol.
+    dry_run : bool
+        Only list the jobs and which are cached.
+    progress : bool, optional
+        Live progress display; default when stderr is a terminal.
+
+    Returns
+    -------
+    RunSummary
+        ``summary.ok`` is False when a job failed; ``summary.failures`` name their logs.
+
+    Examples
+    --------
+    >>> summary = run_protocol("protocols/quickstart.yaml", dry_run=True)  # doctest: +SKIP
+    """
+    from cellbg.protocol import Protocol, load_protocol, write_resolved
+
+    protocol = protocol_path if isinstance(protocol_path, Protocol) else load_protocol(protocol_path)
+    cfg = protocol.executor
+    if executor is not None:
+        from cellbg._checks import look_up_option
+
+        kind = look_up_option(str(executor), ["local", "slurm", "pbs", "sge", "lsf"], what="executor")
+        cfg = cfg.model_copy(update={"kind": kind})
+    run_dir = Path(protocol.run_dir).resolve()
+    ctx = RunContext(run_dir=run_dir, protocol=protocol)
+    return run_stages(
+        pipeline_stages(), run_dir, executor=cfg, dry_run=dry_run, progress=progress, context=ctx,
+        on_start=lambda: write_resolved(protocol),  # stats and report read it
+    )
+
+
