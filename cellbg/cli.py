@@ -7,7 +7,7 @@ failure. ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import contextlib
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -128,6 +128,11 @@ class _SynthMode(str, Enum):
     gray = "gray"
 
 
+class _CoocClass(StrEnum):
+    healthy = "healthy"
+    sezary = "sezary"
+
+
 @app.command(rich_help_panel="Set-up")
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="output folder (new or empty)", show_default=False)],
@@ -140,6 +145,12 @@ def synth(
     label_by: Annotated[_LabelBy, typer.Option(help="one class per image (cell) or per patient")] = _LabelBy.cell,
     mode: Annotated[_SynthMode, typer.Option(help="RGB brightfield or gray fluorescence")] = _SynthMode.rgb,
     seed: Annotated[int, typer.Option(min=0, help="random seed (same seed, same bytes)")] = 0,
+    cooccurrence: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="probability of non-target objects beside a cell of one class")
+    ] = 0.0,
+    cooccurrence_class: Annotated[
+        _CoocClass, typer.Option(help="the class the non-target objects accompany")
+    ] = _CoocClass.sezary,
 ) -> None:
     """Make a synthetic Sezary-like dataset with a planted background signal."""
     with _handle():
@@ -149,7 +160,8 @@ def synth(
             out_dir, patients=patients, cells_per_patient=cells_per_patient,
             cells_per_image=cells_per_image, image_size=image_size, signal=signal,
             signal_sd_between_patients=signal_sd_between_patients, label_by=label_by.value,
-            mode=mode.value, seed=seed,
+            mode=mode.value, seed=seed, cooccurrence=cooccurrence,
+            cooccurrence_class=cooccurrence_class.value,
         )
         counts = ", ".join(f"{k}: {v}" for k, v in manifest["label"].value_counts().sort_index().items())
         out.print(f"wrote {len(manifest)} images ({counts}) of {manifest['patient'].nunique()} patients to {out_dir}")

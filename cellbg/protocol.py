@@ -86,6 +86,11 @@ class SyntheticConfig(_Section):
     label_by: Literal["patient", "cell"] = "cell"
     mode: Literal["rgb", "gray"] = "rgb"
     seed: int = 0
+    cooccurrence: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="probability that a cell of cooccurrence_class has non-target objects beside it",
+    )
+    cooccurrence_class: Literal["healthy", "sezary"] = "sezary"
 
 
 class DataConfig(_Section):

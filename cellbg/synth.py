@@ -17,6 +17,12 @@ fields of view whose truth is known:
   (lilac) halo plus a few platelets around a Sezary cell. Otherwise the background is drawn
   from the shared distribution; cell positions never depend on the class, so with
   ``signal=0`` the background says nothing about the class.
+* **planted co-occurrence cue** (independent of the halo): with probability
+  ``cooccurrence`` a cell of class ``cooccurrence_class`` has two non-target objects
+  (platelet clumps, larger than single platelets) placed just outside its outline. The
+  objects have their own label image (``objects/``) and table (``objects_truth.csv``), so a
+  detector can learn them and ``no_others`` can remove them; their randomness has its own
+  stream, so planting them changes nothing but their pixels.
 
 Rendering is vectorised: every object (cell, red cell, platelet, debris) is drawn on a small
 local grid in one broadcast per object kind, and the patches are summed into the field with
@@ -28,7 +34,9 @@ The dataset layout (:func:`make_dataset`) is read directly by
 
     out_dir/images/P01_000.tif    uint8, (H, W, 3) RGB or (H, W) gray
     out_dir/masks/P01_000.tif     uint16 instance labels, 0 = background
-    out_dir/cells_truth.csv       one row per cell, with the planted cue
+    out_dir/objects/P01_000.tif   uint16 labels of the co-occurring objects (cooccurrence > 0)
+    out_dir/cells_truth.csv       one row per cell, with the planted cues
+    out_dir/objects_truth.csv     one row per co-occurring object (cooccurrence > 0)
     out_dir/synth.json            the parameters
     out_dir/manifest.csv          path,label,patient,mask (written last)
 """
@@ -55,6 +63,7 @@ __all__ = [
     "synth_field",
     "make_dataset",
     "TRUTH_COLUMNS",
+    "OBJECT_COLUMNS",
 ]
 
 #: The two classes, in sorted order (their index is the label index downstream).
@@ -79,6 +88,25 @@ TRUTH_COLUMNS = [
     "folding",
     "grooves",
     "atypical",
+    "cooccurrence",
+    "objects",
+]
+
+#: Columns of ``objects_truth.csv`` (and of :attr:`SynthField.object_table`, less
+#: ``path``/``objects_path``/``patient``/``image_id``).
+OBJECT_COLUMNS = [
+    "path",
+    "objects_path",
+    "image_id",
+    "patient",
+    "label",
+    "object",
+    "kind",
+    "cell_instance",
+    "centre_r",
+    "centre_c",
+    "radius",
+    "area",
 ]
 
 _MODES = ("rgb", "gray")
@@ -99,6 +127,11 @@ _CUE_OD = {"healthy": np.array([0.0, 0.11, 0.08]), "sezary": np.array([0.09, 0.0
 # Fluorescence mode: a brighter halo for healthy, a dimmer one for Sezary.
 _CUE_GRAY = {"healthy": 0.05, "sezary": -0.03}
 _CUE_PLATELETS = 3  # extra platelets in the ring of a Sezary cell carrying the cue
+# The co-occurrence cue: platelet clumps (radius 2.6-3.6 px against 1.4-2.4 for single
+# platelets) just outside the outline of a cell of the chosen class.
+_COOC_OBJECTS = 2  # objects per cell carrying the co-occurrence cue
+_COOC_RADIUS = (2.6, 3.6)
+_COOC_GAP = (2.0, 7.0)  # gap between the cell's largest outline radius and the object's edge
 
 
 @dataclass(frozen=True)
@@ -160,12 +193,19 @@ class SynthField:
         Instance labels 1..n (0 = background); every cell pixel is labelled exactly once.
     cells : DataFrame
         One row per cell: ``instance, label, cue, centre_r, centre_c, area, cell_radius,
-        nucleus_radius, nc_ratio, folding, grooves``.
+        nucleus_radius, nc_ratio, folding, grooves, atypical, cooccurrence, objects``.
+    objects : (M, N) ndarray of uint16
+        Labels 1..m of the co-occurring non-target objects (0 elsewhere; never on a cell).
+    object_table : DataFrame
+        One row per object: ``object, label, kind, cell_instance, centre_r, centre_c, radius,
+        area``.
     """
 
     image: np.ndarray
     mask: np.ndarray
     cells: pd.DataFrame = field(repr=False)
+    objects: np.ndarray | None = field(default=None, repr=False)
+    object_table: pd.DataFrame | None = field(default=None, repr=False)
 
 
 # ----------------------------------------------------------------------------- stains
@@ -415,21 +455,36 @@ def _render_red_cells(rng, stain: Stain, shape):
     return _splat(thick.astype(np.float32), base, shape)
 
 
-def _render_dots(rng, centres, sizes, kind: str, shape):
-    """Platelets (small granular dots) or debris (irregular blobs) at the given centres."""
+def _render_dots(rng, centres, sizes, kind: str, shape, *, amps=None, phases=None):
+    """Platelets (small granular dots) or debris (irregular blobs) at the given centres.
+
+    ``amps, phases`` (n, 3) are the outline harmonics; drawn from ``rng`` when None.
+    """
     n = len(centres)
-    half = 4 if kind == "platelet" else 7
+    half = _dot_half(kind, sizes)
     base, dy, dx = _local_grid(centres, half)
+    if amps is None:
+        amps = rng.uniform(0.0, 0.25 if kind == "platelet" else 0.4, (n, 3))
+        phases = rng.uniform(0, 2 * np.pi, (n, 3))
+    prof = _dot_profile(dy, dx, sizes, amps, phases, kind)
+    if kind != "platelet":
+        prof = prof * rng.uniform(0.4, 1.0, (n, 1, 1))
+    return _splat(prof.astype(np.float32), base, shape)
+
+
+def _dot_half(kind: str, sizes) -> int:
+    """Half-size of a dot's local grid (4 px for platelets, 7 for debris and clumps)."""
+    return 4 if kind == "platelet" and (len(sizes) == 0 or float(np.max(sizes)) <= 2.4) else 7
+
+
+def _dot_profile(dy, dx, sizes, amps, phases, kind: str) -> np.ndarray:
+    """Coverage of each dot on its local grid: a disc with a harmonic outline."""
     rho = np.hypot(dy, dx)
-    amps = rng.uniform(0.0, 0.25 if kind == "platelet" else 0.4, (n, 3))
-    phases = rng.uniform(0, 2 * np.pi, (n, 3))
     rad = sizes[:, None, None] * (1 + _harmonics(dy, dx, rho, amps, phases, (2, 3, 5)))
     prof = np.clip(rad - rho + 0.5, 0.0, 1.0)
     if kind == "platelet":
         prof = prof * (0.6 + 0.4 * np.exp(-(rho**2) / (sizes[:, None, None] ** 2 + 1e-6)))
-    else:
-        prof = prof * rng.uniform(0.4, 1.0, (n, 1, 1))
-    return _splat(prof.astype(np.float32), base, shape)
+    return prof
 
 
 def _slot_centres(rng, size: int, n_cells: int) -> np.ndarray:
@@ -462,6 +517,7 @@ def synth_field(
     mode: str = "rgb",
     stain: Stain | None = None,
     seed: int | np.random.SeedSequence | np.random.Generator = 0,
+    cooccurrence_probability: float = 0.0,
 ) -> SynthField:
     """Render one field of view holding ``n_cells`` cells of class ``label``.
 
@@ -481,11 +537,16 @@ def synth_field(
         The slide's appearance; drawn from ``seed`` when None.
     seed : int, SeedSequence or Generator
         Source of randomness; the same seed gives the same field.
+    cooccurrence_probability : float in [0, 1]
+        Probability that a cell has two non-target objects (platelet clumps) placed just
+        outside its outline: the co-occurrence cue, independent of the halo cue. Drawn from
+        its own stream, so it changes nothing but the objects' pixels.
 
     Returns
     -------
     SynthField
-        ``image`` (uint8), ``mask`` (uint16 instance labels) and the ``cells`` table.
+        ``image`` (uint8), ``mask`` (uint16 instance labels), the ``cells`` table, and the
+        co-occurring objects' labels (``objects``) and table (``object_table``).
 
     Raises
     ------
@@ -501,13 +562,14 @@ def synth_field(
     label = look_up_option(label, CLASSES, what="class")
     mode = look_up_option(mode, _MODES, what="synth mode")
     _check_range(cue_probability, "cue_probability", 0.0, 1.0)
+    _check_range(cooccurrence_probability, "cooccurrence_probability", 0.0, 1.0)
     _check_int(n_cells, "n_cells", 1)
     _check_int(size, "size", 64)
     # Independent streams: the layout (positions, cue flags), the morphology, the background
-    # and the cue's objects. So with one seed, a field of either class has the same
-    # background, and a cue changes nothing but its halo and platelets.
+    # the cue's objects and the co-occurring objects. So with one seed, a field of either
+    # class has the same background, and a cue changes nothing but its own pixels.
     ss = _seed_sequence(seed)
-    stain_ss, layout_ss, cells_ss, bg_ss, cue_ss = ss.spawn(5)
+    stain_ss, layout_ss, cells_ss, bg_ss, cue_ss, cooc_ss = ss.spawn(6)
     if stain is None:
         stain = random_stain(np.random.default_rng(stain_ss))
     layout_rng, bg_rng, cue_rng = (np.random.default_rng(x) for x in (layout_ss, bg_ss, cue_ss))
@@ -554,6 +616,12 @@ def synth_field(
             extra = extra.reshape(-1, 2)
             sizes = cue_rng.uniform(1.6, 2.4, len(extra))
             platelets = platelets + _render_dots(cue_rng, extra, sizes, "platelet", shape)
+    # --- the co-occurrence cue: platelet clumps just outside the cell (own stream)
+    cooc, objects, object_table, clumps = _cooccurring_objects(
+        np.random.default_rng(cooc_ss), centres, params["radius"], cooccurrence_probability,
+        label, cell_px, shape,
+    )
+    platelets = platelets + clumps
     rng = bg_rng  # the smooth fields and the noise below belong to the background stream
 
     # --- slide-level smooth fields: plasma tone and illumination (separable: outer products)
@@ -619,9 +687,83 @@ def synth_field(
             "folding": params["amps"].sum(axis=1).round(4),
             "grooves": params["n_grooves"],
             "atypical": params["atypical"],
+            "cooccurrence": cooc,
+            "objects": np.bincount(object_table["cell_instance"], minlength=n_cells + 1)[1:],
         }
     )
-    return SynthField(image=image, mask=mask, cells=cells)
+    return SynthField(image=image, mask=mask, cells=cells, objects=objects, object_table=object_table)
+
+
+def _cooccurring_objects(rng, centres, radius, probability, label, cell_px, shape):
+    """Place the co-occurrence cue: ``_COOC_OBJECTS`` platelet clumps near flagged cells.
+
+    The draws do not depend on ``probability`` beyond the flags (every cell draws its
+    flag, angles, gaps and sizes), so the flags are nested across probabilities and the
+    objects of a flagged cell are the same whatever the probability.
+
+    Returns the per-cell flags, the objects' label image (uint16, 0 on cells), their table
+    and their density layer (added to the platelet layer).
+    """
+    n = len(centres)
+    k = _COOC_OBJECTS
+    flag = rng.random(n) < probability
+    turn = rng.uniform(0, 2 * np.pi, n)
+    # spread the objects of one cell around it: evenly spaced angles, jittered
+    angle = turn[:, None] + 2 * np.pi * np.arange(k)[None] / k + rng.uniform(-0.5, 0.5, (n, k))
+    size = rng.uniform(*_COOC_RADIUS, (n, k))
+    gap = rng.uniform(*_COOC_GAP, (n, k))
+    amps = rng.uniform(0.0, 0.25, (n, k, 3))
+    phases = rng.uniform(0, 2 * np.pi, (n, k, 3))
+    table_cols = ["object", "label", "kind", "cell_instance", "centre_r", "centre_c", "radius", "area"]
+    objects = np.zeros(shape, np.uint16)
+    if not flag.any():
+        empty = pd.DataFrame({c: pd.Series(dtype=object if c in ("label", "kind") else float) for c in table_cols})
+        empty = empty.astype({"object": np.int64, "cell_instance": np.int64, "area": np.int64})
+        return flag, objects, empty, np.zeros(shape, np.float32)
+    owner = np.repeat(np.flatnonzero(flag), k)
+    sizes = size[flag].ravel()
+    reach = np.minimum(radius[owner] * 1.07, _CELL_MAX)  # the outline's largest radius
+    dist = reach + gap[flag].ravel() + sizes
+    a = angle[flag].ravel()
+    ctr = centres[owner] + np.stack([dist * np.sin(a), dist * np.cos(a)], 1)
+    base, dy, dx = _local_grid(ctr, _dot_half("clump", sizes))
+    prof = _dot_profile(dy, dx, sizes, amps[flag].reshape(-1, 3), phases[flag].reshape(-1, 3), "platelet")
+    density = _splat(prof.astype(np.float32), base, shape)
+    # each object's label: where it covers more than half a pixel, never on a cell; a
+    # later object wins where two touch (rare: the angles are spread)
+    ids = np.arange(1, len(ctr) + 1, dtype=np.float32)[:, None, None]
+    top = _splat_max((prof > 0.5) * ids, base, shape)
+    objects = np.where(cell_px, 0, top).astype(np.uint16)
+    area = np.bincount(objects.ravel(), minlength=len(ctr) + 1)[1:]
+    table = pd.DataFrame(
+        {
+            "object": np.arange(1, len(ctr) + 1),
+            "label": label,
+            "kind": "platelet_clump",
+            "cell_instance": owner + 1,
+            "centre_r": ctr[:, 0].round(2),
+            "centre_c": ctr[:, 1].round(2),
+            "radius": sizes.round(3),
+            "area": area,
+        }
+    )
+    return flag, objects, table, density
+
+
+def _splat_max(patches: np.ndarray, base: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Like :func:`_splat` but each pixel keeps the largest patch value (for labels)."""
+    h, w = shape
+    n, k, _ = patches.shape
+    out = np.zeros(h * w, np.float32)
+    half = k // 2
+    off = np.arange(-half, half + 1)
+    rr = base[:, 0, None, None] + off[None, :, None]
+    cc = base[:, 1, None, None] + off[None, None, :]
+    ok = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    ok = np.broadcast_to(ok, patches.shape)
+    idx = np.broadcast_to(rr * w + cc, patches.shape)[ok]
+    np.maximum.at(out, idx, patches[ok].astype(np.float32))
+    return out.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -680,6 +822,8 @@ def make_dataset(
     label_by: str = "cell",
     mode: str = "rgb",
     seed: int = 0,
+    cooccurrence: float = 0.0,
+    cooccurrence_class: str = "sezary",
 ) -> pd.DataFrame:
     """Write a synthetic Sezary-like dataset with a planted background cue; return its manifest.
 
@@ -709,11 +853,20 @@ def make_dataset(
         Giemsa-like RGB brightfield or fluorescence-like gray.
     seed : int
         The same seed gives byte-identical files.
+    cooccurrence : float in [0, 1]
+        Probability that a cell of class ``cooccurrence_class`` has two non-target objects
+        (platelet clumps) just outside its outline: a second planted cue, independent of the
+        halo (``signal``). When > 0 the objects' label images are written to ``objects/``,
+        one row per object to ``objects_truth.csv``, and the manifest gains an ``objects``
+        column.
+    cooccurrence_class : {'healthy', 'sezary'}
+        The class whose cells the objects accompany.
 
     Returns
     -------
     DataFrame
-        The manifest: ``path, label, patient, mask`` (paths relative to ``out_dir``).
+        The manifest: ``path, label, patient, mask[, objects]`` (paths relative to
+        ``out_dir``).
 
     Raises
     ------
@@ -736,6 +889,8 @@ def make_dataset(
     _check_int(seed, "seed", 0)
     _check_range(signal, "signal", 0.0, 1.0)
     _check_range(signal_sd_between_patients, "signal_sd_between_patients", 0.0, None)
+    _check_range(cooccurrence, "cooccurrence", 0.0, 1.0)
+    cooccurrence_class = look_up_option(cooccurrence_class, CLASSES, what="cooccurrence_class")
     label_by = look_up_option(label_by, _LABEL_BY, what="label_by")
     mode = look_up_option(mode, _MODES, what="synth mode")
     if cells_per_image > (image_size // _SLOT) ** 2:
@@ -753,8 +908,9 @@ def make_dataset(
         patients=patients, cells_per_patient=cells_per_patient, cells_per_image=cells_per_image,
         image_size=image_size, signal=float(signal),
         signal_sd_between_patients=float(signal_sd_between_patients), label_by=label_by,
-        mode=mode, seed=seed,
+        mode=mode, seed=seed, cooccurrence=float(cooccurrence), cooccurrence_class=cooccurrence_class,
     )
+    with_objects = cooccurrence > 0
 
     # the parameters first: they mark the folder as a synthetic dataset, so a run killed
     # half-way is replaced on the next call instead of being refused as foreign
@@ -767,7 +923,7 @@ def make_dataset(
     width = max(2, len(str(patients)))
     photometric = "rgb" if mode == "rgb" else "minisblack"
 
-    manifest_rows, truth = [], []
+    manifest_rows, truth, object_rows = [], [], []
     for i in range(patients):
         pid = f"P{i + 1:0{width}d}"
         prng = np.random.default_rng(patient_ss[i])
@@ -786,11 +942,23 @@ def make_dataset(
             fov = synth_field(
                 cls, n_cells=n, size=image_size, cue_probability=p_cue, mode=mode,
                 stain=stain, seed=image_ss[j],
+                cooccurrence_probability=cooccurrence if cls == cooccurrence_class else 0.0,
             )
             rel_img, rel_mask = f"images/{pid}_{j:03d}.tif", f"masks/{pid}_{j:03d}.tif"
             _write_tiff(out_dir / rel_img, fov.image, photometric)
             _write_tiff(out_dir / rel_mask, fov.mask, "minisblack")
-            manifest_rows.append({"path": rel_img, "label": cls, "patient": pid, "mask": rel_mask})
+            row = {"path": rel_img, "label": cls, "patient": pid, "mask": rel_mask}
+            if with_objects:
+                row["objects"] = rel_obj = f"objects/{pid}_{j:03d}.tif"
+                _write_tiff(out_dir / rel_obj, fov.objects, "minisblack")
+                objs = fov.object_table.copy()
+                objs.insert(0, "path", rel_img)
+                objs.insert(1, "objects_path", rel_obj)
+                objs.insert(2, "image_id", image_id(rel_img))
+                objs.insert(3, "patient", pid)
+                if len(objs):
+                    object_rows.append(objs)
+            manifest_rows.append(row)
             cells = fov.cells.copy()
             cells.insert(0, "path", rel_img)
             cells.insert(1, "mask", rel_mask)
@@ -798,10 +966,20 @@ def make_dataset(
             cells.insert(3, "patient", pid)
             truth.append(cells)
 
-    _remove_stale(out_dir, {r["path"] for r in manifest_rows} | {r["mask"] for r in manifest_rows})
+    keep = {r[k] for r in manifest_rows for k in ("path", "mask", "objects") if k in r}
+    _remove_stale(out_dir, keep)
     truth_df = pd.concat(truth, ignore_index=True)[TRUTH_COLUMNS]
     write_text_atomic(out_dir / "cells_truth.csv", truth_df.to_csv(index=False, lineterminator="\n"))
-    manifest = pd.DataFrame(manifest_rows, columns=["path", "label", "patient", "mask"])
+    if with_objects:
+        objects_df = (
+            pd.concat(object_rows, ignore_index=True)[OBJECT_COLUMNS] if object_rows
+            else pd.DataFrame(columns=OBJECT_COLUMNS)
+        )
+        write_text_atomic(out_dir / "objects_truth.csv", objects_df.to_csv(index=False, lineterminator="\n"))
+    else:
+        (out_dir / "objects_truth.csv").unlink(missing_ok=True)
+    columns = ["path", "label", "patient", "mask"] + (["objects"] if with_objects else [])
+    manifest = pd.DataFrame(manifest_rows, columns=columns)
     # the manifest is written last: its presence means the dataset is complete
     write_text_atomic(out_dir / "manifest.csv", manifest.to_csv(index=False, lineterminator="\n"))
     return manifest
@@ -824,7 +1002,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 def _remove_stale(out_dir: Path, keep: set[str]) -> None:
     """Remove images/masks of an earlier, larger synthetic dataset in the same folder."""
-    for sub in ("images", "masks"):
+    for sub in ("images", "masks", "objects"):
         folder = out_dir / sub
         if folder.is_dir():
             for p in folder.glob("*.tif"):

@@ -370,3 +370,77 @@ def test_null_auc_is_centred_over_seeds(tmp_path):
     values = np.array(values)
     assert abs(values.mean() - 0.5) < 0.025, values
     assert np.all(np.abs(values - 0.5) <= 0.07), values
+
+
+# ----------------------------------------------------------------------------- co-occurrence cue
+def test_cooccurring_objects_change_only_their_own_pixels():
+    stain = random_stain(2)
+    for cue in (0.0, 1.0):  # independent of the halo cue
+        plain = synth_field("sezary", stain=stain, seed=4, cue_probability=cue)
+        cooc = synth_field("sezary", stain=stain, seed=4, cue_probability=cue, cooccurrence_probability=1.0)
+        np.testing.assert_array_equal(plain.mask, cooc.mask)
+        assert not plain.objects.any() and len(plain.object_table) == 0
+        assert not plain.cells["cooccurrence"].any() and (plain.cells["objects"] == 0).all()
+        changed = np.abs(cooc.image.astype(int) - plain.image).max(-1) > 0
+        objects = cooc.objects > 0
+        assert not changed[cooc.mask > 0].any() and not objects[cooc.mask > 0].any()
+        # every changed pixel lies within 2 px of a labelled object, and objects are visible
+        assert not (changed & ~ndimage.binary_dilation(objects, iterations=2)).any()
+        assert changed[objects].mean() > 0.9
+        # two objects per cell, labelled 1..m, each near its own cell
+        table = cooc.object_table
+        assert len(table) == 2 * len(cooc.cells) and sorted(np.unique(cooc.objects[objects])) == list(
+            table["object"]
+        )
+        np.testing.assert_array_equal(np.bincount(cooc.objects.ravel())[1:], table["area"])
+        cells = cooc.cells.set_index("instance").loc[table["cell_instance"]]
+        gap = np.hypot(table["centre_r"].to_numpy() - cells["centre_r"].to_numpy(),
+                       table["centre_c"].to_numpy() - cells["centre_c"].to_numpy()) - cells["cell_radius"].to_numpy()
+        assert (gap > 2).all() and (gap < 15).all()
+        assert (cooc.cells["objects"] == 2).all() and cooc.cells["cooccurrence"].all()
+
+
+def test_cooccurrence_flags_are_nested_and_follow_the_probability():
+    stain = random_stain(3)
+    rates = []
+    for seed in range(20):
+        half = synth_field("healthy", stain=stain, seed=seed, n_cells=16, cooccurrence_probability=0.5)
+        full = synth_field("healthy", stain=stain, seed=seed, n_cells=16, cooccurrence_probability=1.0)
+        flags = half.cells["cooccurrence"].to_numpy()
+        assert full.cells["cooccurrence"].all()
+        # a flagged cell gets the same objects whatever the probability
+        kept = full.object_table[flags[full.object_table["cell_instance"] - 1]].reset_index(drop=True)
+        pd.testing.assert_frame_equal(
+            kept.drop(columns=["object", "area"]), half.object_table.drop(columns=["object", "area"])
+        )
+        rates.append(flags.mean())
+    assert abs(np.mean(rates) - 0.5) < 0.08
+
+
+def test_dataset_records_cooccurring_objects_for_one_class(tmp_path):
+    kw = dict(patients=2, cells_per_patient=8, cells_per_image=4, image_size=128, signal=0.0,
+              cooccurrence=1.0, cooccurrence_class="healthy")
+    manifest = make_dataset(tmp_path / "a", seed=5, **kw)
+    make_dataset(tmp_path / "b", seed=5, **kw)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert list(manifest.columns) == ["path", "label", "patient", "mask", "objects"]
+    truth = pd.read_csv(tmp_path / "a" / "cells_truth.csv")
+    objects = pd.read_csv(tmp_path / "a" / "objects_truth.csv")
+    assert list(objects.columns) == synth.OBJECT_COLUMNS
+    assert (truth["cooccurrence"] == (truth["label"] == "healthy")).all()
+    assert set(objects["label"]) == {"healthy"} and len(objects) == 2 * truth["cooccurrence"].sum()
+    for r in manifest.itertuples():
+        labels = read_mask(tmp_path / "a" / r.objects)
+        rows = objects[objects["objects_path"] == r.objects]
+        assert int(labels.max()) == len(rows)
+        np.testing.assert_array_equal(np.bincount(labels.ravel(), minlength=len(rows) + 1)[1:], rows["area"])
+        assert not (labels[read_mask(tmp_path / "a" / r.mask) > 0]).any()
+    # a plain dataset made over it again has no objects left behind
+    plain = make_dataset(tmp_path / "a", seed=5, **{**kw, "cooccurrence": 0.0})
+    assert "objects" not in plain.columns
+    assert not (tmp_path / "a" / "objects_truth.csv").exists()
+    assert not list((tmp_path / "a" / "objects").glob("*.tif"))
+    with pytest.raises(CellbgError, match="cooccurrence"):
+        make_dataset(tmp_path / "c", cooccurrence=1.5)
+    with pytest.raises(CellbgError, match="cooccurrence_class"):
+        make_dataset(tmp_path / "c", cooccurrence=0.5, cooccurrence_class="sezery")
