@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cellbg import CellbgError
 from cellbg.cli import app
 from cellbg.protocol import Protocol, protocol_hash, write_resolved
-from cellbg.report import bg_gap_table, latex_table, parse_condition, write_report
+from cellbg.report import bg_gap_table, latex_table, parse_condition, significance_tables, write_report
 from cellbg.stats import run_stats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,11 +235,12 @@ def test_accuracy_tex_matches_predictions(full_run):
     preds = full_run["predictions"]
     for model in MODELS:
         text = (full_run["report"] / "tables" / f"accuracy_{model}.tex").read_text()
-        assert _tex_header(text)[1:] == [_esc(t) for t in TEST]
+        # test variants down, training variants across (fits one column of a two-column article)
+        assert _tex_header(text)[1:] == [f"trained on {_esc(t)}" for t in TRAIN]
         rows = _tex_rows(text)
-        assert [r[0] for r in rows] == [_esc(t) for t in TRAIN]
-        for r, train in zip(rows, TRAIN, strict=True):
-            assert r[1:] == [_expected_acc(preds, model, train, test) for test in TEST]
+        assert [r[0] for r in rows] == [_esc(t) for t in TEST]
+        for r, test in zip(rows, TEST, strict=True):
+            assert r[1:] == [_expected_acc(preds, model, train, test) for train in TRAIN]
     planted = _tex_rows((full_run["report"] / "tables" / "accuracy_resnet.tex").read_text())[0][1]
     assert planted == "85.0 $\\pm$ 7.1"
     md = (full_run["report"] / "report.md").read_text()
@@ -285,21 +286,81 @@ def _fmt_p(p: float) -> str:
     return "--" if np.isnan(p) else ("$<$0.001" if p < 0.001 else f"{p:.3f}")
 
 
+def _pp(x: float) -> str:
+    v = round(100 * x, 1)
+    return "0.0" if v == 0 else f"{v:.1f}".replace("-", "$-$")
+
+
 def test_significance_tex_matches_stats(full_run):
     tests = full_run["tests"]
-    rows = _tex_rows((full_run["report"] / "tables" / "significance.tex").read_text())
-    assert len(rows) == len(tests)
-    for r, t in zip(rows, tests.itertuples(index=False), strict=True):
-        assert r[0] == _esc(t.model) and r[2] == f"{t.family} / {t.role}"
-        ci = "" if np.isnan(t.ci_low) else f" [{t.ci_low:.3f}, {t.ci_high:.3f}]"
-        assert r[3] == f"{t.estimate:.3f}{ci}"
-        assert (r[8], r[9], r[10]) == (_fmt_p(t.pvalue), _fmt_p(t.p_holm), _fmt_p(t.p_bh))
-        assert (r[11], r[12], r[13]) == (str(int(t.n_cells)), str(int(t.n_patients)), str(int(t.n_seeds)))
-        assert r[14] == ("--" if np.isnan(t.mcnemar_b) else f"{int(t.mcnemar_b)}/{int(t.mcnemar_c)}")
+    text = (full_run["report"] / "tables" / "significance.tex").read_text()
+    assert "\\begin{table*}" in text  # spans both columns of a two-column article
+    rows = _tex_rows(text)
+    primary = tests[tests.role == "primary"]
+    assert len(rows) == len(primary) == 4  # 2 models x 2 confirmatory comparisons; no exploratory grid
+    for r, t in zip(rows, primary.itertuples(index=False), strict=True):
+        assert r[0] == t.family and r[1] == _esc(t.model)
+        assert r[2].endswith(_esc(f"{t.a} vs {t.b}"))
+        # percentage points, with the CI, then patients, p and the family's (Holm) adjustment
+        assert r[3] == f"{_pp(t.estimate)} [{_pp(t.ci_low)}, {_pp(t.ci_high)}]"
+        assert r[4:] == [str(int(t.n_patients)), _fmt_p(t.pvalue), f"{_fmt_p(t.p_holm)} (Holm)"]
+    assert "Test: paired t (patients)." in text  # one test for all rows: named once
+    assert rows[1][2].startswith("BG-GAP (original): ")
     # the fixture's paired estimate really is the mean per-patient difference
     preds = full_run["predictions"]
     d = _patient_acc(preds, "resnet", "original:only_fg") - _patient_acc(preds, "resnet", "original:original")
-    assert float(rows[0][3].split()[0]) == pytest.approx(d.mean(), abs=5e-4)
+    assert float(rows[0][3].split()[0].replace("$-$", "-")) == pytest.approx(100 * d.mean(), abs=0.05)
+    # every other test is in the secondary table, labelled conditional, McNemar among them
+    text2 = (full_run["report"] / "tables" / "significance_secondary.tex").read_text()
+    rows2 = _tex_rows(text2)
+    assert len(rows2) == len(tests) - len(primary)
+    assert "(conditional)" in text2 and "not adjusted and are conditional" in text2
+    mc = [r for r in rows2 if r[4].startswith("McNemar")]
+    assert len(mc) == 4 and all(re.fullmatch(r"\d+/\d+", r[7]) for r in mc)
+    assert "-0.0" not in text + text2 and "$-$0.0 " not in text + text2
+
+
+def _label_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c in ("family", "model", "comparison (a vs b)", "measure", "saliency map",
+                                           "target class", "role", "test")]
+
+
+def test_significance_rows_have_distinct_labels():
+    """Rows that differ only in saliency method or target class, and a planned comparison the
+    exploratory grid tests again: every row of the main table reads differently."""
+    base = {"model": "m", "estimate": 0.1, "ci_low": 0.0, "ci_high": 0.2, "pvalue": 0.01, "p_holm": 0.02,
+            "p_bh": 0.03, "n_patients": 6, "n_cells": 60, "method": "paired t (patients)", "name": "",
+            "measure": "accuracy", "saliency_method": ""}
+    rows = [
+        {**base, "family": "confirmatory", "role": "primary", "a": "original:mixed_rand", "b": "original:mixed_same"},
+        {**base, "family": "confirmatory", "role": "secondary", "a": "original:mixed_rand",
+         "b": "original:mixed_same", "method": "McNemar exact (binomial)", "mcnemar_b": 3, "mcnemar_c": 9},
+        {**base, "family": "exploratory", "role": "primary", "a": "original:mixed_rand", "b": "original:mixed_same",
+         "name": "BG-GAP (original)", "p_bh": 0.043},
+        {**base, "family": "exploratory", "role": "secondary", "a": "original:mixed_rand",
+         "b": "original:mixed_same", "name": "BG-GAP (original)", "method": "McNemar exact (binomial)"},
+        {**base, "family": "exploratory", "role": "primary", "a": "original:original", "b": "original:only_fg",
+         "estimate": -0.0000001},
+    ]
+    for method in ("gradcam", "integrated_gradients"):
+        for target in ("predicted", "true"):
+            rows.append({**base, "family": "saliency", "role": "primary", "a": "original:original",
+                         "b": "only_fg:original", "measure": "background_share",
+                         "saliency_method": f"{method} ({target} class)"})
+    main, secondary, notes, secondary_notes = significance_tables(pd.DataFrame(rows))
+    labels = main[_label_columns(main)]
+    assert len(main) == 6 and not labels.duplicated().any()
+    assert set(zip(main["saliency map"], main["target class"], strict=True)) >= {
+        ("gradcam", "predicted"), ("gradcam", "true"), ("integrated_gradients", "predicted"),
+        ("integrated_gradients", "true")}
+    # the BG-GAP pair is shown once, in the confirmatory family, and the note says why
+    assert (main["comparison (a vs b)"].str.startswith("BG-GAP (original)")).sum() == 1
+    assert len(notes) == 1 and "p BH = 0.043" in notes[0] and "Holm" in notes[0]
+    assert main.loc[main["family"] == "confirmatory", "p adj."].iloc[0] == "0.020 (Holm)"
+    assert main.loc[main["family"] == "exploratory", "p adj."].iloc[0] == "0.030 (BH)"
+    assert main.iloc[1]["Δ = b − a, pp [95% CI]"] == "0.0 [0.0, 20.0]"  # no "−0.0"
+    assert len(secondary) == 1 and secondary.iloc[0]["McNemar b/c"] == "3/9" and secondary_notes
+    assert not secondary[_label_columns(secondary)].duplicated().any()
 
 
 def test_segmentation_table_pools_counts(full_run):
@@ -313,33 +374,77 @@ def test_segmentation_table_pools_counts(full_run):
 
 
 # --------------------------------------------------------------------------- LaTeX
+def _columns_in_spec(spec: str) -> int:
+    """Columns of a tabular spec: l/r/c and p{...} at brace depth 0; >{...} adds none."""
+    depth, n = 0, 0
+    for ch in spec:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif depth == 0 and ch in "lrcp":
+            n += 1
+    return n
+
+
 def _structural_check(text: str) -> None:
     assert text.count("{") - text.count("\\{") == text.count("}") - text.count("\\}")
     assert text.count("\\begin{tabular}") == text.count("\\end{tabular}") == 1
     for rule in ("\\toprule", "\\midrule", "\\bottomrule"):
         assert text.count(rule) == 1
-    spec = re.search(r"\\begin\{tabular\}\{((?:[lrc]|p\{[^}]+\})+)\}", text).group(1)
-    n_columns = len(re.findall(r"[lrc]|p\{[^}]+\}", spec))
+    start = text.index("\\begin{tabular}{") + len("\\begin{tabular}{")
+    depth, end = 1, start
+    while depth:
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        end += 1
+    n_columns = _columns_in_spec(text[start : end - 1])
     for row in [_tex_header(text)] + _tex_rows(text):
         assert len(row) == n_columns
+
+
+#: A two-column article as journals set it (10 pt, A4, 2 cm margins: 3.35 in columns).
+_TWO_COLUMN = ("\\documentclass[twocolumn,10pt]{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{mathptmx}\n"
+               "\\usepackage{booktabs,graphicx,array}\n\\usepackage[a4paper,margin=2cm]{geometry}\n"
+               "\\begin{document}\n%s\n\\end{document}\n")
 
 
 def test_tex_tables_compile(full_run, tmp_path):
     tables = sorted((full_run["report"] / "tables").glob("*.tex"))
     assert {t.stem for t in tables} == {"accuracy_resnet", "accuracy_shufflenet_v2", "bg_gap", "significance",
-                                        "segmentation"}
+                                        "significance_secondary", "segmentation"}
     for t in tables:
         _structural_check(t.read_text())
     if shutil.which("pdflatex") is None:  # structural check above is then the whole test
-        return
-    body = "\n".join(f"\\input{{{t.as_posix()}}}\n\\clearpage" for t in tables)
-    doc = tmp_path / "doc.tex"
-    doc.write_text("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs}\n"
-                   "\\usepackage[margin=1cm,landscape]{geometry}\n\\begin{document}\n" + body + "\n\\end{document}\n")
-    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        pytest.skip("no pdflatex (scripts/system-deps.sh installs TeX Live): only the structure was checked")
+    body = "\n".join(f"\\input{{{t.as_posix()}}}" for t in tables)
+    (tmp_path / "doc.tex").write_text(_TWO_COLUMN % body)
+    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-2000:]
+    log = (tmp_path / "doc.log").read_text(errors="replace")
+    overfull = [float(x) for x in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", log)]
+    assert all(x <= 1.0 for x in overfull), overfull
+    assert "Float too large" not in log and "Overfull \\vbox" not in log
     assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+def test_long_table_splits_into_floats_that_fit(tmp_path):
+    """A 100-row significance-like table: four table* floats (the later ones "continued"),
+    each on a page, none wider than the page."""
+    df = pd.DataFrame({"comparison (a vs b)": [f"original:original vs mask_dilate({i})+bg_blur(2)" for i in range(100)],
+                       "p": ["0.500"] * 100})
+    text = latex_table(df, caption="Long. More.", label="tab:long", wide=True, max_rows=30, size="scriptsize",
+                       align=">{\\raggedright\\arraybackslash}p{4cm}r", notes=["a note"])
+    assert text.count("\\begin{table*}") == 4 and text.count("(continued) Long.") == 3 and "a note" in text
+    assert text.count("\\label{tab:long}") == 1
+    if shutil.which("pdflatex") is None:
+        pytest.skip("no pdflatex")
+    (tmp_path / "doc.tex").write_text(_TWO_COLUMN % text)
+    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:]
+    log = (tmp_path / "doc.log").read_text(errors="replace")
+    assert "Overfull \\hbox" not in log and "Float too large" not in log
 
 
 def test_latex_table_escapes_and_counts_columns():
@@ -463,7 +568,7 @@ def test_cli_report_is_deterministic(full_run, tmp_path):
     assert not (out / "figures").exists()
     # Same predictions and stats, another process: the same bytes for every table.
     tables = sorted((out / "tables").glob("*.tex"))
-    assert len(tables) == 5
+    assert len(tables) == 6
     for p in tables:
         assert p.read_bytes() == (full_run["report"] / "tables" / p.name).read_bytes(), p.name
 

@@ -36,12 +36,13 @@ Examples
 
 from cellbg.report.build import write_report
 from cellbg.report.figures import OKABE_ITO
-from cellbg.report.tables import bg_gap_table, latex_table, parse_condition
+from cellbg.report.tables import bg_gap_table, latex_table, parse_condition, significance_tables
 
 __all__ = [
     "write_report",
     "bg_gap_table",
     "latex_table",
     "parse_condition",
+    "significance_tables",
     "OKABE_ITO",
 ]

@@ -31,8 +31,8 @@ class _Doc:
         self.missing.append(text)
         self.blocks.append(("absent", text))
 
-    def table(self, df: pd.DataFrame, caption: str, tex_name: str | None = None) -> None:
-        self.blocks.append(("table", (df, caption, tex_name)))
+    def table(self, df: pd.DataFrame, caption: str, tex_name: str | None = None, notes: list[str] = ()) -> None:
+        self.blocks.append(("table", (df, caption, tex_name, list(notes))))
 
     def figure(self, name: str, caption: str, png: bytes) -> None:
         self.blocks.append(("figure", (name, caption, png)))
@@ -51,9 +51,10 @@ class _Doc:
             elif kind == "absent":
                 out += [f"> **Not available:** {value}", ""]
             elif kind == "table":
-                df, caption, tex = value
+                df, caption, tex, notes = value
                 note = f" (LaTeX: `tables/{tex}.tex`)" if tex else ""
                 out += [f"*{caption}*{note}", "", _md_table(df), ""]
+                out += [f"Note: {n}" + "\n" for n in notes]
             elif kind == "figure":
                 name, caption, _ = value
                 out += [f"![{caption}](figures/{name}.png)", "", f"*{caption}* (also `figures/{name}.svg`)", ""]
@@ -72,11 +73,12 @@ class _Doc:
             elif kind == "absent":
                 body.append(f'<p class="absent"><strong>Not available:</strong> {_inline_html(value)}</p>')
             elif kind == "table":
-                df, caption, tex = value
+                df, caption, tex, notes = value
                 note = f" <span class='file'>(LaTeX: tables/{html.escape(tex)}.tex)</span>" if tex else ""
+                below = "".join(f"<p class='note'>Note: {_inline_html(n)}</p>" for n in notes)
                 body.append(
                     f"<figure class='table'><figcaption>{_inline_html(caption)}{note}</figcaption>"
-                    f"<div class='scroll'>{_html_table(df)}</div></figure>"
+                    f"<div class='scroll'>{_html_table(df)}</div>{below}</figure>"
                 )
             elif kind == "figure":
                 name, caption, png = value

@@ -22,17 +22,15 @@ from cellbg.report.figures import (
 )
 from cellbg.report.reading import _ordered, _Run
 from cellbg.report.tables import (
-    _ci,
-    _int,
     _isnan,
     _mean_sd,
-    _num,
     _p,
     _pct,
-    _tex_escape,
+    _pp,
     bg_gap_table,
     latex_table,
     parse_condition,
+    significance_tables,
 )
 
 
@@ -40,7 +38,7 @@ def _section_overview(doc: _Doc, run: _Run) -> None:
     p = run.protocol
     doc.para(
         f"Run folder `{run.run_dir}`; protocol **{p.name}**. Report written "
-        f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by cellbg {__version__}. "
+        f"{_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} by cellbg {__version__}. "
         "Accuracies are percentages: per seed over all tested cells (pooled over folds), "
         "then mean ± SD over seeds."
     )
@@ -62,24 +60,27 @@ def _section_accuracy(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str])
         cols = [t for t in tests if t in sub.index.get_level_values(1)]
         rows = [t for t in trains if t in sub.index.get_level_values(0)]
         n_seeds = int(sub["n_seeds"].max())
+        # Test variants down, training variants across: a table that fits one column of a
+        # two-column article however many test variants there are.
         table = pd.DataFrame(
-            [[r] + [_mean_sd(sub["mean"].get((r, c), np.nan), sub["sd"].get((r, c), np.nan)) for c in cols]
-             for r in rows],
-            columns=["train \\ test"] + cols,
+            [[c] + [_mean_sd(sub["mean"].get((r, c), np.nan), sub["sd"].get((r, c), np.nan)) for r in rows]
+             for c in cols],
+            columns=["test variant"] + [f"trained on {r}" for r in rows],
         )
         tex_table = pd.DataFrame(
-            [[r] + [_mean_sd(sub["mean"].get((r, c), np.nan), sub["sd"].get((r, c), np.nan), tex=True)
-                    for c in cols] for r in rows],
-            columns=["train $\\backslash$ test"] + cols,
+            [[c] + [_mean_sd(sub["mean"].get((r, c), np.nan), sub["sd"].get((r, c), np.nan), tex=True)
+                    for r in rows] for c in cols],
+            columns=table.columns,
         )
         spread = f"mean ± SD over {n_seeds} seeds" if n_seeds > 1 else "one seed, so no SD"
         n_cells = int(sub["n_cells"].max())
         n_pat = int(sub["n_patients"].max())
-        caption = (f"Accuracy (%) of {model}; rows: training variant, columns: test variant; "
+        caption = (f"Accuracy (%) of {model}; rows: test variant, columns: training variant; "
                    f"{spread}; {n_cells} cells from {n_pat} patients.")
         name = f"accuracy_{_slug(model)}"
         doc.table(table, caption, name)
-        tex[name] = _latex_raw_header(tex_table, caption=caption, label=f"tab:{name}")
+        tex[name] = latex_table(tex_table, caption=caption, label=f"tab:{name}", size="footnotesize",
+                                wide=len(rows) > 3)
     if figs.enabled:
         png = figs.save(_heatmap(figs, acc, models, trains, tests), "accuracy_heatmap")
         doc.figure("accuracy_heatmap", "Accuracy (%) per training variant (rows) and test variant (columns), "
@@ -93,13 +94,6 @@ def _accuracy(predictions: pd.DataFrame) -> pd.DataFrame:
 
     acc = accuracy_table(predictions)
     return acc.rename(columns={"accuracy": "mean", "accuracy_sd": "sd"})
-
-
-def _latex_raw_header(df: pd.DataFrame, *, caption: str, label: str) -> str:
-    """:func:`latex_table` where the first header cell is already LaTeX."""
-    first = df.columns[0]
-    text = latex_table(df.rename(columns={first: "\0HEAD\0"}), caption=caption, label=label)
-    return text.replace(_tex_escape("\0HEAD\0"), first, 1)
 
 
 def _slug(text: str) -> str:
@@ -116,29 +110,33 @@ def _section_tests(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) ->
     if t.empty:
         doc.absent("`stats/tests.csv` holds no tests, so there is no significance table and no forest plot.")
         return
-    md_rows, tex_rows = [], []
-    for r in t.itertuples(index=False):
-        bc = "–" if _isnan(r.mcnemar_b) else f"{_int(r.mcnemar_b)}/{_int(r.mcnemar_c)}"
-        base = [
-            str(r.model), str(r.comparison) + (f" ({r.name})" if isinstance(getattr(r, "name", ""), str) and getattr(r, "name", "") else ""),
-            str(r.family) + (f" / {r.role}" if isinstance(getattr(r, "role", None), str) else ""),
-            _num(r.estimate) + ("" if _isnan(r.ci_low) else f" {_ci(r.ci_low, r.ci_high)}"), "" if _isnan(r.ci_method) else str(r.ci_method),
-            "" if _isnan(r.method) else str(r.method), _num(r.statistic, 2), _num(r.df, 1),
-            _p(r.pvalue), _p(r.p_holm), _p(r.p_bh), _int(r.n_cells), _int(r.n_patients), _int(r.n_seeds), bc,
-        ]
-        md_rows.append(base)
-        tex_rows.append(base)
-    header = ["model", "comparison (a vs b)", "family", "Δ = b − a [95% CI]", "CI method", "test",
-              "statistic", "df", "p", "p Holm", "p BH", "cells", "patients", "seeds", "McNemar b/c"]
-    caption = ("Paired tests from `stats/tests.csv`; Δ is b minus a (accuracy as a fraction; background share "
-               "for the saliency family); p Holm and p BH are adjusted within each family over its primary tests; "
-               "cells, patients and seeds are the numbers each test used; McNemar b/c are the discordant counts "
-               "(cell level).")
-    doc.table(pd.DataFrame(md_rows, columns=header), caption, "significance")
-    tex["significance"] = latex_table(pd.DataFrame(tex_rows, columns=header), caption=caption,
-                                      label="tab:significance", size="scriptsize", wide=True,
-                                      # long names wrap in paragraph columns (plain LaTeX, no package)
-                                      align="lp{3.2cm}lrp{1.6cm}p{2.6cm}" + "r" * (len(header) - 6))
+    main, secondary, main_notes, secondary_notes = significance_tables(t)
+    alpha = run.protocol.stats.alpha
+    caption = ("Primary tests, one per comparison, from `stats/tests.csv`: Δ is condition b minus condition a in "
+               "percentage points (accuracy, or the share of attribution on the background for the saliency family), "
+               "with its 95% CI; conditions are training variant:test variant; patients is the number of paired "
+               "patients; p adj. is adjusted within the family (Holm for the confirmatory and saliency families, "
+               f"Benjamini–Hochberg for the exploratory grid); alpha = {alpha:g}.")
+    n_label = 3 + ("measure" in main.columns) + 2 * ("saliency map" in main.columns)
+    if len(main) and main["test"].nunique() == 1:  # one test for every row: say it once, in the caption
+        caption += f" Test: {main['test'].iloc[0]}."
+        main = main.drop(columns="test")
+    doc.table(main, caption, "significance", notes=main_notes)
+    tex["significance"] = latex_table(
+        main, caption=caption, label="tab:significance", size="scriptsize", wide=True, notes=main_notes,
+        max_rows=30, align="ll>{\\raggedright\\arraybackslash}p{4.2cm}" + "l" * (n_label - 3)
+        + ("r" if "test" not in main.columns else "rl") + "rrr")
+    if len(secondary):
+        caption2 = ("Sensitivity checks and secondary tests (conditional): the other tests of the confirmatory "
+                    "comparisons and the cell-level McNemar test of every comparison; Δ in percentage points as in "
+                    "the main table; McNemar b/c are the discordant cell counts (a right and b wrong / a wrong and b "
+                    "right).")
+        doc.table(secondary, caption2, "significance_secondary", notes=secondary_notes)
+        tex["significance_secondary"] = latex_table(
+            secondary, caption=caption2, label="tab:significance_secondary", size="scriptsize", wide=True,
+            notes=secondary_notes, max_rows=30,
+            align="ll>{\\raggedright\\arraybackslash}p{4.2cm}" + "l" * (n_label - 3)
+            + "l>{\\raggedright\\arraybackslash}p{3.2cm}rrrr")
     prose = _summary_prose(run.summary_md or "")
     if prose:
         doc.para("In words, from the statistics stage (`stats/summary.md`, which also holds its tables):")
@@ -201,9 +199,9 @@ def _section_bg_gap(doc: _Doc, run: _Run, tex: dict[str, str]) -> None:
         return
     rows = []
     for r in gap.itertuples(index=False):
-        pp = "–" if _isnan(r.gap) else f"{100 * r.gap:.1f}"
+        pp = _pp(r.gap)
         sd = "" if _isnan(r.gap_sd) else f" ± {100 * r.gap_sd:.1f}"
-        ci = "–" if _isnan(r.ci_low) else f"[{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
+        ci = "–" if _isnan(r.ci_low) else f"[{_pp(r.ci_low)}, {_pp(r.ci_high)}]"
         rows.append([str(r.model), str(r.train_variant), _pct(r.acc_same), _pct(r.acc_rand), pp + sd, ci,
                      _p(r.pvalue), r.method or "not tested"])
     header = ["model", "train variant", "acc mixed_same (%)", "acc mixed_rand (%)", "BG-GAP (pp)",
@@ -212,7 +210,8 @@ def _section_bg_gap(doc: _Doc, run: _Run, tex: dict[str, str]) -> None:
                "CI and p from the stats stage where it tested this pair.")
     df = pd.DataFrame(rows, columns=header)
     doc.table(df, caption, "bg_gap")
-    tex["bg_gap"] = latex_table(df, caption=caption, label="tab:bg_gap", align="ll" + "r" * 6)
+    tex["bg_gap"] = latex_table(df, caption=caption, label="tab:bg_gap", size="footnotesize", wide=True,
+                                align="ll" + "r" * 5 + ">{\\raggedright\\arraybackslash}p{3.4cm}")
     # Measured with benchmarks/validate_null_pipeline.py: with no background cue the only_fg
     # drop of an original-trained model averages ~6 points while BG-GAP stays at 0, so the
     # report says which question each number answers.

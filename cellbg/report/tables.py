@@ -163,7 +163,23 @@ def _num(x, digits: int = 3) -> str:
     x = float(x)
     if x == int(x) and abs(x) < 1e6 and digits != 3:
         return str(int(x))
-    return f"{x:.{digits}f}"
+    text = f"{x:.{digits}f}"
+    return text[1:] if float(text) == 0 and text.startswith("-") else text  # never "-0.000"
+
+
+def _pp(x, digits: int = 1) -> str:
+    """A difference of fractions in percentage points: ``12.3``, ``−4.0``; never ``−0.0``."""
+    if _isnan(x):
+        return "–"
+    v = round(100 * float(x), digits)
+    return f"{v + 0.0:.{digits}f}".replace("-", "−") if v != 0 else f"{0:.{digits}f}"
+
+
+def _pp_ci(est, lo, hi) -> str:
+    """``12.3 [5.1, 19.4]`` in percentage points (the estimate alone without a CI)."""
+    if _isnan(est):
+        return "–"
+    return _pp(est) + ("" if _isnan(lo) or _isnan(hi) else f" [{_pp(lo)}, {_pp(hi)}]")
 
 
 def _int(x) -> str:
@@ -215,11 +231,15 @@ def latex_table(
     align: str | None = None,
     size: str = "small",
     wide: bool = False,
+    notes: Iterable[str] = (),
+    max_rows: int | None = None,
 ) -> str:
     """A booktabs ``table`` float holding ``df`` as text cells, ready for ``\\input``.
 
-    Needs ``\\usepackage{booktabs}`` in the document. Cell text is escaped for LaTeX;
-    ``±`` becomes ``$\\pm$``.
+    Needs ``\\usepackage{booktabs,graphicx}`` in the document. Cell text is escaped for
+    LaTeX; ``±`` becomes ``$\\pm$``. A table wider than the column (or page, for ``wide``)
+    is scaled down to fit (``\\resizebox`` only when the natural width is larger), so it
+    never runs into the margin of a two-column article.
 
     Parameters
     ----------
@@ -233,6 +253,11 @@ def latex_table(
         A font size command name (``small``, ``footnotesize``, ...).
     wide : bool
         Use ``table*`` (spanning both columns of a two-column layout).
+    notes : iterable of str
+        Lines set small under the table (in the last part).
+    max_rows : int, optional
+        Split a longer table into floats of at most this many rows, the later ones
+        captioned "(continued)" under the same table number.
 
     Returns
     -------
@@ -241,7 +266,7 @@ def latex_table(
     Examples
     --------
     >>> print(latex_table(pd.DataFrame({"a": ["x_1"]}), caption="C", label="tab:c"))  # doctest: +ELLIPSIS
-    \\begin{table}[htbp]
+    \\begin{table}[tbp]
     ...
     \\toprule
     a \\\\
@@ -253,22 +278,41 @@ def latex_table(
     if align is None:
         align = "l" + "r" * (df.shape[1] - 1)
     env = "table*" if wide else "table"
-    lines = [
-        f"\\begin{{{env}}}[htbp]",
-        "\\centering",
-        f"\\{size}",
-        *(["\\setlength{\\tabcolsep}{3pt}"] if df.shape[1] > 8 else []),
-        f"\\caption{{{_tex_cell(caption)}}}",
-        f"\\label{{{label}}}",
-        f"\\begin{{tabular}}{{{align}}}",
-        "\\toprule",
-        " & ".join(_tex_cell(c) for c in df.columns) + " \\\\",
-        "\\midrule",
-    ]
-    for row in df.itertuples(index=False):
-        lines.append(" & ".join(_tex_cell(v) for v in row) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}", f"\\end{{{env}}}", ""]
-    return "\n".join(lines)
+    rows = [" & ".join(_tex_cell(v) for v in row) + " \\\\" for row in df.itertuples(index=False)]
+    step = max_rows if max_rows and max_rows > 0 else max(len(rows), 1)
+    chunks = [rows[i : i + step] for i in range(0, len(rows), step)] or [[]]
+    notes = [n for n in notes if n]
+    out: list[str] = []
+    for k, chunk in enumerate(chunks):
+        if k == 0:
+            head = [f"\\caption{{{_tex_cell(caption)}}}", f"\\label{{{label}}}"]
+        else:  # the same table number, continued
+            head = ["\\addtocounter{table}{-1}", f"\\caption{{(continued) {_tex_cell(_first_sentence(caption))}}}"]
+        out += [
+            f"\\begin{{{env}}}[tbp]",
+            "\\centering",
+            f"\\{size}",
+            *(["\\setlength{\\tabcolsep}{3pt}"] if df.shape[1] > 6 else []),
+            *head,
+            # scaled down only when wider than the line (\\width is the natural width)
+            "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%",
+            f"\\begin{{tabular}}{{{align}}}",
+            "\\toprule",
+            " & ".join(_tex_cell(c) for c in df.columns) + " \\\\",
+            "\\midrule",
+            *chunk,
+            "\\bottomrule",
+            "\\end{tabular}}",
+        ]
+        if notes and k == len(chunks) - 1:
+            out += ["\\par\\smallskip", "{\\scriptsize\\raggedright", *(_tex_cell(n) + "\\par" for n in notes), "}"]
+        out += [f"\\end{{{env}}}", ""]
+    return "\n".join(out)
+
+
+def _first_sentence(text: str) -> str:
+    head = re.split(r"(?<=[.;])\s", str(text), maxsplit=1)[0]
+    return head.rstrip(".;") + "."
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -281,7 +325,7 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
-_NUMBER_LIKE = re.compile(r"^[\s\d.,±+\-–<>\[\]/%]*$")
+_NUMBER_LIKE = re.compile(r"^[\s\d.,±+\-–−<>\[\]/%]*$")
 
 
 def _html_table(df: pd.DataFrame) -> str:
@@ -303,3 +347,125 @@ def _inline_html(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
 
 
+
+
+# =========================================================================== significance
+#: The adjustment that applies in each family (``stats/tests.csv`` gives Holm and BH for all).
+_FAMILY_ADJUSTMENT = {"confirmatory": ("p_holm", "Holm"), "exploratory": ("p_bh", "BH"), "saliency": ("p_holm", "Holm")}
+
+
+def _text(x) -> str:
+    return "" if _isnan(x) else str(x)
+
+
+def _is_bg_gap(a: str, b: str) -> str:
+    """The training variant when ``a`` vs ``b`` is its mixed_rand vs mixed_same, else ``""``."""
+    ta, _, va = str(a).partition(":")
+    tb, _, vb = str(b).partition(":")
+    return ta if ta == tb and {va, vb} == {"mixed_rand", "mixed_same"} else ""
+
+
+def _comparison_label(r) -> str:
+    """``a vs b``, prefixed by the comparison's name (``BG-GAP (original)``) when it has one."""
+    name = _text(getattr(r, "name", ""))
+    if not name and _is_bg_gap(r.a, r.b):
+        name = f"BG-GAP ({_is_bg_gap(r.a, r.b)})"
+    return (f"{name}: " if name else "") + f"{r.a} vs {r.b}"
+
+
+def _split_saliency_method(text: str) -> tuple[str, str]:
+    """``"gradcam (predicted class)"`` -> ``("gradcam", "predicted")``."""
+    m = re.match(r"^(.*?)\s*\((\w+) class\)$", str(text))
+    return (m[1], m[2]) if m else (str(text), "")
+
+
+def significance_tables(tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str]]:
+    """The report's two significance tables from ``stats/tests.csv``, as text cells.
+
+    The main table holds the primary test of every comparison (confirmatory, exploratory
+    and saliency families), one row per test, estimates and CIs in percentage points, with
+    p and the p adjusted within the test's family (Holm for the confirmatory and saliency
+    families, Benjamini-Hochberg for the exploratory grid). A comparison that is both
+    planned (confirmatory) and part of the exploratory grid is shown once, in the
+    confirmatory family, with a note. The secondary table holds the sensitivity checks and
+    the cell-level (McNemar) and fold-level tests, which are conditional on the trained
+    models and the tested cells.
+
+    Parameters
+    ----------
+    tests : DataFrame
+        ``stats/tests.csv``.
+
+    Returns
+    -------
+    main, secondary : DataFrame
+        Text cells; the label columns (family, model, comparison and, when present,
+        measure, saliency map and target class) tell every row apart.
+    main_notes, secondary_notes : list of str
+        Sentences to print under each table.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"family": ["confirmatory"], "role": ["primary"], "model": ["m"],
+    ...     "a": ["original:mixed_rand"], "b": ["original:mixed_same"], "estimate": [-0.00001],
+    ...     "ci_low": [-0.05], "ci_high": [0.05], "pvalue": [0.9], "p_holm": [0.9], "p_bh": [0.9],
+    ...     "n_patients": [6], "method": ["paired t (patients)"]})
+    >>> main, secondary, notes, _ = significance_tables(t)
+    >>> main.iloc[0, 2:].tolist()  # doctest: +NORMALIZE_WHITESPACE
+    ['BG-GAP (original): original:mixed_rand vs original:mixed_same', '0.0 [−5.0, 5.0]',
+     'paired t (patients)', '6', '0.900', '0.900 (Holm)']
+    """
+    t = tests.copy()
+    for c in ("role", "name", "measure", "saliency_method", "method", "mcnemar_b", "mcnemar_c", "n_cells",
+              "n_patients", "p_holm", "p_bh", "ci_low", "ci_high", "pvalue"):
+        if c not in t.columns:
+            t[c] = np.nan
+    t["role"] = t["role"].map(lambda v: _text(v) or "primary")
+    pair = t["model"].astype(str) + "|" + t["a"].astype(str) + "|" + t["b"].astype(str)
+    planned = set(pair[t["family"].astype(str) == "confirmatory"])
+    duplicate = (t["family"].astype(str) == "exploratory") & pair.isin(planned)
+    n_conf = int(((t["family"].astype(str) == "confirmatory") & (t["role"] == "primary")).sum())
+    main_notes, secondary_notes = [], []
+    for r in t[duplicate & (t["role"] == "primary")].itertuples(index=False):
+        main_notes.append(
+            f"{_comparison_label(r)} ({r.model}) is a planned (confirmatory) comparison and also part of the "
+            f"exploratory grid (there p BH = {_p(r.p_bh)}); it is shown once, in the confirmatory family, where "
+            f"Holm's adjustment over the {n_conf} confirmatory test{'s' if n_conf != 1 else ''} applies."
+        )
+    t = t[~duplicate]
+    saliency = t["saliency_method"].map(_text)
+    measures = t["measure"].map(lambda v: _text(v) or "accuracy").str.replace("_", " ")
+    with_saliency = bool((saliency != "").any())
+    with_measure = measures.nunique() > 1
+
+    def labels(r, measure: str, sal: str) -> list[str]:
+        out = [str(r.family), str(r.model), _comparison_label(r)]
+        if with_measure:
+            out.append(measure)
+        if with_saliency:
+            out += list(_split_saliency_method(sal)) if sal else ["", ""]
+        return out
+
+    head = ["family", "model", "comparison (a vs b)"] + (["measure"] if with_measure else [])
+    head += ["saliency map", "target class"] if with_saliency else []
+    primary = t["role"] == "primary"
+    main_rows = []
+    for r, m, s in zip(t[primary].itertuples(index=False), measures[primary], saliency[primary], strict=True):
+        col, how = _FAMILY_ADJUSTMENT.get(str(r.family), ("p_holm", "Holm"))
+        adj = getattr(r, col)
+        main_rows.append(labels(r, m, s) + [_pp_ci(r.estimate, r.ci_low, r.ci_high), _text(r.method),
+                                            _int(r.n_patients), _p(r.pvalue),
+                                            "–" if _isnan(adj) else f"{_p(adj)} ({how})"])
+    main = pd.DataFrame(main_rows, columns=head + ["Δ = b − a, pp [95% CI]", "test", "patients", "p", "p adj."])
+    sec_rows = []
+    for r, m, s in zip(t[~primary].itertuples(index=False), measures[~primary], saliency[~primary], strict=True):
+        bc = "–" if _isnan(r.mcnemar_b) else f"{_int(r.mcnemar_b)}/{_int(r.mcnemar_c)}"
+        sec_rows.append(labels(r, m, s) + [str(r.role), _text(r.method), _pp_ci(r.estimate, r.ci_low, r.ci_high),
+                                           _p(r.pvalue), bc, _int(r.n_cells)])
+    secondary = pd.DataFrame(sec_rows, columns=head + ["role", "test", "Δ, pp [95% CI]", "p", "McNemar b/c", "cells"])
+    if len(secondary):
+        secondary_notes.append(
+            "These p are not adjusted and are conditional: cell-level tests (McNemar) treat the cells as "
+            "independent and hold for these trained models and these cells only; fold-level tests depend on the "
+            "split. Quote the patient-level primary tests of the main table for inference about patients.")
+    return main, secondary, main_notes, secondary_notes
