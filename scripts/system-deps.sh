@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test suite needs (an X server for napari's GUI tests),
-# when they are missing and we are root. Idempotent; prints what it does. Slurm is set up
+# Install the Debian packages the test suite needs (an X server for napari's GUI tests; a
+# TeX engine and poppler for report.pdf and the LaTeX-table and PDF tests), when they are
+# missing and we are root. Idempotent; prints what it does. Slurm is set up
 # by scripts/start-slurm.sh.
 set -euo pipefail
 pkgs="xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0
       libxcb-randr0 libxcb-shape0 libxcb-xfixes0 libxcb-cursor0 libxkbcommon-x11-0 libgl1 libegl1
-      libfontconfig1 libdbus-1-3"
+      libfontconfig1 libdbus-1-3
+      texlive-latex-base texlive-latex-recommended texlive-fonts-recommended poppler-utils"
 missing=""
 for p in $pkgs; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
