@@ -193,6 +193,17 @@ def segment_command(
         p = _load(protocol)
         table = run_segmentation(p)
         out.print(f"{len(table)} label images ({p.segmentation.method}) in {p.run_dir / 'segmentation'}")
+        if p.segmentation.method == "threshold":
+            from cellbg.segment import threshold_log
+
+            chosen = threshold_log(p.run_dir)
+            if chosen is not None and len(chosen):
+                d, est = chosen["diameter"], chosen["diameter_estimated"].astype(bool)
+                how = f"estimated for {int(est.sum())} of {len(chosen)} images" if est.any() else "given"
+                out.print(f"diameter: median {d.median():.1f} px, range {d.min():.1f}-{d.max():.1f} ({how}); "
+                          f"segmented plane: {'; '.join(sorted(set(chosen['plane'])))}",
+                          highlight=False, soft_wrap=True)
+                out.print(f"per image: {p.run_dir / 'segmentation' / 'threshold.csv'}", highlight=False, soft_wrap=True)
         if evaluate:
             scores = evaluate_run(p, table)
             cols = ["image_id", "n_true", "n_pred", "precision", "recall", "f1", "ap"]

@@ -120,23 +120,47 @@ class DataConfig(_Section):
 
 # --------------------------------------------------------------------------- segmentation
 class ThresholdConfig(_Section):
-    """Classical segmenter settings (smoothing, background, threshold, watershed, filters)."""
+    """Classical segmenter settings. Every scale follows ``segmentation.diameter`` (see
+    :func:`cellbg.segment.segment_threshold`); a value given here overrides it."""
 
-    sigma: float = Field(1.0, ge=0)
-    background_radius: float = Field(0.0, ge=0, description="0 = no background correction")
-    method: Literal["robust", "otsu", "li", "local"] = Field(
-        "robust", description="robust = background median + n_sigmas robust SDs, capped at Otsu (finds dim cells)"
+    threshold: Literal["robust", "otsu", "li", "local"] = Field(
+        "robust", description="threshold rule: robust = background median + n_sigmas robust SDs, capped at Otsu"
     )
     n_sigmas: float = Field(8.0, gt=0, description="robust SDs above the background for robust/local")
-    local_block_size: int = 51
-    min_distance: int = Field(5, ge=1, description="peak separation for the seeded watershed")
-    h: float = Field(0.0, ge=0, description="h-maxima height; 0 = use peak_local_max")
-    min_area: int = 30
+    seeds: Literal["distance", "log"] = Field(
+        "distance",
+        description="watershed seeds: smoothed distance map, or plus a Laplacian of Gaussian at the cell scale",
+    )
+    sigma: float | None = Field(None, ge=0, description="smoothing; None = diameter / 16")
+    background_radius: float | None = Field(
+        None, ge=0, description="background blocks are 4 x this; None = diameter; 0 = no background subtraction"
+    )
+    local_block_size: int | None = Field(
+        None, ge=3, description="threshold=local window (odd); None = 2 x diameter + 1"
+    )
+    min_distance: int | None = Field(None, ge=1, description="seed separation; None = 0.4 x diameter")
+    h: float = Field(0.0, ge=0, description="h-maxima height of the distance map; 0 = peak maxima")
+    min_area: int | None = Field(
+        None, ge=0, description="smallest object; None = 0.1 x the area of a disc of the diameter"
+    )
     max_area: int | None = None
     channel: int | None = Field(
-        None, description="channel to segment; None = auto (red for brightfield RGB, else the brightest-tailed)"
+        None, description="channel to segment; None = a stain for brightfield RGB, else the channel with most contrast"
+    )
+    stain: Literal["auto", "hematoxylin", "eosin", "dab", "giemsa", "giemsa_eosin", "none"] = Field(
+        "auto", description="RGB: stain separated by colour deconvolution; auto = hematoxylin or giemsa (brightfield)"
     )
     invert: Literal["auto", True, False] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "method" in data:
+            raise ValueError(
+                "segmentation.threshold.method was renamed segmentation.threshold.threshold "
+                "(the threshold rule: robust, otsu, li or local); segmentation.method names the backend"
+            )
+        return data
 
 
 class SegmentationConfig(_Section):
@@ -144,7 +168,9 @@ class SegmentationConfig(_Section):
 
     method: Literal["masks", "threshold", "cellpose"] = "masks"
     model: str = Field("cpsam", description="Cellpose model name or path to a weights file")
-    diameter: float | None = None
+    diameter: float | None = Field(
+        None, gt=0, description="cell diameter in pixels (threshold and cellpose); None = estimated per image"
+    )
     channels: list[int] | None = Field(None, description="channels handed to Cellpose (0-based)")
     flow_threshold: float = 0.4
     cellprob_threshold: float = 0.0
@@ -324,7 +350,8 @@ class Comparison(_Section):
 #: background cue (benchmarks/validate_null_pipeline.py) it keeps its false-positive rate
 #: (significant in 2/40 runs with 6 patients, 1/15 with 16), while original:original vs
 #: original:only_fg, which also measures the shock of a flat surround, was significant in 10
-#: of 15 runs with 16 patients as the confirmatory test. See docs/statistics.md, "The whole pipeline with no background cue".
+#: of 15 runs with 16 patients as the confirmatory test. See docs/statistics.md,
+#: "The whole pipeline with no background cue".
 BG_GAP_COMPARISON = ("original:mixed_rand", "original:mixed_same")
 #: The fallback when the mixed variants are not tested: the model's dependence on its background.
 ONLY_FG_DROP_COMPARISON = ("original:original", "original:only_fg")

@@ -2,10 +2,11 @@
 
 Backends (``segmentation.method`` in the protocol):
 
-* ``"threshold"`` -- a classical segmenter for well-separated cells and nuclei: smoothing,
-  optional background correction (block-quartile background), an automatic or local threshold, a
-  distance-transform (or h-maxima) seeded watershed that splits touching cells, and
-  size filters. It needs no weights and is the baseline.
+* ``"threshold"`` -- a classical segmenter scaled by one number, the cell diameter (given or
+  estimated): smoothing, background subtraction, an automatic or local threshold, a seeded
+  watershed on the smoothed distance map that splits touching cells, and size filters; RGB
+  brightfield images are segmented on a stain separated by colour deconvolution. It needs
+  no weights and is the baseline.
 * ``"cellpose"`` -- Cellpose 4 through its public API (``CellposeModel``). Weights are found
   by name in ``CELLPOSE_LOCAL_MODELS_PATH`` (else ``~/.cellpose/models``) or by path; a
   missing file is an error here, never a silent download.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
+import logging
 import multiprocessing
 import os
 import warnings
@@ -34,9 +36,12 @@ import pandas as pd
 
 from cellbg._checks import CellbgError, check_nd, look_up_option
 
+log = logging.getLogger("cellbg.segment")
+
 __all__ = [
     "segment",
     "segment_threshold",
+    "estimate_diameter",
     "segment_cellpose",
     "otsu_components",
     "SegmentationScore",
@@ -45,6 +50,7 @@ __all__ = [
     "summarize_evaluation",
     "run_segmentation",
     "seg_path",
+    "threshold_log",
     "list_models",
     "model_dir",
     "resolve_model",
@@ -52,7 +58,6 @@ __all__ = [
 ]
 
 _METHODS = ("threshold", "cellpose")
-_THRESHOLDS = ("robust", "otsu", "li", "local")
 _IOU_THRESHOLDS = tuple(np.round(np.arange(0.5, 1.0, 0.05), 2))
 
 #: Cellpose 4's own model names (files of the same name in the model folder).
@@ -69,136 +74,82 @@ STAGING_HELP = (
 
 
 # =========================================================================== threshold
-def _intensity(image: np.ndarray, channel: int | None) -> np.ndarray:
-    """The 2-D plane to segment: the given channel, else one chosen by the image's kind.
-
-    Brightfield RGB (three channels, background brighter than the cells): the red channel,
-    because the nuclear stains of Romanowsky/Giemsa and H&E absorb red light that red cells
-    and eosin let through. Otherwise (fluorescence: dark background) the channel whose
-    brightest pixels stand out most above its median.
-    """
-    image = np.asarray(image)
-    if image.ndim == 2:
-        return image.astype(np.float32)
-    if channel is not None:
-        if not 0 <= channel < image.shape[0]:
-            raise CellbgError(
-                f"threshold channel {channel} out of range for an image with {image.shape[0]} channel(s)"
-            )
-        return image[channel].astype(np.float32)
-    if image.shape[0] == 1:
-        return image[0].astype(np.float32)
-    planes = image.astype(np.float32)
-    sample = planes[:, ::4, ::4].reshape(len(planes), -1)  # percentiles: a sample suffices
-    lo, med, hi = np.percentile(sample, [0.5, 50, 99.5], axis=1)
-    brightfield = bool(np.mean(med - lo) > np.mean(hi - med))
-    if brightfield and len(planes) == 3:
-        return planes[0]
-    return planes[int(np.argmax(hi - med))]
-
-
-def _background(x: np.ndarray, radius: float) -> np.ndarray:
-    """A smooth background: the 25th percentile of blocks of side 4 x ``radius``, linearly
-    interpolated (and extrapolated to the borders) between block centres.
-
-    A block spans at least two cell diameters when ``radius`` is the largest cell radius,
-    so its lower quartile is background. Unlike a morphological top-hat this is exact for a
-    linear illumination gradient, also at the image borders.
-    """
-    from scipy.interpolate import RegularGridInterpolator
-
-    side = max(4, int(round(4 * radius)))
-    h, w = x.shape
-    n_r, n_c = max(1, h // side), max(1, w // side)
-    edges_r = np.linspace(0, h, n_r + 1).astype(int)
-    edges_c = np.linspace(0, w, n_c + 1).astype(int)
-    levels = np.array(
-        [[np.percentile(x[edges_r[i] : edges_r[i + 1], edges_c[j] : edges_c[j + 1]], 25) for j in range(n_c)] for i in range(n_r)]
-    )
-    if n_r == 1 and n_c == 1:
-        return np.full_like(x, levels[0, 0])
-    centres_r = (edges_r[:-1] + edges_r[1:] - 1) / 2
-    centres_c = (edges_c[:-1] + edges_c[1:] - 1) / 2
-    if n_r == 1:  # one block row: interpolate along columns only
-        return np.broadcast_to(np.interp(np.arange(w), centres_c, levels[0]), x.shape).astype(x.dtype)
-    if n_c == 1:
-        return np.broadcast_to(np.interp(np.arange(h), centres_r, levels[:, 0])[:, None], x.shape).astype(x.dtype)
-    interp = RegularGridInterpolator((centres_r, centres_c), levels, bounds_error=False, fill_value=None)
-    rr, cc = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    return interp(np.stack([rr.ravel(), cc.ravel()], axis=1)).reshape(h, w).astype(x.dtype)
-
-
-def _robust_background_threshold(x: np.ndarray, n_sigmas: float) -> float:
-    """CellProfiler's "robust background": background median + ``n_sigmas`` robust SDs.
-
-    The background is estimated from the pixels below Otsu's threshold (the majority in a
-    field of view), so dim cells that Otsu would merge into the background still clear it.
-    Never above Otsu: bright cells are found either way.
-    """
-    from skimage.filters import threshold_otsu
-
-    t_otsu = float(threshold_otsu(x))
-    sample = x[::2, ::2]  # the median and MAD of a quarter of the pixels: same answer, faster
-    below = sample[sample <= t_otsu]
-    if below.size == 0:
-        return t_otsu
-    med = float(np.median(below))
-    sd = 1.4826 * float(np.median(np.abs(below - med)))
-    if sd <= 0:
-        return t_otsu
-    return min(t_otsu, med + n_sigmas * sd)
-
-
 def segment_threshold(
     image: np.ndarray,
     *,
-    sigma: float = 1.0,
-    background_radius: float = 0.0,
-    method: str = "robust",
+    diameter: float | None = None,
+    threshold: str = "robust",
     n_sigmas: float = 8.0,
-    local_block_size: int = 51,
-    min_distance: int = 5,
+    seeds: str = "distance",
+    sigma: float | None = None,
+    background_radius: float | None = None,
+    local_block_size: int | None = None,
+    min_distance: int | None = None,
     h: float = 0.0,
-    min_area: int = 30,
+    min_area: int | None = None,
     max_area: int | None = None,
     channel: int | None = None,
+    stain: str = "auto",
     invert: str | bool = "auto",
-) -> np.ndarray:
-    """Segment cells with a threshold and a distance-transform seeded watershed.
+    return_info: bool = False,
+):
+    """Segment cells with a threshold and a seeded watershed, scaled by the cell diameter.
+
+    One number sets every scale: the typical cell (or nucleus) ``diameter`` d in pixels,
+    estimated from the image when not given. From it follow the smoothing (sigma d/16), the
+    background (lower quartile of 4 d blocks, subtracted), an opening (radius d/10), the
+    watershed seeds (maxima of the distance map smoothed at d/8, at least 0.4 d apart),
+    the local-threshold window (2 d + 1) and the smallest object (0.1 x the area of a disc of
+    diameter d). Any of these can still be set by hand. Doubling the image size and
+    ``diameter`` together gives the same objects at twice the size.
 
     Parameters
     ----------
     image : (M, N) or (C, M, N) ndarray
         Any numeric dtype.
-    sigma : float
-        Gaussian smoothing before thresholding (pixels; 0 = none).
-    background_radius : float
-        Largest cell radius; with ``> 0`` a smooth background (lower quartile of blocks of
-        side 4 x radius, interpolated) is subtracted to remove uneven illumination.
-    method : {'robust', 'otsu', 'li', 'local'}
-        Foreground threshold. ``'robust'``: background median + ``n_sigmas`` robust SDs,
-        capped at Otsu's (finds dim cells); ``'local'``: a Gaussian-weighted local threshold
-        over ``local_block_size`` pixels, above the robust background.
+    diameter : float, optional
+        Typical cell diameter in pixels. None: estimated by
+        :func:`estimate_diameter` (the median inscribed diameter of a first Otsu mask's
+        components) and logged on the ``cellbg.segment`` logger.
+    threshold : {'robust', 'otsu', 'li', 'local'}
+        Foreground threshold rule. ``'robust'``: background median + ``n_sigmas`` robust SDs,
+        capped at Otsu's (keeps dim cells whole); ``'local'``: a Gaussian-weighted local
+        threshold over ``local_block_size`` pixels, above the robust background.
     n_sigmas : float
         Robust SDs above the background median for ``'robust'`` and ``'local'``.
-    local_block_size : int
-        Odd window size for ``method='local'``.
-    min_distance : int
-        Smallest separation (pixels) of two watershed seeds (distance-transform maxima).
+    seeds : {'distance', 'log'}
+        Watershed seeds: maxima of the smoothed distance map, or of the distance map plus
+        the intensity's Laplacian of Gaussian at the cell scale (splits touching cells
+        whose joint outline has no neck).
+    sigma, background_radius, local_block_size, min_distance, min_area : optional
+        Override the value that follows from ``diameter``. ``sigma=0`` disables smoothing,
+        ``background_radius=0`` the background subtraction.
     h : float
-        With ``h > 0``, seeds are the h-maxima of the distance transform instead.
-    min_area, max_area : int
-        Objects outside [min_area, max_area] pixels are dropped.
+        With ``h > 0``, seeds are the h-maxima of the distance map instead.
+    max_area : int, optional
+        Objects larger than this are dropped.
     channel : int, optional
-        Channel to segment; by default the channel with the most contrast.
+        Channel to segment. By default: for a brightfield RGB image a stain density by
+        colour deconvolution (see ``stain``), else the channel with the most contrast.
+    stain : {'auto', 'hematoxylin', 'eosin', 'dab', 'giemsa', 'giemsa_eosin', 'none'}
+        For RGB images: the stain to segment, separated by colour deconvolution
+        (``skimage.color.separate_stains``; H&E-DAB vectors of Ruifrok & Johnston, Giemsa's
+        methylene blue and eosin vectors of G. Landini). ``'auto'`` (brightfield RGB only)
+        takes haematoxylin or Giemsa's methylene blue, whichever direction is closer to the
+        most absorbing pixels; ``'none'`` uses a colour channel.
     invert : {'auto', True, False}
-        Cells darker than the background (brightfield) need inverting; ``'auto'`` inverts
-        when most pixels lie above the threshold (the background is the majority).
+        For a plain channel: cells darker than the background need inverting; ``'auto'``
+        inverts when most pixels lie above Otsu's threshold. A stain density is never
+        inverted (the stain is dense in the cells).
+    return_info : bool
+        Also return a :class:`ThresholdInfo` (plane, diameter, threshold, object count).
 
     Returns
     -------
     labels : (M, N) ndarray of int32
         0 = background, 1..n = cells, numbered in raster order of their first pixel.
+    info : ThresholdInfo
+        Only with ``return_info=True``.
 
     Raises
     ------
@@ -209,82 +160,144 @@ def segment_threshold(
     --------
     >>> yy, xx = np.mgrid[:64, :64]
     >>> img = ((yy - 20) ** 2 + (xx - 20) ** 2 < 64) | ((yy - 44) ** 2 + (xx - 40) ** 2 < 81)
-    >>> labels = segment_threshold(img.astype(float), min_area=10)
-    >>> int(labels.max())
-    2
+    >>> labels, info = segment_threshold(img.astype(float), return_info=True)
+    >>> int(labels.max()), info.diameter
+    (2, 17.0)
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_li, threshold_local, threshold_otsu
+    from skimage.morphology import disk
     from skimage.segmentation import relabel_sequential
 
+    from cellbg import _threshold as T
+
     check_nd(image, (2, 3), arg_name="image")
-    method = look_up_option(method, _THRESHOLDS, what="threshold method")
+    threshold = look_up_option(threshold, T.THRESHOLDS, what="threshold rule")
+    seeds = look_up_option(seeds, T.SEEDS, what="seeds")
+    stain = look_up_option(stain, T.STAINS, what="stain")
     if invert not in ("auto", True, False):
         raise CellbgError(f"invert must be 'auto', True or False; got {invert!r}")
-    if local_block_size < 3 or local_block_size % 2 == 0:
+    if diameter is not None and not diameter > 0:
+        raise CellbgError(f"diameter must be > 0 pixels; got {diameter}")
+    if local_block_size is not None and (local_block_size < 3 or local_block_size % 2 == 0):
         raise CellbgError(f"local_block_size must be an odd number >= 3; got {local_block_size}")
-    x = _intensity(image, channel)
+    x, plane, from_stain = T.intensity_plane(image, channel=channel, stain=stain)
     if not np.all(np.isfinite(x)):
         raise CellbgError("image holds NaN or infinite values")
-    if sigma > 0:
-        x = ndi.gaussian_filter(x, sigma)
+
+    def empty(d=0.0, estimated=diameter is None, t=float("nan"), inverted=False):
+        labels = np.zeros(x.shape, np.int32)
+        info = T.ThresholdInfo(plane, inverted, float(d), estimated, t, 0)
+        return (labels, info) if return_info else labels
+
     if x.max() == x.min():
-        return np.zeros(x.shape, np.int32)
-    if invert == "auto":
-        invert = bool((x > threshold_otsu(x)).mean() > 0.5)
+        return empty()
+    if from_stain:
+        invert = False
+    elif invert == "auto":
+        x1 = ndi.gaussian_filter(x, 1.0)
+        invert = bool((x1 > threshold_otsu(x1)).mean() > 0.5)
     if invert:
         x = x.max() - x
-    if background_radius > 0:
-        x = x - _background(x, background_radius)
-        if x.max() == x.min():
-            return np.zeros(x.shape, np.int32)
-
-    if method == "otsu":
-        fg = x > threshold_otsu(x)
-    elif method == "li":
-        fg = x > threshold_li(x)
-    elif method == "robust":
-        fg = x > _robust_background_threshold(x, n_sigmas)
+    estimated = diameter is None
+    d = T.estimate_diameter(x) if estimated else float(diameter)
+    if d <= 0:
+        return empty(d, estimated, inverted=bool(invert))
+    d = float(np.clip(d, 3.0, max(3.0, min(x.shape) / 2)))
+    if estimated:
+        log.info("threshold: diameter %.1f px estimated from the image; plane: %s", d, plane)
     else:
-        floor = _robust_background_threshold(x, n_sigmas)
-        fg = (x > threshold_local(x, local_block_size, method="gaussian")) & (x > floor)
-    fg = ndi.binary_fill_holes(ndi.binary_opening(fg))
+        log.info("threshold: diameter %.1f px (given); plane: %s", d, plane)
+    s = T.scaled(d)
+    sigma = s["sigma"] if sigma is None else sigma
+    background_radius = s["background_radius"] if background_radius is None else background_radius
+    local_block_size = s["local_block_size"] if local_block_size is None else local_block_size
+    min_distance = s["min_distance"] if min_distance is None else min_distance
+    min_area = s["min_area"] if min_area is None else min_area
 
-    labels = _split_touching(fg, min_distance=min_distance, h=h)
+    if sigma > 0:
+        x = ndi.gaussian_filter(x, sigma)
+    if background_radius > 0:
+        x = x - T.background(x, background_radius)
+    if x.max() == x.min():
+        return empty(d, estimated, inverted=bool(invert))
+
+    if threshold == "otsu":
+        t = float(threshold_otsu(x))
+        fg = x > t
+    elif threshold == "li":
+        t = float(threshold_li(x))
+        fg = x > t
+    elif threshold == "robust":
+        t = T.robust_background_threshold(x, n_sigmas)
+        fg = x > t
+    else:
+        t = T.robust_background_threshold(x, n_sigmas)
+        fg = (x > threshold_local(x, local_block_size, method="gaussian")) & (x > t)
+    fg = ndi.binary_fill_holes(ndi.binary_opening(fg, disk(s["opening_radius"])))
+
+    labels = T.split_touching(
+        fg,
+        min_distance=min_distance,
+        smooth=s["seed_smooth"],
+        h=h,
+        intensity=x if seeds == "log" else None,
+        log_sigma=s["log_sigma"],
+    )
+    labels = T.refine_edges(labels, x, fg)
+    # Split again on the refined outlines: a clump joined below half its height now shows
+    # the necks between its cells. Boundaries between objects are kept.
+    from skimage.segmentation import find_boundaries, watershed
+
+    apart = (labels > 0) & ~find_boundaries(labels, mode="inner")
+    again = T.split_touching(
+        apart, min_distance=min_distance, smooth=s["seed_smooth"], h=h,
+        intensity=x if seeds == "log" else None, log_sigma=s["log_sigma"],
+    )
+    labels = watershed(-x, again, mask=labels > 0).astype(np.int32)
     area = np.bincount(labels.ravel())
     keep = area >= min_area
     if max_area is not None:
         keep &= area <= max_area
     keep[0] = False
     labels = np.where(keep[labels], labels, 0)
-    return relabel_sequential(labels)[0].astype(np.int32)
+    labels = relabel_sequential(labels)[0].astype(np.int32)
+    if not return_info:
+        return labels
+    return labels, T.ThresholdInfo(plane, bool(invert), d, estimated, float(t), int(labels.max()))
 
 
-def _split_touching(fg: np.ndarray, *, min_distance: int, h: float) -> np.ndarray:
-    """Seeded watershed on the distance transform: one seed per cell centre."""
+def estimate_diameter(image: np.ndarray, *, channel: int | None = None, stain: str = "auto") -> float:
+    """Typical cell diameter (pixels) of an image, as :func:`segment_threshold` estimates it.
+
+    The plane is chosen as in :func:`segment_threshold` (and inverted when its background is
+    the brighter part); a first Otsu mask's connected components each give their inscribed
+    diameter (twice the largest distance to the background, plus one), and the median is
+    returned. Touching round cells share their members' inscribed diameter, so clumps do not
+    inflate it. 0 when the image has no object.
+
+    Examples
+    --------
+    >>> yy, xx = np.mgrid[:100, :100]
+    >>> img = sum(np.hypot(yy - r, xx - c) <= 10 for r, c in [(20, 20), (20, 60), (70, 40)])
+    >>> estimate_diameter(img.astype(float))
+    21.0
+    """
     from scipy import ndimage as ndi
-    from skimage.feature import peak_local_max
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
+    from skimage.filters import threshold_otsu
 
-    components, n = ndi.label(fg)
-    if n == 0:
-        return components.astype(np.int32)
-    # Smoothing the distance map removes the spurious maxima of ragged outlines.
-    distance = ndi.gaussian_filter(ndi.distance_transform_edt(fg), 1.0)
-    if h > 0:
-        seeds, _ = ndi.label(h_maxima(distance, h))
-    else:
-        peaks = peak_local_max(distance, min_distance=min_distance, labels=components, exclude_border=False)
-        seeds = np.zeros(fg.shape, np.int32)
-        seeds[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    # A component without a seed (too small for a peak) keeps itself as one object.
-    seeded = np.zeros(n + 1, bool)
-    seeded[components[seeds > 0]] = True
-    orphan = ~seeded[components] & (components > 0)
-    if orphan.any():
-        seeds = np.where(orphan, components + seeds.max(), seeds)
-    return watershed(-distance, seeds, mask=fg).astype(np.int32)
+    from cellbg import _threshold as T
+
+    check_nd(image, (2, 3), arg_name="image")
+    stain = look_up_option(stain, T.STAINS, what="stain")
+    x, _, from_stain = T.intensity_plane(image, channel=channel, stain=stain)
+    if x.max() == x.min():
+        return 0.0
+    if not from_stain:
+        x1 = ndi.gaussian_filter(x, 1.0)
+        if (x1 > threshold_otsu(x1)).mean() > 0.5:
+            x = x.max() - x
+    return T.estimate_diameter(x)
 
 
 def otsu_components(image: np.ndarray, *, min_area: int = 30, invert: str | bool = "auto") -> np.ndarray:
@@ -470,7 +483,8 @@ def _check_cp4_weights(path: str) -> None:
         raise CellbgError(f"cannot load Cellpose weights {path}: not a PyTorch state dict ({msg[:120]})") from None
     if not isinstance(state, dict) or "W2" not in state:
         raise CellbgError(
-            f"cannot load Cellpose weights {path}: not a Cellpose 4 (CP4) model; Cellpose 3 models do not load in Cellpose 4"
+            f"cannot load Cellpose weights {path}: not a Cellpose 4 (CP4) model; "
+            "Cellpose 3 models do not load in Cellpose 4"
         )
 
 
@@ -544,7 +558,9 @@ def segment_cellpose(
         if channels:
             bad = [c for c in channels if not 0 <= c < im.shape[0]]
             if bad:
-                raise CellbgError(f"Cellpose channel(s) {bad} out of range for images[{i}] with {im.shape[0]} channel(s)")
+                raise CellbgError(
+                    f"Cellpose channel(s) {bad} out of range for images[{i}] with {im.shape[0]} channel(s)"
+                )
             im = im[list(channels)]
         planes.append(im[:3].astype(np.float32))
     if batch_size < 1:
@@ -650,7 +666,8 @@ class SegmentationScore:
 
     def as_row(self) -> dict:
         """The scalar fields, for a table row."""
-        return {k: getattr(self, k) for k in ("n_true", "n_pred", "tp", "fp", "fn", "precision", "recall", "f1", "ap", "mean_matched_iou")}
+        keys = ("n_true", "n_pred", "tp", "fp", "fn", "precision", "recall", "f1", "ap", "mean_matched_iou")
+        return {k: getattr(self, k) for k in keys}
 
 
 def _iou_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -669,7 +686,9 @@ def _iou_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def evaluate(pred: np.ndarray, truth: np.ndarray, *, thresholds: Iterable[float] = _IOU_THRESHOLDS) -> SegmentationScore:
+def evaluate(
+    pred: np.ndarray, truth: np.ndarray, *, thresholds: Iterable[float] = _IOU_THRESHOLDS
+) -> SegmentationScore:
     """Score predicted instances against true instances by one-to-one IoU matching.
 
     Instances are paired by the assignment that maximises total IoU
@@ -839,13 +858,42 @@ def _masks_job(args: tuple) -> str:
     return out
 
 
-def _threshold_job(args: tuple) -> str:
+def _threshold_job(args: tuple) -> dict:
     from cellbg.data import read_image
 
     image_path, channels, options, out = args
     image = read_image(image_path, channels=channels)
-    _write_labels(Path(out), segment_threshold(image, **options))
-    return out
+    labels, info = segment_threshold(image, return_info=True, **options)
+    _write_labels(Path(out), labels)
+    return info.as_dict()
+
+
+def _write_threshold_log(folder: Path, image_ids: list[str], infos: list[dict], keep_old: bool) -> None:
+    """``segmentation/threshold.csv``: per image the plane (channel or stain), the diameter
+    (and whether it was estimated), the threshold and the object count."""
+    from cellbg._io import atomic_path
+
+    path = folder / "threshold.csv"
+    new = pd.DataFrame([{"image_id": i, **info} for i, info in zip(image_ids, infos, strict=True)])
+    if keep_old and path.exists() and not new.empty:
+        old = pd.read_csv(path, dtype={"image_id": str})
+        new = pd.concat([old[~old["image_id"].isin(new["image_id"])], new], ignore_index=True)
+    elif keep_old and path.exists():
+        return
+    with atomic_path(path) as tmp:
+        new.to_csv(tmp, index=False)
+    if len(infos):
+        d = new["diameter"]
+        log.info(
+            "threshold: diameter median %.1f px (%d of %d estimated); planes: %s",
+            d.median(), int(new["diameter_estimated"].sum()), len(new), ", ".join(sorted(set(new["plane"]))),
+        )
+
+
+def threshold_log(run_dir: str | Path) -> pd.DataFrame | None:
+    """The threshold backend's per-image choices of a run (``segmentation/threshold.csv``), or None."""
+    path = Path(run_dir) / "segmentation" / "threshold.csv"
+    return pd.read_csv(path, dtype={"image_id": str}) if path.exists() else None
 
 
 def _seg_hash(protocol) -> str:
@@ -904,12 +952,13 @@ def run_segmentation(protocol, table: pd.DataFrame | None = None) -> pd.DataFram
         for _ in parallel_map(_masks_job, jobs, workers=cfg.workers, description="masks"):
             pass
     elif cfg.method == "threshold":
-        options = cfg.threshold.model_dump()
+        options = {**cfg.threshold.model_dump(), "diameter": cfg.diameter}
         jobs = [(table["path"].iat[i], channels, options, outs[i]) for i in todo]
-        for _ in parallel_map(_threshold_job, jobs, workers=cfg.workers, description="segmenting"):
-            pass
+        infos = list(parallel_map(_threshold_job, jobs, workers=cfg.workers, description="segmenting"))
+        _write_threshold_log(folder, [table["image_id"].iat[i] for i in todo], infos, fresh)
     else:
-        for start in _progress(range(0, len(todo), cfg.batch_size), total=-(-len(todo) // cfg.batch_size), description="cellpose"):
+        n_batches = -(-len(todo) // cfg.batch_size)
+        for start in _progress(range(0, len(todo), cfg.batch_size), total=n_batches, description="cellpose"):
             idx = todo[start : start + cfg.batch_size]
             images = [read_image(table["path"].iat[i], channels=channels) for i in idx]
             labels = segment_cellpose(
@@ -922,7 +971,7 @@ def run_segmentation(protocol, table: pd.DataFrame | None = None) -> pd.DataFram
                 batch_size=cfg.batch_size,
                 gpu=cfg.gpu,
             )
-            for i, lab in zip(idx, labels):
+            for i, lab in zip(idx, labels, strict=True):
                 _write_labels(Path(outs[i]), lab)
     write_json_atomic(params, {"hash": key, "method": cfg.method, "images": len(outs)})
     return table.assign(seg_path=outs)

@@ -12,16 +12,17 @@ from cellbg._checks import CellbgError
 from cellbg.cli import app
 from cellbg.protocol import parse_protocol
 from cellbg.segment import (
+    estimate_diameter,
     evaluate,
     evaluate_run,
     list_models,
     otsu_components,
     resolve_model,
     run_segmentation,
+    seg_path,
     segment,
     segment_cellpose,
     segment_threshold,
-    seg_path,
     summarize_evaluation,
 )
 
@@ -136,11 +137,11 @@ def test_threshold_handles_dark_cells_on_bright_background_and_channels():
         segment_threshold(stack, channel=5)
 
 
-@pytest.mark.parametrize("method", ["otsu", "li", "local"])
-def test_threshold_methods_split_touching_cells(method):
+@pytest.mark.parametrize("rule", ["otsu", "li", "local"])
+def test_threshold_rules_split_touching_cells(rule):
     image, truth = _touching_and_dim()
     bright_only = np.where(np.isin(truth, [1, 2, 3, 4, 5]), truth, 0)
-    labels = segment_threshold(image, method=method, min_area=30)
+    labels = segment_threshold(image, threshold=rule, min_area=30)
     s = evaluate(labels, truth)
     # Every method separates the touching bright pairs (5 bright cells matched).
     assert evaluate(np.where(np.isin(labels, np.unique(labels[bright_only > 0])), labels, 0), bright_only).tp == 5
@@ -175,6 +176,69 @@ def test_threshold_reaches_f1_on_synthetic_fields(tmp_path):
             truth = tifffile.imread(tmp_path / mode / r.mask).astype(np.int32)
             f1.append(evaluate(segment(image, method="threshold"), truth).f1)
     assert np.mean(f1) >= 0.9
+
+
+def test_backend_and_threshold_rule_are_separate_keywords():
+    image, truth = _touching_and_dim()
+    # The backend is `method`, the threshold rule `threshold`: both can be given at once.
+    labels = segment(image, method="threshold", threshold="otsu", diameter=19)
+    assert evaluate(labels, truth).tp >= 5
+    with pytest.raises(CellbgError, match="threshold rule"):
+        segment(image, method="threshold", threshold="otsuu")
+    with pytest.raises(TypeError):
+        segment_threshold(image, method="otsu")  # the old spelling is not silently accepted
+    # ... and in a protocol, the old key is named with its new name.
+    with pytest.raises(CellbgError, match=r"threshold.method was renamed segmentation.threshold.threshold"):
+        parse_protocol("name: x\nsegmentation:\n  method: threshold\n  threshold: {method: otsu}\n")
+    p = parse_protocol("name: x\nsegmentation:\n  method: threshold\n  diameter: 19\n  threshold: {threshold: li}\n")
+    assert p.segmentation.threshold.threshold == "li" and p.segmentation.diameter == 19
+
+
+def test_diameter_estimate_and_scaling():
+    from skimage.transform import rescale
+
+    image, truth = _touching_and_dim()
+    # Discs of radius 9.5: inscribed diameter 19-20 pixels, touching pairs included.
+    labels, info = segment_threshold(image, return_info=True)
+    assert info.diameter_estimated and 17 <= info.diameter <= 22
+    assert estimate_diameter(image) == pytest.approx(info.diameter)
+    # Twice the image and twice the diameter: the same cells at four times the area.
+    big = rescale(image, 2, order=1)
+    big_truth = rescale(truth, 2, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
+    small, small_info = segment_threshold(image, diameter=19, return_info=True)
+    large, large_info = segment_threshold(big, diameter=38, return_info=True)
+    assert not large_info.diameter_estimated and large_info.diameter == 38
+    assert small.max() == large.max() == 8
+    assert evaluate(large, big_truth).f1 == 1.0
+    ratio = np.bincount(large.ravel())[1:].sum() / np.bincount(small.ravel())[1:].sum()
+    assert 3.6 < ratio < 4.4
+    assert 3 * estimate_diameter(image) / 2 < estimate_diameter(big) < 5 * estimate_diameter(image) / 2
+    # A diameter far too small for the cells cuts them into pieces (seeds 0.4 d apart);
+    # the documented scale is what keeps one object per cell.
+    assert segment_threshold(big, diameter=8).max() > 8
+    with pytest.raises(CellbgError, match="diameter must be > 0"):
+        segment_threshold(image, diameter=0)
+
+
+def test_brightfield_rgb_uses_the_nuclear_stain_by_colour_deconvolution():
+    from skimage.color import combine_stains, rgb_from_hed
+
+    _, truth = _touching_and_dim()
+    rng = np.random.default_rng(0)
+    # Haematoxylin nuclei on a DAB/eosin-stained surround: the red channel (the old rule)
+    # and plain intensity see the stroma as much as the nuclei; the stain separates them.
+    hed = np.zeros(truth.shape + (3,))
+    hed[..., 0] = np.where(truth > 0, 0.05, 0.0)  # densities in rgb2hed's units
+    hed[..., 1] = 0.01 + 0.01 * rng.random(truth.shape)
+    hed[..., 2] = np.where((truth == 0) & (np.arange(truth.shape[1])[None, :] > 80), 0.05, 0.0)
+    rgb = (combine_stains(hed, rgb_from_hed) * 255).astype(np.uint8)
+    image = np.moveaxis(rgb, -1, 0)
+    labels, info = segment_threshold(image, return_info=True)
+    assert info.plane.startswith("stain hematoxylin") and not info.inverted
+    assert evaluate(labels, truth).f1 >= 0.9
+    labels, info = segment_threshold(image, stain="giemsa", return_info=True)
+    assert info.plane.startswith("stain giemsa")
+    assert segment_threshold(image, stain="none", channel=None, return_info=True)[1].plane.startswith("channel")
 
 
 def test_segment_rejects_unknown_method():
@@ -213,7 +277,8 @@ def test_non_cellpose_weights_are_a_clear_error(tmp_path):
 
 
 def _grid_labels(shape, block=8):
-    return 1 + np.arange(shape[0] // block * (shape[1] // block)).reshape(shape[0] // block, -1).repeat(block, 0).repeat(block, 1)
+    blocks = np.arange(shape[0] // block * (shape[1] // block)).reshape(shape[0] // block, -1)
+    return 1 + blocks.repeat(block, 0).repeat(block, 1)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +307,7 @@ def test_cellpose_backend_gives_the_planted_masks(cellpose_run):
     protocol, table = cellpose_run
     # Two 64 x 64 images ran as one batched array, the 32 x 48 one alone; order is kept.
     assert len(table) == 3
-    for path, shape in zip(table["seg_path"], [(64, 64), (64, 64), (32, 48)]):
+    for path, shape in zip(table["seg_path"], [(64, 64), (64, 64), (32, 48)], strict=True):
         labels = tifffile.imread(path)
         assert labels.shape == shape and labels.dtype == np.int32
         ids, areas = np.unique(labels, return_counts=True)
@@ -317,7 +382,8 @@ def test_run_segmentation_masks_copies_user_masks(tmp_path):
 def test_mismatched_mask_is_one_line_error_and_no_partial_files(tmp_path):
     root = _manifest_dataset(tmp_path, masks={"im0": np.ones((10, 12), np.uint16)})
     protocol = _protocol(root, method="masks")
-    with pytest.raises(CellbgError, match=r"im0_mask.tif has shape \(10, 12\) but image .*im0.tif is \(160, 160\)") as info:
+    message = r"im0_mask.tif has shape \(10, 12\) but image .*im0.tif is \(160, 160\)"
+    with pytest.raises(CellbgError, match=message) as info:
         run_segmentation(protocol)
     assert "\n" not in str(info.value)
     seg = protocol.run_dir / "segmentation"
