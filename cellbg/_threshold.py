@@ -53,7 +53,7 @@ def _stain_matrices() -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
 
 @dataclass(frozen=True)
 class ThresholdInfo:
-    """What :func:`segment_threshold_info` chose: the plane, the diameter and the threshold."""
+    """What :func:`cellbg.segment.segment_threshold` chose: the plane, the diameter and the threshold."""
 
     plane: str  # e.g. "channel 0", "stain hematoxylin"
     inverted: bool

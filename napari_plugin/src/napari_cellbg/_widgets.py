@@ -64,8 +64,12 @@ def run_segmenter(data: np.ndarray, *, rgb: bool, method: str, **options) -> np.
 @magic_factory(
     call_button="Segment",
     method={"choices": ["threshold", "cellpose"]},
-    diameter={"min": 0.0, "max": 1000.0, "tooltip": "cellpose: 0 = the model's default"},
-    min_area={"min": 0, "max": 100000},
+    diameter={
+        "min": 0.0,
+        "max": 1000.0,
+        "tooltip": "cell diameter in pixels; 0 = estimated (threshold) / the model's default",
+    },
+    min_area={"min": 0, "max": 100000, "tooltip": "threshold: smallest object; 0 = from the diameter"},
     flow_threshold={"min": 0.0, "max": 3.0, "step": 0.1},
     cellprob_threshold={"min": -6.0, "max": 6.0, "step": 0.5},
 )
@@ -75,7 +79,7 @@ def segment_widget(
     method: str = "threshold",
     model: str = "cpsam",
     diameter: float = 0.0,
-    min_area: int = 30,
+    min_area: int = 0,
     flow_threshold: float = 0.4,
     cellprob_threshold: float = 0.0,
 ):
@@ -87,7 +91,7 @@ def segment_widget(
     data = np.asarray(image.data)
     if data.ndim > (3 if image.rgb else 2):  # a stack: segment the plane on view
         data = data[int(viewer.dims.current_step[0])]
-    options = {"min_area": min_area} if method == "threshold" else {
+    options = {"min_area": min_area or None, "diameter": diameter or None} if method == "threshold" else {
         "model": model,
         "diameter": diameter or None,
         "flow_threshold": flow_threshold,
