@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,11 @@ __all__ = [
     "patient_accuracy",
     "paired_t_test",
     "wilcoxon_test",
+    "sign_test",
     "cluster_sums",
     "patient_bootstrap",
     "paired_table",
+    "paired_counts",
     "mcnemar_test",
     "gee_fit",
     "gee_test",
@@ -70,7 +73,7 @@ TESTS_COLUMNS = [
     "ci_method", "statistic", "df", "pvalue", "p_holm", "p_bh", "method", "n_cells",
     "n_patients", "n_seeds", "mcnemar_b", "mcnemar_c",
     # extras
-    "name", "measure", "scale", "saliency_method", "alpha", "n_resamples", "note",
+    "name", "measure", "scale", "saliency_method", "alpha", "n_resamples", "note", "p_bonferroni",
 ]  # fmt: skip
 
 _PAIR_COLUMNS = ("cell_id", "patient_id", "label", "model", "train_variant", "test_variant", "seed", "fold", "correct")
@@ -191,6 +194,15 @@ class GEEFit:
     family, cov_struct : str
     dep_params : float
         The working correlation (exchangeable) or NaN.
+    converged : bool
+        Whether statsmodels' iterations converged (its ``converged`` flag).
+    warnings : tuple of str
+        Every warning the fit raised (convergence, singular matrices, ...), recorded rather
+        than silenced.
+    separation : bool
+        Binomial family only: some fitted probabilities are numerically 0 or 1 (within 1e-8),
+        the sign of (quasi-)complete separation. statsmodels then reports a converged fit
+        with a huge coefficient and a meaningless p-value; do not use it.
     """
 
     params: pd.Series
@@ -207,6 +219,9 @@ class GEEFit:
     cov_struct: str
     dep_params: float
     alpha: float = 0.05
+    converged: bool = True
+    warnings: tuple[str, ...] = ()
+    separation: bool = False
 
     def summary(self) -> str:
         """A coefficient table as text."""
@@ -218,7 +233,12 @@ class GEEFit:
             f"{self.cov_type} covariance, t reference df = {self.df:g}; "
             f"{self.n_obs} observations in {self.n_groups} clusters"
         )
-        return head + "\n" + table.to_string(float_format=lambda v: f"{v:.4g}")
+        tail = "" if self.converged else "\nWARNING: the fit did not converge; do not use these estimates"
+        if self.separation:
+            tail += ("\nWARNING: fitted probabilities numerically 0 or 1 (separation): estimates and SEs are "
+                     "not reliable")
+        tail += "".join(f"\nwarning: {w}" for w in self.warnings)
+        return head + "\n" + table.to_string(float_format=lambda v: f"{v:.4g}") + tail
 
     def __str__(self) -> str:
         return self.summary()
@@ -232,6 +252,47 @@ def _as_1d(x, name: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise CellbgError(f"{name} holds NaN or infinite values")
     return arr
+
+
+def _correct_values(values, what: str, column: str = "correct") -> np.ndarray:
+    """A correctness column as bool; NaN/None or a value other than 0/1 is an error naming the rows.
+
+    A missing prediction is neither right nor wrong: counting it as either would move the
+    accuracy, so every function that reads correctness refuses it (never ``astype(bool)``,
+    which makes NaN True).
+    """
+    series = values if isinstance(values, pd.Series) else pd.Series(np.asarray(values).ravel())
+    missing = series.isna().to_numpy()
+    if missing.any():
+        rows = series.index[missing]
+        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+        raise CellbgError(
+            f"{what}: column '{column}' is missing (NaN/None) in {len(rows)} row(s) (index {shown}); "
+            "a missing prediction is neither right nor wrong: fix or drop those rows"
+        )
+    if series.dtype == bool:
+        return series.to_numpy()
+    try:
+        num = series.to_numpy(dtype=float)
+    except (TypeError, ValueError):
+        raise CellbgError(
+            f"{what}: column '{column}' must hold True/False (or 1/0); got dtype {series.dtype}"
+        ) from None
+    bad = (num != 0) & (num != 1)
+    if bad.any():
+        rows = series.index[bad]
+        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+        raise CellbgError(
+            f"{what}: column '{column}' must hold True/False (or 1/0); {len(rows)} row(s) hold other values "
+            f"(index {shown}, e.g. {series[rows[0]]!r})"
+        )
+    return num.astype(bool)
+
+
+def _tolerance(*arrays: np.ndarray) -> float:
+    """Rounding tolerance of a difference of these values (16 ulps of the largest magnitude)."""
+    scale = max((float(np.max(np.abs(a))) for a in arrays if np.size(a)), default=0.0)
+    return 16 * np.finfo(float).eps * max(scale, 1.0)
 
 
 def _check_alpha(alpha: float) -> float:
@@ -307,12 +368,11 @@ def paired_outcomes(predictions: pd.DataFrame, a: str, b: str, *, model: str | N
                 f"predictions: condition {cond} of model '{model}' has duplicate rows for cell/seed/fold {dup}"
             )
         part = rows[keys + ["patient_id", "label", "correct"]].rename(columns={"correct": "correct" + suffix})
+        part["correct" + suffix] = _correct_values(rows["correct"], f"predictions (condition {cond}, model '{model}')")
         parts.append(part)
     merged = parts[0].merge(parts[1].drop(columns=["patient_id", "label"]), on=keys, how="inner")
     if merged.empty:
         raise CellbgError(f"conditions {a} and {b} of model '{model}' share no cell/seed/fold to pair")
-    merged["correct_a"] = merged["correct_a"].astype(bool)
-    merged["correct_b"] = merged["correct_b"].astype(bool)
     return merged[["cell_id", "patient_id", "label", "seed", "fold", "correct_a", "correct_b"]].reset_index(drop=True)
 
 
@@ -331,6 +391,17 @@ def patient_accuracy(paired: pd.DataFrame) -> pd.DataFrame:
         ``acc_a``, ``acc_b``, ``diff`` (``acc_b - acc_a``).
     """
     _check_columns(paired, ("patient_id", "correct_a", "correct_b"), "paired outcomes")
+    if "n" in paired.columns:
+        # counts (paired_counts): sum them per patient
+        g = paired.groupby("patient_id", sort=True, observed=True)
+        out = pd.DataFrame({"n": g["n"].sum().astype(float), "correct_a": g["correct_a"].sum().astype(float),
+                            "correct_b": g["correct_b"].sum().astype(float)})
+        out["acc_a"] = out["correct_a"] / out["n"]
+        out["acc_b"] = out["correct_b"] / out["n"]
+        out["diff"] = out["acc_b"] - out["acc_a"]
+        return out
+    paired = paired.assign(correct_a=_correct_values(paired["correct_a"], "paired outcomes", "correct_a"),
+                           correct_b=_correct_values(paired["correct_b"], "paired outcomes", "correct_b"))
     g = paired.groupby("patient_id", sort=True, observed=True)
     out = pd.DataFrame(
         {
@@ -390,15 +461,21 @@ def paired_t_test(a, b, *, alpha: float = 0.05) -> TestResult:
     if n < 2:
         raise CellbgError(f"a paired t-test needs at least 2 pairs; got {n}")
     d = b - a
-    est = float(d.mean())
-    sd = float(d.std(ddof=1))
     df = float(n - 1)
     method = "paired t"
-    if sd == 0:
-        # No spread: the t statistic is undefined; all-equal-zero differences give p = 1.
-        p = 1.0 if est == 0 else NAN
-        return TestResult(method, est, est, est, f"t, df={n - 1}", NAN, df, p, alpha=alpha,
-                          note="no variation in the paired differences")
+    tol = _tolerance(a, b)
+    if float(np.ptp(d)) <= tol:
+        # Every difference is the same (to rounding): the t statistic is 0/0 or c/0. Decided
+        # here, not by rounding: all zero is p = 1 (no difference at all); a constant non-zero
+        # difference has no p-value from the t-test (R: "data are essentially constant").
+        est = float(np.median(d))
+        if abs(est) <= tol:
+            return TestResult(method, 0.0, 0.0, 0.0, f"t, df={n - 1}", 0.0, df, 1.0, alpha=alpha,
+                              note="every paired difference is zero")
+        return TestResult(method, est, NAN, NAN, f"t, df={n - 1}", NAN, df, NAN, alpha=alpha,
+                          note=f"not computed: every paired difference is {est:.6g} (no variation, the t statistic "
+                          "is undefined); see the exact sign test")
+    est = float(d.mean())
     res = sps.ttest_rel(b, a)
     ci = res.confidence_interval(confidence_level=1 - alpha)
     return TestResult(
@@ -407,29 +484,162 @@ def paired_t_test(a, b, *, alpha: float = 0.05) -> TestResult:
     )
 
 
-def wilcoxon_test(a, b) -> TestResult:
-    """Wilcoxon signed-rank test of ``b - a`` (scipy; exact for small N without ties).
+def _signif(x: np.ndarray, digits: int = 12) -> np.ndarray:
+    """``x`` rounded to ``digits`` significant digits (R's ``signif``; 0 stays 0)."""
+    x = np.asarray(x, dtype=float)
+    out = x.copy()
+    nz = x != 0
+    mag = 10.0 ** np.floor(np.log10(np.abs(x[nz])))
+    out[nz] = np.round(x[nz] / mag, digits - 1) * mag
+    return out
 
-    The estimate is the median of the differences. Used as a sensitivity check of the
-    paired t-test.
+
+def _signrank_exact_sf(ranks2: np.ndarray, v2: float) -> tuple[float, float]:
+    """``P(V <= v)`` and ``P(V >= v)`` of the signed-rank statistic given the (doubled) ranks.
+
+    Exact permutation distribution: each difference keeps its rank and takes either sign with
+    probability 1/2. ``ranks2`` are twice the mid-ranks (integers), so ties are exact.
+    """
+    r = ranks2.astype(np.int64)
+    dist = np.zeros(int(r.sum()) + 1)
+    dist[0] = 1.0
+    for k in r:
+        shifted = np.zeros_like(dist)
+        shifted[k:] = dist[: dist.size - k]
+        dist = 0.5 * (dist + shifted)
+    v = int(round(v2))
+    return float(dist[: v + 1].sum()), float(dist[v:].sum())
+
+
+WILCOXON_METHODS = ("exact", "approx", "R")
+
+
+def wilcoxon_test(a, b, *, method: str = "exact") -> TestResult:
+    """Wilcoxon signed-rank test of ``b - a`` with an explicit method.
+
+    Zero differences are dropped (Wilcoxon's 1945 rule, as R and scipy's default). Before
+    zeros and ties are found the differences are rounded to 12 significant digits (R's
+    ``digits.rank``), so that accuracy differences equal in exact arithmetic tie.
+
+    Parameters
+    ----------
+    a, b : (N,) array_like
+        Paired values, e.g. per-patient accuracies under conditions A and B.
+    method : {"exact", "approx", "R"}, optional
+        ``"exact"``: the exact permutation distribution of V given the observed mid-ranks
+        (every sign pattern equally likely), exact with ties as well; computed by
+        convolution, O(N^3), fine to a few hundred pairs. ``"approx"``: the normal
+        approximation with continuity correction and tie-corrected variance
+        (``scipy.stats.wilcoxon(method="approx", correction=True)``). ``"R"``: what R's
+        ``wilcox.test(x, y, paired = TRUE)`` does by default: exact when there are fewer than
+        50 non-zero differences and no ties or zeros, else ``"approx"``; the result names
+        the method used.
+
+    Returns
+    -------
+    TestResult
+        ``estimate`` = median of ``b - a``; ``statistic`` = V, the sum of the ranks of the
+        positive differences ``b - a`` (R's V of ``wilcox.test(b, a, paired = TRUE)``);
+        ``pvalue`` two-sided; ``note`` says how many zeros were dropped and whether there
+        were ties.
 
     Examples
     --------
-    >>> r = wilcoxon_test([1, 2, 3, 4, 5, 6], [2, 4, 5, 7, 8, 10])
-    >>> r.pvalue  # all six differences positive: 2 / 2**6
+    R's ``sleep`` data: ``wilcox.test(extra[1:10], extra[11:20], paired = TRUE)`` gives
+    V = 0, p-value = 0.009091 (normal approximation with continuity correction, with
+    warnings about ties and zeroes):
+
+    >>> g1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+    >>> g2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+    >>> r = wilcoxon_test(g2, g1, method="R")
+    >>> r.statistic, round(r.pvalue, 6), r.method
+    (0.0, 0.009091, 'Wilcoxon signed-rank (normal approximation, continuity corrected)')
+    >>> wilcoxon_test([1, 2, 3, 4, 5, 6], [2, 4, 5, 7, 8, 10]).pvalue  # all six positive: 2 / 2**6
     0.03125
     """
     a = _as_1d(a, "a")
     b = _as_1d(b, "b")
+    method = look_up_option(method, WILCOXON_METHODS, what="Wilcoxon method")
     if a.shape != b.shape:
         raise CellbgError(f"a and b must pair up; got lengths {a.size} and {b.size}")
     d = b - a
     est = float(np.median(d)) if d.size else NAN
-    if not np.any(d != 0):
-        return TestResult("Wilcoxon signed-rank", est, pvalue=1.0 if d.size else NAN,
-                          note="all paired differences are zero")
-    res = sps.wilcoxon(b, a)
-    return TestResult("Wilcoxon signed-rank", est, statistic=float(res.statistic), pvalue=float(res.pvalue))
+    tol = _tolerance(a, b)
+    d = np.where(np.abs(d) <= tol, 0.0, _signif(d))
+    zeros = int(np.sum(d == 0))
+    d = d[d != 0]
+    n = d.size
+    if n == 0:
+        return TestResult("Wilcoxon signed-rank", est, statistic=0.0, pvalue=1.0 if zeros else NAN,
+                          note="every paired difference is zero" if zeros else "no pairs")
+    ranks = sps.rankdata(np.abs(d))
+    ties = bool(np.unique(np.abs(d)).size < n)
+    v = float(ranks[d > 0].sum())
+    notes = []
+    if zeros:
+        notes.append(f"{zeros} zero difference(s) dropped")
+    if ties:
+        notes.append("tied |differences| (mid-ranks)")
+    if method == "R":
+        method = "exact" if (n < 50 and not ties and not zeros) else "approx"
+        notes.append(f"R wilcox.test default: {'exact' if method == 'exact' else 'normal approximation'}")
+    if method == "exact":
+        lo, hi = _signrank_exact_sf(np.round(2 * ranks), 2 * v)
+        p = min(1.0, 2 * min(lo, hi))
+        name = "Wilcoxon signed-rank (exact" + (", conditional on ties)" if ties else ")")
+    else:
+        res = sps.wilcoxon(d, zero_method="wilcox", correction=True, method="approx")
+        p = float(res.pvalue)
+        name = "Wilcoxon signed-rank (normal approximation, continuity corrected)"
+    return TestResult(name, est, statistic=v, pvalue=p, note="; ".join(notes))
+
+
+def sign_test(a, b, *, alpha: float = 0.05) -> TestResult:
+    """Exact sign test of ``b - a`` (scipy ``binomtest``) with the order-statistic CI of the median.
+
+    Zero differences (to rounding) are dropped. The test of choice when every difference
+    has the same value (the paired t is then undefined): with N equal non-zero differences
+    p = 2 / 2**N.
+
+    Returns
+    -------
+    TestResult
+        ``estimate`` = median of ``b - a``; ``statistic`` = number of positive differences;
+        CI = the distribution-free interval ``[d_(k), d_(N+1-k)]`` of the median (NaN when N
+        is too small for the level).
+
+    Examples
+    --------
+    >>> r = sign_test([0.9] * 6, [0.8] * 6)
+    >>> round(r.estimate, 6), r.pvalue  # 2 / 2**6
+    (-0.1, 0.03125)
+    """
+    a = _as_1d(a, "a")
+    b = _as_1d(b, "b")
+    alpha = _check_alpha(alpha)
+    if a.shape != b.shape:
+        raise CellbgError(f"a and b must pair up; got lengths {a.size} and {b.size}")
+    d = b - a
+    tol = _tolerance(a, b)
+    d = np.where(np.abs(d) <= tol, 0.0, d)
+    est = float(np.median(d)) if d.size else NAN
+    nz = d[d != 0]
+    n = nz.size
+    name = "exact sign test"
+    if n == 0:
+        return TestResult(name, est, statistic=0.0, pvalue=1.0 if d.size else NAN, alpha=alpha,
+                          note="every paired difference is zero")
+    pos = int(np.sum(nz > 0))
+    p = float(sps.binomtest(pos, n, 0.5).pvalue)
+    # largest k with P(Bin(N, 1/2) <= k - 1) <= alpha / 2
+    k = int(sps.binom.ppf(alpha / 2, d.size, 0.5))
+    if sps.binom.cdf(k, d.size, 0.5) > alpha / 2:
+        k -= 1
+    srt = np.sort(d)
+    lo, hi = (float(srt[k]), float(srt[d.size - 1 - k])) if k >= 0 else (NAN, NAN)
+    note = f"{d.size - n} zero difference(s) dropped" if d.size > n else ""
+    return TestResult(name, est, lo, hi, "order statistics (sign test inversion)", float(pos), NAN, p,
+                      alpha=alpha, note=note)
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -553,7 +763,10 @@ def patient_bootstrap(
             "with few clusters, use method='bootstrap-t'"
         )
     theta = float(sums.sum() / counts.sum())
-    se = float(_ratio_se(sums, counts, np.float64(theta)))
+    # the observed SE from the residuals themselves (the expanded form in _ratio_se cancels badly
+    # when every patient has the same value, and that case must read as "no variation")
+    resid = sums - theta * counts
+    se = math.sqrt(p / (p - 1) * float(resid @ resid)) / float(counts.sum())
     rng = np.random.default_rng(seed)
     boot_theta = np.empty(n_resamples)
     boot_se = np.empty(n_resamples)
@@ -566,26 +779,46 @@ def patient_bootstrap(
         boot_se[start:stop] = _ratio_se(num, den, th)
     common = dict(n_cells=0, n_patients=p, n_resamples=n_resamples, alpha=alpha)
     if method == "percentile":
-        lo, hi = np.quantile(boot_theta, [alpha / 2, 1 - alpha / 2])
-        k = min((boot_theta <= 0).sum(), (boot_theta >= 0).sum())
-        pval = min(1.0, 2 * (k + 1) / (n_resamples + 1))
+        lo, hi, pval = _equal_tailed(boot_theta, 0.0, alpha)
         stat = theta / se if se > 0 else NAN
-        return TestResult("patient cluster bootstrap (percentile)", theta, float(lo), float(hi),
+        return TestResult("patient cluster bootstrap (percentile)", theta, lo, hi,
                           f"percentile bootstrap, B={n_resamples}", stat, NAN, pval, **common)
-    if se == 0:
-        return TestResult("patient cluster bootstrap-t", theta, theta, theta, f"bootstrap-t, B={n_resamples}",
-                          NAN, NAN, NAN, note="no variation between patients", **common)
+    if se <= _tolerance(sums / counts):
+        return TestResult("patient cluster bootstrap-t", theta, NAN, NAN, f"bootstrap-t, B={n_resamples}",
+                          NAN, NAN, NAN, note="not computed: no variation between patients", **common)
     with np.errstate(divide="ignore", invalid="ignore"):
         t_star = (boot_theta - theta) / boot_se
     # A resample of identical patients has SE 0 and no studentized value; it is dropped.
     t_star = t_star[np.isfinite(t_star)]
-    q_lo, q_hi = np.quantile(t_star, [alpha / 2, 1 - alpha / 2])
     t_obs = theta / se
-    pval = ((np.abs(t_star) >= abs(t_obs)).sum() + 1) / (t_star.size + 1)
+    q_lo, q_hi, pval = _equal_tailed(t_star, t_obs, alpha)
     return TestResult(
         "patient cluster bootstrap-t", theta, float(theta - q_hi * se), float(theta - q_lo * se),
         f"bootstrap-t, B={n_resamples}", float(t_obs), NAN, float(pval), **common,
     )
+
+
+def _equal_tailed(boot: np.ndarray, observed: float, alpha: float) -> tuple[float, float, float]:
+    """Equal-tailed bootstrap quantiles and the p-value that inverts the same interval.
+
+    With B resamples, ``j = ceil((B + 1) alpha / 2) - 1``: the interval's ends are the j-th
+    smallest and j-th largest resampled values, and ``p = 2 min(#(boot >= obs) + 1,
+    #(boot <= obs) + 1) / (B + 1)`` (capped at 1). Then ``observed`` lies beyond an end of
+    the interval exactly when ``p < alpha``, for every data set: the CI excludes 0 if and
+    only if p < alpha. For the percentile bootstrap ``boot`` are the resampled estimates and
+    ``observed`` is 0; for the bootstrap-t they are the studentized values and ``t_obs``
+    (the interval is then ``theta - q_hi se, theta - q_lo se``). With too few resamples for
+    the level (j = 0) the interval is unbounded (NaN) and p >= alpha.
+    """
+    b = np.sort(boot)
+    n = b.size
+    upper = int(np.sum(b >= observed))
+    lower = int(np.sum(b <= observed))
+    pval = min(1.0, 2 * (min(upper, lower) + 1) / (n + 1))
+    j = math.ceil((n + 1) * alpha / 2 - 1e-9) - 1
+    if j < 1:
+        return NAN, NAN, pval
+    return float(b[j - 1]), float(b[n - j]), pval
 
 
 # --------------------------------------------------------------------------- McNemar
@@ -597,8 +830,8 @@ def paired_table(correct_a, correct_b) -> np.ndarray:
     >>> paired_table([1, 1, 0, 0, 1], [1, 0, 1, 1, 1]).tolist()
     [[2, 1], [2, 0]]
     """
-    a = np.asarray(correct_a).astype(bool).ravel()
-    b = np.asarray(correct_b).astype(bool).ravel()
+    a = _correct_values(correct_a, "paired table", "correct_a")
+    b = _correct_values(correct_b, "paired table", "correct_b")
     if a.shape != b.shape:
         raise CellbgError(f"correct_a and correct_b must pair up; got {a.size} and {b.size}")
     return np.array(
@@ -606,8 +839,11 @@ def paired_table(correct_a, correct_b) -> np.ndarray:
     )
 
 
-def mcnemar_test(table, *, exact: bool | None = None, correction: bool = True) -> TestResult:
-    """McNemar's test on a paired 2x2 table (statsmodels).
+MCNEMAR_METHODS = ("auto", "exact", "mid-p", "chi2")
+
+
+def mcnemar_test(table, *, method: str = "auto", correction: bool = True) -> TestResult:
+    """McNemar's test on a paired 2x2 table (statsmodels; the mid-p written here).
 
     Cell-level and therefore conditional on these trained models and these cells; it
     ignores that cells are nested in patients and is a secondary test only.
@@ -617,8 +853,12 @@ def mcnemar_test(table, *, exact: bool | None = None, correction: bool = True) -
     table : (2, 2) array_like
         Counts; rows condition A right / wrong, columns condition B right / wrong (see
         :func:`paired_table`).
-    exact : bool, optional
-        Exact binomial test; default: exact when ``b + c < 25``, else chi-square.
+    method : {"auto", "exact", "mid-p", "chi2"}, optional
+        ``"exact"``: the exact conditional binomial test on the discordant pairs;
+        ``"mid-p"``: its mid-p version, ``2 [P(X <= m) - P(X = m) / 2]`` with
+        ``m = min(b, c)``, ``X ~ Bin(b + c, 1/2)`` (Fagerland, Lydersen & Laake 2013: close to
+        nominal size, less conservative than exact); ``"chi2"``: the chi-square statistic
+        (df 1); ``"auto"``: exact when ``b + c < 25``, else chi-square.
     correction : bool, optional
         Continuity correction of the chi-square version.
 
@@ -626,8 +866,12 @@ def mcnemar_test(table, *, exact: bool | None = None, correction: bool = True) -
     -------
     TestResult
         ``estimate`` = ``(c - b) / n`` (accuracy of B minus A), ``mcnemar_b``,
-        ``mcnemar_c`` the discordant counts; ``statistic`` is chi-square (df 1) or, exact,
-        ``min(b, c)``.
+        ``mcnemar_c`` the discordant counts; ``statistic`` is chi-square (df 1) or, exact and
+        mid-p, ``min(b, c)``.
+
+    References
+    ----------
+    Fagerland, Lydersen & Laake (2013), BMC Medical Research Methodology 13:91.
 
     Examples
     --------
@@ -636,30 +880,45 @@ def mcnemar_test(table, *, exact: bool | None = None, correction: bool = True) -
     >>> r = mcnemar_test([[794, 150], [86, 570]])
     >>> round(r.statistic, 3), f"{r.pvalue:.3e}"
     (16.818, '4.115e-05')
+
+    Fagerland et al. (2013), table 1 (b = 1, c = 7):
+
+    >>> mcnemar_test([[1, 1], [7, 12]], method="exact").pvalue, mcnemar_test([[1, 1], [7, 12]], method="mid-p").pvalue
+    (0.0703125, 0.0390625)
     """
     from statsmodels.stats.contingency_tables import mcnemar
 
+    method = look_up_option(method, MCNEMAR_METHODS, what="McNemar method")
     t = np.asarray(table, dtype=float)
     if t.shape != (2, 2):
         raise CellbgError(f"McNemar needs a 2x2 table; got shape {t.shape}")
-    if np.any(t < 0) or np.any(t != np.round(t)):
+    if not np.all(np.isfinite(t)) or np.any(t < 0) or np.any(t != np.round(t)):
         raise CellbgError("McNemar table must hold non-negative counts")
     b, c = t[0, 1], t[1, 0]
     n = t.sum()
-    if exact is None:
-        exact = (b + c) < 25
+    if method == "auto":
+        method = "exact" if (b + c) < 25 else "chi2"
     est = float((c - b) / n) if n else NAN
     if b + c == 0:
         return TestResult("McNemar", est, pvalue=1.0, n_cells=int(n), mcnemar_b=b, mcnemar_c=c,
                           note="no discordant pairs")
-    res = mcnemar(t, exact=bool(exact), correction=bool(correction))
-    if exact:
+    note = "conditional on these trained models and these cells"
+    if method == "mid-p":
+        m, k = int(min(b, c)), int(b + c)
+        if k <= 5000:  # exact integer arithmetic: 2 P(X < m) + P(X = m)
+            p = (2 * sum(math.comb(k, i) for i in range(m)) + math.comb(k, m)) / 2**k
+        else:
+            p = 2 * sps.binom.cdf(m - 1, k, 0.5) + sps.binom.pmf(m, k, 0.5)
+        p = min(1.0, p)
+        return TestResult("McNemar mid-p", est, statistic=float(m), pvalue=float(p), n_cells=int(n),
+                          mcnemar_b=b, mcnemar_c=c, note=note)
+    res = mcnemar(t, exact=method == "exact", correction=bool(correction))
+    if method == "exact":
         name, df = "McNemar exact (binomial)", NAN
     else:
         name, df = "McNemar chi-square" + (" (continuity corrected)" if correction else ""), 1.0
     return TestResult(name, est, statistic=float(res.statistic), df=df, pvalue=float(res.pvalue),
-                      n_cells=int(n), mcnemar_b=b, mcnemar_c=c,
-                      note="conditional on these trained models and these cells")
+                      n_cells=int(n), mcnemar_b=b, mcnemar_c=c, note=note)
 
 
 # --------------------------------------------------------------------------- GEE
@@ -723,7 +982,12 @@ def gee_fit(
     if n_groups < 2:
         raise CellbgError(f"GEE needs at least 2 clusters in '{groups}'; got {n_groups}")
     model = smf.gee(formula, groups, data, cov_struct=structs[cov_struct](), family=families[family]())
-    res = model.fit(cov_type=cov_type)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = model.fit(cov_type=cov_type)
+    messages = tuple(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+    if res is None:
+        raise CellbgError(f"GEE did not fit ({'; '.join(messages) or 'statsmodels returned no result'})")
     params = pd.Series(np.asarray(res.params), index=model.exog_names)
     bse = pd.Series(np.sqrt(np.diag(np.asarray(res.cov_params()))), index=model.exog_names)
     df = float(n_groups - 1)
@@ -734,16 +998,21 @@ def gee_fit(
     conf = pd.DataFrame({"low": params - q * bse, "high": params + q * bse})
     dep = np.ravel(res.model.cov_struct.dep_params) if cov_struct == "exchangeable" else []
     cov = pd.DataFrame(np.asarray(res.cov_params()), index=model.exog_names, columns=model.exog_names)
+    converged = bool(getattr(res, "converged", True)) and bool(np.all(np.isfinite(params)))
+    separation = False
+    if family == "binomial":
+        fitted = np.asarray(res.fittedvalues, dtype=float)
+        separation = bool(np.any((fitted < 1e-8) | (fitted > 1 - 1e-8)))
     return GEEFit(params, bse, tvalues, pvalues, conf, cov, df, cov_type, int(model.nobs), n_groups,
-                  family, cov_struct, float(dep[0]) if len(dep) else NAN, alpha)
+                  family, cov_struct, float(dep[0]) if len(dep) else NAN, alpha, converged, messages, separation)
 
 
-def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias_reduced") -> TestResult:
-    """GEE logistic regression of correctness on condition, clustered by patient.
+def paired_counts(paired: pd.DataFrame) -> pd.DataFrame:
+    """Reduce paired cell outcomes to counts per patient x seed x fold.
 
-    Exchangeable working correlation, bias-reduced (Mancl-DeRouen) covariance and a t
-    reference with patients - 1 df. Preferred to the per-patient t-test when cell counts
-    per patient are very unequal.
+    Everything the comparison tests need (per-patient accuracies, McNemar's table, fold
+    differences, the GEE on binomial counts) is a function of these counts, so their cost
+    grows with patients x seeds x folds, not with cells.
 
     Parameters
     ----------
@@ -752,49 +1021,164 @@ def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias
 
     Returns
     -------
-    TestResult
-        ``estimate`` = the model's marginal accuracy under B minus under A, with a
-        delta-method t-interval; ``statistic`` and ``pvalue`` test the log odds ratio of
-        being correct under B versus A (given, with its interval, in ``note``).
-    """
-    _check_columns(paired, ("patient_id", "correct_a", "correct_b"), "paired outcomes")
-    n = len(paired)
-    long = pd.DataFrame(
-        {
-            "correct": np.concatenate([paired["correct_a"].to_numpy(), paired["correct_b"].to_numpy()]).astype(float),
-            "condition": np.repeat([0.0, 1.0], n),
-            "patient": np.concatenate([paired["patient_id"].to_numpy()] * 2).astype(str),
-        }
-    )
-    sizes = _sizes(paired)
-    name = "GEE logistic (patients, exchangeable, bias-reduced SE, t ref)"
-    k = long["correct"].mean()
-    if k in (0.0, 1.0):
-        return TestResult(name, 0.0, scale="accuracy difference (GEE marginal)", alpha=alpha, **sizes,
-                          note="every cell has the same outcome; the odds ratio is not defined")
-    import warnings
+    pandas.DataFrame
+        Columns ``patient_id, seed, fold, n`` (paired rows), ``correct_a, correct_b`` (right
+        under A, under B), ``discordant_a`` (A right, B wrong: McNemar's b) and
+        ``discordant_b`` (A wrong, B right: c), all integers.
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fit = gee_fit(long, "correct ~ condition", groups="patient", cov_type=cov_type, alpha=alpha)
-    except (np.linalg.LinAlgError, ValueError, ZeroDivisionError) as exc:
-        return TestResult(name, NAN, scale="accuracy difference (GEE marginal)", alpha=alpha, **sizes,
-                          note=f"GEE did not fit: {_first_line(exc)}")
-    # Marginal accuracies expit(b0) and expit(b0 + b1); delta method for their difference.
-    b0, b1 = float(fit.params["Intercept"]), float(fit.params["condition"])
-    acc_a, acc_b = 1 / (1 + math.exp(-b0)), 1 / (1 + math.exp(-(b0 + b1)))
-    grad = np.array([acc_b * (1 - acc_b) - acc_a * (1 - acc_a), acc_b * (1 - acc_b)])
-    cov = fit.cov_params.loc[["Intercept", "condition"], ["Intercept", "condition"]].to_numpy()
-    se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
-    q = sps.t.ppf(1 - alpha / 2, fit.df)
-    est = acc_b - acc_a
-    lor = fit.conf_int.loc["condition"]
-    note = f"log odds ratio {b1:.4g} [{lor['low']:.4g}, {lor['high']:.4g}]; the test is on the log odds ratio"
-    return TestResult(
-        name, est, est - q * se, est + q * se, f"delta method t, df={fit.df:g}, {cov_type} SE",
-        float(fit.tvalues["condition"]), fit.df, float(fit.pvalues["condition"]),
-        scale="accuracy difference (GEE marginal)", alpha=alpha, note=note, **sizes,
+    Examples
+    --------
+    >>> p = pd.DataFrame({"patient_id": ["p1"] * 3, "seed": 0, "fold": 0,
+    ...                   "correct_a": [True, True, False], "correct_b": [True, False, True]})
+    >>> paired_counts(p)[["n", "correct_a", "correct_b", "discordant_a", "discordant_b"]].values.tolist()
+    [[3, 2, 2, 1, 1]]
+    """
+    _check_columns(paired, ("patient_id", "seed", "fold", "correct_a", "correct_b"), "paired outcomes")
+    a = _correct_values(paired["correct_a"], "paired outcomes", "correct_a")
+    b = _correct_values(paired["correct_b"], "paired outcomes", "correct_b")
+    df = pd.DataFrame({"patient_id": paired["patient_id"].to_numpy(), "seed": paired["seed"].to_numpy(),
+                       "fold": paired["fold"].to_numpy(), "n": 1, "correct_a": a.astype(np.int64),
+                       "correct_b": b.astype(np.int64), "discordant_a": (a & ~b).astype(np.int64),
+                       "discordant_b": (~a & b).astype(np.int64)})
+    return df.groupby(["patient_id", "seed", "fold"], sort=True, observed=True).sum().reset_index()
+
+
+def _gee_two_conditions(n, ka, kb, *, link: str, cov_type: str) -> tuple[np.ndarray, np.ndarray]:
+    """GEE of correctness on condition (intercept + B indicator), independence working correlation.
+
+    Closed form from per-cluster counts: with one binary covariate the estimating equations
+    are solved by the pooled accuracies, and every cluster's contribution to the sandwich
+    is a function of its counts. With ``S_i`` the cluster's information and ``U_i`` its
+    score, the robust covariance is ``M^-1 (sum U_i U_i') M^-1`` (``M = sum S_i``) and the
+    Mancl-DeRouen bias-reduced one ``sum (M - S_i)^-1 U_i U_i' (M - S_i)^-1`` (their
+    ``D_i' V_i^-1 (I - H_ii)^-1 r_i`` reduces to ``M (M - S_i)^-1 U_i`` for a canonical link
+    under independence). Equal to statsmodels' GEE on the cell rows with independence
+    working correlation (tests/test_stats.py checks it), without the cell rows.
+
+    Returns ``params`` (intercept, condition) and their 2x2 covariance.
+    """
+    n, ka, kb = (np.asarray(v, dtype=float) for v in (n, ka, kb))
+    total = n.sum()
+    mu_a, mu_b = ka.sum() / total, kb.sum() / total
+    if link == "logit":
+        va, vb = mu_a * (1 - mu_a), mu_b * (1 - mu_b)
+        params = np.array([math.log(mu_a / (1 - mu_a)), math.log(mu_b / (1 - mu_b)) - math.log(mu_a / (1 - mu_a))])
+    else:
+        va = vb = 1.0
+        params = np.array([mu_a, mu_b - mu_a])
+    e00 = np.array([[1.0, 0.0], [0.0, 0.0]])
+    e11 = np.ones((2, 2))
+    info = n[:, None, None] * (va * e00 + vb * e11)  # S_i, (P, 2, 2)
+    ra, rb = ka - n * mu_a, kb - n * mu_b
+    score = np.stack([ra + rb, rb], axis=1)  # U_i, (P, 2)
+    m = info.sum(0)
+    if cov_type == "bias_reduced":
+        w = np.linalg.solve(m[None] - info, score[:, :, None])[:, :, 0]
+        cov = w.T @ w
+    else:
+        m_inv = np.linalg.inv(m)
+        cov = m_inv @ (score.T @ score) @ m_inv
+    return params, cov
+
+
+def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias_reduced") -> TestResult:
+    """GEE of cell correctness on condition, clustered by patient, from binomial counts.
+
+    Logistic link, independence working correlation, bias-reduced (Mancl-DeRouen) or robust
+    covariance and a t reference with patients - 1 df, fitted on the counts of right cells
+    per patient x condition (summed over seeds and folds): the same estimates and the same
+    covariance as the GEE on the cell rows (checked against statsmodels in the tests), at a
+    cost that does not grow with cells.
+
+    Separation is checked, not left to the optimiser: when one condition is right (or wrong)
+    for every cell its log odds are infinite and the logistic model is not estimable. The
+    test then falls back to the same GEE with the identity link (a linear probability model
+    of the accuracy difference itself), named in ``method`` with the reason in ``note``. When
+    that has no variation either (every cell right under both, or right under one and wrong
+    under the other), the result is "not estimable": NaN statistic and p, the reason in
+    ``note``.
+
+    Parameters
+    ----------
+    paired : pandas.DataFrame
+        Output of :func:`paired_outcomes` (cell rows) or :func:`paired_counts`.
+    alpha : float, optional
+    cov_type : {"bias_reduced", "robust"}, optional
+
+    Returns
+    -------
+    TestResult
+        ``estimate`` = accuracy under B minus under A (pooled over cells: the model's
+        marginal accuracies); logistic: delta-method t-interval, ``statistic`` and ``pvalue``
+        test the log odds ratio (given with its interval in ``note``); identity link: the
+        t-interval and test of the difference itself.
+
+    References
+    ----------
+    Mancl & DeRouen (2001), Biometrics 57:126-134. Heinze & Schemper (2002), Statistics in
+    Medicine 21:2409-2419 (separation).
+    """
+    alpha = _check_alpha(alpha)
+    cov_type = look_up_option(cov_type, ("bias_reduced", "robust"), what="GEE covariance")
+    counts = paired if "n" in paired.columns else paired_counts(paired)
+    _check_columns(counts, ("patient_id", "n", "correct_a", "correct_b"), "paired counts")
+    sizes = _sizes(paired) if "n" not in paired.columns else _count_sizes(counts)
+    pat = counts.groupby("patient_id", sort=True, observed=True)[["n", "correct_a", "correct_b"]].sum()
+    n, ka, kb = (pat[c].to_numpy(float) for c in ("n", "correct_a", "correct_b"))
+    n_pat = len(pat)
+    scale = "accuracy difference (GEE marginal)"
+    name = "GEE logistic (patients, independence, bias-reduced SE, t ref)"
+    if cov_type == "robust":
+        name = name.replace("bias-reduced", "robust")
+    if n_pat < 2:
+        return TestResult(name, NAN, scale=scale, alpha=alpha,
+                          note=f"not estimable: needs at least 2 patients; got {n_pat}", **sizes)
+    total = n.sum()
+    mu_a, mu_b = ka.sum() / total, kb.sum() / total
+    est = mu_b - mu_a
+    df = float(n_pat - 1)
+    q = sps.t.ppf(1 - alpha / 2, df)
+    boundary = [f"condition {c} is {'right' if mu == 1 else 'wrong'} for every cell"
+                for c, mu in (("A", mu_a), ("B", mu_b)) if mu in (0.0, 1.0)]
+    note = ""
+    if not boundary:
+        params, cov = _gee_two_conditions(n, ka, kb, link="logit", cov_type=cov_type)
+        b0, b1 = params
+        acc_a, acc_b = 1 / (1 + math.exp(-b0)), 1 / (1 + math.exp(-(b0 + b1)))
+        grad = np.array([acc_b * (1 - acc_b) - acc_a * (1 - acc_a), acc_b * (1 - acc_b)])
+        se_lor = math.sqrt(cov[1, 1]) if cov[1, 1] > 0 else NAN
+        se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
+        if np.all(np.isfinite(cov)) and se_lor > 0:
+            t = b1 / se_lor
+            note = (f"log odds ratio {b1:.4g} [{b1 - q * se_lor:.4g}, {b1 + q * se_lor:.4g}]; "
+                    "the test is on the log odds ratio")
+            return TestResult(name, est, est - q * se, est + q * se, f"delta method t, df={df:g}, {cov_type} SE",
+                              float(t), df, float(2 * sps.t.sf(abs(t), df)), scale=scale, alpha=alpha, note=note,
+                              **sizes)
+        note = "logistic GEE not estimable (no variation in the scores); "
+    else:
+        note = f"logistic GEE not estimable: {' and '.join(boundary)} (separation, infinite log odds); "
+    # Fallback: the identity link estimates the accuracy difference directly.
+    lin = name.replace("GEE logistic", "GEE linear probability (identity link)")
+    params, cov = _gee_two_conditions(n, ka, kb, link="identity", cov_type=cov_type)
+    se = math.sqrt(cov[1, 1]) if np.isfinite(cov[1, 1]) and cov[1, 1] > 0 else 0.0
+    if se <= _tolerance(np.array([1.0])):
+        reason = ("every cell has the same outcome under both conditions" if est == 0
+                  else "no variation between patients or cells")
+        return TestResult(lin, est, NAN, NAN, "", NAN, df, NAN, scale=scale, alpha=alpha,
+                          note=note + f"the identity link is not estimable either: {reason}", **sizes)
+    t = est / se
+    return TestResult(lin, est, est - q * se, est + q * se, f"t, df={df:g}, {cov_type} SE", float(t), df,
+                      float(2 * sps.t.sf(abs(t), df)), scale=scale, alpha=alpha,
+                      note=note + "fell back to the identity link (test of the accuracy difference)", **sizes)
+
+
+def _count_sizes(counts: pd.DataFrame) -> dict:
+    """Sample sizes from counts: n_cells is the largest per-seed total (every cell once per seed)."""
+    return dict(
+        n_cells=int(counts.groupby("seed", observed=True)["n"].sum().max()) if len(counts) else 0,
+        n_patients=int(counts["patient_id"].nunique()),
+        n_seeds=int(counts["seed"].nunique()),
     )
 
 
@@ -904,25 +1288,28 @@ def adjust_pvalues(pvalues, method: str = "holm") -> np.ndarray:
     Parameters
     ----------
     pvalues : (K,) array_like
-    method : {"holm", "bh"}, optional
-        Holm (family-wise error, for the confirmatory family) or Benjamini-Hochberg (false
-        discovery rate, for exploratory grids).
+    method : {"holm", "bh", "bonferroni"}, optional
+        Holm (family-wise error, for the confirmatory family), Benjamini-Hochberg (false
+        discovery rate, for exploratory grids) or Bonferroni (family-wise error; never more
+        powerful than Holm, given because many journals ask for it).
 
     Examples
     --------
     >>> adjust_pvalues([0.01, 0.04, 0.03], "holm").round(3).tolist()
     [0.03, 0.06, 0.06]
+    >>> adjust_pvalues([0.01, 0.04, 0.03], "bonferroni").round(3).tolist()
+    [0.03, 0.12, 0.09]
     """
     from statsmodels.stats.multitest import multipletests
 
-    method = look_up_option(method, ("holm", "bh"), what="p-value adjustment")
+    method = look_up_option(method, ("holm", "bh", "bonferroni"), what="p-value adjustment")
     p = np.asarray(pvalues, dtype=float).ravel()
     out = np.full(p.shape, np.nan)
     ok = np.isfinite(p)
     if np.any((p[ok] < 0) | (p[ok] > 1)):
         raise CellbgError("p-values must lie in [0, 1]")
     if ok.any():
-        out[ok] = multipletests(p[ok], method={"holm": "holm", "bh": "fdr_bh"}[method])[1]
+        out[ok] = multipletests(p[ok], method={"holm": "holm", "bh": "fdr_bh", "bonferroni": "bonferroni"}[method])[1]
     return out
 
 
@@ -969,12 +1356,20 @@ def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _fold_differences(paired: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy difference per (seed, fold) with the fold's test-set size."""
-    g = paired.groupby(["seed", "fold"], sort=True, observed=True)
-    out = pd.DataFrame({"n_test": g.size(), "acc_a": g["correct_a"].mean(), "acc_b": g["correct_b"].mean()})
+def _fold_differences(counts: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy difference per (seed, fold) with the fold's test-set size, from counts."""
+    g = counts.groupby(["seed", "fold"], sort=True, observed=True)[["n", "correct_a", "correct_b"]].sum()
+    out = pd.DataFrame({"n_test": g["n"], "acc_a": g["correct_a"] / g["n"], "acc_b": g["correct_b"] / g["n"]})
     out["diff"] = out["acc_b"] - out["acc_a"]
     return out.reset_index()
+
+
+def _counts_table(counts: pd.DataFrame) -> np.ndarray:
+    """McNemar's 2x2 table from :func:`paired_counts`."""
+    total = int(counts["n"].sum())
+    b, c = int(counts["discordant_a"].sum()), int(counts["discordant_b"].sum())
+    both = int(counts["correct_a"].sum()) - b
+    return np.array([[both, b], [c, total - both - b - c]], dtype=np.int64)
 
 
 def compare_conditions(
@@ -985,13 +1380,15 @@ def compare_conditions(
     n_resamples: int = 2000,
     seed: int | np.random.SeedSequence = 0,
     secondary: bool = True,
+    n_cells: int | None = None,
 ) -> list[tuple[str, TestResult]]:
     """Every test of one paired comparison, each with its role.
 
     Parameters
     ----------
     paired : pandas.DataFrame
-        Output of :func:`paired_outcomes`.
+        Output of :func:`paired_outcomes` (cell rows) or :func:`paired_counts` (counts per
+        patient x seed x fold; every test here is a function of them).
     primary : {"patient_t", "gee"}, optional
         The primary test; the other is reported as a sensitivity check.
     n_resamples : int, optional
@@ -999,30 +1396,47 @@ def compare_conditions(
     secondary : bool, optional
         Also the cell-level and fold-level tests (McNemar, Nadeau-Bengio, 5x2cv) and the
         sensitivity checks; False gives only the primary test.
+    n_cells : int, optional
+        Distinct cells, reported in every row; default: from the cell ids (cell rows) or the
+        largest per-seed count (counts).
 
     Returns
     -------
     list of (role, TestResult)
         Roles ``primary``, ``sensitivity`` and ``secondary``; the first is the primary test.
+        When every patient's difference is the same non-zero value the paired t is undefined
+        and the primary row is the exact sign test instead (named in ``method``).
     """
     primary = look_up_option(primary, ("patient_t", "gee"), what="primary test")
-    sizes = _sizes(paired)
-    pat = patient_accuracy(paired)
+    if "n" in paired.columns:
+        counts, sizes = paired, _count_sizes(paired)
+    else:
+        counts, sizes = paired_counts(paired), _sizes(paired)
+    if n_cells is not None:
+        sizes["n_cells"] = int(n_cells)
+    return _compare_counts(counts, sizes, primary=primary, alpha=alpha, n_resamples=n_resamples, seed=seed,
+                           secondary=secondary)
+
+
+def _compare_counts(counts, sizes, *, primary, alpha, n_resamples, seed, secondary):
+    pat = patient_accuracy(counts)
     n_pat = len(pat)
     out: list[tuple[str, TestResult]] = []
 
     def patient_t() -> TestResult:
         if n_pat < 2:
             return TestResult("paired t (patients)", float(pat["diff"].mean()) if n_pat else NAN, alpha=alpha,
-                              note=f"needs at least 2 patients; got {n_pat}", **sizes)
+                              note=f"not computed: needs at least 2 patients; got {n_pat}", **sizes)
         r = paired_t_test(pat["acc_a"], pat["acc_b"], alpha=alpha)
-        return r.replace(method="paired t (patients)", ci_method=f"t, df={n_pat - 1}", **sizes)
+        r = r.replace(method="paired t (patients)", ci_method=f"t, df={n_pat - 1}", **sizes)
+        if math.isnan(r.pvalue) and not math.isnan(r.estimate):
+            # Every patient changed by the same amount: the t-test is undefined, the sign test is not.
+            st = sign_test(pat["acc_a"], pat["acc_b"], alpha=alpha)
+            r = st.replace(method="exact sign test (patients; paired t undefined)", note=r.note, **sizes)
+        return r
 
     def gee() -> TestResult:
-        if n_pat < 2:
-            return TestResult("GEE logistic", NAN, scale="accuracy difference (GEE marginal)", alpha=alpha,
-                              note=f"needs at least 2 patients; got {n_pat}", **sizes)
-        return gee_test(paired, alpha=alpha)
+        return gee_test(counts, alpha=alpha).replace(**sizes)
 
     first, other = (patient_t, gee) if primary == "patient_t" else (gee, patient_t)
     out.append(("primary", first()))
@@ -1030,8 +1444,9 @@ def compare_conditions(
         return out
     out.append(("sensitivity", other()))
     if n_pat >= 2:
-        w = wilcoxon_test(pat["acc_a"], pat["acc_b"])
-        w = w.replace(method="Wilcoxon signed-rank (patients)", scale="median patient difference", alpha=alpha)
+        w = wilcoxon_test(pat["acc_a"], pat["acc_b"], method="exact")
+        w = w.replace(method=w.method.replace("Wilcoxon signed-rank", "Wilcoxon signed-rank (patients)"),
+                      scale="median patient difference", alpha=alpha)
         out.append(("sensitivity", w.replace(**sizes)))
     if n_resamples and n_pat >= 2:
         ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
@@ -1045,22 +1460,24 @@ def compare_conditions(
         if n_pat >= 30:
             pc = patient_bootstrap(pat["diff"], n_resamples=n_resamples, alpha=alpha, seed=s3, method="percentile")
             out.append(("sensitivity", pc.replace(note=">= 30 patients: percentile bootstrap reported", **sizes)))
-    mc = mcnemar_test(paired_table(paired["correct_a"], paired["correct_b"]))
+    mc = mcnemar_test(_counts_table(counts))
     out.append(("secondary", mc.replace(alpha=alpha, **sizes)))
-    folds = _fold_differences(paired)
-    n_folds = int(paired["fold"].nunique())
+    folds = _fold_differences(counts)
+    n_folds = int(counts["fold"].nunique())
     if n_folds >= 2 and len(folds) >= 2:
-        total = paired.groupby("seed")["cell_id"].nunique().mean()
+        total = counts.groupby("seed", observed=True)["n"].sum().mean()
         ratio = float(np.mean(folds["n_test"] / np.maximum(total - folds["n_test"], 1)))
         nb = corrected_resampled_t_test(folds["diff"], test_train_ratio=ratio, alpha=alpha)
-        nb = nb.replace(note=f"{len(folds)} seed x fold results, n_test/n_train = {ratio:.3g}")
+        nb = nb.replace(note=(nb.note + "; " if nb.note else "") + f"{len(folds)} seed x fold results, "
+                        f"n_test/n_train = {ratio:.3g}")
         out.append(("secondary", nb.replace(**sizes)))
-    seeds = sorted(paired["seed"].unique())
+    seeds = sorted(counts["seed"].unique())
     if n_folds == 2 and len(seeds) >= 5:
         grid = folds[folds["seed"].isin(seeds[:5])].pivot(index="seed", columns="fold", values="diff")
         if grid.shape == (5, 2) and np.all(np.isfinite(grid.to_numpy())):
             cv = five_by_two_cv_test(grid.to_numpy())
-            out.append(("secondary", cv.replace(alpha=alpha, note="first 5 seeds x the 2 patient-grouped folds of the protocol's split", **sizes)))
+            note = "first 5 seeds x the 2 patient-grouped folds of the protocol's split"
+            out.append(("secondary", cv.replace(alpha=alpha, note=note, **sizes)))
     return out
 
 
@@ -1246,12 +1663,12 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
     for c in TESTS_COLUMNS:
         if c not in table.columns:
             table[c] = np.nan if c not in ("note", "name", "measure", "saliency_method", "ci_method") else ""
-    table["p_holm"] = np.nan
-    table["p_bh"] = np.nan
+    for col in ("p_holm", "p_bh", "p_bonferroni"):
+        table[col] = np.nan
     for fam in table["family"].unique() if len(table) else []:
         sel = (table["family"] == fam) & (table["role"] == "primary")
-        table.loc[sel, "p_holm"] = adjust_pvalues(table.loc[sel, "pvalue"], "holm")
-        table.loc[sel, "p_bh"] = adjust_pvalues(table.loc[sel, "pvalue"], "bh")
+        for col, how in (("p_holm", "holm"), ("p_bh", "bh"), ("p_bonferroni", "bonferroni")):
+            table.loc[sel, col] = adjust_pvalues(table.loc[sel, "pvalue"], how)
     table = table[TESTS_COLUMNS + [c for c in table.columns if c not in TESTS_COLUMNS]]
 
     acc = accuracy_table(preds)
@@ -1279,9 +1696,17 @@ def _md_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.itertuples(index=False):
-        cells = (_fmt(v, integer=c == "df" or c.startswith(("n_", "mcnemar_"))) for c, v in zip(cols, row))
+        cells = (_fmt(v, integer=c == "df" or c.startswith(("n_", "mcnemar_"))) for c, v in zip(cols, row, strict=True))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _verdict(p: float, alpha: float, note: str = "") -> str:
+    """"significant" / "not significant" / "not computed (reason)": a NaN p is never a negative result."""
+    if p is None or not np.isfinite(p):
+        reason = str(note).split(";")[0].removeprefix("not computed: ") if isinstance(note, str) and note else ""
+        return "not computed" + (f" ({reason})" if reason else "")
+    return "significant" if p < alpha else "not significant"
 
 
 def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame) -> str:
@@ -1290,8 +1715,8 @@ def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame) -> str:
     primary_text = (
         "a paired t-test on per-patient accuracy differences (df = patients - 1)"
         if cfg.primary == "patient_t"
-        else "GEE logistic regression clustered by patient (exchangeable, bias-reduced covariance, "
-        "t reference with patients - 1 df)"
+        else "GEE logistic regression clustered by patient (binomial counts per patient and condition, "
+        "independence working correlation, bias-reduced covariance, t reference with patients - 1 df)"
     )
     parts = [
         f"# Statistics: {protocol.name}",
@@ -1301,8 +1726,9 @@ def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame) -> str:
         f"with {primary_text}. "
         "Estimates are condition B minus condition A. "
         f"Intervals are {level}. Holm adjusts the confirmatory family, Benjamini-Hochberg the "
-        "exploratory grid (both are given for every family). McNemar is cell-level and "
-        "conditional on these trained models and these cells.",
+        "exploratory grid (both, and Bonferroni, are given for every family). McNemar is cell-level and "
+        "conditional on these trained models and these cells. A p-value shown as – was not computed "
+        "(the row's note in tests.csv says why); it is not a negative result.",
         "",
     ]
     n_pat = int(table["n_patients"].max()) if len(table) else 0
@@ -1323,12 +1749,14 @@ def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame) -> str:
         parts += [_md_table(show), ""]
         if fam == "confirmatory":
             for r in sub.itertuples():
-                verdict = "significant" if r.p_holm < cfg.alpha else "not significant"
-                parts.append(
-                    f"- {r.model}, {r.comparison}: {r.scale} {_fmt(r.estimate)} "
-                    f"({level} CI {_fmt(r.ci_low)} to {_fmt(r.ci_high)}), p = {_fmt(r.pvalue)}, "
-                    f"Holm p = {_fmt(r.p_holm)}: {verdict} at alpha {cfg.alpha}."
-                )
+                verdict = _verdict(r.p_holm, cfg.alpha, r.note)
+                ci = (f"{level} CI {_fmt(r.ci_low)} to {_fmt(r.ci_high)}" if np.isfinite(r.ci_low)
+                      else "no CI computed")
+                if np.isfinite(r.pvalue):
+                    ps = f"p = {_fmt(r.pvalue)}, Holm p = {_fmt(r.p_holm)}: {verdict} at alpha {cfg.alpha}"
+                else:
+                    ps = f"p {verdict}"
+                parts.append(f"- {r.model}, {r.comparison} ({r.method}): {r.scale} {_fmt(r.estimate)} ({ci}), {ps}.")
             parts.append("")
     others = table[(table["family"] == "confirmatory") & (table["role"] != "primary")]
     if not others.empty:

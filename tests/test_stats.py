@@ -28,12 +28,14 @@ from cellbg.stats import (
     gee_fit,
     gee_test,
     mcnemar_test,
+    paired_counts,
     paired_outcomes,
     paired_t_test,
     paired_table,
     patient_accuracy,
     patient_bootstrap,
     run_stats,
+    sign_test,
     simulate_paired_correctness,
     wilcoxon_test,
 )
@@ -226,8 +228,9 @@ def test_bootstrap_resampling_sums_equals_resampling_rows():
     se0 = math.sqrt(labels.size / (labels.size - 1) * (resid0**2).sum()) / diff.size
     with np.errstate(divide="ignore", invalid="ignore"):
         t_star = (np.array(thetas) - theta) / np.array(ses)
-    t_star = t_star[np.isfinite(t_star)]
-    q_lo, q_hi = np.quantile(t_star, [0.025, 0.975])
+    t_star = np.sort(t_star[np.isfinite(t_star)])
+    j = math.ceil((t_star.size + 1) * 0.025) - 1  # the j-th smallest and largest (equal-tailed, inverted p)
+    q_lo, q_hi = t_star[j - 1], t_star[t_star.size - j]
     assert r.estimate == pytest.approx(theta)
     assert r.ci == pytest.approx((theta - q_hi * se0, theta - q_lo * se0))
 
@@ -396,7 +399,8 @@ def test_run_stats_writes_contract_files(tmp_path):
     assert len(ex) == 2 * (7 + 2)  # 8 conditions - reference + one BG-GAP per train variant
     assert ex.p_bh.to_numpy() == pytest.approx(adjust_pvalues(ex.pvalue, "bh"))
     gap = ex[(ex.model == "resnet") & (ex.name == "BG-GAP (original)")].iloc[0]
-    acc = preds[(preds.model == "resnet") & (preds.train_variant == "original")].groupby(["test_variant", "patient_id"])["correct"].mean()
+    sub = preds[(preds.model == "resnet") & (preds.train_variant == "original")]
+    acc = sub.groupby(["test_variant", "patient_id"])["correct"].mean()
     assert gap.estimate == pytest.approx((acc["mixed_same"] - acc["mixed_rand"]).mean())
     # accuracy.csv and summary.md
     acc_csv = pd.read_csv(run / "stats" / "accuracy.csv")
@@ -430,7 +434,7 @@ def test_run_stats_gee_primary_and_saliency_family(tmp_path):
     s = table[table.family == "saliency"]
     # maps for the predicted and for the true class are separate analyses, never pooled
     assert s.saliency_method.tolist() == ["gradcam (predicted class)", "gradcam (true class)"]
-    for row, target in zip(s.itertuples(), ("predicted", "true")):
+    for row, target in zip(s.itertuples(), ("predicted", "true"), strict=True):
         per = sal[sal.target == target].groupby(["train_variant", "patient_id"])["background_share"].mean()
         assert row.estimate == pytest.approx((per["only_fg"] - per["original"]).mean())
         assert row.n_cells == len(cells) and row.pvalue < 0.01
@@ -442,7 +446,9 @@ def test_run_stats_user_errors(tmp_path):
         run_stats(tmp_path / "nope")
     preds = make_predictions(patients=3, cells=4, seeds=(0,), test=("original", "only_fg"))
     run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:no_fg")])
-    with pytest.raises(CellbgError, match=r"condition 'original:no_fg' has no predictions for model 'resnet' \(did you mean 'original:only_fg'\?\); available: only_fg:only_fg"):
+    want = (r"condition 'original:no_fg' has no predictions for model 'resnet' \(did you mean 'original:only_fg'\?\); "
+            r"available: only_fg:only_fg")
+    with pytest.raises(CellbgError, match=want):
         run_stats(run)
     preds.drop(columns=["correct"]).to_parquet(run / "predictions.parquet")
     with pytest.raises(CellbgError, match=r"lacks columns \['correct'\]"):
@@ -475,8 +481,8 @@ def test_default_confirmatory_is_bg_gap_when_the_mixed_variants_are_tested(tmp_p
                              effects={"original:mixed_rand": -1.5})
     table = run_stats(make_run(tmp_path, preds))
     conf = table[(table.family == "confirmatory") & (table.role == "primary")]
-    assert list(zip(conf.model, conf.a, conf.b)) == [("resnet", "original:mixed_rand", "original:mixed_same"),
-                                                     ("shufflenet", "original:mixed_rand", "original:mixed_same")]
+    gap = ("original:mixed_rand", "original:mixed_same")
+    assert list(zip(conf.model, conf.a, conf.b, strict=True)) == [("resnet", *gap), ("shufflenet", *gap)]
     for row in conf.itertuples():
         m = preds[(preds.model == row.model) & (preds.train_variant == "original")]
         acc = m.groupby(["test_variant", "patient_id"])["correct"].mean()
@@ -496,3 +502,181 @@ def test_percentile_bootstrap_only_from_30_patients(tmp_path):
     pct = table[table.method == "patient cluster bootstrap (percentile)"]
     assert len(pct) == 1 and pct.iloc[0].n_patients == 30 and pct.iloc[0].n_resamples == 199
     assert "Percentile patient bootstrap intervals are reported" in (run / "stats" / "summary.md").read_text()
+
+
+# --------------------------------------------------------------------------- degenerate cases (issue 16)
+SLEEP_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+SLEEP_2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+
+
+def test_wilcoxon_methods_reproduce_r():
+    # R: wilcox.test(extra[1:10], extra[11:20], paired = TRUE) on `sleep`:
+    # "Wilcoxon signed rank test with continuity correction, V = 0, p-value = 0.009091"
+    # (warnings: cannot compute exact p-value with ties / with zeroes).
+    r = wilcoxon_test(SLEEP_2, SLEEP_1, method="R")
+    assert r.statistic == 0 and r.pvalue == pytest.approx(0.009091, abs=5e-7)
+    assert "normal approximation, continuity corrected" in r.method and "1 zero" in r.note and "tied" in r.note
+    assert wilcoxon_test(SLEEP_2, SLEEP_1, method="approx").pvalue == r.pvalue
+    # exact, conditional on the ties: the 9 non-zero differences all negative, 2 / 2**9
+    ex = wilcoxon_test(SLEEP_2, SLEEP_1, method="exact")
+    assert ex.pvalue == pytest.approx(2 / 2**9) and "conditional on ties" in ex.method
+    # R ?wilcox.test, Hollander & Wolfe depression scores, no ties: exact,
+    # wilcox.test(x, y, paired = TRUE, alternative = "greater"): V = 40, p-value = 0.01953 (= 10/512)
+    x = [1.83, 0.50, 1.62, 2.48, 1.68, 1.88, 1.55, 3.06, 1.30]
+    y = [0.878, 0.647, 0.598, 2.05, 1.06, 1.29, 1.06, 3.14, 1.29]
+    hw = wilcoxon_test(y, x, method="R")
+    assert hw.statistic == 40 and hw.pvalue == pytest.approx(2 * 10 / 512) and hw.method.endswith("(exact)")
+    assert wilcoxon_test(y, x, method="exact").pvalue == hw.pvalue
+    # the exact distribution with ties agrees with a brute-force enumeration of all sign patterns
+    d = np.array([0.1, -0.2, 0.2, 0.3, 0.3, 0.3, -0.4, 0.5])
+    ranks = sps.rankdata(np.abs(d))
+    signs = np.array(np.meshgrid(*[[0, 1]] * d.size)).reshape(d.size, -1).T
+    vs = signs @ ranks
+    v = ranks[d > 0].sum()
+    want = min(1.0, 2 * min(np.mean(vs <= v + 1e-9), np.mean(vs >= v - 1e-9)))
+    assert wilcoxon_test(np.zeros(d.size), d, method="exact").pvalue == pytest.approx(want)
+    with pytest.raises(CellbgError, match="did you mean 'exact'"):
+        wilcoxon_test([1, 2], [2, 3], method="exakt")
+
+
+def test_mcnemar_mid_p_fagerland_2013():
+    # Fagerland, Lydersen & Laake (2013), BMC Med Res Methodol 13:91: b = 1, c = 7.
+    table = [[1, 1], [7, 12]]
+    assert mcnemar_test(table, method="exact").pvalue == pytest.approx(0.0703125, abs=1e-12)
+    mid = mcnemar_test(table, method="mid-p")
+    assert mid.pvalue == pytest.approx(0.0390625, abs=1e-12) and mid.method == "McNemar mid-p"
+    assert mcnemar_test([[5, 4], [4, 5]], method="mid-p").pvalue == 1.0  # b = c
+
+
+def test_bonferroni_next_to_holm_and_bh():
+    p = [0.01, 0.04, 0.03, 0.5]
+    assert adjust_pvalues(p, "bonferroni").tolist() == pytest.approx([0.04, 0.16, 0.12, 1.0])
+    assert np.all(adjust_pvalues(p, "holm") <= adjust_pvalues(p, "bonferroni"))
+    assert (adjust_pvalues(BH_1995, "bonferroni") <= 0.05).sum() == 3
+
+
+def test_constant_difference_is_decided_explicitly_not_by_rounding():
+    # b - a is 0.1 in exact arithmetic but not in floating point (spread 6e-17: scipy's t = 7e15, p = 1e-78)
+    a = np.array([1 / 3, 2 / 3, 0.7, 0.15, 0.6, 0.45])
+    b = a + 0.1
+    assert np.ptp(b - a) > 0
+    for bb in (b, np.array([0.1 + x for x in a]), a + np.float64(0.1)):
+        r = paired_t_test(a, bb)
+        assert math.isnan(r.pvalue) and math.isnan(r.statistic) and r.estimate == pytest.approx(0.1)
+        assert "not computed" in r.note and "0.1" in r.note
+    zero = paired_t_test(a, a + 0.0)
+    assert zero.pvalue == 1.0 and zero.estimate == 0.0
+    # the sign test is defined: 6 equal positive differences, p = 2 / 2**6
+    st = sign_test(a, b)
+    assert st.pvalue == 2 / 2**6 and st.ci == pytest.approx((0.1, 0.1))
+    # and is the primary when every patient changed by the same amount
+    counts = pd.DataFrame({"patient_id": [f"P{i}" for i in range(6)], "seed": 0, "fold": np.arange(6) % 2,
+                           "n": 10, "correct_a": 9, "correct_b": 8, "discordant_a": 1, "discordant_b": 0})
+    (role, prim), *rest = compare_conditions(counts, n_resamples=99)
+    assert prim.method == "exact sign test (patients; paired t undefined)"
+    assert prim.pvalue == 2 / 2**6 and prim.estimate == pytest.approx(-0.1) and "not computed" in prim.note
+    assert all(math.isnan(r.pvalue) for _, r in rest if r.method.startswith("patient cluster bootstrap-t"))
+
+
+def test_bootstrap_ci_excludes_zero_iff_p_below_alpha():
+    rng = np.random.default_rng(11)
+    disagree = 0
+    for k in range(300):
+        d = rng.normal(rng.uniform(-0.06, 0.06), 0.08, 8)
+        for method, dd in (("bootstrap-t", d), ("percentile", rng.normal(d.mean(), 0.1, 30))):
+            r = patient_bootstrap(dd, n_resamples=199 + k % 3, seed=k, method=method)
+            excludes = r.ci_low > 0 or r.ci_high < 0
+            disagree += excludes != (r.pvalue < 0.05)
+    assert disagree == 0
+
+
+def _separated(patients=8, cells=20, seed=0):
+    rng = np.random.default_rng(seed)
+    pid = np.repeat([f"P{i}" for i in range(patients)], cells)
+    return pd.DataFrame({"cell_id": [f"c{i}" for i in range(pid.size)], "patient_id": pid, "label": "x",
+                         "seed": 0, "fold": 0, "correct_a": rng.random(pid.size) < 0.7, "correct_b": True})
+
+
+def test_gee_separation_is_detected_and_falls_back_to_the_identity_link():
+    paired = _separated()
+    long = pd.DataFrame({"correct": np.r_[paired.correct_a, paired.correct_b].astype(float),
+                         "condition": np.repeat([0.0, 1.0], len(paired)),
+                         "patient": paired.patient_id.tolist() * 2})
+    # statsmodels alone "converges" to a log odds ratio of ~30 with a tiny p: gee_fit flags it
+    fit = gee_fit(long, "correct ~ condition", groups="patient")
+    assert fit.separation and "separation" in str(fit)
+    r = gee_test(paired)
+    assert r.method.startswith("GEE linear probability (identity link)")
+    assert "condition B is right for every cell" in r.note and "separation" in r.note
+    pat = patient_accuracy(paired)
+    assert r.estimate == pytest.approx(pat["diff"].mean())  # equal cells per patient: pooled = mean
+    t = paired_t_test(pat.acc_a, pat.acc_b)
+    assert r.pvalue < 1e-3 and t.pvalue < 1e-3 and r.ci_low > 0
+    # both conditions right for every cell: not estimable, with the reason; never "not significant"
+    both = paired.assign(correct_a=True)
+    nr = gee_test(both)
+    assert math.isnan(nr.pvalue) and "not estimable" in nr.note and "same outcome" in nr.note
+
+
+def test_gee_on_counts_equals_the_cell_level_gee():
+    # issue 22: the GEE on binomial counts per patient x condition gives the estimates and the
+    # (bias-reduced and robust) covariance of statsmodels' GEE on the cell rows, independence.
+    preds = make_predictions(patients=7, cells=13, seeds=(0, 1), test=("original", "only_fg"),
+                             effects={"original:only_fg": -0.8})
+    preds = preds[~((preds.patient_id == "P00") & preds.cell_id.str.endswith(("1", "2", "3")))]  # unequal sizes
+    paired = paired_outcomes(preds, "original:original", "original:only_fg")
+    long = pd.DataFrame({"correct": np.r_[paired.correct_a, paired.correct_b].astype(float),
+                         "condition": np.repeat([0.0, 1.0], len(paired)),
+                         "patient": np.r_[paired.patient_id.to_numpy(), paired.patient_id.to_numpy()]})
+    counts = paired_counts(paired)
+    assert len(counts) < len(paired) and counts["n"].sum() == len(paired)
+    for cov_type in ("bias_reduced", "robust"):
+        cell = gee_fit(long, "correct ~ condition", groups="patient", cov_struct="independence", cov_type=cov_type)
+        r = gee_test(counts, cov_type=cov_type)
+        assert r.statistic == pytest.approx(cell.tvalues["condition"], rel=1e-6)
+        assert r.pvalue == pytest.approx(cell.pvalues["condition"], rel=1e-6)
+        assert r.df == cell.df == 6
+        assert gee_test(paired, cov_type=cov_type) == r.replace(n_cells=paired.cell_id.nunique())
+    # with equal cells per patient the exchangeable cell-level fit has the same estimate
+    eq = paired_outcomes(make_predictions(patients=6, cells=10, seeds=(0,), test=("original", "only_fg")),
+                         "original:original", "original:only_fg")
+    long_eq = pd.DataFrame({"correct": np.r_[eq.correct_a, eq.correct_b].astype(float),
+                            "condition": np.repeat([0.0, 1.0], len(eq)),
+                            "patient": np.r_[eq.patient_id.to_numpy(), eq.patient_id.to_numpy()]})
+    exch = gee_fit(long_eq, "correct ~ condition", groups="patient")
+    assert float(gee_test(eq).note.split()[3]) == pytest.approx(exch.params["condition"], abs=5e-4)
+
+
+def test_nan_correct_is_an_error_everywhere(tmp_path):
+    preds = make_predictions(patients=4, cells=6, seeds=(0,), test=("original", "only_fg"))
+    preds["correct"] = preds["correct"].astype(object)
+    preds.loc[[3, 40], "correct"] = np.nan
+    with pytest.raises(CellbgError, match=r"column 'correct' is missing \(NaN/None\) in 1 row\(s\) \(index 3\)"):
+        paired_outcomes(preds, "original:original", "original:only_fg")
+    paired = paired_outcomes(make_predictions(patients=4, cells=6, seeds=(0,), test=("original", "only_fg")),
+                             "original:original", "original:only_fg")
+    bad = paired.assign(correct_b=paired.correct_b.astype(float))
+    bad.loc[5, "correct_b"] = np.nan
+    for fn in (patient_accuracy, gee_test, paired_counts, compare_conditions):
+        with pytest.raises(CellbgError, match=r"'correct_b' is missing .* \(index 5\)"):
+            fn(bad)
+    with pytest.raises(CellbgError, match="'correct_b' is missing"):
+        paired_table(paired.correct_a, bad.correct_b)
+    with pytest.raises(CellbgError, match="other values"):
+        paired_table([1, 0, 2], [1, 1, 1])
+    run = make_run(tmp_path, preds)
+    with pytest.raises(CellbgError, match="'correct' is missing"):
+        run_stats(run)
+    assert not (run / "stats" / "tests.csv").exists()
+
+
+def test_nan_p_reads_not_computed_never_not_significant(tmp_path):
+    preds = make_predictions(patients=5, cells=6, seeds=(0,), test=("original", "only_fg"))
+    preds["correct"] = True  # every cell right everywhere: no test can be computed
+    run = make_run(tmp_path, preds, primary="gee", exploratory=False, bootstrap=0)
+    table = run_stats(run)
+    prim = table[(table.family == "confirmatory") & (table.role == "primary")].iloc[0]
+    assert math.isnan(prim.pvalue) and "not estimable" in prim.note
+    summary = (run / "stats" / "summary.md").read_text()
+    line = next(ln for ln in summary.splitlines() if ln.startswith("- resnet"))
+    assert "p not computed" in line and "not significant" not in line
