@@ -55,8 +55,11 @@ def _arch_text(m) -> str:
 
 
 def _join(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``; ``""`` for no items."""
     items = [str(i) for i in items]
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    if len(items) <= 1:
+        return items[0] if items else ""
+    return ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _methods(run: _Run) -> str:
@@ -110,8 +113,9 @@ def _methods(run: _Run) -> str:
     primary = ("a paired t-test on per-patient accuracies" if st.primary == "patient_t"
                else "a GEE logistic model of cell correctness clustered by patient")
     conf = _join([f"`{cmp.a}` vs `{cmp.b}`" + _bg_gap_label(cmp.a, cmp.b) for cmp in st.confirmatory])
+    conf = f"Confirmatory comparisons were {conf}" if conf else "No confirmatory comparison was planned"
     stats_text = (f" The unit of analysis was the patient: the primary test was {primary}, with cell-level "
-                  f"McNemar tests as a secondary, conditional result. Confirmatory comparisons were {conf}"
+                  f"McNemar tests as a secondary, conditional result. {conf}"
                   f"{'; every other condition was compared with original:original as exploratory' if st.exploratory else ''}. "
                   f"{_ci_text(run)} p-values were adjusted within each family (Holm; Benjamini–Hochberg) "
                   f"at alpha = {st.alpha:g}.")
