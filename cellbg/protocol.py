@@ -370,6 +370,42 @@ class StatsConfig(_Section):
     seed: int = 0
 
 
+def _check_comparisons(stats: StatsConfig, variants: VariantsConfig) -> None:
+    """Refuse, before any work, a stats section that cannot be carried out.
+
+    Nothing to test (no confirmatory comparison and no exploratory grid), or a comparison
+    naming a variant that is not trained or not tested (found only after all training
+    otherwise). The comparisons the tool itself chose (:func:`default_confirmatory`) are not
+    checked here.
+    """
+    from cellbg._checks import CellbgError, did_you_mean
+    from cellbg._variant_spec import parse_variant
+
+    if not stats.confirmatory and not stats.exploratory:
+        raise ValueError("stats.confirmatory is empty and stats.exploratory is false: the stats stage would "
+                         "test nothing; list a comparison or set exploratory: true")
+
+    def norm(v: str) -> str:
+        try:
+            return parse_variant(v).spec
+        except CellbgError:
+            return v.replace(" ", "")
+
+    if [(c.a, c.b) for c in stats.confirmatory] == [default_confirmatory(variants)]:
+        return
+    lists = {"train": [norm(v) for v in variants.train], "test": [norm(v) for v in variants.test]}
+    for i, cmp in enumerate(stats.confirmatory):
+        for side in ("a", "b"):
+            cond = getattr(cmp, side)
+            for part, name in zip(cond.split(":"), ("train", "test"), strict=True):
+                if norm(part) not in lists[name]:
+                    raise ValueError(
+                        f"stats.confirmatory[{i}].{side} = '{cond}': '{part}' is not in variants.{name} "
+                        f"{getattr(variants, name)}{did_you_mean(part, getattr(variants, name))}; the comparison "
+                        "could never be tested"
+                    )
+
+
 def default_confirmatory(variants: VariantsConfig) -> tuple[str, str]:
     """The confirmatory comparison a protocol gets when it names none: ``(a, b)``.
 
@@ -469,6 +505,8 @@ class Protocol(_Section):
             # Bypass validate_assignment: assigning would run this validator again.
             stats = self.stats.model_copy(update={"confirmatory": [Comparison(a=a, b=b)]})
             object.__setattr__(self, "stats", stats)
+        else:
+            _check_comparisons(self.stats, self.variants)
         return self
 
     @property

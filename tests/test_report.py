@@ -498,7 +498,8 @@ def test_methods_and_provenance(full_run):
 def test_missing_parts_are_stated(tmp_path):
     run_dir = tmp_path / "run"
     make_run(run_dir, with_stats=False, with_jobs=False, with_saliency=False, variants={"train": ["original"], "test": ["original", "only_fg"]},
-             segmentation={"method": "masks"})
+             segmentation={"method": "masks"},
+             stats={"exploratory": False, "confirmatory": [{"a": "original:original", "b": "original:only_fg"}]})
     # predictions for the narrower protocol: keep only its conditions
     preds = pd.read_parquet(run_dir / "predictions.parquet")
     preds = preds[(preds.train_variant == "original") & preds.test_variant.isin(["original", "only_fg"])]

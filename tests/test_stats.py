@@ -97,13 +97,13 @@ def make_predictions(
     return pd.concat(frames, ignore_index=True)
 
 
-def make_run(tmp_path: Path, preds: pd.DataFrame, **stats) -> Path:
+def make_run(tmp_path: Path, preds: pd.DataFrame, *, extra_test=(), **stats) -> Path:
     run = tmp_path / "run"
     models = [{"arch": "resnet", "depth": 10, "label": m} for m in sorted(preds["model"].unique())]
     p = Protocol.model_validate(
         {"name": "stats-test", "output": str(run), "models": models, "stats": {"bootstrap": 199, **stats},
          "variants": {"train": sorted(preds["train_variant"].unique(), key=lambda v: v != "original"),
-                      "test": sorted(preds["test_variant"].unique())}}
+                      "test": sorted(preds["test_variant"].unique()) + list(extra_test)}}
     )  # fmt: skip
     run.mkdir(parents=True, exist_ok=True)
     write_resolved(p)
@@ -445,7 +445,8 @@ def test_run_stats_user_errors(tmp_path):
     with pytest.raises(CellbgError, match="run folder not found"):
         run_stats(tmp_path / "nope")
     preds = make_predictions(patients=3, cells=4, seeds=(0,), test=("original", "only_fg"))
-    run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:no_fg")])
+    run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:no_fg")],
+                   extra_test=["no_fg"])  # planned, but the predictions lack it
     want = (r"condition 'original:no_fg' has no predictions for model 'resnet' \(did you mean 'original:only_fg'\?\); "
             r"available: only_fg:only_fg")
     with pytest.raises(CellbgError, match=want):
@@ -680,3 +681,45 @@ def test_nan_p_reads_not_computed_never_not_significant(tmp_path):
     summary = (run / "stats" / "summary.md").read_text()
     line = next(ln for ln in summary.splitlines() if ln.startswith("- resnet"))
     assert "p not computed" in line and "not significant" not in line
+
+
+def test_report_with_no_confirmatory_comparison_and_a_not_computed_p(tmp_path):
+    # issue 22: `confirmatory: []` made `cellbg report` fail with IndexError in _join;
+    # issue 16: a NaN p must read "not computed" in the report too.
+    from cellbg.report import write_report
+
+    preds = make_predictions(patients=5, cells=6, seeds=(0,), test=("original", "only_fg"))
+    preds.loc[preds.test_variant == "only_fg", "correct"] = True  # separation in every comparison with only_fg
+    preds.loc[(preds.test_variant == "original") & (preds.train_variant == "original"), "correct"] = True
+    run = make_run(tmp_path, preds, confirmatory=[], primary="gee", bootstrap=0)
+    (run / "protocol.resolved.yaml").write_text(
+        (run / "protocol.resolved.yaml").read_text().replace("figures: true", "figures: false"))
+    table = run_stats(run)
+    assert (table.family == "confirmatory").sum() == 0
+    assert table[(table.family == "exploratory") & (table.role == "primary")].pvalue.isna().any()
+    folder = write_report(run)
+    text = (folder / "report.md").read_text()
+    assert "No confirmatory comparison was planned" in text
+    assert "not computed" in text and "it is not a negative result" in text
+
+
+def test_validate_refuses_a_stats_section_that_cannot_be_carried_out(tmp_path):
+    from cellbg.cli import app
+    from cellbg.protocol import parse_protocol
+
+    with pytest.raises(CellbgError, match="would test nothing"):
+        parse_protocol("name: x\nstats: {confirmatory: [], exploratory: false}\n")
+    with pytest.raises(CellbgError, match=r"'no_fgg' is not in variants.test .*did you mean 'no_fg'"):
+        parse_protocol("name: x\nstats: {confirmatory: [{a: 'original:original', b: 'original:no_fgg'}]}\n")
+    want = r"confirmatory\[0\].a = 'bg_blur\(2\):original': 'bg_blur\(2\)' is not in variants.train"
+    with pytest.raises(CellbgError, match=want):
+        parse_protocol("name: x\nstats: {confirmatory: [{a: 'bg_blur(2):original', b: 'original:only_fg'}]}\n")
+    # no confirmatory comparison with the exploratory grid is a valid plan; spelling may differ
+    assert parse_protocol("name: x\nstats: {confirmatory: []}\n").stats.confirmatory == []
+    ok = ("name: x\nvariants: {test: [original, 'bg_blur(2)']}\n"
+          "stats: {confirmatory: [{a: 'original:original', b: 'original:bg_blur(2.0)'}]}\n")
+    assert parse_protocol(ok).stats.confirmatory[0].b == "original:bg_blur(2.0)"
+    proto = tmp_path / "p.yaml"
+    proto.write_text("name: x\ndata: {source: synthetic}\nstats: {confirmatory: [], exploratory: false}\n")
+    res = CliRunner().invoke(app, ["validate", str(proto)])
+    assert res.exit_code == 2 and "would test nothing" in res.output

@@ -186,6 +186,14 @@ def _int(x) -> str:
     return "–" if _isnan(x) else str(int(round(float(x))))
 
 
+_NOT_COMPUTED = "not computed"
+
+
+def _p_test(x) -> str:
+    """A test's p-value; NaN means the test could not be computed, never "not significant"."""
+    return _NOT_COMPUTED if _isnan(x) else _p(x)
+
+
 def _p(x) -> str:
     if _isnan(x):
         return "–"
@@ -454,15 +462,19 @@ def significance_tables(tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
         col, how = _FAMILY_ADJUSTMENT.get(str(r.family), ("p_holm", "Holm"))
         adj = getattr(r, col)
         main_rows.append(labels(r, m, s) + [_pp_ci(r.estimate, r.ci_low, r.ci_high), _text(r.method),
-                                            _int(r.n_patients), _p(r.pvalue),
-                                            "–" if _isnan(adj) else f"{_p(adj)} ({how})"])
+                                            _int(r.n_patients), _p_test(r.pvalue),
+                                            _p_test(adj) if _isnan(adj) else f"{_p(adj)} ({how})"])
     main = pd.DataFrame(main_rows, columns=head + ["Δ = b − a, pp [95% CI]", "test", "patients", "p", "p adj."])
     sec_rows = []
     for r, m, s in zip(t[~primary].itertuples(index=False), measures[~primary], saliency[~primary], strict=True):
         bc = "–" if _isnan(r.mcnemar_b) else f"{_int(r.mcnemar_b)}/{_int(r.mcnemar_c)}"
         sec_rows.append(labels(r, m, s) + [str(r.role), _text(r.method), _pp_ci(r.estimate, r.ci_low, r.ci_high),
-                                           _p(r.pvalue), bc, _int(r.n_cells)])
+                                           _p_test(r.pvalue), bc, _int(r.n_cells)])
     secondary = pd.DataFrame(sec_rows, columns=head + ["role", "test", "Δ, pp [95% CI]", "p", "McNemar b/c", "cells"])
+    for rows, notes in ((main, main_notes), (secondary, secondary_notes)):
+        if len(rows) and (rows["p"] == _NOT_COMPUTED).any():
+            notes.append(f"p {_NOT_COMPUTED}: the test could not be computed for these data (the row's note in "
+                         "stats/tests.csv says why, e.g. separation or no variation); it is not a negative result.")
     if len(secondary):
         secondary_notes.append(
             "These p are not adjusted and are conditional: cell-level tests (McNemar) treat the cells as "
