@@ -11,6 +11,7 @@ watershed seeds        maxima of the distance map smoothed at sigma = d / 8 (plu
                        intensity's Laplacian of Gaussian at the cell scale for
                        ``seeds='log'``), at least 0.4 d apart
 local threshold        Gaussian window of 2 d + 1 pixels (``threshold='local'``)
+outline                each object's edge at 0.4 of its own height above the background
 size filter            objects under 0.1 x the area of a disc of diameter d are dropped
 =====================  ==================================================================
 
@@ -33,6 +34,10 @@ log = logging.getLogger("cellbg.segment")
 
 THRESHOLDS = ("robust", "otsu", "li", "local")
 SEEDS = ("distance", "log")
+#: An object's outline lies where its signal falls to this fraction of its own height above
+#: the background (0.5 is exact for a sharp edge blurred by the optics; a little lower keeps
+#: the visible rim of real nuclei, whose edges are softer than a blurred step).
+EDGE_FRACTION = 0.4
 STAINS = ("auto", "hematoxylin", "eosin", "dab", "giemsa", "giemsa_eosin", "none")
 
 
@@ -85,23 +90,42 @@ def _is_brightfield(planes: np.ndarray) -> bool:
     return bool(np.mean(hi - p90) < np.mean(p10 - lo))
 
 
-def _auto_stain(rgb01: np.ndarray) -> tuple[str, dict]:
-    """The nuclear stain whose absorbance direction best matches the most absorbing pixels.
+def _pair_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``rgb_from_stains`` of two stains, the third row their normalised cross product."""
+    m = np.array([a / np.linalg.norm(a), b / np.linalg.norm(b), np.zeros(3)])
+    m[2] = np.cross(m[0], m[1])
+    m[2] /= np.linalg.norm(m[2])
+    return m
 
-    Optical density ``-log(I)`` of the 5 % most absorbing pixels, averaged and normalised,
-    is compared (cosine) with haematoxylin's and Giemsa's methylene-blue vectors.
+
+def _auto_stain(rgb01: np.ndarray) -> tuple[str, dict]:
+    """The nuclear stain of the stain pair that explains the image's colours best.
+
+    Each candidate pair (haematoxylin + eosin, haematoxylin + DAB, Giemsa's methylene blue +
+    eosin) spans a plane of optical-density space; the share of the stained pixels' optical
+    density that falls outside that plane is the pair's residual. The pair with the smallest
+    residual names the nuclear stain: haematoxylin for the first two, giemsa for the last.
     """
+    from skimage import color
+
     od = -np.log(np.clip(rgb01[::2, ::2].reshape(-1, 3), 1 / 255, 1.0))
     total = od.sum(axis=1)
-    top = od[total >= np.quantile(total, 0.95)]
-    direction = top.mean(axis=0)
-    direction /= np.linalg.norm(direction) + 1e-12
-    mats = _stain_matrices()
-    cos = {}
-    for name in ("hematoxylin", "giemsa"):
-        vector = mats[name][1]
-        cos[name] = float(direction @ (vector / np.linalg.norm(vector)))
-    return max(cos, key=cos.get), cos
+    stained = od[total > max(0.15, float(np.quantile(total, 0.25)))]
+    if len(stained) < 10:
+        stained = od
+    rgb_from_hed = np.linalg.inv(color.hed_from_rgb)
+    rgb_from_bex = np.linalg.inv(color.bex_from_rgb)
+    pairs = {
+        "hematoxylin+eosin": _pair_matrix(rgb_from_hed[0], rgb_from_hed[1]),
+        "hematoxylin+dab": _pair_matrix(rgb_from_hed[0], rgb_from_hed[2]),
+        "giemsa": _pair_matrix(rgb_from_bex[0], rgb_from_bex[1]),
+    }
+    residual = {}
+    for name, m in pairs.items():
+        conc = stained @ np.linalg.inv(m)  # OD = conc @ m
+        residual[name] = float(np.abs(conc[:, 2]).sum() / (np.abs(conc).sum() + 1e-12))
+    best = min(residual, key=residual.get)
+    return ("giemsa" if best == "giemsa" else "hematoxylin"), residual
 
 
 def intensity_plane(
@@ -130,8 +154,8 @@ def intensity_plane(
         rgb01 = _as_rgb01(image)
         if stain == "auto":
             stain, cos = _auto_stain(rgb01)
-            why = ", ".join(f"{k} {v:.2f}" for k, v in cos.items())
-            desc = f"stain {stain} (colour deconvolution; brightfield RGB, cosine to the darkest pixels: {why})"
+            why = ", ".join(f"{k} {v:.3f}" for k, v in cos.items())
+            desc = f"stain {stain} (colour deconvolution; brightfield RGB; residual of each stain pair: {why})"
         else:
             desc = f"stain {stain} (colour deconvolution, given)"
         mat, _, index = _stain_matrices()[stain]
@@ -286,12 +310,12 @@ def scaled(diameter: float) -> dict:
     }
 
 
-def refine_edges(labels: np.ndarray, x: np.ndarray, fg: np.ndarray, *, fraction: float = 0.5) -> np.ndarray:
+def refine_edges(labels: np.ndarray, x: np.ndarray, fg: np.ndarray, *, fraction: float = EDGE_FRACTION) -> np.ndarray:
     """Each object's outline at ``fraction`` of its own height above the background.
 
     The height is the object's 90th intensity percentile (robust to a bright speck) minus the
-    background median (pixels outside ``fg``), so a dim cell's edge lies where its own signal
-    halves, as a bright cell's does;
+    background median (pixels outside ``fg``), so a dim cell's edge lies at the same fraction
+    of its own signal as a bright cell's does;
     one global threshold puts a bright cell's edge outside its blur and a dim one's inside.
     Holes left inside an object are given back to it.
     """

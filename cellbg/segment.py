@@ -100,7 +100,9 @@ def segment_threshold(
     background (lower quartile of 4 d blocks, subtracted), an opening (radius d/10), the
     watershed seeds (maxima of the distance map smoothed at d/8, at least 0.4 d apart),
     the local-threshold window (2 d + 1) and the smallest object (0.1 x the area of a disc of
-    diameter d). Any of these can still be set by hand. Doubling the image size and
+    diameter d). Each object's outline is then set where its signal falls to 0.4 of its own
+    height above the background (so dim cells keep their extent), and the refined outlines are
+    split once more. Any scale can still be set by hand. Doubling the image size and
     ``diameter`` together gives the same objects at twice the size.
 
     Parameters
@@ -244,8 +246,8 @@ def segment_threshold(
         intensity=x if seeds == "log" else None,
         log_sigma=s["log_sigma"],
     )
-    labels = T.refine_edges(labels, x, fg)
-    # Split again on the refined outlines: a clump joined below half its height now shows
+    labels = T.refine_edges(labels, x, fg, fraction=T.EDGE_FRACTION)
+    # Split again on the refined outlines: a clump joined low down now shows
     # the necks between its cells. Boundaries between objects are kept.
     from skimage.segmentation import find_boundaries, watershed
 
