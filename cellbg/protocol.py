@@ -463,7 +463,8 @@ class ExecutorConfig(_Section):
 
 
 class ReportConfig(_Section):
-    formats: list[Literal["md", "html", "tex"]] = ["md", "html", "tex"]
+    formats: list[Literal["md", "html", "tex", "pdf"]] = Field(
+        ["md", "html", "tex"], description="pdf: report.pdf through pdflatex (TeX Live; scripts/system-deps.sh)")
     figures: bool = True
     title: str | None = None
 

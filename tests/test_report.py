@@ -192,7 +192,7 @@ def make_run(run_dir: Path, *, with_predictions=True, with_stats=True, with_jobs
 def full_run(tmp_path_factory):
     """A run with every input, reported in a fresh interpreter that must never import torch."""
     run_dir = tmp_path_factory.mktemp("report") / "run"
-    made = make_run(run_dir)
+    made = make_run(run_dir, report={"formats": ["md", "html", "tex", "pdf"]})
     code = (
         "import sys\nimport cellbg.report as r\nassert 'torch' not in sys.modules, 'import'\n"
         f"r.write_report({str(run_dir)!r}, gallery_cells=2)\n"
@@ -460,7 +460,7 @@ def test_figures_and_html_are_self_contained(full_run):
     names = {"accuracy_heatmap", "forest_gaps", "ring_width", "colour_blur", "mask_quality",
              "training_curves", "saliency_gallery"}
     assert {p.stem for p in figs.glob("*.png")} == names
-    assert {p.stem for p in figs.glob("*.svg")} == names
+    assert {p.stem for p in figs.glob("*.pdf")} == names
     html = (full_run["report"] / "report.html").read_text()
     srcs = re.findall(r"src='([^']*)'", html)
     assert len(srcs) == len(names) and all(s.startswith("data:image/png;base64,") for s in srcs)
@@ -472,6 +472,81 @@ def test_figures_and_html_are_self_contained(full_run):
     sal = full_run["saliency"]
     for model, g in sal.groupby("model"):
         assert f"{g['background_share'].mean():.3f} ± {g['background_share'].std():.3f}" in html
+
+
+def _pdf_page_size_and_fonts(path: Path) -> tuple[tuple[float, float], list[float]]:
+    """The first MediaBox (points) and every font size set with ``Tf`` in a PDF's streams."""
+    import zlib
+
+    data = path.read_bytes()
+    box = re.search(rb"/MediaBox\s*\[\s*([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*\]", data)
+    size = (float(box[3]) - float(box[1]), float(box[4]) - float(box[2]))
+    sizes = []
+    for m in re.finditer(rb"stream\r?\n", data):
+        end = data.find(b"endstream", m.end())
+        raw = data[m.end():end]
+        try:
+            raw = zlib.decompress(raw)
+        except zlib.error:
+            pass
+        sizes += [float(x) for x in re.findall(rb"/F\d+\s+([\d.]+)\s+Tf", raw)]
+    return size, sizes
+
+
+def test_figures_print_size_and_fonts(full_run):
+    """Every figure is a journal width (3.5 or 7.2 in) as a vector PDF and a 300-dpi PNG, and
+    its smallest text is at least 7 pt at that size (read from the saved files)."""
+    from PIL import Image
+
+    figs = sorted((full_run["report"] / "figures").glob("*.pdf"))
+    assert len(figs) == 7
+    widths = set()
+    for pdf in figs:
+        (w, h), sizes = _pdf_page_size_and_fonts(pdf)
+        assert round(w / 72, 2) in (3.5, 7.2), (pdf.name, w / 72)
+        widths.add(round(w / 72, 2))
+        assert sizes and min(sizes) >= 7.0, (pdf.name, sorted(set(sizes)))
+        png = Image.open(pdf.with_suffix(".png"))
+        assert png.size == (round(w / 72 * 300), round(h / 72 * 300)), pdf.name
+        assert png.info["dpi"] == pytest.approx((300, 300), abs=0.01)
+    assert widths == {3.5, 7.2}
+    # labels in words, not condition codes
+    forest = (full_run["report"] / "figures" / "forest_gaps.pdf")
+    assert forest.exists()
+    md = (full_run["report"] / "report.md").read_text()
+    assert "each label reads as the difference it shows" in md
+
+
+def test_figure_labels_in_words():
+    from cellbg.report.figures import comparison_words, condition_words
+
+    assert condition_words("original:mixed_rand") == "trained on original, tested on mixed_rand"
+    assert comparison_words("original:original", "only_fg:original") == "tested on original: trained on only_fg − original"
+    assert comparison_words("original:original", "only_fg:mixed_next") == (
+        "(trained on only_fg, tested on mixed_next) − (trained on original, tested on original)")
+
+
+def test_pdf_report(full_run, tmp_path):
+    """report.pdf is a real PDF of the whole report; its first page renders to an image."""
+    pdf = full_run["report"] / "report.pdf"
+    if shutil.which("pdflatex") is None:
+        assert not pdf.exists()
+        assert "no `report.pdf`" in (full_run["report"] / "report.md").read_text()
+        pytest.skip("no pdflatex: the report says why there is no PDF")
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert (full_run["report"] / "report.tex").exists()
+    assert not list(full_run["report"].glob("*.aux")) and not list(full_run["report"].glob("*.log"))
+    if shutil.which("pdftoppm") is not None:
+        subprocess.run(["pdftoppm", "-r", "40", "-png", "-f", "1", "-l", "1", str(pdf), str(tmp_path / "p")],
+                       check=True, timeout=60)
+        from PIL import Image
+
+        page = np.asarray(Image.open(next(tmp_path.glob("p*.png"))).convert("L"))
+        assert page.shape[0] > page.shape[1] and (page < 128).mean() > 0.005  # A4 portrait, with text on it
+    if shutil.which("pdftotext") is not None:
+        text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, timeout=60).stdout
+        for words in ("Significance tests", "BG-GAP", "Methods", "Provenance", "85.0"):
+            assert words in text, words
 
 
 # --------------------------------------------------------------------------- methods, provenance

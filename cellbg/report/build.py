@@ -13,6 +13,7 @@ from cellbg._io import atomic_dir
 from cellbg.report.document import _Doc
 from cellbg.report.figures import _Figures
 from cellbg.report.methods import _methods, _provenance
+from cellbg.report.pdf import compile_pdf, first_error, latex_document, pdflatex
 from cellbg.report.reading import _read_run
 from cellbg.report.sections import (
     _section_accuracy,
@@ -39,10 +40,10 @@ def write_report(run_dir: str | Path, *, gallery_cells: int = 4) -> Path:
     Returns
     -------
     Path
-        The report folder. It holds ``report.md`` and ``report.html`` (when the protocol's
-        ``report.formats`` list them), ``tables/*.tex`` (``tex``) and ``figures/*.png|svg``
-        (``report.figures``). The folder is replaced as a whole, so a failed report never
-        leaves a half-written one.
+        The report folder. It holds ``report.md``, ``report.html``, ``report.pdf`` (with its
+        source ``report.tex``) when the protocol's ``report.formats`` list them,
+        ``tables/*.tex`` (``tex``) and ``figures/*.pdf|png`` (``report.figures``). The
+        folder is replaced as a whole, so a failed report never leaves a half-written one.
 
     Raises
     ------
@@ -68,27 +69,63 @@ def write_report(run_dir: str | Path, *, gallery_cells: int = 4) -> Path:
         _section_overview(doc, run)
         if not cfg.figures:
             doc.absent("figures are switched off in the protocol (`report.figures: false`).")
-        acc = _section_accuracy(doc, run, figs, tex)
-        _section_bg_gap(doc, run, tex)
-        _section_tests(doc, run, figs, tex)
-        _section_factors(doc, run, acc, figs)
-        _section_training(doc, run, figs)
-        _section_saliency(doc, run, figs, gallery_cells)
-        _section_segmentation(doc, run, tex)
+        with figs.style():  # figures at print size: fonts >= 7 pt
+            acc = _section_accuracy(doc, run, figs, tex)
+            _section_bg_gap(doc, run, tex)
+            _section_tests(doc, run, figs, tex)
+            _section_factors(doc, run, acc, figs)
+            _section_training(doc, run, figs)
+            _section_saliency(doc, run, figs, gallery_cells)
+            _section_segmentation(doc, run, tex)
         doc.heading("Methods")
         doc.para(_methods(run))
         doc.heading("Provenance")
         doc.code(_provenance(run, started))
-        if doc.missing:
-            # Say up front what the report lacks; each item is repeated in its section.
-            doc.blocks.insert(1, ("para", "**Parts not available in this run:** " + " ".join(
-                f"({i}) {m}" for i, m in enumerate(doc.missing, 1))))
+        if "pdf" in cfg.formats and pdflatex() is None:
+            doc.absent("no `report.pdf`: the protocol asks for it (`report.formats`), but this machine has no "
+                       "TeX engine (`pdflatex`); install TeX Live (`bash scripts/system-deps.sh` as root, or "
+                       "`apt-get install texlive-latex-base texlive-latex-recommended texlive-fonts-recommended`) "
+                       "and run `cellbg report` again, or print `report.html`.")
+        n_missing = _say_missing(doc, 0)
         if "tex" in cfg.formats:
             (tmp / "tables").mkdir(exist_ok=True)
             for name, text in tex.items():
                 (tmp / "tables" / f"{name}.tex").write_text(text, encoding="utf-8")
+        if "pdf" in cfg.formats:
+            _write_pdf(doc, tex, tmp)
+            _say_missing(doc, n_missing)
         if "md" in cfg.formats:
             (tmp / "report.md").write_text(doc.markdown(), encoding="utf-8")
         if "html" in cfg.formats:
             (tmp / "report.html").write_text(doc.html(), encoding="utf-8")
     return target
+
+
+def _say_missing(doc: _Doc, shown: int) -> int:
+    """Say up front what the report lacks (each item is repeated in its section); replaces the
+    list already shown (``shown`` items) when more went missing since. Returns the count."""
+    if doc.missing and len(doc.missing) != shown:
+        block = ("para", "**Parts not available in this run:** " + " ".join(
+            f"({i}) {m}" for i, m in enumerate(doc.missing, 1)))
+        if shown:
+            doc.blocks[1] = block
+        else:
+            doc.blocks.insert(1, block)
+    return len(doc.missing)
+
+
+def _write_pdf(doc: _Doc, tex: dict[str, str], folder: Path) -> None:
+    """``report.tex`` and ``report.pdf`` in ``folder`` (figures already in ``figures/``).
+
+    When pdflatex fails, ``report.tex`` and its log (``report-pdf.log``) are kept and the
+    report says so; the other formats are written as usual.
+    """
+    if pdflatex() is None:
+        return  # said in the report (see write_report)
+    source = folder / "report.tex"
+    source.write_text(latex_document(doc.title, doc.blocks, tex), encoding="utf-8")
+    pdf, log = compile_pdf(source)
+    if pdf is None:
+        (folder / "report-pdf.log").write_text(log, encoding="utf-8")
+        doc.absent(f"no `report.pdf`: pdflatex stopped at {first_error(log)} (the source is `report.tex`, "
+                   "the log `report-pdf.log`).")

@@ -57,7 +57,7 @@ class _Doc:
                 out += [f"Note: {n}" + "\n" for n in notes]
             elif kind == "figure":
                 name, caption, _ = value
-                out += [f"![{caption}](figures/{name}.png)", "", f"*{caption}* (also `figures/{name}.svg`)", ""]
+                out += [f"![{caption}](figures/{name}.png)", "", f"*{caption}* (vector: `figures/{name}.pdf`)", ""]
             elif kind == "code":
                 out += ["```", value, "```", ""]
         return "\n".join(out).rstrip() + "\n"
@@ -118,6 +118,23 @@ figcaption {{ font-size: .9em; color: #444; margin: .3em 0; }}
 p.absent {{ background: #fff6e0; border-left: 4px solid #E69F00; padding: .4em .8em; }}
 pre {{ background: #f4f6f8; padding: .8em; overflow-x: auto; font-size: .85em; }}
 code {{ background: #f0f0f0; padding: 0 .2em; border-radius: 3px; }}
+p.note {{ font-size: .8em; color: #444; margin: .2em 0; }}
+@page {{ size: A4; margin: 14mm 12mm; }}
+@media print {{
+  /* Printing: every column on the page (tables wrap instead of scrolling), figures at
+     column width, no break inside a figure or a table row, headings kept with what follows. */
+  body {{ max-width: none; margin: 0; padding: 0; font-size: 9pt; line-height: 1.3; }}
+  h1 {{ font-size: 15pt; }} h2 {{ font-size: 12pt; break-after: avoid; page-break-after: avoid; }}
+  .scroll {{ overflow: visible; }}
+  table {{ width: 100%; table-layout: auto; font-size: 6.5pt; }}
+  .num {{ white-space: normal; }}
+  .txt {{ min-width: 0; word-break: break-word; }}
+  thead {{ display: table-header-group; }}
+  tr, figure, pre {{ break-inside: avoid; page-break-inside: avoid; }}
+  figure img {{ max-width: 100%; border: none; }}
+  tbody tr:nth-child(even) {{ background: none; }}
+  pre {{ white-space: pre-wrap; word-break: break-all; font-size: 7pt; }}
+}}
 </style>
 </head>
 <body>

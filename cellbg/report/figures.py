@@ -13,12 +13,40 @@ import pandas as pd
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 
 
+#: Print widths of journal figures, in inches: one column and two columns (double).
+SINGLE_COLUMN = 3.5
+DOUBLE_COLUMN = 7.2
+#: Smallest font size at print size, in points (journals ask for 6-8 pt).
+MIN_FONT_PT = 7.0
+#: Figure style at print size: nothing below 7 pt; TrueType fonts embedded in the PDF.
+PAPER_RC = {
+    "font.family": "DejaVu Sans", "font.size": 7.5, "axes.titlesize": 8.0, "axes.labelsize": 7.5,
+    "xtick.labelsize": 7.0, "ytick.labelsize": 7.0, "legend.fontsize": 7.0, "legend.title_fontsize": 7.0,
+    "figure.titlesize": 8.5, "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6,
+    "lines.linewidth": 1.0, "lines.markersize": 3.5, "pdf.fonttype": 42, "legend.frameon": False,
+}
+
+
 class _Figures:
-    """Makes matplotlib figures without pyplot (no global backend state) and keeps them."""
+    """Makes matplotlib figures without pyplot (no global backend state) and keeps them.
+
+    Figures are made at their print width (:data:`SINGLE_COLUMN` or :data:`DOUBLE_COLUMN`)
+    inside :meth:`style`, and saved as a vector PDF and a 300-dpi PNG of that size.
+    """
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.out_dir = out_dir
         self.enabled = enabled
+
+    def style(self):
+        """A context in which figures get the paper style (:data:`PAPER_RC`)."""
+        import contextlib
+
+        if not self.enabled:
+            return contextlib.nullcontext()
+        import matplotlib
+
+        return matplotlib.rc_context(PAPER_RC)
 
     def new(self, width: float, height: float):
         from matplotlib.figure import Figure
@@ -26,17 +54,47 @@ class _Figures:
         return Figure(figsize=(width, height), layout="constrained")
 
     def save(self, fig, name: str) -> bytes:
-        import matplotlib
-
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # Fixed hash salt and no dates keep the files identical from run to run.
-        with matplotlib.rc_context({"svg.hashsalt": "cellbg", "svg.fonttype": "none"}):
-            fig.savefig(self.out_dir / f"{name}.svg", format="svg", metadata={"Date": None})
+        # No dates or software names: the same run gives the same bytes.
+        fig.savefig(self.out_dir / f"{name}.pdf", format="pdf", metadata={"CreationDate": None, "Producer": None})
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+        fig.savefig(buf, format="png", dpi=300, metadata={"Software": None})
         png = buf.getvalue()
         (self.out_dir / f"{name}.png").write_bytes(png)
         return png
+
+
+def condition_words(condition: str) -> str:
+    """``"original:mixed_rand"`` -> ``"trained on original, tested on mixed_rand"``.
+
+    Examples
+    --------
+    >>> condition_words("only_fg:original")
+    'trained on only_fg, tested on original'
+    """
+    train, _, test = str(condition).partition(":")
+    return f"trained on {train}, tested on {test}" if test else str(condition)
+
+
+def comparison_words(a: str, b: str, name: str = "") -> str:
+    """The difference b − a in words, naming what the two conditions share once.
+
+    Examples
+    --------
+    >>> comparison_words("original:original", "original:only_fg")
+    'trained on original: tested on only_fg − original'
+    >>> comparison_words("original:mixed_rand", "original:mixed_same", "BG-GAP (original)")
+    'BG-GAP, trained on original: tested on mixed_same − mixed_rand'
+    """
+    ta, _, va = str(a).partition(":")
+    tb, _, vb = str(b).partition(":")
+    if ta == tb:
+        text = f"trained on {ta}: tested on {vb} − {va}"
+    elif va == vb:
+        text = f"tested on {va}: trained on {tb} − {ta}"
+    else:
+        text = f"({condition_words(b)}) − ({condition_words(a)})"
+    return ("BG-GAP, " + text) if str(name).startswith("BG-GAP") else text
 
 
 def _series_colour(i: int) -> str:
@@ -45,7 +103,8 @@ def _series_colour(i: int) -> str:
 
 def _heatmap(figs: _Figures, acc: pd.DataFrame, models: list[str], trains: list[str], tests: list[str]):
     n = len(models)
-    fig = figs.new(min(2.0 + 0.95 * len(tests), 11.0) , 0.6 + (0.55 * len(trains) + 1.3) * n)
+    width = DOUBLE_COLUMN if len(tests) > 4 else SINGLE_COLUMN
+    fig = figs.new(width, 0.4 + (0.28 * len(trains) + 1.15) * n)
     axes = fig.subplots(n, 1, squeeze=False)[:, 0]
     im = None
     for ax, model in zip(axes, models, strict=True):
@@ -61,13 +120,12 @@ def _heatmap(figs: _Figures, acc: pd.DataFrame, models: list[str], trains: list[
         for i in range(mat.shape[0]):
             for j in range(mat.shape[1]):
                 if np.isfinite(mat[i, j]):
-                    ax.text(j, i, f"{mat[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                    ax.text(j, i, f"{mat[i, j]:.1f}", ha="center", va="center", fontsize=7,
                             color="black" if mat[i, j] > 60 else "white")
-        ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
-        ax.set_ylabel("train variant")
-        ax.set_title(f"{model}: accuracy (%)", fontsize=10)
-    axes[-1].set_xlabel("test variant")
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+        ax.set_yticks(range(len(rows)), [f"trained on {r}" for r in rows])
+        ax.set_title(f"{model}: accuracy (%)", loc="left")
+    axes[-1].set_xlabel("tested on")
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="accuracy (%)")
     return fig
 
@@ -75,7 +133,7 @@ def _heatmap(figs: _Figures, acc: pd.DataFrame, models: list[str], trains: list[
 def _forest(figs: _Figures, tests: pd.DataFrame):
     models = list(dict.fromkeys(tests["model"].astype(str)))
     heights = [max(len(tests[tests["model"].astype(str) == m]), 1) for m in models]
-    fig = figs.new(8.0, 1.0 + 0.28 * sum(heights) + 0.5 * len(models))
+    fig = figs.new(DOUBLE_COLUMN, 0.7 + 0.17 * sum(heights) + 0.35 * len(models))
     axes = fig.subplots(len(models), 1, squeeze=False, sharex=True,
                         gridspec_kw={"height_ratios": heights})[:, 0]
     families = list(dict.fromkeys(tests["family"].astype(str)))
@@ -93,23 +151,23 @@ def _forest(figs: _Figures, tests: pd.DataFrame):
             err = np.vstack([est - lo, hi - est])
             err = np.where(np.isfinite(err), err, 0.0)
             ax.errorbar(est, y[sel], xerr=err, fmt=markers[k % len(markers)], color=_series_colour(k),
-                        ecolor=_series_colour(k), capsize=3, label=fam, markersize=5)
+                        ecolor=_series_colour(k), capsize=2, label=fam, markersize=4)
         ax.axvline(0.0, color="0.4", lw=0.8, ls="--")
-        names = sub["comparison"].astype(str)
+        names = sub["label"].astype(str) if "label" in sub.columns else sub["comparison"].astype(str)
         if names.duplicated(keep=False).any():  # the same pair under two tests: name the test
             names = names + "  [" + sub["method"].astype("string").fillna("").astype(str) + "]"
-        ax.set_yticks(y, names, fontsize=7)
-        ax.set_title(model, fontsize=10, loc="left")
+        ax.set_yticks(y, names)
+        ax.set_ylim(-0.6, len(sub) - 0.4)
+        ax.set_title(model, loc="left")
         ax.grid(axis="x", color="0.9")
-    axes[-1].set_xlabel("estimate (b − a) with 95% CI")
+    axes[-1].set_xlabel("difference in accuracy (percentage points) with 95% CI")
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, fontsize=7, title="family", title_fontsize=7, loc="outside lower center",
-               ncols=max(len(labels), 1))
+    fig.legend(handles, labels, title="test family", loc="outside lower center", ncols=max(len(labels), 1))
     return fig
 
 
@@ -123,33 +181,33 @@ def _sweep_plot(figs: _Figures, series: list[dict], *, xlabel: str, title: str, 
     from matplotlib.ticker import MaxNLocator
 
     panels = list(dict.fromkeys(s["panel"] for s in series))
-    fig = figs.new(min(1.0 + 4.2 * len(panels), 13.0), 4.0)
+    fig = figs.new(SINGLE_COLUMN if len(panels) == 1 else DOUBLE_COLUMN, 2.6)
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     ref_styles = {}
     for ax, panel in zip(axes, panels, strict=True):
         for i, s in enumerate(x for x in series if x["panel"] == panel):
             colour = _series_colour(i)
             ax.errorbar(s["x"], 100 * np.asarray(s["y"], float), yerr=100 * np.nan_to_num(np.asarray(s["sd"], float)),
-                        fmt="-o", color=colour, capsize=3, label=s["label"], markersize=4)
+                        fmt="-o", color=colour, capsize=2, label=s["label"])
             for ref in refs:
                 if ref["key"] == s["key"] and np.isfinite(ref["y"]):
                     ax.axhline(100 * ref["y"], color=colour, ls=ref["ls"], lw=1.0)
                     ref_styles[ref["name"]] = ref["ls"]
-        ax.set_title(f"{panel}", fontsize=10)
+        ax.set_title(f"{panel}", loc="left")
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(color="0.92")
         handles, labels = ax.get_legend_handles_labels()
         handles += [Line2D([], [], color="0.3", ls=ls, lw=1.0) for ls in ref_styles.values()]
         labels += [f"{name} level" for name in ref_styles]
-        ax.legend(handles, labels, fontsize=7, loc="best")
+        ax.legend(handles, labels, loc="best")
     axes[0].set_ylabel("accuracy (%)")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title)
     return fig
 
 
 def _bars(figs: _Figures, panels: list[tuple[str, list[str]]], acc: pd.DataFrame, groups: list[tuple[str, str]]):
-    fig = figs.new(min(3.0 + 1.6 * sum(len(v) for _, v in panels), 12.0), 4.2)
+    fig = figs.new(DOUBLE_COLUMN, 2.9)
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     idx = acc.set_index(["model", "train_variant", "test_variant"])
     width = 0.8 / max(len(groups), 1)
@@ -160,14 +218,14 @@ def _bars(figs: _Figures, panels: list[tuple[str, list[str]]], acc: pd.DataFrame
             sd = [idx["sd"].get((model, train, v), np.nan) for v in variants]
             ax.bar(x + (g - (len(groups) - 1) / 2) * width, 100 * np.asarray(mean, float), width,
                    yerr=100 * np.nan_to_num(np.asarray(sd, float)), capsize=2, color=_series_colour(g),
-                   label=f"{model} / train {train}")
-        ax.set_xticks(x, variants, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=10)
+                   label=f"{model}, trained on {train}")
+        ax.set_xticks(x, variants, rotation=30, ha="right")
+        ax.set_title(title, loc="left")
         ax.set_ylim(0, 105)
         ax.grid(axis="y", color="0.92")
     axes[0].set_ylabel("accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncols=min(len(labels), 4))
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3))
     return fig
 
 
@@ -179,7 +237,7 @@ def _curves(figs: _Figures, histories: list[tuple[dict, pd.DataFrame]], order: l
                 if c not in metrics:
                     metrics.append(c)
     kinds = [k for k in ("loss", "acc") if any(k in m for m in metrics)]
-    fig = figs.new(5.0 * len(kinds), 3.8)
+    fig = figs.new(DOUBLE_COLUMN if len(kinds) > 1 else SINGLE_COLUMN, 2.6)
     axes = fig.subplots(1, len(kinds), squeeze=False)[0]
     from matplotlib.ticker import MaxNLocator
 
@@ -201,9 +259,10 @@ def _curves(figs: _Figures, histories: list[tuple[dict, pd.DataFrame]], order: l
         ax.grid(color="0.92")
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=_series_colour(i), label=f"{m} / train {t}") for i, (m, t) in enumerate(groups)]
-    handles += [Line2D([], [], color="0.3", ls=ls, label=k) for k, ls in styles.items()]
-    axes[-1].legend(handles=handles, fontsize=7, loc="best")
+    handles = [Line2D([], [], color=_series_colour(i), label=f"{m}, trained on {t}") for i, (m, t) in enumerate(groups)]
+    handles += [Line2D([], [], color="0.3", ls=ls, label={"train": "training", "val": "validation"}[k])
+                for k, ls in styles.items()]
+    fig.legend(handles=handles, loc="outside right upper")
     return fig
 
 

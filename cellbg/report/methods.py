@@ -164,7 +164,7 @@ def _run_time(run_dir: Path) -> str:
     if len(times) < 2:
         return "not known (too few stage outputs)"
     span = max(times) - min(times)
-    start = _dt.datetime.fromtimestamp(min(times), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    start = _dt.datetime.fromtimestamp(min(times), _dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return f"{span / 60:.1f} min from the first to the last stage output (first at {start})"
 
 

@@ -13,15 +13,19 @@ import pandas as pd
 from cellbg import __version__
 from cellbg.report.document import _Doc
 from cellbg.report.figures import (
+    DOUBLE_COLUMN,
+    SINGLE_COLUMN,
     _bars,
     _curves,
     _Figures,
     _forest,
     _heatmap,
     _sweep_plot,
+    comparison_words,
 )
 from cellbg.report.reading import _ordered, _Run
 from cellbg.report.tables import (
+    _is_bg_gap,
     _isnan,
     _mean_sd,
     _p,
@@ -154,15 +158,17 @@ def _section_tests(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) ->
     pair = forest["model"].astype(str) + "|" + forest["a"].astype(str) + "|" + forest["b"].astype(str)
     planned = set(pair[forest["family"].astype(str) == "confirmatory"])
     forest = forest[~((forest["family"].astype(str) == "exploratory") & pair.isin(planned))]
-    if "name" in forest.columns:
-        named = forest["name"].astype("string").fillna("").astype(str)  # all-empty reads back as float NaN
-        forest["comparison"] = np.where(named != "", named + ": " + forest["comparison"].astype(str),
-                                        forest["comparison"].astype(str))
+    named = forest["name"].astype("string").fillna("").astype(str)  # all-empty reads back as float NaN
+    forest["label"] = [comparison_words(a, b, n or ("BG-GAP" if _is_bg_gap(a, b) else ""))
+                       for a, b, n in zip(forest["a"].astype(str), forest["b"].astype(str), named, strict=True)]
+    for c in ("estimate", "ci_low", "ci_high"):  # percentage points, as in the tables
+        forest[c] = 100 * forest[c].astype(float)
     if figs.enabled and len(forest):
         png = figs.save(_forest(figs, forest), "forest_gaps")
-        doc.figure("forest_gaps", "Accuracy differences b − a (as fractions) with 95% CIs from the primary test of "
-                   "each comparison, per model; colour and marker give the test family; dashed line at no "
-                   "difference.", png)
+        doc.figure("forest_gaps", "Accuracy differences (percentage points) with 95% CIs from the primary test of "
+                   "each comparison, per model; each label reads as the difference it shows; colour and marker give "
+                   "the test family; dashed line at no difference. A comparison planned and also in the exploratory "
+                   "grid is drawn once.", png)
     elif figs.enabled:
         doc.absent("no primary accuracy test has a finite estimate, so there is no forest plot.")
 
@@ -254,7 +260,7 @@ def _section_factors(doc: _Doc, run: _Run, acc: pd.DataFrame | None, figs: _Figu
             ys = [idx["mean"].get((model, train, v), np.nan) for _, v in rings]
             sds = [idx["sd"].get((model, train, v), np.nan) for _, v in rings]
             series.append({"panel": model, "key": key, "x": [k for k, _ in rings], "y": ys, "sd": sds,
-                           "label": f"train {train}"})
+                           "label": f"trained on {train}"})
             for name, ls in (("only_fg", ":"), ("original", "--")):
                 refs.append({"key": key, "name": name, "ls": ls, "y": idx["mean"].get((model, train, name), np.nan)})
         png = figs.save(_sweep_plot(figs, series, xlabel="background ring width (pixels)",
@@ -295,7 +301,7 @@ def _section_factors(doc: _Doc, run: _Run, acc: pd.DataFrame | None, figs: _Figu
                     "panel": model, "key": (model, train, base), "x": [k for k, _ in pts],
                     "y": [idx["mean"].get((model, train, v), np.nan) for _, v in pts],
                     "sd": [idx["sd"].get((model, train, v), np.nan) for _, v in pts],
-                    "label": f"train {train} / test {base}",
+                    "label": f"trained on {train}, tested on {base}",
                 })
         png = figs.save(_sweep_plot(figs, series, xlabel="mask change (pixels; < 0 eroded, > 0 dilated)",
                                     title="Accuracy against mask erosion / dilation", refs=[]), "mask_quality")
@@ -406,7 +412,9 @@ def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tupl
             if cell in row_of:
                 crop_of[cell] = (_rgb(group["images"][row_of[cell]]), np.asarray(group["masks"][row_of[cell]], float))
     lead = 1 if crop_of else 0  # a first column with the plain crop, for context
-    fig = figs.new(1.65 * (len(columns) + lead) + 0.6, 1.85 * len(chosen) + 0.5)
+    n_cols = len(columns) + lead
+    width = SINGLE_COLUMN if n_cols <= 3 else DOUBLE_COLUMN
+    fig = figs.new(width, (width - 0.5) / n_cols * len(chosen) + 0.6)
     axes = fig.subplots(len(chosen), len(columns) + lead, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -418,7 +426,7 @@ def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tupl
             axes[i, 0].imshow(crop[0], cmap="gray" if crop[0].ndim == 2 else None)
             axes[i, 0].contour(crop[1], levels=[0.5], colors="white", linewidths=0.8)
         if i == 0 and lead:
-            axes[0, 0].set_title("crop", fontsize=8)
+            axes[0, 0].set_title("crop")
         for j, (model, method) in enumerate(columns):
             ax = axes[i, j + lead]
             r = sal[(sal["cell_id"] == cell) & (sal["model"] == model) & (sal["method"] == method)].iloc[0]
@@ -430,9 +438,9 @@ def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tupl
                 ax.contour(crop[1], levels=[0.5], colors="white", linewidths=0.8)
             else:
                 ax.imshow(heat, cmap="inferno", vmin=0, vmax=1)
-            ax.set_xlabel(f"bg share {float(r['background_share']):.2f}", fontsize=8)
+            ax.set_xlabel(f"background\nshare {float(r['background_share']):.2f}")
             if i == 0:
-                ax.set_title(f"{model}\n{method}" if len(methods) > 1 else model, fontsize=8)
+                ax.set_title(f"{model}\n{method}" if len(methods) > 1 else model)
     return figs.save(fig, "saliency_gallery"), train, seed
 
 
