@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml napari_plugin/pyproject.toml
 
 ## Run the quickstart protocol end to end on synthetic data.
 demo: $(STAMP)
+	bash scripts/system-deps.sh
 	$(BIN)/cellbg run protocols/quickstart.yaml
 
 ## Run the test suite (installs Xvfb etc. and starts a local Slurm cluster when root).

@@ -327,6 +327,22 @@ def report(
                 out.print(f"  {name}", highlight=False)
 
 
+@app.command(rich_help_panel="Results")
+def export(
+    run_dir: RunDirArg,
+    cells: Annotated[
+        Path | None, typer.Option(help="write per-cell predictions here: one row per cell, columns per condition")
+    ] = None,
+    tests: Annotated[Path | None, typer.Option(help="write every test (stats/tests.csv) here")] = None,
+) -> None:
+    """Export a run's results as CSV: per-cell predictions (wide) and the tests."""
+    with _handle():
+        from cellbg.report.export import export_run
+
+        for what, (path, rows) in export_run(run_dir, cells=cells, tests=tests).items():
+            out.print(f"{what}: {rows} rows written to {path}", highlight=False, soft_wrap=True)
+
+
 # --- run / status commands (issue 9) ---
 class ExecutorKind(str, Enum):
     local = "local"

@@ -521,7 +521,8 @@ def test_figure_labels_in_words():
     from cellbg.report.figures import comparison_words, condition_words
 
     assert condition_words("original:mixed_rand") == "trained on original, tested on mixed_rand"
-    assert comparison_words("original:original", "only_fg:original") == "tested on original: trained on only_fg − original"
+    assert comparison_words("original:original", "only_fg:original") == (
+        "tested on original: trained on only_fg − original")
     assert comparison_words("original:original", "only_fg:mixed_next") == (
         "(trained on only_fg, tested on mixed_next) − (trained on original, tested on original)")
 
@@ -659,3 +660,28 @@ def test_parse_condition():
     assert parse_condition("bg_color(1, 0, 1)") == ([], "bg_color", ("1", "0", "1"))
     assert parse_condition("mask_erode(2)+only_fg") == ([("mask_erode", ("2",))], "only_fg", ())
     assert parse_condition("mask_dilate(1)") == ([("mask_dilate", ("1",))], "original", ())
+
+
+# --------------------------------------------------------------------------- export
+def test_export_cells_wide_and_tests(full_run, tmp_path):
+    r = CliRunner().invoke(app, ["export", str(full_run["run_dir"]), "--cells", str(tmp_path / "c.csv"),
+                                 "--tests", str(tmp_path / "t.csv")])
+    assert r.exit_code == 0, r.output
+    assert "cells: 30 rows written" in r.output and f"tests: {len(full_run['tests'])} rows written" in r.output
+    wide = pd.read_csv(tmp_path / "c.csv")
+    preds = full_run["predictions"]
+    assert len(wide) == wide["cell_id"].nunique() == preds["cell_id"].nunique() == 30
+    assert list(wide.columns[:5]) == ["cell_id", "image_id", "patient_id", "label", "fold"]
+    conditions = len(MODELS) * len(TRAIN) * len(TEST) * len(SEEDS)
+    assert wide.shape[1] == 5 + 2 * conditions
+    # every cell of every condition is the prediction it came from
+    for row in preds.sample(50, random_state=0).itertuples(index=False):
+        key = f"{row.model}|{row.train_variant}|{row.test_variant}|s{row.seed}"
+        got = wide.set_index("cell_id").loc[row.cell_id]
+        assert got[f"pred|{key}"] == row.pred and bool(got[f"correct|{key}"]) == bool(row.correct)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv"), full_run["tests"])
+    # bad input: one line, exit 2
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), "--tests", str(tmp_path / "x.csv")])
+    assert r.exit_code == 2 and "run folder not found" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["export", str(full_run["run_dir"])])
+    assert r.exit_code == 2 and "nothing to export" in r.output
