@@ -36,6 +36,16 @@ _REGISTRY: dict[str, _Def] = {
     "bg_color": _Def("image", ("*color",), doc="the cell on a solid colour (one value or one per channel, in [0, 1])"),
     "bg_blur": _Def("image", ("sigma",), doc="the cell on its own background, gaussian-blurred (sigma in pixels)"),
     "bg_ring": _Def("image", ("width",), doc="the cell plus a width-pixel ring of its own background; the rest filled"),
+    "bg_image": _Def(
+        "image", ("source",), True,
+        "the cell over a background drawn (seeded) from a named source: cell-free synthetic fields, a folder, "
+        "a constant",
+    ),
+    "context": _Def(
+        "image", ("f",), doc="the crop's central window of f x its side resampled to the crop size (bilinear): "
+        "the cell f^-1 times larger",
+    ),
+    "no_others": _Def("image", (), doc="other segmented objects in the crop replaced by the fill"),
     "mask_erode": _Def("mask", ("k",), doc="shrink the mask by k pixels (Euclidean disk)"),
     "mask_dilate": _Def("mask", ("k",), doc="grow the mask by k pixels (Euclidean disk)"),
 }
@@ -72,7 +82,7 @@ class VariantSpec:
 
     spec: str
     name: str
-    args: tuple[float, ...] = ()
+    args: tuple[float | str, ...] = ()
     perturbations: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     @property
@@ -81,10 +91,16 @@ class VariantSpec:
         return _REGISTRY[self.name].random
 
 
-def _fmt(name: str, args: tuple[float, ...]) -> str:
+def _fmt(name: str, args: tuple[float | str, ...]) -> str:
     if not args:
         return name
-    return f"{name}({','.join(f'{a:g}' for a in args)})"
+    return f"{name}({','.join(a if isinstance(a, str) else f'{a:g}' for a in args)})"
+
+
+_SOURCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+#: Largest ``context(f)``: beyond the stored crop the surround is the fill, so a wider view
+#: than four crops shows little but fill.
+CONTEXT_MAX = 4.0
 
 
 def _parse_part(part: str, spec: str) -> tuple[str, tuple[float, ...]]:
@@ -94,7 +110,15 @@ def _parse_part(part: str, spec: str) -> tuple[str, tuple[float, ...]]:
     where = "variant" if part.strip() == spec.strip() else f"variant (in spec '{spec}')"
     name = look_up_option(m.group(1), _REGISTRY, what=where)
     raw = m.group(2)
-    args: list[float] = []
+    args: list[float | str] = []
+    if _REGISTRY[name].params == ("source",):
+        source = (raw or "").strip()
+        if not _SOURCE.match(source):
+            raise CellbgError(
+                f"{name} in spec '{spec}' takes one background source name, e.g. {name}(synthetic) or the name of "
+                f"an entry of variants.backgrounds; got '{raw or ''}'"
+            )
+        return name, (source,)
     if raw is not None and raw.strip():
         for a in raw.split(","):
             try:
@@ -113,6 +137,8 @@ def _parse_part(part: str, spec: str) -> tuple[str, tuple[float, ...]]:
             raise CellbgError(f"{name}({p}) in spec '{spec}' must be a whole number >= 0; got {a:g}")
         if p == "sigma" and (a < 0 or not math.isfinite(a)):
             raise CellbgError(f"{name}(sigma) in spec '{spec}' must be >= 0; got {a:g}")
+        if p == "f" and not (0 < a <= CONTEXT_MAX):
+            raise CellbgError(f"{name}(f) in spec '{spec}' must be in (0, {CONTEXT_MAX:g}]; got {a:g}")
     return name, tuple(args)
 
 

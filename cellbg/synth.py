@@ -400,7 +400,7 @@ def _render_cells(p: dict, dy: np.ndarray, dx: np.ndarray):
     )
     nucleus = nucleus * (1 - groove.max(axis=1))
     tex = gaussian_filter(p["texture"], (0, 1.0, 1.0))
-    tex /= max(float(tex.std()), 1e-6)
+    tex /= max(float(tex.std()) if tex.size else 1.0, 1e-6)
     nucleus = nucleus * (1 + 0.22 * tex) * inside
     nucleus = np.clip(nucleus, 0.0, 1.3)
     edge = np.clip(nrad - nrho + 0.5, 0.0, 1.0)
@@ -526,7 +526,7 @@ def synth_field(
     label : {'healthy', 'sezary'}
         Class of every cell in the field.
     n_cells : int
-        Number of cells (at most ``(size // 64) ** 2``).
+        Number of cells (at most ``(size // 64) ** 2``; 0 gives a cell-free field).
     size : int
         Field side in pixels (>= 64).
     cue_probability : float in [0, 1]
@@ -563,7 +563,7 @@ def synth_field(
     mode = look_up_option(mode, _MODES, what="synth mode")
     _check_range(cue_probability, "cue_probability", 0.0, 1.0)
     _check_range(cooccurrence_probability, "cooccurrence_probability", 0.0, 1.0)
-    _check_int(n_cells, "n_cells", 1)
+    _check_int(n_cells, "n_cells", 0)
     _check_int(size, "size", 64)
     # Independent streams: the layout (positions, cue flags), the morphology, the background
     # the cue's objects and the co-occurring objects. So with one seed, a field of either

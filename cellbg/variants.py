@@ -10,8 +10,10 @@ Shapes (DESIGN.md, crops contract): ``images (n, C, H, W)`` (float32 in [0, 1]),
 coordinates, ``labels (n,)`` int class indices.
 
 Variants follow Xiao et al., "Noise or Signal: The Role of Image Backgrounds in Object
-Recognition" (ICLR 2021); see ``docs/variants.md`` for the exact rules, the no-margin
-fallback and how ties are broken.
+Recognition" (ICLR 2021) and Hashmi & Li (ICLR 2022 workshop). ``reference="cellbg"`` (the
+default) uses cellbg's own rules for ``only_bg_*`` and ``mixed_*`` (exact boxes, documented
+ties, a fill); ``reference="xiao"`` reproduces the authors' generation code pixel for pixel,
+quirks included. ``docs/variants.md`` lists every rule and every difference between the two.
 
 Variant spec strings: ``name`` or ``name(arg, ...)``; mask perturbations compose in front
 with ``+``: ``mask_erode(2)+only_fg``. :func:`apply_variant` is the batch entry point;
@@ -52,6 +54,10 @@ __all__ = [
     "bg_color",
     "bg_blur",
     "bg_ring",
+    "bg_image",
+    "context",
+    "no_others",
+    "REFERENCES",
     "mask_erode",
     "mask_dilate",
     "ring_mask",
@@ -475,7 +481,8 @@ def _only_bg_t(x, b: np.ndarray, fill):
     return out
 
 
-def pair_cells(labels, rule: str, *, seed: int = 0, num_classes: int | None = None) -> np.ndarray:
+def pair_cells(labels, rule: str, *, seed: int = 0, num_classes: int | None = None,
+               exclude_self: bool = True) -> np.ndarray:
     """Choose the partner cell of every cell for ``mixed_*``, from the batch given.
 
     Parameters
@@ -490,12 +497,15 @@ def pair_cells(labels, rule: str, *, seed: int = 0, num_classes: int | None = No
         Seed of ``numpy.random.default_rng``; same seed, same pairing.
     num_classes : int, optional
         ``K``; default ``labels.max() + 1``.
+    exclude_self : bool
+        True (cellbg's rule): a cell is never its own partner unless it is the only cell of
+        the chosen class. False (Xiao et al.'s code, which draws a random file of the class
+        folder, the cell's own file included): uniform over every cell of the chosen class.
 
     Returns
     -------
     (n,) int64 ndarray
-        Partner index. A cell is never its own partner unless it is the only cell of the
-        chosen class.
+        Partner index.
 
     Examples
     --------
@@ -526,7 +536,7 @@ def pair_cells(labels, rule: str, *, seed: int = 0, num_classes: int | None = No
         pos = np.searchsorted(present, y, side="right")
         target = present[pos % len(present)]
     u = rng.random(n)
-    own = target == y
+    own = (target == y) & bool(exclude_self)
     avail = counts[target] - own.astype(np.int64)  # exclude the cell itself from its own class
     alone = avail == 0
     offset = np.floor(u * np.maximum(avail, 1)).astype(np.int64)
@@ -594,6 +604,157 @@ def _bg_ring(x, m, width, fill):
     return _keep(_dilate_disk(m, width)[:, None], x, fill)
 
 
+def _bg_image(x, m, pool, seed):
+    """The cells pasted on backgrounds drawn from ``pool`` ((k, C, H, W)); returns the draw."""
+    images = pool.images if hasattr(pool, "images") else pool
+    n, c, h, w = x.shape
+    if tuple(images.shape[1:]) != (c, h, w):
+        raise CellbgError(f"bg_image: the background pool holds {tuple(images.shape[1:])} images but the crops are "
+                          f"{(c, h, w)}")
+    if len(images) == 0:
+        raise CellbgError("bg_image: the background pool is empty")
+    draw = np.random.default_rng(seed).integers(len(images), size=n).astype(np.int64)
+    if isinstance(x, torch.Tensor):
+        pool_t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+        base = pool_t.to(device=x.device, dtype=x.dtype)[torch.from_numpy(draw).to(x.device)].contiguous()
+    else:
+        base = np.asarray(images)[draw]
+        base = base.astype(x.dtype, copy=False) if np.issubdtype(x.dtype, np.floating) else \
+            _fill_as(torch.from_numpy(np.ascontiguousarray(base)), x)
+        base = np.ascontiguousarray(base)
+    return _paste(m[:, None], x, base), draw
+
+
+def _context_axis(size: int, f: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps of one axis: output i samples input coordinate S/2 + (i + 0.5 - S/2) f - 0.5.
+
+    Returns the (S, S) interpolation matrix (rows sum to 1 inside, 0 outside), the nearest
+    input index of every output position (for the mask) and whether it lies outside the
+    crop (beyond half a pixel of its edge).
+    """
+    i = np.arange(size, dtype=np.float64)
+    t = size / 2 + (i + 0.5 - size / 2) * f - 0.5
+    outside = (t < -0.5) | (t > size - 0.5)
+    tc = np.clip(t, 0.0, size - 1.0)  # within half a pixel of the edge: the edge pixel
+    lo = np.floor(tc).astype(np.int64)
+    hi = np.minimum(lo + 1, size - 1)
+    wt = tc - lo
+    mat = np.zeros((size, size))
+    np.add.at(mat, (np.arange(size), lo), 1.0 - wt)
+    np.add.at(mat, (np.arange(size), hi), wt)
+    mat[outside] = 0.0
+    nearest = np.clip(np.floor(t + 0.5), 0, size - 1).astype(np.int64)
+    return mat, nearest, outside
+
+
+def _context(x, m, f: float, fill):
+    """The crop's central window of side f S, resampled to S x S (bilinear; mask nearest)."""
+    n, c, h, w = x.shape
+    mr, nr, out_r = _context_axis(h, f)
+    mc, nc, out_c = _context_axis(w, f)
+    xt, is_np = (torch.from_numpy(np.ascontiguousarray(x)), True) if not isinstance(x, torch.Tensor) else (x, False)
+    ftype = xt.dtype if xt.dtype.is_floating_point else torch.float32
+    rows = torch.from_numpy(mr).to(dtype=ftype, device=xt.device)
+    cols = torch.from_numpy(mc).to(dtype=ftype, device=xt.device)
+    y = rows @ (xt.to(ftype) @ cols.T)  # exact identity at f = 1 (weights 1 and 0)
+    outside = torch.from_numpy(out_r[:, None] | out_c[None, :]).to(xt.device)
+    if outside.any():
+        y = _select(~outside.expand(n, 1, h, w), y, fill.to(ftype) if fill is not None else 0.0)
+    mt = m if isinstance(m, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(m))
+    mt = mt[:, torch.from_numpy(nr).to(mt.device)][:, :, torch.from_numpy(nc).to(mt.device)] & ~outside
+    if is_np:
+        out = y.numpy()
+        out = out.astype(x.dtype, copy=False) if np.issubdtype(x.dtype, np.floating) else _fill_as(y, x)
+        return np.ascontiguousarray(out), mt.numpy()
+    return (y if xt.dtype.is_floating_point else _fill_as(y, x)), mt
+
+
+# --------------------------------------------------------------------------- Xiao et al.'s own code
+#: The rule sets of ``only_bg_*`` and ``mixed_*``: cellbg's clean rules, or the authors' code.
+REFERENCES = ("cellbg", "xiao")
+
+
+def _xiao_plan(b: np.ndarray, h: int, w: int):
+    """The painted region and the tile source map of Xiao et al.'s ``get_bg_tiled``.
+
+    The box ``(r0, c0, r1, c1)`` is passed as their XML box ``xmin=c0, ymin=r0, xmax=c1,
+    ymax=r1``; ``ImageDraw.rectangle`` paints it inclusive of ``xmax``/``ymax`` (clipped to
+    the image). Margins ``left = xmin, right = W - xmax, top = ymin, bottom = H - ymax``;
+    ``use_horizontal = max(left, right) * H > max(top, bottom) * W`` (strict: a tie takes the
+    top/bottom strip); the left strip when ``left > right`` (strict: a tie takes the right
+    one, which starts at column ``xmax``, a painted column), the top strip when ``top >
+    bottom``. The tile is pasted from the image origin, so pixel (r, c) reads strip column
+    ``c mod strip_width`` (or row ``r mod strip_height``) of the unmodified image.
+
+    Returns the painted (n, H, W) bool region (numpy), the (n, H) source rows, the (n, W)
+    source columns, and the cells without any margin (their code raises ValueError).
+    """
+    r0, c0, r1, c1 = b.T
+    left, right, top, bottom = c0, w - c1, r0, h - r1
+    area_x = np.maximum(left, right) * h
+    area_y = np.maximum(top, bottom) * w
+    no_margin = np.maximum(area_x, area_y) <= 0
+    use_cols = area_x > area_y
+    col_start = np.where(left > right, 0, c1)
+    col_len = np.where(left > right, left, right)
+    row_start = np.where(top > bottom, 0, r1)
+    row_len = np.where(top > bottom, top, bottom)
+    rr, cc = np.arange(h), np.arange(w)
+    src_r = np.where(use_cols[:, None], rr, row_start[:, None] + rr % np.maximum(row_len, 1)[:, None])
+    src_c = np.where(use_cols[:, None], col_start[:, None] + cc % np.maximum(col_len, 1)[:, None], cc)
+    rows_in = (rr >= r0[:, None]) & (rr <= r1[:, None])
+    cols_in = (cc >= c0[:, None]) & (cc <= c1[:, None])
+    painted = rows_in[:, :, None] & cols_in[:, None, :]
+    return painted, np.clip(src_r, 0, h - 1), np.clip(src_c, 0, w - 1), no_margin
+
+
+def _xiao_only_bg_t(x, b: np.ndarray, fill):
+    """``combine(img, get_bg_tiled(img, box), mask)`` of the authors' main.py, per crop."""
+    n, c, h, w = x.shape
+    if n == 0:
+        return _copy(x)
+    painted, src_r, src_c, no_margin = _xiao_plan(b, h, w)
+    ni = np.arange(n)[:, None, None]
+    if isinstance(x, torch.Tensor):
+        idx = [torch.from_numpy(a).to(x.device) for a in (ni, src_r[:, :, None], src_c[:, None, :])]
+        tiled = x.permute(0, 2, 3, 1)[idx[0], idx[1], idx[2]].permute(0, 3, 1, 2).contiguous()
+    else:
+        gathered = x.transpose(0, 2, 3, 1)[ni, src_r[:, :, None], src_c[:, None, :]]
+        tiled = np.ascontiguousarray(np.moveaxis(gathered, -1, 1))
+    if no_margin.any():  # their code raises "No background rectangles left"; cellbg's fill instead
+        cells = np.flatnonzero(no_margin)
+        value = _fill_as(fill, tiled)
+        full = value.expand(tiled.shape) if isinstance(tiled, torch.Tensor) else np.broadcast_to(value, tiled.shape)
+        tiled[_like(cells, tiled)] = full[_like(cells, tiled)]
+    return _paste(_like(~painted, x)[:, None], x, tiled)
+
+
+def _xiao_only_bg_b(x, b: np.ndarray):
+    """``blackout(img, mask)``: the box, inclusive of xmax/ymax, set to 0 (never another fill)."""
+    n, c, h, w = x.shape
+    painted, *_ = _xiao_plan(b, h, w)
+    floating = isinstance(x, torch.Tensor) and x.dtype.is_floating_point
+    zero = torch.zeros((), dtype=x.dtype if floating else torch.float32)
+    return _keep(_like(~painted, x)[:, None], x, zero)
+
+
+def _xiao_mixed(x, m, b, labels, rule, seed, fill, num_classes):
+    """``combine(fg, only_bg_t(partner), bg_mask)`` with ``bg_mask`` = pure-black pixels of ``fg``.
+
+    ``fg`` is the cell with a black background (``img * fg_mask``); every pixel of it whose
+    channels are all 0 (the background, and any pure-black foreground pixel) takes the
+    partner's backdrop. The partner is uniform over the chosen class, the cell itself included.
+    """
+    partner = pair_cells(labels, rule, seed=seed, num_classes=num_classes, exclude_self=False)
+    if isinstance(x, torch.Tensor):
+        backdrop = _xiao_only_bg_t(x[torch.from_numpy(partner).to(x.device)].contiguous(), b[partner], fill)
+        keep = m & (x != 0).any(dim=1)
+    else:
+        backdrop = _xiao_only_bg_t(np.ascontiguousarray(x[partner]), b[partner], fill)
+        keep = m & (x != 0).any(axis=1)
+    return _paste(keep[:, None], x, backdrop), partner
+
+
 # --------------------------------------------------------------------------- public result + entry point
 @dataclass(frozen=True)
 class VariantResult:
@@ -609,12 +770,16 @@ class VariantResult:
         Index in the batch of the cell whose background was used (``mixed_*``); -1 otherwise.
     spec : str
         The normalised variant spec.
+    background : (n,) int64 ndarray, optional
+        Index in the background pool of the background each cell was drawn (``bg_image``);
+        -1 otherwise (None when the result was built without it).
     """
 
     images: Any
     masks: Any
     partner: np.ndarray
     spec: str = ""
+    background: np.ndarray | None = None
 
     def __iter__(self):  # unpack as images, masks, partner
         return iter((self.images, self.masks, self.partner))
@@ -630,6 +795,9 @@ def apply_variant(
     fill="black",
     seed: int = 0,
     num_classes: int | None = None,
+    others=None,
+    backgrounds: Mapping[str, Any] | None = None,
+    reference: str = "cellbg",
 ) -> VariantResult:
     """Apply one background variant to a batch of crops.
 
@@ -652,11 +820,20 @@ def apply_variant(
         Seeds the pairing (``mixed_*``) and the noise fill.
     num_classes : int, optional
         ``K`` for ``mixed_next``; default ``labels.max() + 1``.
+    others : (n, H, W) bool, optional
+        Pixels of other segmented objects in each crop (other cells, non-target objects);
+        needed by ``no_others``. Pixels of the crop's own (perturbed) mask never count.
+    backgrounds : mapping of str to BackgroundPool or (k, C, H, W) array, optional
+        The pools of ``bg_image(source)`` by source name (:func:`cellbg.backgrounds.background_pool`).
+    reference : {'cellbg', 'xiao'}
+        The rules of ``only_bg_b``, ``only_bg_t`` and ``mixed_*``: cellbg's (exact boxes, a
+        fill) or Xiao et al.'s generation code, quirks included (docs/variants.md).
 
     Returns
     -------
     VariantResult
-        ``images`` (same type, dtype, shape), ``masks`` used, ``partner`` (-1 unless mixed).
+        ``images`` (same type, dtype, shape), ``masks`` used (resampled for ``context``),
+        ``partner`` (-1 unless mixed), ``background`` (-1 unless ``bg_image``).
 
     Examples
     --------
@@ -669,6 +846,7 @@ def apply_variant(
            [0. , 0. , 0. , 0. ]], dtype=float32)
     """
     v = parse_variant(spec)
+    reference = look_up_option(reference, REFERENCES, what="variants reference")
     x, is_np = _check_images(images)
     m = _check_masks(masks, x)
     n = x.shape[0]
@@ -676,12 +854,14 @@ def apply_variant(
     for pname, (k,) in v.perturbations:
         m = ~_dilate_disk(~m, int(k)) if pname == "mask_erode" else _dilate_disk(m, int(k))
     partner = np.full(n, -1, np.int64)
+    background = np.full(n, -1, np.int64)
     name, args = v.name, v.args
     needs_box = name in ("only_bg_b", "only_bg_t") or name.startswith("mixed_")
     if needs_box:
         fallback = given_boxes if given_boxes is not None else np.zeros((n, 4), np.int64)
         b = _bboxes_of(m, fallback) if (v.perturbations or given_boxes is None) else given_boxes
-    needs_fill = name in ("only_fg", "no_fg", "only_bg_b", "only_bg_t", "bg_ring") or name.startswith("mixed_")
+    needs_fill = name in ("only_fg", "no_fg", "only_bg_b", "only_bg_t", "bg_ring", "context", "no_others") \
+        or name.startswith("mixed_")
     fill_t = resolve_fill(fill, x, m, seed=seed) if needs_fill else None
 
     if name == "original":
@@ -691,13 +871,28 @@ def apply_variant(
     elif name == "no_fg":
         out = _keep(~m[:, None], x, fill_t)
     elif name == "only_bg_b":
-        out = _keep(~_box_mask(b, x)[:, None], x, fill_t)
+        out = _xiao_only_bg_b(x, b) if reference == "xiao" else _keep(~_box_mask(b, x)[:, None], x, fill_t)
     elif name == "only_bg_t":
-        out = _only_bg_t(x, b, fill_t)
+        out = _xiao_only_bg_t(x, b, fill_t) if reference == "xiao" else _only_bg_t(x, b, fill_t)
     elif name.startswith("mixed_"):
         if labels is None:
             raise CellbgError(f"{name} needs labels (class index per cell) to choose partners")
-        out, partner = _mixed(x, m, b, _check_labels(labels, n), name[6:], seed, fill_t, num_classes)
+        mix = _xiao_mixed if reference == "xiao" else _mixed
+        out, partner = mix(x, m, b, _check_labels(labels, n), name[6:], seed, fill_t, num_classes)
+    elif name == "bg_image":
+        source = str(args[0])
+        if backgrounds is None or source not in backgrounds:
+            have = sorted(backgrounds) if backgrounds else []
+            raise CellbgError(f"bg_image({source}) needs the background pool '{source}' (backgrounds=); given: {have}")
+        out, background = _bg_image(x, m, backgrounds[source], seed)
+    elif name == "context":
+        out, m = _context(x, m, float(args[0]), fill_t)
+    elif name == "no_others":
+        if others is None:
+            raise CellbgError("no_others needs the other objects' masks (others=); crops made by 'cellbg crops' "
+                              "store them as crops.zarr/others")
+        o = _check_masks(others, x)
+        out = _keep(~(o & ~m)[:, None], x, fill_t)
     elif name == "bg_color":
         out = _keep(m[:, None], x, resolve_fill(list(args), x))
     elif name == "bg_blur":
@@ -706,7 +901,7 @@ def apply_variant(
         out = _bg_ring(x, m, int(args[0]), fill_t)
     else:  # pragma: no cover - the registry and this switch are kept together
         raise AssertionError(name)
-    return VariantResult(out, m, partner, v.spec)
+    return VariantResult(out, m, partner, v.spec, background)
 
 
 # --------------------------------------------------------------------------- one public function per variant
@@ -832,6 +1027,90 @@ def bg_ring(images, masks, width: int, *, fill="black", seed: int = 0):
     :func:`ring_mask`). ``bg_ring(0)`` is ``only_fg``; a ring wider than the crop is ``original``.
     """
     return _run(f"bg_ring({int(width)})", images, masks, fill=fill, seed=seed).images
+
+
+def bg_image(images, masks, pool, *, seed: int = 0) -> VariantResult:
+    """The cell's foreground over a background drawn from a pool (a generic background).
+
+    Every cell draws one background of ``pool`` uniformly with
+    ``numpy.random.default_rng(seed)``; ``result.background[i]`` records the draw (an index
+    into the pool, like the ``mixed_*`` partner). Foreground pixels are bit-identical to the
+    input; the rest are the drawn background's.
+
+    Parameters
+    ----------
+    images : (n, C, H, W) ndarray or Tensor
+    masks : (n, H, W) bool
+    pool : BackgroundPool or (k, C, H, W) array
+        From :func:`cellbg.backgrounds.background_pool` (cell-free synthetic fields, windows of
+        images from a folder, or a constant image).
+    seed : int
+
+    Returns
+    -------
+    VariantResult
+
+    Examples
+    --------
+    >>> x = np.ones((2, 1, 2, 2), np.float32); m = np.zeros((2, 2, 2), bool); m[:, 0, 0] = True
+    >>> pool = np.stack([np.full((1, 2, 2), 0.25), np.full((1, 2, 2), 0.75)]).astype(np.float32)
+    >>> r = bg_image(x, m, pool, seed=0)
+    >>> r.images[0, 0].tolist(), r.background.tolist()
+    ([[1.0, 0.75], [0.75, 0.75]], [1, 1])
+    """
+    return apply_variant("bg_image(pool)", images, masks, backgrounds={"pool": pool}, seed=seed)
+
+
+def context(images, masks, f: float, *, fill="black", seed: int = 0) -> VariantResult:
+    """The cell at a chosen fraction of the crop: the central window of side ``f * S`` resampled to ``S``.
+
+    Output pixel ``i`` (per axis) samples the input at ``S/2 + (i + 0.5 - S/2) * f - 0.5``
+    (pixel centres; the crops are centred on the cell's box) by bilinear interpolation, the
+    mask by nearest neighbour. ``f < 1`` enlarges the cell by ``1/f`` and shows less of its
+    background; ``f = 1`` is the crop itself, exactly; ``f > 1`` shrinks the cell, and where
+    the window reaches beyond the stored crop the surround is the fill (nothing is
+    invented inside the crop: every output pixel inside it is an interpolation of crop
+    pixels). No antialiasing: for ``f > 1`` each output pixel still reads its 2 x 2 nearest
+    input pixels.
+
+    Returns
+    -------
+    VariantResult
+        ``masks`` are the resampled masks.
+
+    Examples
+    --------
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4); m = np.zeros((1, 4, 4), bool)
+    >>> bool((context(x, m, 1.0).images == x).all())
+    True
+    >>> context(x, m, 0.5).images[0, 0, 1].tolist()
+    [5.75, 6.25, 6.75, 7.25]
+    """
+    return apply_variant(f"context({float(f):g})", images, masks, fill=fill, seed=seed)
+
+
+def no_others(images, masks, others, *, fill="black", seed: int = 0):
+    """The crop with the other segmented objects replaced by the fill.
+
+    Only pixels of ``others`` outside the crop's own mask change: the target cell and the
+    true background remain.
+
+    Parameters
+    ----------
+    images : (n, C, H, W) ndarray or Tensor
+    masks : (n, H, W) bool
+        The crop's own cell.
+    others : (n, H, W) bool
+        Pixels of every other labelled object in the crop (``crops.zarr/others``): other
+        cells, and non-target objects when the dataset names them.
+
+    Examples
+    --------
+    >>> x = np.ones((1, 1, 1, 3)); m = np.array([[[True, False, False]]]); o = np.array([[[True, True, False]]])
+    >>> no_others(x, m, o)[0, 0].tolist()
+    [[1.0, 0.0, 1.0]]
+    """
+    return apply_variant("no_others", images, masks, others=others, fill=fill, seed=seed).images
 
 
 # --------------------------------------------------------------------------- MONAI-style transforms

@@ -616,3 +616,253 @@ def test_cli_variants_gallery_and_export(tmp_path):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(app, ["variants", str(proto)])
     assert r.exit_code == 2 and "cellbg crops" in r.output
+
+
+# --------------------------------------------------------------------------- bg_image, context, no_others
+def test_new_variants_parse_and_reject_bad_arguments():
+    assert parse_variant("bg_image( synthetic )").spec == "bg_image(synthetic)"
+    assert parse_variant("bg_image(my-folder_2)").args == ("my-folder_2",)
+    assert parse_variant("context(0.5)").args == (0.5,) and parse_variant("no_others").args == ()
+    assert parse_variant("bg_image(synthetic)").random
+    for spec, match in [("bg_image()", "source name"), ("bg_image(1x)", "source name"), ("context(0)", r"\(0, 4\]"),
+                        ("context(5)", r"\(0, 4\]"), ("no_others(1)", "takes no arguments")]:
+        with pytest.raises(CellbgError, match=match):
+            parse_variant(spec)
+
+
+def test_bg_image_keeps_foreground_bit_identical_and_draws_reproducibly():
+    from cellbg.backgrounds import background_pool
+
+    x, m, b, y = make_batch(n=40, h=64, w=64)
+    pool = background_pool("synthetic", {"kind": "synthetic", "count": 8}, size=64, channels=3, seed=3)
+    again = background_pool("synthetic", {"kind": "synthetic", "count": 8}, size=64, channels=3, seed=3)
+    np.testing.assert_array_equal(pool.images, again.images)
+    assert not np.array_equal(pool.images[0], pool.images[1])  # every field has its own slide
+    r = apply_variant("bg_image(synthetic)", x, m, backgrounds={"synthetic": pool}, seed=5)
+    assert (r.images[np.broadcast_to(m[:, None], x.shape)] == x[np.broadcast_to(m[:, None], x.shape)]).all()
+    expected = np.where(m[:, None], x, pool.images[r.background])
+    np.testing.assert_array_equal(r.images, expected)
+    assert r.background.min() >= 0 and len(np.unique(r.background)) > 4 and (r.partner == -1).all()
+    np.testing.assert_array_equal(
+        apply_variant("bg_image(synthetic)", x, m, backgrounds={"synthetic": pool}, seed=5).background, r.background)
+    assert not np.array_equal(
+        apply_variant("bg_image(synthetic)", x, m, backgrounds={"synthetic": pool}, seed=6).background, r.background)
+    # torch gives the same numbers
+    rt = apply_variant("bg_image(synthetic)", torch.from_numpy(x), torch.from_numpy(m),
+                       backgrounds={"synthetic": pool}, seed=5)
+    np.testing.assert_array_equal(rt.images.numpy(), r.images)
+    with pytest.raises(CellbgError, match="background pool 'other'"):
+        apply_variant("bg_image(other)", x, m, backgrounds={"synthetic": pool})
+
+
+def test_background_pools_from_a_folder_and_a_constant(tmp_path):
+    import tifffile
+
+    from cellbg.backgrounds import background_pool
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "bg").mkdir()
+    tifffile.imwrite(tmp_path / "bg" / "a.tif", rng.integers(0, 256, (80, 90, 3), dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "bg" / "small.tif", np.full((20, 30), 60000, np.uint16))  # gray, 16-bit, small
+    cfg = {"kind": "folder", "path": str(tmp_path / "bg"), "count": 12}
+    p = background_pool("bg", cfg, size=32, channels=3, seed=1)
+    assert p.images.shape == (12, 3, 32, 32) and p.images.dtype == np.float32
+    assert 0 <= p.images.min() and p.images.max() <= 1
+    np.testing.assert_array_equal(p.images, background_pool("bg", cfg, size=32, channels=3, seed=1).images)
+    assert {i.split("@")[0] for i in p.ids} == {"a.tif", "small.tif"}
+    small = [k for k, i in enumerate(p.ids) if i.startswith("small")]
+    np.testing.assert_allclose(p.images[small], 60000 / 65535, rtol=1e-6)  # enlarged, gray repeated
+    k = next(k for k, i in enumerate(p.ids) if i.startswith("a.tif"))
+    r0, c0 = map(int, p.ids[k].split("@")[1].split(","))
+    window = tifffile.imread(tmp_path / "bg" / "a.tif")[r0:r0 + 32, c0:c0 + 32]
+    np.testing.assert_array_equal(p.images[k], np.moveaxis(window, -1, 0) / np.float32(255))
+    const = background_pool("grey", {"kind": "constant", "color": [0.2, 0.4, 0.6]}, size=8, channels=3)
+    assert const.ids == ["constant"] and const.images[0, :, 3, 3].tolist() == pytest.approx([0.2, 0.4, 0.6])
+    with pytest.raises(CellbgError, match="holds no images"):
+        (tmp_path / "empty").mkdir()
+        background_pool("e", {"kind": "folder", "path": str(tmp_path / "empty")}, size=8, channels=3)
+    with pytest.raises(CellbgError, match="unknown background source 'nope'"):
+        background_pool("nope", size=8, channels=3)
+
+
+@pytest.mark.parametrize("kind, dtype", [("numpy", "float32"), ("numpy", "uint8"), ("torch", "float32")])
+def test_context_one_equals_the_crop(kind, dtype):
+    x, m, b, y = make_batch(n=5, h=16, w=16)
+    x = (x * 255).astype(np.uint8) if dtype == "uint8" else x
+    if kind == "torch":
+        x, m = torch.from_numpy(x), torch.from_numpy(m)
+    r = apply_variant("context(1)", x, m, fill="mean")
+    assert type(r.images) is type(x) and r.images.dtype == x.dtype
+    assert (r.images == x).all() and (r.masks == m).all()
+
+
+def test_context_resamples_the_centre_bilinearly_and_fills_beyond_the_crop():
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)  # value = 4 row + col
+    m = np.zeros((1, 4, 4), bool)
+    m[0, 1:3, 1:3] = True
+    r = apply_variant("context(0.5)", x, m)
+    # output i samples 1.5 + (i - 1.5) / 2 = 0.75, 1.25, 1.75, 2.25 along each axis
+    t = np.array([0.75, 1.25, 1.75, 2.25])
+    np.testing.assert_allclose(r.images[0, 0], 4 * t[:, None] + t[None, :], rtol=1e-6)
+    # the mask by nearest neighbour: rows/cols 1, 1, 2, 2 (round half up)
+    assert r.masks[0].all()
+    big = apply_variant("context(2)", x, m, fill="0.5")
+    # output i samples 2 (i - 1.5) + 1.5 = -1.5, 0.5, 2.5, 4.5: the ends are beyond the crop
+    assert (big.images[0, 0, 0] == 0.5).all() and (big.images[0, 0, :, 3] == 0.5).all()
+    np.testing.assert_allclose(big.images[0, 0, 1:3, 1:3], [[2.5, 4.5], [10.5, 12.5]])
+    assert big.masks[0].sum() == 1 and big.masks[0, 1, 1]  # the window's centre pixel (1.5 -> 2)
+
+
+def test_context_on_real_cells_keeps_the_cell_centred_and_scales_its_area():
+    x, m, b, y = make_batch(n=20, h=32, w=32)
+    area = m.sum((1, 2))
+    half = apply_variant("context(0.5)", x, m).masks.sum((1, 2))
+    central = (np.abs(b[:, 0] + b[:, 2] - 32) <= 10) & (np.abs(b[:, 1] + b[:, 3] - 32) <= 10)
+    ratio = half[central] / area[central]
+    assert 3.0 < ratio.mean() < 5.0  # about 1 / 0.5^2
+
+
+def test_no_others_changes_only_other_objects_pixels():
+    x, m, b, y = make_batch(n=10)
+    rng = np.random.default_rng(1)
+    others = rng.random(m.shape) < 0.2
+    for fill in ["black", "0.3,0.3,0.3", "noise"]:
+        out = apply_variant("no_others", x, m, others=others, fill=fill, seed=2).images
+        changed = (out != x).any(1)
+        target = others & ~m
+        assert not changed[~target].any()
+        assert changed[target].mean() > 0.99
+    torch_out = apply_variant("no_others", torch.from_numpy(x), torch.from_numpy(m),
+                              others=torch.from_numpy(others)).images
+    np.testing.assert_array_equal(torch_out.numpy(), V.no_others(x, m, others))
+    with pytest.raises(CellbgError, match="others="):
+        apply_variant("no_others", x, m)
+
+
+# --------------------------------------------------------------------------- reference: xiao (their main.py)
+# Hand-derived from rabbit-abacus/roleofimagebackgrounds main.py: the box (r0, c0, r1, c1) is
+# their XML box xmin=c0, ymin=r0, xmax=c1, ymax=r1, painted by ImageDraw.rectangle inclusive
+# of xmax/ymax; get_bg_tiled takes the left/right strip only if its area is strictly larger,
+# the left (top) side only if strictly wider, and pastes the tile from the origin; combine()
+# gives the backdrop to every pure-black pixel of the cell-on-black image.
+def grid(h, w):
+    return (10 * np.arange(h)[:, None] + np.arange(w)[None, :]).astype(np.float32)[None, None]
+
+
+def test_xiao_box_is_inclusive_and_the_right_strip_starts_at_a_painted_column():
+    x = grid(2, 7)  # rows 0..6 and 10..16
+    b = np.array([[0, 1, 2, 3]])
+    m = np.zeros((1, 2, 7), bool)
+    xiao = apply_variant("only_bg_t", x, m, bboxes=b, reference="xiao").images[0, 0]
+    # margins left 1, right 7 - 3 = 4: right strip, columns [3, 7), tiled from the origin;
+    # painted columns 1..3 read 3 + c mod 4 = 4, 5, 6
+    np.testing.assert_array_equal(xiao, [[0, 4, 5, 6, 4, 5, 6], [10, 14, 15, 16, 14, 15, 16]])
+    clean = apply_variant("only_bg_t", x, m, bboxes=b).images[0, 0]
+    np.testing.assert_array_equal(clean, [[0, 4, 5, 3, 4, 5, 6], [10, 14, 15, 13, 14, 15, 16]])
+    black = apply_variant("only_bg_b", x, m, bboxes=b, reference="xiao", fill="0.5").images[0, 0]
+    np.testing.assert_array_equal(black, [[0, 0, 0, 0, 4, 5, 6], [10, 0, 0, 0, 14, 15, 16]])  # always 0
+
+
+def test_xiao_ties_take_rows_then_the_far_side():
+    x = grid(4, 4)
+    m = np.zeros((1, 4, 4), bool)
+    b = np.array([[1, 1, 3, 3]])  # every margin 1: areas tie
+    xiao = apply_variant("only_bg_t", x, m, bboxes=b, reference="xiao").images[0, 0]
+    # a tie of areas takes the rows; a tie of top/bottom takes the bottom strip [3, 4);
+    # painted rows and columns 1..3 read row 3
+    np.testing.assert_array_equal(xiao, [[0, 1, 2, 3], [10, 31, 32, 33], [20, 31, 32, 33], [30, 31, 32, 33]])
+    clean = apply_variant("only_bg_t", x, m, bboxes=b).images[0, 0]
+    np.testing.assert_array_equal(clean, [[0, 1, 2, 3], [10, 10, 10, 13], [20, 20, 20, 23], [30, 31, 32, 33]])
+    # left/right tie with the columns chosen: the right strip [4, 6), read from the origin
+    x = grid(2, 6)
+    b = np.array([[0, 2, 2, 4]])
+    xiao = apply_variant("only_bg_t", x, np.zeros((1, 2, 6), bool), bboxes=b, reference="xiao").images[0, 0]
+    np.testing.assert_array_equal(xiao, [[0, 1, 4, 5, 4, 5], [10, 11, 14, 15, 14, 15]])
+    clean = apply_variant("only_bg_t", x, np.zeros((1, 2, 6), bool), bboxes=b).images[0, 0]
+    np.testing.assert_array_equal(clean, [[0, 1, 0, 1, 4, 5], [10, 11, 10, 11, 14, 15]])
+
+
+def test_xiao_mixed_gives_pure_black_foreground_pixels_the_backdrop():
+    x = np.array([
+        [[[0.5, 0.0, 0.0, 0.2]], [[0.5, 0.0, 0.3, 0.2]]],  # cell 0: column 1 is pure black
+        [[[0.1, 0.2, 0.3, 0.4]], [[0.6, 0.7, 0.8, 0.9]]],  # cell 1
+    ], np.float32)
+    m = np.array([[[False, True, True, False]], [[False, False, False, True]]])
+    b = np.array([[0, 1, 1, 3], [0, 3, 1, 4]])
+    y = np.array([0, 1])
+    r = apply_variant("mixed_next", x, m, bboxes=b, labels=y, reference="xiao")
+    assert r.partner.tolist() == [1, 0]
+    # cell 1's backdrop: left strip [0, 3) (left 3 > right 0), painted column 3 reads column 0
+    np.testing.assert_allclose(r.images[0], [[[0.1, 0.2, 0.0, 0.1]], [[0.6, 0.7, 0.3, 0.6]]])
+    # cell 0's backdrop: left 1 = right 1, so the right strip [3, 4); painted columns 1..3
+    np.testing.assert_allclose(r.images[1], [[[0.5, 0.2, 0.2, 0.4]], [[0.5, 0.2, 0.2, 0.9]]])
+    clean = apply_variant("mixed_next", x, m, bboxes=b, labels=y)
+    np.testing.assert_allclose(clean.images[0], [[[0.1, 0.0, 0.0, 0.1]], [[0.6, 0.0, 0.3, 0.6]]])
+    np.testing.assert_allclose(clean.images[1], [[[0.5, 0.5, 0.5, 0.4]], [[0.5, 0.5, 0.5, 0.9]]])
+
+
+def test_xiao_pairing_may_draw_the_cell_itself():
+    labels = np.zeros(3, np.int64)
+    counts = np.zeros((3, 3))
+    for s in range(600):
+        counts[np.arange(3), pair_cells(labels, "same", seed=s, exclude_self=False)] += 1
+    assert counts.min() > 150 and counts.max() < 250  # each of the 3 (self included) about 200 times
+    x, m, b, y = make_batch(n=30)
+    r = apply_variant("mixed_same", x, m, bboxes=b, labels=y % 2, reference="xiao", seed=4)
+    np.testing.assert_array_equal(r.partner, pair_cells(y % 2, "same", seed=4, exclude_self=False))
+
+
+def test_xiao_without_margin_takes_the_fill():
+    x = grid(2, 2)
+    r = apply_variant("only_bg_t", x, np.zeros((1, 2, 2), bool), bboxes=np.array([[0, 0, 2, 2]]),
+                      reference="xiao", fill="0.5")
+    assert (r.images == 0.5).all()  # their code raises "No background rectangles left"
+
+
+def _pil_reference(img: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
+    """only_bg_b and only_bg_t of one (H, W, 3) uint8 image, by the PIL steps of their main.py."""
+    from PIL import Image, ImageDraw
+
+    pil = Image.fromarray(img)
+    width, height = pil.size
+    r0, c0, r1, c1 = (int(v) for v in box)
+    xmin, ymin, xmax, ymax = c0, r0, c1, r1
+    mask = Image.new("RGB", (width, height), (0, 0, 0))
+    ImageDraw.Draw(mask).rectangle([xmin, ymin, xmax, ymax], fill="white")
+    np_mask = np.array(mask)
+    only_b = np.array(pil)
+    only_b[np_mask == 255] = 0
+    left, top, right, bottom = xmin, ymin, width - xmax, height - ymax
+    if max(left, right) * height > max(top, bottom) * width:
+        crop = [0, 0, xmin, height] if left > right else [xmax, 0, width, height]
+    else:
+        crop = [0, 0, width, ymin] if top > bottom else [0, ymax, width, height]
+    tile = pil.crop(crop)
+    tiled = Image.new("RGB", (width, height))
+    for i in range(0, width, tile.size[0]):
+        for j in range(0, height, tile.size[1]):
+            tiled.paste(tile, (i, j))
+    only_t = np.array(pil)
+    only_t[np_mask == 255] = np.array(tiled)[np_mask == 255]
+    return only_b, only_t
+
+
+def test_xiao_reference_matches_the_pil_steps_of_their_code_on_random_boxes():
+    pytest.importorskip("PIL")
+    rng = np.random.default_rng(0)
+    n, h, w = 60, 9, 11
+    x = rng.integers(1, 256, (n, 3, h, w), dtype=np.uint8)
+    r0, c0 = rng.integers(0, h, n), rng.integers(0, w, n)
+    r1 = np.minimum(r0 + rng.integers(1, h, n), h)
+    c1 = np.minimum(c0 + rng.integers(1, w, n), w)
+    b = np.stack([r0, c0, r1, c1], 1)
+    ok = ~((r0 == 0) & (c0 == 0) & (r1 == h) & (c1 == w))
+    m = np.zeros((n, h, w), bool)
+    got_b = apply_variant("only_bg_b", x, m, bboxes=b, reference="xiao").images
+    got_t = apply_variant("only_bg_t", x, m, bboxes=b, reference="xiao").images
+    for i in np.flatnonzero(ok):
+        want_b, want_t = _pil_reference(np.moveaxis(x[i], 0, -1), b[i])
+        np.testing.assert_array_equal(np.moveaxis(got_b[i], 0, -1), want_b)
+        np.testing.assert_array_equal(np.moveaxis(got_t[i], 0, -1), want_t)
+    tt = apply_variant("only_bg_t", torch.from_numpy(x), torch.from_numpy(m), bboxes=b, reference="xiao").images
+    np.testing.assert_array_equal(tt.numpy(), got_t)
