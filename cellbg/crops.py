@@ -5,16 +5,19 @@ cell, centred on the cell's bounding box, either at the image's pixel size (``sc
 or resampled so the cell's longer side fills ``fit_fraction`` of the crop
 (``scale="fit"``). Crops that reach past the image border are zero-padded and the padding is
 recorded. Each crop's mask holds only its own cell; other cells in the crop count as
-background and are flagged in ``other_cells``.
+background and are flagged in ``other_cells``. Their pixels, and those of any non-target
+objects the dataset labels (a manifest's ``objects`` column), form the crop's ``others``
+mask, which the ``no_others`` variant replaces by the fill.
 
 :func:`run_crops` does this for every image of a protocol's dataset, in parallel over
 images, and writes the cell table and the crop store (layout in ``docs/contracts.md``)::
 
     <run>/cells.parquet   one row per cell, in store order
-    <run>/crops.zarr      images float32 (n, C, S, S) in [0, 1], masks bool (n, S, S)
+    <run>/crops.zarr      images float32 (n, C, S, S) in [0, 1], masks bool (n, S, S),
+                          others bool (n, S, S)
     <run>/crops.json      cell counts and what each filter removed
 
-:func:`load_crops` reads them back.
+:func:`load_crops` reads them back, :func:`load_others` the ``others`` masks.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "crop_cells_naive",
     "run_crops",
     "load_crops",
+    "load_others",
     "CELL_COLUMNS",
     "FILTERS",
 ]
@@ -69,12 +73,16 @@ class CellCrops:
         One row per crop: ``instance`` and the geometry columns of :data:`CELL_COLUMNS`.
     removed : dict
         Cells removed by each filter of :data:`FILTERS`.
+    others : (n, S, S) ndarray of bool
+        Pixels of every other labelled object in each crop: other cells (filtered out or
+        not) and the non-target objects of ``objects``.
     """
 
     images: np.ndarray
     masks: np.ndarray
     table: pd.DataFrame
     removed: dict = field(default_factory=dict)
+    others: np.ndarray | None = None
 
 
 def _to_unit(image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -170,6 +178,7 @@ def crop_cells(
     max_area: int | None = None,
     exclude_border: bool = True,
     min_solidity: float = 0.0,
+    objects: np.ndarray | None = None,
 ) -> CellCrops:
     """Cut one fixed-size crop and mask per cell of a labelled image.
 
@@ -194,6 +203,9 @@ def crop_cells(
         Drop cells that touch the image border (they are cut off).
     min_solidity : float in [0, 1]
         Drop cells whose area / convex-hull area is lower (implausible, ragged masks).
+    objects : (M, N) ndarray of int, optional
+        Labels of non-target objects (platelets, debris...); they are never cropped, and
+        their pixels join each crop's ``others`` mask.
 
     Returns
     -------
@@ -224,6 +236,10 @@ def crop_cells(
     check_nd(labels, 2, arg_name="labels")
     image = image[None] if image.ndim == 2 else image
     check_same_shape(image[0], labels, names=("image", "labels"))
+    if objects is not None:
+        objects = np.asarray(objects)
+        check_same_shape(labels, objects, names=("labels", "objects"))
+        objects = objects != 0
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
         raise CellbgError(f"labels must be integer instance labels; got dtype {labels.dtype}")
     scale = look_up_option(scale, ("keep", "fit"), what="crop scale")
@@ -260,6 +276,7 @@ def crop_cells(
         ri, ci = rows[:, :, None] + pad, cols[:, None, :] + pad
         crops = padded_img[:, ri, ci]  # (C, k, S, S)
         lab_crops = padded_lab[ri, ci]  # (k, S, S)
+        obj_crops = np.pad(objects, pad)[ri, ci] if objects is not None else None
         clipped = (r0 < origin_r) | (c0 < origin_c) | (r1 > origin_r + size) | (c1 > origin_c + size)
         crop_r0, crop_c0 = origin_r.astype(float), origin_c.astype(float)
         out_r = (rows < 0) | (rows >= h)
@@ -275,6 +292,8 @@ def crop_cells(
         grid = np.stack(np.broadcast_arrays(rows[:, :, None], cols[:, None, :]))  # (2, k, S, S)
         crops = np.stack([map_coordinates(p.astype(np.float32), grid, order=1, mode="constant", cval=0.0) for p in raw])
         lab_crops = map_coordinates(labels, grid, order=0, mode="constant", cval=0)
+        obj_crops = (map_coordinates(objects.astype(np.uint8), grid, order=0, mode="constant", cval=0) > 0
+                     if objects is not None else None)
         clipped = np.zeros(k, bool)  # the longer side is fit_fraction <= 1 of the crop
         crop_r0, crop_c0 = rows[:, 0], cols[:, 0]
         out_r = (rows < -0.5) | (rows > h - 0.5)
@@ -284,7 +303,10 @@ def crop_cells(
     if divisor != 1.0:
         images /= np.float32(divisor)
     masks = lab_crops == inst[:, None, None]
-    other = ((lab_crops != 0) & ~masks).any(axis=(1, 2))
+    others = (lab_crops != 0) & ~masks
+    other = others.any(axis=(1, 2))
+    if obj_crops is not None:
+        others |= obj_crops & ~masks
     rows_any, cols_any = masks.any(axis=2), masks.any(axis=1)
     bbox_r0 = rows_any.argmax(axis=1)
     bbox_r1 = size - rows_any[:, ::-1].argmax(axis=1)
@@ -323,7 +345,7 @@ def crop_cells(
             "clipped": np.asarray(clipped, bool),
         }
     )
-    return CellCrops(images=images, masks=masks, table=table, removed=removed)
+    return CellCrops(images=images, masks=masks, table=table, removed=removed, others=others)
 
 
 def _empty(n_ch: int, size: int, removed: dict) -> CellCrops:
@@ -333,6 +355,7 @@ def _empty(n_ch: int, size: int, removed: dict) -> CellCrops:
         masks=np.zeros((0, size, size), bool),
         table=table,
         removed=removed,
+        others=np.zeros((0, size, size), bool),
     )
 
 
@@ -373,7 +396,7 @@ def _crop_job(args: tuple):
     """Read one image and its labels, check them, and crop (runs in a worker process)."""
     from cellbg.data import read_image, read_mask
 
-    image_path, labels_path, channels, options = args
+    image_path, labels_path, objects_path, channels, options = args
     image = read_image(image_path, channels=channels)
     labels = read_mask(labels_path)
     if tuple(labels.shape) != tuple(image.shape[1:]):
@@ -381,7 +404,15 @@ def _crop_job(args: tuple):
             f"segmentation {labels_path} has shape {tuple(labels.shape)} but image {image_path} is "
             f"{tuple(image.shape[1:])}"
         )
-    return crop_cells(image, labels, **options)
+    objects = None
+    if objects_path:
+        objects = read_mask(objects_path)
+        if tuple(objects.shape) != tuple(image.shape[1:]):
+            raise CellbgError(
+                f"objects label image {objects_path} has shape {tuple(objects.shape)} but image {image_path} is "
+                f"{tuple(image.shape[1:])}"
+            )
+    return crop_cells(image, labels, objects=objects, **options)
 
 
 def _chunk_rows(n_ch: int, size: int) -> int:
@@ -441,7 +472,9 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
         size=cfg.size, scale=cfg.scale, fit_fraction=cfg.fit_fraction, min_area=cfg.min_area,
         max_area=cfg.max_area, exclude_border=cfg.exclude_border, min_solidity=cfg.min_solidity,
     )  # fmt: skip
-    jobs = [(r.path, r.seg_path, protocol.data.channels, options) for r in table.itertuples()]
+    objects = table["objects_path"] if "objects_path" in table.columns else [""] * len(table)
+    jobs = [(r.path, r.seg_path, o, protocol.data.channels, options) for r, o in zip(table.itertuples(), objects,
+                                                                                       strict=True)]
     run_dir = Path(protocol.run_dir)
     size = cfg.size
 
@@ -449,20 +482,22 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
     n_written, n_ch = 0, None
     with atomic_dir(run_dir / "crops.zarr") as tmp:
         group = zarr.open_group(str(tmp), mode="w")
-        images_arr = masks_arr = None
-        buf_i, buf_m, buffered = [], [], 0
+        images_arr = masks_arr = others_arr = None
+        buf_i, buf_m, buf_o, buffered = [], [], [], 0
 
         def flush():
-            nonlocal n_written, buf_i, buf_m, buffered
+            nonlocal n_written, buf_i, buf_m, buf_o, buffered
             if not buffered:
                 return
-            block_i, block_m = np.concatenate(buf_i), np.concatenate(buf_m)
+            block_i, block_m, block_o = np.concatenate(buf_i), np.concatenate(buf_m), np.concatenate(buf_o)
             images_arr.resize((n_written + buffered, n_ch, size, size))
             masks_arr.resize((n_written + buffered, size, size))
+            others_arr.resize((n_written + buffered, size, size))
             images_arr[n_written:] = block_i
             masks_arr[n_written:] = block_m
+            others_arr[n_written:] = block_o
             n_written += buffered
-            buf_i, buf_m, buffered = [], [], 0
+            buf_i, buf_m, buf_o, buffered = [], [], [], 0
 
         for i, result in enumerate(parallel_map(_crop_job, jobs, workers=cfg.workers, description="cropping")):
             row = table.iloc[i]
@@ -473,6 +508,8 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
                     "images", shape=(0, n_ch, size, size), chunks=(chunk, n_ch, size, size), dtype="float32"
                 )
                 masks_arr = group.create_array("masks", shape=(0, size, size), chunks=(chunk, size, size), dtype="bool")
+                others_arr = group.create_array("others", shape=(0, size, size), chunks=(chunk, size, size),
+                                                dtype="bool")
             elif result.images.shape[1] != n_ch:
                 raise CellbgError(
                     f"image {row.path} has {result.images.shape[1]} channel(s) but earlier images have {n_ch}; "
@@ -494,6 +531,7 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
             tables.append(t)
             buf_i.append(result.images)
             buf_m.append(result.masks)
+            buf_o.append(result.others)
             buffered += n
             if buffered >= images_arr.chunks[0]:
                 flush()
@@ -579,6 +617,24 @@ def load_crops(run_dir: str | Path, *, lazy: bool = False):
     if not lazy:
         images, masks = np.asarray(images[:]), np.asarray(masks[:])
     return images, masks, cells
+
+
+def load_others(run_dir: str | Path, *, lazy: bool = False):
+    """A run's ``others`` masks (n, S, S) bool: pixels of other objects in each crop.
+
+    Returns None for a crop store written before they were stored (run ``cellbg crops``
+    again to get them).
+    """
+    import zarr
+
+    store = Path(run_dir) / "crops.zarr"
+    if not store.exists():
+        raise CellbgError(f"no crops.zarr in {run_dir}; run `cellbg crops PROTOCOL` first")
+    group = zarr.open_group(str(store), mode="r")
+    if "others" not in group:
+        return None
+    others = group["others"]
+    return others if lazy else np.asarray(others[:])
 
 
 def read_summary(run_dir: str | Path) -> dict:

@@ -5,10 +5,13 @@ Two layouts are read:
 * **class folders**: ``root/<label>/<patient>/<image>``, or ``root/<label>/<image>`` with
   ``data.patient_pattern`` (a regex with a named group ``patient``) read from the file name;
   optional instance masks in ``data.mask_dir`` with the same relative paths;
-* **manifest CSV**: columns ``path,label,patient[,mask]``, paths relative to the CSV.
+* **manifest CSV**: columns ``path,label,patient[,mask][,objects]``, paths relative to the
+  CSV; ``objects`` names a label image of non-target objects (platelets, debris...) that the
+  crops stage counts as other objects (``no_others``).
 
 The result is an image table (:func:`discover`): one row per image with ``image_id``,
-``path``, ``label``, ``patient_id`` and ``mask_path`` (empty when there is none).
+``path``, ``label``, ``patient_id``, ``mask_path`` and ``objects_path`` (empty when there is
+none).
 Every error names the file and the reason.
 """
 
@@ -35,7 +38,7 @@ __all__ = [
     "assign_folds",
 ]
 
-IMAGE_COLUMNS = ["image_id", "path", "label", "patient_id", "mask_path"]
+IMAGE_COLUMNS = ["image_id", "path", "label", "patient_id", "mask_path", "objects_path"]
 _TIFF = (".tif", ".tiff")
 
 
@@ -186,13 +189,14 @@ def discover_folders(
                     "label": cdir.name,
                     "patient_id": str(patient),
                     "mask_path": mask_path,
+                    "objects_path": "",
                 }
             )
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
 
 
 def discover_manifest(manifest: str | Path) -> pd.DataFrame:
-    """Image table from a manifest CSV with columns ``path,label,patient[,mask]``."""
+    """Image table from a manifest CSV with columns ``path,label,patient[,mask][,objects]``."""
     manifest = check_file(manifest, what="manifest")
     try:
         df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
@@ -223,6 +227,13 @@ def discover_manifest(manifest: str | Path) -> pd.DataFrame:
             if not mp.exists():
                 raise CellbgError(f"{manifest}:{line}: mask not found: {mp}")
             mask_path = str(mp)
+        objects_path = ""
+        if "objects" in df.columns and str(r["objects"]).strip():
+            op = Path(r["objects"])
+            op = op if op.is_absolute() else base / op
+            if not op.exists():
+                raise CellbgError(f"{manifest}:{line}: objects label image not found: {op}")
+            objects_path = str(op)
         rows.append(
             {
                 "image_id": image_id(str(r["path"])),
@@ -230,6 +241,7 @@ def discover_manifest(manifest: str | Path) -> pd.DataFrame:
                 "label": str(r["label"]).strip(),
                 "patient_id": str(r["patient"]).strip(),
                 "mask_path": mask_path,
+                "objects_path": objects_path,
             }
         )
     out = pd.DataFrame(rows, columns=IMAGE_COLUMNS)

@@ -195,6 +195,24 @@ class CropsConfig(_Section):
 
 
 # --------------------------------------------------------------------------- variants
+class BackgroundSourceConfig(_Section):
+    """A named source of backgrounds for ``bg_image(name)`` (see :mod:`cellbg.backgrounds`)."""
+
+    kind: Literal["synthetic", "folder", "constant"]
+    path: Path | None = Field(None, description="folder of background images (kind: folder)")
+    color: list[float] | None = Field(None, description="one value or one per channel in [0, 1] (kind: constant)")
+    count: int = Field(64, ge=1, description="backgrounds in the pool (windows drawn, or synthetic fields)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> BackgroundSourceConfig:
+        if self.kind == "folder" and self.path is None:
+            raise ValueError("a folder background source needs path")
+        if self.kind == "constant":
+            if not self.color or any(not 0 <= c <= 1 for c in self.color):
+                raise ValueError("a constant background source needs color: one value or one per channel in [0, 1]")
+        return self
+
+
 class VariantsConfig(_Section):
     """Background variants trained on and tested on.
 
@@ -210,7 +228,29 @@ class VariantsConfig(_Section):
     # dataset's mean colour ~6 points on average over 40 seeds. Set 'black' to reproduce the
     # papers. (That residual drop is why BG-GAP is the default confirmatory test: StatsConfig.)
     fill: str = Field("mean", description="black | mean | noise | a colour 'r,g,b' in [0, 1]")
-    seed: int = Field(0, description="seed of the mixed_* pairings and noise fills")
+    seed: int = Field(0, description="seed of the mixed_* pairings, bg_image draws and noise fills")
+    reference: Literal["cellbg", "xiao"] = Field(
+        "cellbg",
+        description="rules of only_bg_b, only_bg_t and mixed_*: cellbg's clean ones, or Xiao et al.'s code "
+        "(docs/variants.md lists the differences)",
+    )
+    backgrounds: dict[str, BackgroundSourceConfig] = Field(
+        {}, description="named background sources for bg_image(name); 'synthetic' is built in"
+    )
+
+    @model_validator(mode="after")
+    def _sources_exist(self) -> VariantsConfig:
+        from cellbg._variant_spec import parse_variant
+
+        known = {"synthetic", *self.backgrounds}
+        for spec in [*self.train, *self.test]:
+            v = parse_variant(spec)
+            if v.name == "bg_image" and v.args[0] not in known:
+                raise ValueError(
+                    f"{spec} names the background source '{v.args[0]}', which is neither built in (synthetic) nor "
+                    f"declared under variants.backgrounds (declared: {sorted(self.backgrounds) or 'none'})"
+                )
+        return self
 
     @field_validator("train", "test")
     @classmethod
@@ -647,6 +687,8 @@ def _resolve_paths(protocol: Protocol, base: Path) -> Protocol:
     protocol.output = res(protocol.output)
     d = protocol.data
     d.root, d.manifest, d.mask_dir = res(d.root), res(d.manifest), res(d.mask_dir)
+    for source in protocol.variants.backgrounds.values():
+        source.path = res(source.path)
     # A Cellpose model given as a path (not a bare name) is relative to the protocol too.
     m = protocol.segmentation.model
     if ("/" in m or m.endswith((".pth", ".pt"))) and not Path(m).expanduser().is_absolute():

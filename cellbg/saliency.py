@@ -842,16 +842,18 @@ def run_saliency(protocol, *, progress=None):
     import zarr
 
     from cellbg._io import atomic_dir, write_parquet_atomic
-    from cellbg.crops import load_crops
+    from cellbg.crops import load_crops, load_others
     from cellbg.models import target_layer
     from cellbg.planning import DONE, crops_fingerprint, job_key, plan_jobs
     from cellbg.train import load_job_model, select_device
-    from cellbg.variants import apply_variant, parse_variant
+    from cellbg.variants import apply_variant, parse_variant, protocol_backgrounds
 
     cfg = protocol.saliency
     run_dir = Path(protocol.run_dir)
     parse_variant(cfg.test_variant)
     images, masks, cells = load_crops(run_dir)
+    others = load_others(run_dir)
+    pools = protocol_backgrounds(protocol, [cfg.test_variant], size=images.shape[-1], channels=images.shape[1])
     crops_hash = crops_fingerprint(run_dir)
     specs = plan_jobs(protocol)
     job_dirs = [run_dir / "jobs" / job_key(protocol, s, crops_hash=crops_hash) for s in specs]
@@ -874,7 +876,8 @@ def run_saliency(protocol, *, progress=None):
         # mixed_* pairing pool), and the sample is taken from its output.
         shown = apply_variant(
             cfg.test_variant, images[held_out], masks[held_out], bboxes=bboxes[held_out], labels=labels[held_out],
-            fill=protocol.variants.fill, seed=protocol.variants.seed,
+            fill=protocol.variants.fill, seed=protocol.variants.seed, reference=protocol.variants.reference,
+            others=others[held_out] if others is not None else None, backgrounds=pools or None,
         )
         pick = sample_cells(cells.iloc[held_out], cfg.cells_per_job, seed=int(np.random.SeedSequence(
             [protocol.seed, spec.fold]).generate_state(1)[0]))

@@ -302,6 +302,14 @@ class _Crops:
     classes: list[str]
     bboxes: np.ndarray
     labels: np.ndarray
+    others: torch.Tensor | None = None
+    options: dict | None = None  # apply_variant's reference and background pools
+
+    def variant(self, spec: str, idx: np.ndarray, images, masks, *, fill: str, seed: int):
+        """``apply_variant`` on rows ``idx`` (given their images and masks), with the run's options."""
+        others = self.others[torch.as_tensor(idx)] if self.others is not None else None
+        return _apply_variant(spec, images, masks, bboxes=self.bboxes[idx], labels=self.labels[idx], fill=fill,
+                              seed=seed, others=others, **(self.options or {}))
 
     def take(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and masks of rows ``idx`` (in that order)."""
@@ -323,9 +331,10 @@ def _available_memory() -> int:
 
 def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto") -> _Crops:
     """The run's crops (:func:`cellbg.crops.load_crops`), in memory when they fit."""
-    from cellbg.crops import load_crops
+    from cellbg.crops import load_crops, load_others
 
     images, masks, cells = load_crops(run_dir, lazy=True)
+    others = load_others(run_dir, lazy=True)
     table = Path(run_dir) / "cells.parquet"
     missing = [c for c in _CELL_COLUMNS if c not in cells.columns]
     if missing:
@@ -349,13 +358,23 @@ def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto") -> _Crops:
         classes=classes,
         bboxes=bboxes,
         labels=cells["label_index"].to_numpy(np.int64),
+        others=torch.from_numpy(np.asarray(others[...], dtype=bool)) if others is not None else None,
     )
 
 
-def _apply_variant(spec: str, images, masks, *, bboxes, labels, fill: str, seed: int):
+def _variant_options(protocol, crops: _Crops, specs) -> dict:
+    """``reference`` and the background pools of ``bg_image`` for the run's crops."""
+    from cellbg.variants import protocol_backgrounds
+
+    shape = crops.images.shape
+    pools = protocol_backgrounds(protocol, specs, size=int(shape[-1]), channels=int(shape[1]))
+    return {"reference": protocol.variants.reference, "backgrounds": pools or None}
+
+
+def _apply_variant(spec: str, images, masks, *, bboxes, labels, fill: str, seed: int, **options):
     from cellbg.variants import apply_variant
 
-    return apply_variant(spec, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed)
+    return apply_variant(spec, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed, **options)
 
 
 class _TrainBatches(torch.utils.data.Dataset):
@@ -383,10 +402,8 @@ class _TrainBatches(torch.utils.data.Dataset):
         idx = self.batches[b]
         images, masks = self.crops.take(idx)
         labels = self.crops.labels[idx]
-        images = _apply_variant(
-            self.variant, images, masks, bboxes=self.crops.bboxes[idx], labels=labels, fill=self.fill,
-            seed=_seed(self.seed, self.epoch, b, 1),
-        ).images
+        images = self.crops.variant(self.variant, idx, images, masks, fill=self.fill,
+                                    seed=_seed(self.seed, self.epoch, b, 1)).images
         if self.augment:
             g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, b, 2))
             self.dihedral.set_random_state(generator=g).randomize(len(idx))
@@ -605,6 +622,7 @@ def run_job(
     for v in [spec.train_variant, *protocol.variants.test]:
         parse_variant(v)
     crops = _read_crops(run_dir)
+    crops.options = _variant_options(protocol, crops, [spec.train_variant, *protocol.variants.test])
     split = patient_split(crops.cells, fold=spec.fold, val_fraction=cfg.split.val_fraction,
                           val_patients=cfg.split.val_patients if cfg.split.kind == "fixed" else None,
                           seed=protocol.seed)
@@ -644,9 +662,8 @@ def run_job(
         val_x = val_y = None
         if len(split.val):
             vx, vm = crops.take(split.val)
-            val_x = _apply_variant(spec.train_variant, vx, vm, bboxes=crops.bboxes[split.val],
-                                   labels=crops.labels[split.val], fill=protocol.variants.fill,
-                                   seed=_seed(seeds["batch_seed"], 0xFFFF)).images
+            val_x = crops.variant(spec.train_variant, split.val, vx, vm, fill=protocol.variants.fill,
+                                  seed=_seed(seeds["batch_seed"], 0xFFFF)).images
             val_y = torch.from_numpy(crops.labels[split.val])
 
         epochs_this_call = 0
@@ -719,8 +736,8 @@ def _predict(model, crops: _Crops, split: Split, protocol, spec: JobSpec, *, dev
     })
     frames = []
     for test_variant in protocol.variants.test:
-        res = _apply_variant(test_variant, images, masks, bboxes=crops.bboxes[idx], labels=labels,
-                             fill=protocol.variants.fill, seed=protocol.variants.seed)
+        res = crops.variant(test_variant, idx, images, masks, fill=protocol.variants.fill,
+                            seed=protocol.variants.seed)
         _, _, probs = _evaluate(model, res.images, torch.from_numpy(labels), device=device,
                                 batch_size=protocol.training.batch_size, amp=amp)
         pred_index = probs.argmax(1).numpy()
@@ -735,8 +752,22 @@ def _predict(model, crops: _Crops, split: Split, protocol, spec: JobSpec, *, dev
         for k, name in enumerate(crops.classes):
             df[f"prob_{name}"] = probs[:, k].numpy().astype(np.float64)
         df["partner_cell_id"] = np.where(partner >= 0, cell_ids[np.clip(partner, 0, None)], "")
+        df["background_id"] = _background_ids(res, test_variant, crops.options)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def _background_ids(res, test_variant: str, options: dict | None) -> np.ndarray:
+    """``<source>/<id>`` of the background each cell was drawn (``bg_image``), "" otherwise."""
+    drawn = getattr(res, "background", None)
+    if drawn is None or (np.asarray(drawn) < 0).all():
+        return np.full(len(res.partner), "", dtype=object)
+    from cellbg.variants import parse_variant
+
+    source = str(parse_variant(test_variant).args[0])
+    pool = (options or {}).get("backgrounds", {})[source]
+    ids = np.asarray([f"{source}/{i}" for i in pool.ids], dtype=object)
+    return np.where(np.asarray(drawn) >= 0, ids[np.clip(drawn, 0, None)], "")
 
 
 # --------------------------------------------------------------------------- all jobs

@@ -67,6 +67,7 @@ __all__ = [
     "make_gallery",
     "export_variants",
     "run_variants",
+    "protocol_backgrounds",
 ]
 
 
@@ -1215,7 +1216,7 @@ class ApplyVariantd(Randomizable, MapTransform):
 
 # --------------------------------------------------------------------------- gallery and export
 def make_gallery(images, masks, bboxes, labels, specs: Sequence[str], out_png, *, fill="black", seed=0,
-                 cells: Sequence[int] | None = None, row_names: Sequence[str] | None = None) -> Path:
+                 cells: Sequence[int] | None = None, row_names: Sequence[str] | None = None, **options) -> Path:
     """Write a montage PNG: rows = cells, columns = variants.
 
     Parameters
@@ -1229,6 +1230,8 @@ def make_gallery(images, masks, bboxes, labels, specs: Sequence[str], out_png, *
         Row indices to show; default the first 8.
     row_names : sequence of str, optional
         A label per shown row (e.g. cell ids).
+    **options
+        Passed to :func:`apply_variant` (``others``, ``backgrounds``, ``reference``).
 
     Returns
     -------
@@ -1249,7 +1252,8 @@ def make_gallery(images, masks, bboxes, labels, specs: Sequence[str], out_png, *
     if n == 0:
         raise CellbgError("make_gallery: the crop store holds no cells")
     rows = list(range(min(8, n))) if cells is None else [int(i) for i in cells]
-    cols = [apply_variant(v, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed) for v in parsed]
+    cols = [apply_variant(v, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed, **options)
+            for v in parsed]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.4 * len(cols), 1.4 * len(rows)), squeeze=False)
     for j, (v, r) in enumerate(zip(parsed, cols)):
         imgs = r.images.cpu().numpy() if torch.is_tensor(r.images) else np.asarray(r.images)
@@ -1272,12 +1276,28 @@ def make_gallery(images, masks, bboxes, labels, specs: Sequence[str], out_png, *
     return out_png
 
 
+def protocol_backgrounds(protocol, specs: Sequence[str], *, size: int, channels: int) -> dict:
+    """The background pools that ``specs`` need (``bg_image(name)``), drawn with ``variants.seed``.
+
+    Sources are the protocol's ``variants.backgrounds`` and the built-in ``synthetic``.
+    """
+    from cellbg.backgrounds import background_pool, pool_sources
+
+    cfg = protocol.variants
+    pools = {}
+    for name in pool_sources(specs):
+        source = cfg.backgrounds.get(name)
+        config = source.model_dump() if source is not None else None
+        pools[name] = background_pool(name, config, size=size, channels=channels, seed=cfg.seed)
+    return pools
+
+
 def _safe_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.,+-]", "_", spec).replace("(", "_").strip("_")
 
 
 def export_variants(images, masks, cells, specs: Sequence[str], out_dir, *, fill="black", seed=0,
-                    classes: Sequence[str] | None = None):
+                    classes: Sequence[str] | None = None, **options):
     """Materialise variant datasets as TIFFs for other tools.
 
     Writes ``out_dir/<variant>/<class>/<cell_id>.tif`` (float32 ``(C, H, W)``) and
@@ -1315,7 +1335,7 @@ def export_variants(images, masks, cells, specs: Sequence[str], out_dir, *, fill
     tables = []
     for spec in specs:
         v = parse_variant(spec)
-        r = apply_variant(v, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed)
+        r = apply_variant(v, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed, **options)
         imgs = r.images.cpu().numpy() if torch.is_tensor(r.images) else np.asarray(r.images)
         name = _safe_name(v.spec)
         rows = []
@@ -1356,11 +1376,15 @@ def run_variants(protocol, *, gallery=None, export=None, n_rows: int = 8) -> dic
     dict
         ``specs`` (normalised), ``cells``, ``gallery`` and ``export`` paths (or None).
     """
-    from cellbg.crops import load_crops
+    from cellbg.crops import load_crops, load_others
 
     cfg = protocol.variants
     specs = list(dict.fromkeys(parse_variant(s).spec for s in [*cfg.train, *cfg.test]))
     images, masks, cells = load_crops(protocol.run_dir)
+    options = {
+        "others": load_others(protocol.run_dir), "reference": cfg.reference,
+        "backgrounds": protocol_backgrounds(protocol, specs, size=images.shape[-1], channels=images.shape[1]) or None,
+    }
     bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)
     labels = cells["label_index"].to_numpy(np.int64)
     summary = {"specs": specs, "cells": len(cells), "gallery": None, "export": None}
@@ -1368,8 +1392,8 @@ def run_variants(protocol, *, gallery=None, export=None, n_rows: int = 8) -> dic
         rows = _gallery_rows(labels, n_rows)
         names = [f"{cells.cell_id.iloc[i]} ({cells.label.iloc[i]})" for i in rows]
         summary["gallery"] = make_gallery(images, masks, bboxes, labels, specs, gallery, fill=cfg.fill,
-                                          seed=cfg.seed, cells=rows, row_names=names)
+                                          seed=cfg.seed, cells=rows, row_names=names, **options)
     if export is not None:
-        export_variants(images, masks, cells, specs, export, fill=cfg.fill, seed=cfg.seed)
+        export_variants(images, masks, cells, specs, export, fill=cfg.fill, seed=cfg.seed, **options)
         summary["export"] = Path(export)
     return summary

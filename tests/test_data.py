@@ -129,7 +129,7 @@ def _folders(root: Path, with_masks: bool = False):
 def test_class_folders_layout(tmp_path):
     root = _folders(tmp_path)
     t = discover_folders(root)
-    assert list(t.columns) == ["image_id", "path", "label", "patient_id", "mask_path"]
+    assert list(t.columns) == ["image_id", "path", "label", "patient_id", "mask_path", "objects_path"]
     assert len(t) == 6
     assert t["image_id"].is_unique
     assert set(t["label"]) == {"healthy", "sezary"}

@@ -258,7 +258,7 @@ def test_run_job_files_predictions_and_model(strong_run, tmp_path):
     preds = pd.read_parquet(job_dir / "predictions.parquet")
     expected_cols = ["cell_id", "image_id", "patient_id", "label", "label_index", "model", "train_variant",
                      "test_variant", "seed", "fold", "pred", "pred_index", "correct", "prob_healthy",
-                     "prob_sezary", "partner_cell_id"]
+                     "prob_sezary", "partner_cell_id", "background_id"]
     assert list(preds.columns) == expected_cols
     assert len(preds) == 3 * len(test_cells)
     assert set(preds["cell_id"]) == set(test_cells["cell_id"])

@@ -105,6 +105,7 @@ def _image_table(ctx: RunContext):
         table = table.assign(
             digest=[ctx.digests(p) for p in table["path"]],
             mask_digest=[ctx.digests(m) if m else "" for m in table["mask_path"]],
+            objects_digest=[ctx.digests(o) if o else "" for o in table["objects_path"]],
         )
         ctx.data["images"] = table
     return ctx.data["images"]
@@ -151,7 +152,7 @@ def _plan_segment(ctx: RunContext) -> list[Job]:
         jobs.append(
             Job(
                 "segment", name, hash_key("segment", seg, channels, content), _job_segment,
-                (worker_protocol, batch.drop(columns=["digest", "mask_digest"])),
+                (worker_protocol, batch.drop(columns=["digest", "mask_digest", "objects_digest"])),
                 # copying the user's masks is quick: no worker needed
                 where="client" if masks_only else "worker",
                 outputs=tuple(seg_dir / f"{i}.tif" for i in batch["image_id"]),
@@ -163,7 +164,7 @@ def _plan_segment(ctx: RunContext) -> list[Job]:
 def _plan_crops(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
     table = _image_table(ctx)
-    content = sorted(table[["image_id", "label", "patient_id", "digest"]].values.tolist())
+    content = sorted(table[["image_id", "label", "patient_id", "digest", "objects_digest"]].values.tolist())
     crops_section = _section(p, "crops")
     crops_section.pop("workers", None)
     key = hash_key(
