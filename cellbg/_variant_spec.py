@@ -50,6 +50,10 @@ _REGISTRY: dict[str, _Def] = {
     "mask_dilate": _Def("mask", ("k",), doc="grow the mask by k pixels (Euclidean disk)"),
 }
 
+#: Image variants that may also come in front, as a first step: ``no_others+mixed_rand``
+#: removes the other objects from every crop of the batch (partners included), then mixes.
+PREFIX_VARIANTS = ("no_others",)
+
 _PART = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$")
 
 
@@ -77,7 +81,7 @@ class VariantSpec:
     args : tuple of float
         Its arguments.
     perturbations : tuple of (str, tuple of float)
-        Mask perturbations applied in order before the variant.
+        Mask perturbations (and ``no_others``) applied in order before the variant.
     """
 
     spec: str
@@ -148,7 +152,8 @@ def parse_variant(spec: str | VariantSpec) -> VariantSpec:
     Parameters
     ----------
     spec : str
-        ``name``, ``name(arg, ...)``, mask perturbations in front joined by ``+``.
+        ``name``, ``name(arg, ...)``, mask perturbations (and ``no_others``) in front joined
+        by ``+``.
 
     Returns
     -------
@@ -172,10 +177,13 @@ def parse_variant(spec: str | VariantSpec) -> VariantSpec:
     parts = [_parse_part(p, spec) for p in spec.split("+")]
     *front, (name, args) = parts
     for pname, _ in front:
-        if _REGISTRY[pname].kind != "mask":
+        if _REGISTRY[pname].kind != "mask" and pname not in PREFIX_VARIANTS:
             raise CellbgError(
-                f"in spec '{spec}' only mask perturbations (mask_erode, mask_dilate) may come before '+'; got {pname}"
+                f"in spec '{spec}' only mask perturbations (mask_erode, mask_dilate) and no_others may come before "
+                f"'+'; got {pname}"
             )
+    if [p for p, _ in front].count("no_others") > 1:
+        raise CellbgError(f"spec '{spec}' names no_others twice")
     if _REGISTRY[name].kind != "image":
         raise CellbgError(
             f"spec '{spec}' ends with the mask perturbation {name}; put a variant after it, e.g. '{spec}+only_fg'"

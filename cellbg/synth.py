@@ -729,10 +729,11 @@ def _cooccurring_objects(rng, centres, radius, probability, label, cell_px, shap
     base, dy, dx = _local_grid(ctr, _dot_half("clump", sizes))
     prof = _dot_profile(dy, dx, sizes, amps[flag].reshape(-1, 3), phases[flag].reshape(-1, 3), "platelet")
     density = _splat(prof.astype(np.float32), base, shape)
-    # each object's label: where it covers more than half a pixel, never on a cell; a
-    # later object wins where two touch (rare: the angles are spread)
+    # each object's label: every pixel it covers (more than 5 %, so that blanking the label
+    # leaves no rim), never on a cell; a later object wins where two touch (rare: the angles
+    # are spread)
     ids = np.arange(1, len(ctr) + 1, dtype=np.float32)[:, None, None]
-    top = _splat_max((prof > 0.5) * ids, base, shape)
+    top = _splat_max((prof > 0.05) * ids, base, shape)
     objects = np.where(cell_px, 0, top).astype(np.uint16)
     area = np.bincount(objects.ravel(), minlength=len(ctr) + 1)[1:]
     table = pd.DataFrame(

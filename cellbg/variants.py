@@ -805,7 +805,8 @@ def apply_variant(
     Parameters
     ----------
     spec : str or VariantSpec
-        E.g. ``"only_bg_t"``, ``"bg_ring(4)"``, ``"mask_erode(2)+only_fg"``.
+        E.g. ``"only_bg_t"``, ``"bg_ring(4)"``, ``"mask_erode(2)+only_fg"``,
+        ``"no_others+mixed_rand"`` (other objects removed from every crop, then mixed).
     images : (n, C, H, W) ndarray or Tensor
     masks : (n, H, W) bool ndarray or Tensor
     bboxes : (n, 4) int, optional
@@ -852,15 +853,27 @@ def apply_variant(
     m = _check_masks(masks, x)
     n = x.shape[0]
     given_boxes = _check_bboxes(bboxes, x) if bboxes is not None else None
-    for pname, (k,) in v.perturbations:
-        m = ~_dilate_disk(~m, int(k)) if pname == "mask_erode" else _dilate_disk(m, int(k))
+    o = None
+    if others is not None:
+        o = _check_masks(others, x)
+    elif v.name == "no_others" or any(p == "no_others" for p, _ in v.perturbations):
+        raise CellbgError("no_others needs the other objects' masks (others=); crops made by 'cellbg crops' "
+                          "store them as crops.zarr/others")
+    for pname, pargs in v.perturbations:
+        if pname == "no_others":  # a first step: the other objects of every crop take the fill
+            x = _keep(~(o & ~m)[:, None], x, resolve_fill(fill, x, m, seed=seed))
+        elif pname == "mask_erode":
+            m = ~_dilate_disk(~m, int(pargs[0]))
+        else:
+            m = _dilate_disk(m, int(pargs[0]))
+    mask_changed = any(p.startswith("mask_") for p, _ in v.perturbations)
     partner = np.full(n, -1, np.int64)
     background = np.full(n, -1, np.int64)
     name, args = v.name, v.args
     needs_box = name in ("only_bg_b", "only_bg_t") or name.startswith("mixed_")
     if needs_box:
         fallback = given_boxes if given_boxes is not None else np.zeros((n, 4), np.int64)
-        b = _bboxes_of(m, fallback) if (v.perturbations or given_boxes is None) else given_boxes
+        b = _bboxes_of(m, fallback) if (mask_changed or given_boxes is None) else given_boxes
     needs_fill = name in ("only_fg", "no_fg", "only_bg_b", "only_bg_t", "bg_ring", "context", "no_others") \
         or name.startswith("mixed_")
     fill_t = resolve_fill(fill, x, m, seed=seed) if needs_fill else None
@@ -889,10 +902,6 @@ def apply_variant(
     elif name == "context":
         out, m = _context(x, m, float(args[0]), fill_t)
     elif name == "no_others":
-        if others is None:
-            raise CellbgError("no_others needs the other objects' masks (others=); crops made by 'cellbg crops' "
-                              "store them as crops.zarr/others")
-        o = _check_masks(others, x)
         out = _keep(~(o & ~m)[:, None], x, fill_t)
     elif name == "bg_color":
         out = _keep(m[:, None], x, resolve_fill(list(args), x))

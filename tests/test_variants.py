@@ -866,3 +866,19 @@ def test_xiao_reference_matches_the_pil_steps_of_their_code_on_random_boxes():
         np.testing.assert_array_equal(np.moveaxis(got_t[i], 0, -1), want_t)
     tt = apply_variant("only_bg_t", torch.from_numpy(x), torch.from_numpy(m), bboxes=b, reference="xiao").images
     np.testing.assert_array_equal(tt.numpy(), got_t)
+
+
+def test_no_others_as_a_first_step_cleans_every_crop_before_mixing():
+    x, m, b, y = make_batch(n=16)
+    others = np.random.default_rng(2).random(m.shape) < 0.15
+    v = parse_variant("no_others + mixed_rand")
+    assert v.spec == "no_others+mixed_rand" and v.perturbations == (("no_others", ()),)
+    r = apply_variant(v, x, m, bboxes=b, labels=y, others=others, fill="0.5", seed=3)
+    cleaned = apply_variant("no_others", x, m, others=others, fill="0.5").images
+    ref = apply_variant("mixed_rand", cleaned, m, bboxes=b, labels=y, fill="0.5", seed=3)
+    np.testing.assert_array_equal(r.images, ref.images)
+    np.testing.assert_array_equal(r.partner, ref.partner)
+    with pytest.raises(CellbgError, match="no_others twice"):
+        parse_variant("no_others+no_others+only_fg")
+    with pytest.raises(CellbgError, match="others="):
+        apply_variant("no_others+mixed_rand", x, m, bboxes=b, labels=y)
