@@ -18,7 +18,7 @@ fields of view whose truth is known:
   from the shared distribution; cell positions never depend on the class, so with
   ``signal=0`` the background says nothing about the class.
 * **planted co-occurrence cue** (independent of the halo): with probability
-  ``cooccurrence`` a cell of class ``cooccurrence_class`` has two non-target objects
+  ``cooccurrence`` a cell of class ``cooccurrence_class`` has three non-target objects
   (platelet clumps, larger than single platelets) placed just outside its outline. The
   objects have their own label image (``objects/``) and table (``objects_truth.csv``), so a
   detector can learn them and ``no_others`` can remove them; their randomness has its own
@@ -127,11 +127,11 @@ _CUE_OD = {"healthy": np.array([0.0, 0.11, 0.08]), "sezary": np.array([0.09, 0.0
 # Fluorescence mode: a brighter halo for healthy, a dimmer one for Sezary.
 _CUE_GRAY = {"healthy": 0.05, "sezary": -0.03}
 _CUE_PLATELETS = 3  # extra platelets in the ring of a Sezary cell carrying the cue
-# The co-occurrence cue: platelet clumps (radius 2.6-3.6 px against 1.4-2.4 for single
+# The co-occurrence cue: platelet clumps (radius 2.8-4 px against 1.4-2.4 for single
 # platelets) just outside the outline of a cell of the chosen class.
-_COOC_OBJECTS = 2  # objects per cell carrying the co-occurrence cue
-_COOC_RADIUS = (2.6, 3.6)
-_COOC_GAP = (2.0, 7.0)  # gap between the cell's largest outline radius and the object's edge
+_COOC_OBJECTS = 3  # objects per cell carrying the co-occurrence cue
+_COOC_RADIUS = (2.8, 4.0)
+_COOC_GAP = (1.5, 5.0)  # gap between the cell's largest outline radius and the object's edge
 
 
 @dataclass(frozen=True)
@@ -538,7 +538,7 @@ def synth_field(
     seed : int, SeedSequence or Generator
         Source of randomness; the same seed gives the same field.
     cooccurrence_probability : float in [0, 1]
-        Probability that a cell has two non-target objects (platelet clumps) placed just
+        Probability that a cell has three non-target objects (platelet clumps) placed just
         outside its outline: the co-occurrence cue, independent of the halo cue. Drawn from
         its own stream, so it changes nothing but the objects' pixels.
 
@@ -855,7 +855,7 @@ def make_dataset(
     seed : int
         The same seed gives byte-identical files.
     cooccurrence : float in [0, 1]
-        Probability that a cell of class ``cooccurrence_class`` has two non-target objects
+        Probability that a cell of class ``cooccurrence_class`` has three non-target objects
         (platelet clumps) just outside its outline: a second planted cue, independent of the
         halo (``signal``). When > 0 the objects' label images are written to ``objects/``,
         one row per object to ``objects_truth.csv``, and the manifest gains an ``objects``

@@ -387,9 +387,9 @@ def test_cooccurring_objects_change_only_their_own_pixels():
         # every changed pixel lies within 2 px of a labelled object, and objects are visible
         assert not (changed & ~ndimage.binary_dilation(objects, iterations=2)).any()
         assert changed[objects].mean() > 0.9
-        # two objects per cell, labelled 1..m, each near its own cell
+        # three objects per cell, labelled 1..m, each near its own cell
         table = cooc.object_table
-        assert len(table) == 2 * len(cooc.cells) and sorted(np.unique(cooc.objects[objects])) == list(
+        assert len(table) == 3 * len(cooc.cells) and sorted(np.unique(cooc.objects[objects])) == list(
             table["object"]
         )
         np.testing.assert_array_equal(np.bincount(cooc.objects.ravel())[1:], table["area"])
@@ -397,7 +397,7 @@ def test_cooccurring_objects_change_only_their_own_pixels():
         gap = np.hypot(table["centre_r"].to_numpy() - cells["centre_r"].to_numpy(),
                        table["centre_c"].to_numpy() - cells["centre_c"].to_numpy()) - cells["cell_radius"].to_numpy()
         assert (gap > 2).all() and (gap < 15).all()
-        assert (cooc.cells["objects"] == 2).all() and cooc.cells["cooccurrence"].all()
+        assert (cooc.cells["objects"] == 3).all() and cooc.cells["cooccurrence"].all()
 
 
 def test_cooccurrence_flags_are_nested_and_follow_the_probability():
@@ -428,7 +428,7 @@ def test_dataset_records_cooccurring_objects_for_one_class(tmp_path):
     objects = pd.read_csv(tmp_path / "a" / "objects_truth.csv")
     assert list(objects.columns) == synth.OBJECT_COLUMNS
     assert (truth["cooccurrence"] == (truth["label"] == "healthy")).all()
-    assert set(objects["label"]) == {"healthy"} and len(objects) == 2 * truth["cooccurrence"].sum()
+    assert set(objects["label"]) == {"healthy"} and len(objects) == 3 * truth["cooccurrence"].sum()
     for r in manifest.itertuples():
         labels = read_mask(tmp_path / "a" / r.objects)
         rows = objects[objects["objects_path"] == r.objects]
