@@ -1,6 +1,6 @@
 """Model registry: the classifiers whose use of the background is measured.
 
-Three architectures, each built for any number of input channels and classes:
+Four architectures, each built for any number of input channels and classes:
 
 ``resnet``
     MONAI's :class:`monai.networks.nets.ResNet` in 2-D with basic blocks (depth 10, 18 or
@@ -9,6 +9,10 @@ Three architectures, each built for any number of input channels and classes:
 ``shufflenet_v2``
     torchvision's ShuffleNetV2 (``weights=None``) with its first convolution rebuilt for the
     crop's channel count.
+``efficientnet_b0``
+    torchvision's EfficientNet-B0 (the model of Hashmi & Li's non-target-object experiments),
+    untrained or from a local weights file, with its stem convolution rebuilt for the crop's
+    channel count and its classifier for the class count.
 ``cellyolo``
     A YOLO-style classifier: a compact CSP-Darknet backbone (Conv-BN-SiLU, C2f stages, SPPF)
     with YOLO width/depth multiples (n = 0.25/0.33, s = 0.5/0.33, m = 0.75/0.67) and a
@@ -77,7 +81,7 @@ def list_models() -> list[str]:
     Examples
     --------
     >>> list_models()
-    ['cellyolo', 'resnet', 'shufflenet_v2']
+    ['cellyolo', 'efficientnet_b0', 'resnet', 'shufflenet_v2']
     """
     return sorted(_MODELS)
 
@@ -96,7 +100,8 @@ def get_model(arch: str, *, in_channels: int, num_classes: int, **kwargs) -> nn.
     **kwargs
         Options of the architecture (the fields of its protocol spec): ``resnet``: ``depth``
         (10, 18, 34), ``width`` (> 0), ``small_stem`` (bool); ``shufflenet_v2``: ``width``
-        (0.5, 1.0, 1.5, 2.0); ``cellyolo``: ``width``, ``depth`` (> 0).
+        (0.5, 1.0, 1.5, 2.0); ``cellyolo``: ``width``, ``depth`` (> 0); ``efficientnet_b0``:
+        ``weights`` (None or a local state-dict file), ``dropout``.
 
     Returns
     -------
@@ -157,12 +162,14 @@ def target_layer(model_or_arch: nn.Module | str) -> str:
 
 def _arch_of(model: nn.Module) -> str:
     from monai.networks.nets import ResNet
-    from torchvision.models import ShuffleNetV2
+    from torchvision.models import EfficientNet, ShuffleNetV2
 
     if isinstance(model, ResNet):
         return "resnet"
     if isinstance(model, ShuffleNetV2):
         return "shufflenet_v2"
+    if isinstance(model, EfficientNet):
+        return "efficientnet_b0"
     if isinstance(model, CellYolo):
         return "cellyolo"
     raise CellbgError(f"{type(model).__name__} is not a cellbg model; build one with get_model()")
@@ -223,6 +230,54 @@ def _shufflenet_v2(*, in_channels: int, num_classes: int, width: float = 1.0):
             in_channels, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
             padding=old.padding, bias=False,
         )
+    return net
+
+
+# --------------------------------------------------------------------------- efficientnet
+@register_model("efficientnet_b0", target="features.8")
+def _efficientnet_b0(*, in_channels: int, num_classes: int, weights: str | None = None, dropout: float = 0.2):
+    """torchvision's EfficientNet-B0; ``weights``: None (random) or a local state-dict file.
+
+    A weights file (e.g. ImageNet weights saved with ``torch.save(model.state_dict())``) is
+    read with ``weights_only=True``; its classifier is dropped when the class count differs,
+    and for ``in_channels != 3`` the stem kernels are averaged over RGB and repeated. Nothing is
+    downloaded. The Grad-CAM layer is ``features.8`` (the last 1x1 convolution, 1280 maps).
+    """
+    import torchvision.models as tvm
+
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise CellbgError(f"model 'efficientnet_b0': dropout must be in [0, 1); got {dropout!r}")
+    net = tvm.efficientnet_b0(weights=None, num_classes=num_classes, dropout=float(dropout))
+    state = None
+    if weights is not None:
+        from pathlib import Path
+
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise CellbgError(f"model 'efficientnet_b0': weights file {path} not found (weights: a local file or null)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CellbgError(f"model 'efficientnet_b0': cannot read weights {path}: {str(exc).splitlines()[0]}") \
+                from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise CellbgError(f"model 'efficientnet_b0': {path} holds no state dict")
+        head = state.get("classifier.1.weight")
+        if head is not None and head.shape[0] != num_classes:
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    old = net.features[0][0]
+    if in_channels != old.in_channels:
+        net.features[0][0] = nn.Conv2d(in_channels, old.out_channels, kernel_size=old.kernel_size,
+                                       stride=old.stride, padding=old.padding, bias=False)
+        if state is not None and "features.0.0.weight" in state:
+            w = state["features.0.0.weight"]
+            state["features.0.0.weight"] = w.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1)
+    if state is not None:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.startswith("classifier.")] + list(unexpected)
+        if bad:
+            raise CellbgError(f"model 'efficientnet_b0': weights {weights} do not fit EfficientNet-B0 (e.g. {bad[0]})")
     return net
 
 

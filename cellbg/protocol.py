@@ -306,7 +306,18 @@ class CellYoloSpec(_ModelBase):
     depth: float = Field(0.33, gt=0, description="YOLO depth multiple (n=0.33, s=0.33, m=0.67)")
 
 
-ModelSpec = Annotated[ResNetSpec | ShuffleNetSpec | CellYoloSpec, Field(discriminator="arch")]
+class EfficientNetSpec(_ModelBase):
+    arch: Literal["efficientnet_b0"]
+    weights: Path | None = Field(None, description="null (untrained) or a local state-dict file; nothing is downloaded")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the classifier")
+
+    def kwargs(self) -> dict[str, Any]:
+        out = super().kwargs()
+        out["weights"] = None if self.weights is None else str(self.weights)
+        return out
+
+
+ModelSpec = Annotated[ResNetSpec | ShuffleNetSpec | CellYoloSpec | EfficientNetSpec, Field(discriminator="arch")]
 
 
 # --------------------------------------------------------------------------- training
@@ -559,7 +570,8 @@ class Protocol(_Section):
 # --------------------------------------------------------------------------- loading
 #: pydantic puts the discriminator value of the model union into error locations
 #: (``models.0.resnet.dept``); they are not protocol keys.
-_MODEL_TAGS = {"resnet": ResNetSpec, "shufflenet_v2": ShuffleNetSpec, "cellyolo": CellYoloSpec}
+_MODEL_TAGS = {"resnet": ResNetSpec, "shufflenet_v2": ShuffleNetSpec, "cellyolo": CellYoloSpec,
+               "efficientnet_b0": EfficientNetSpec}
 
 def _yaml_lines(text: str) -> dict[tuple, int]:
     """Map each key path in a YAML document to its 1-based line number."""
@@ -689,6 +701,9 @@ def _resolve_paths(protocol: Protocol, base: Path) -> Protocol:
     d.root, d.manifest, d.mask_dir = res(d.root), res(d.manifest), res(d.mask_dir)
     for source in protocol.variants.backgrounds.values():
         source.path = res(source.path)
+    for model in protocol.models:
+        if getattr(model, "weights", None) is not None:
+            model.weights = res(model.weights)
     # A Cellpose model given as a path (not a bare name) is relative to the protocol too.
     m = protocol.segmentation.model
     if ("/" in m or m.endswith((".pth", ".pt"))) and not Path(m).expanduser().is_absolute():

@@ -1,5 +1,6 @@
 """Tests of the model registry (cellbg.models)."""
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import ResNet
@@ -13,14 +14,15 @@ SMALL = {
     "resnet": {"depth": 10, "width": 0.125},
     "shufflenet_v2": {"width": 0.5},
     "cellyolo": {"width": 0.125, "depth": 0.33},
+    "efficientnet_b0": {},
 }
 
 
 def test_list_models():
-    assert list_models() == ["cellyolo", "resnet", "shufflenet_v2"]
+    assert list_models() == ["cellyolo", "efficientnet_b0", "resnet", "shufflenet_v2"]
 
 
-@pytest.mark.parametrize("arch", ["resnet", "shufflenet_v2", "cellyolo"])
+@pytest.mark.parametrize("arch", ["resnet", "shufflenet_v2", "cellyolo", "efficientnet_b0"])
 @pytest.mark.parametrize("channels", [1, 5])
 def test_forward_backward_any_channels(arch, channels):
     net = get_model(arch, in_channels=channels, num_classes=3, **SMALL[arch])
@@ -31,7 +33,7 @@ def test_forward_backward_any_channels(arch, channels):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ["resnet", "shufflenet_v2", "cellyolo"])
+@pytest.mark.parametrize("arch", ["resnet", "shufflenet_v2", "cellyolo", "efficientnet_b0"])
 def test_target_layer_is_last_feature_map(arch):
     net = get_model(arch, in_channels=3, num_classes=2, **SMALL[arch]).eval()
     name = target_layer(net)
@@ -112,3 +114,40 @@ def test_bad_input_messages():
         get_model("resnet", in_channels=1, num_classes=1)
     with pytest.raises(CellbgError, match="not a cellbg model"):
         target_layer(torch.nn.Linear(2, 2))
+
+
+def test_efficientnet_b0_trains_a_cpu_step_and_grad_cam_hooks_it(tmp_path):
+    from torchvision.models import EfficientNet
+
+    from cellbg.protocol import EfficientNetSpec
+    from cellbg.saliency import gradcam
+
+    torch.manual_seed(0)
+    net = get_model("efficientnet_b0", in_channels=3, num_classes=2)
+    assert isinstance(net, EfficientNet) and target_layer(net) == "features.8" == target_layer("efficientnet_b0")
+    assert net.classifier[1].out_features == 2
+    x, y = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.train()
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    changed = [k for k, v in net.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert "features.0.0.weight" in changed and "classifier.1.weight" in changed
+    maps = gradcam(net, x, y.numpy())
+    assert maps.shape == (4, 64, 64) and np.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0
+
+    # a local weights file: saved from an ImageNet-shaped model (3 channels, 1000 classes)
+    src = get_model("efficientnet_b0", in_channels=3, num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "b0.pth")
+    gray = get_model("efficientnet_b0", in_channels=1, num_classes=2, weights=str(tmp_path / "b0.pth"))
+    torch.testing.assert_close(gray.features[0][0].weight, src.features[0][0].weight.mean(1, keepdim=True))
+    torch.testing.assert_close(gray.features[4][0].block[0][0].weight, src.features[4][0].block[0][0].weight)
+    spec = EfficientNetSpec(arch="efficientnet_b0", weights=tmp_path / "b0.pth")
+    assert get_model(spec.arch, in_channels=3, num_classes=2, **spec.kwargs()).classifier[1].out_features == 2
+    with pytest.raises(CellbgError, match="weights file .* not found"):
+        get_model("efficientnet_b0", in_channels=3, num_classes=2, weights=str(tmp_path / "none.pth"))
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CellbgError, match="cannot read weights"):
+        get_model("efficientnet_b0", in_channels=3, num_classes=2, weights=str(tmp_path / "bad.pth"))
