@@ -45,6 +45,9 @@ __all__ = [
     "default_confirmatory",
     "ExecutorConfig",
     "ReportConfig",
+    "DetectorSpec",
+    "CorrelatedConfig",
+    "DetectionConfig",
     "load_protocol",
     "protocol_hash",
     "resolved_yaml",
@@ -520,6 +523,81 @@ class ReportConfig(_Section):
     title: str | None = None
 
 
+# --------------------------------------------------------------------------- detection
+class DetectorSpec(_Section):
+    """The torchvision Faster R-CNN of the detection study (see :mod:`cellbg.detect`)."""
+
+    arch: Literal["fasterrcnn_resnet_fpn", "fasterrcnn_mobilenet_v3_large_fpn"] = "fasterrcnn_resnet_fpn"
+    depth: Literal[10, 18, 34, 50] = Field(18, description="fasterrcnn_resnet_fpn: ResNet depth (10: one block per stage)")
+    fpn_channels: int = Field(256, ge=8, description="fasterrcnn_resnet_fpn: feature-pyramid channels")
+    representation_size: int = Field(1024, ge=8, description="fasterrcnn_resnet_fpn: box-head width")
+    weights: Path | None = Field(
+        None, description="a local state_dict file of the detector; None = random initialisation (no download)"
+    )
+
+
+class CorrelatedConfig(_Section):
+    """The non-target structure that may co-occur with a target class."""
+
+    source: Literal["none", "masks", "synthetic"] = Field(
+        "none", description="none | masks (instance masks in mask_dir) | synthetic (the synth co-occurrence cue)"
+    )
+    name: str = Field("correlated", min_length=1, description="the structure's class name in results")
+    mask_dir: Path | None = Field(None, description="source 'masks': instance masks named like the images")
+    dilate: int = Field(2, ge=0, description="pixels added around the structure when it is removed at test time")
+
+    @model_validator(mode="after")
+    def _needs_masks(self) -> CorrelatedConfig:
+        if self.source == "masks" and self.mask_dir is None:
+            raise ValueError("detection.correlated.source 'masks' needs detection.correlated.mask_dir")
+        return self
+
+
+class DetectionConfig(_Section):
+    """The detection study: a detector trained with and without the correlated class annotated."""
+
+    enabled: bool = False
+    only: bool = Field(False, description="run only the detection study (no crops, classifier or its stats)")
+    targets: list[str] | None = Field(None, description="classes whose AP and recall are tested; None = all")
+    correlated: CorrelatedConfig = CorrelatedConfig()
+    detector: DetectorSpec = DetectorSpec()
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(4, ge=1)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd with momentum 0.9; cosine schedule")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    augment: bool = Field(True, description="random flips of fields and their boxes")
+    seeds: list[int] = [0]
+    max_folds: int | None = Field(None, ge=1, description="run only the first N folds (quick runs)")
+    score_threshold: float = Field(0.5, ge=0, le=1, description="a detection counts towards recall at this score")
+    iou_threshold: float = Field(0.5, gt=0, le=1, description="IoU at which a detection finds a box (recall)")
+    fill: str = Field("mean", description="what replaces the removed structure: black | mean | 'r,g,b' in [0, 1]")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("fill")
+    @classmethod
+    def _fill(cls, v: str) -> str:
+        if v in ("black", "mean"):
+            return v
+        parts = v.split(",")
+        try:
+            ok = len(parts) == 3 and all(0.0 <= float(x) <= 1.0 for x in parts)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"fill is black, mean or 'r,g,b' with values in [0, 1]; got '{v}'")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("list at least one seed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds listed twice: {sorted({x for x in v if v.count(x) > 1})}")
+        return v
+
+
 # --------------------------------------------------------------------------- protocol
 class Protocol(_Section):
     """A whole protocol. Load one with :func:`load_protocol`."""
@@ -539,6 +617,7 @@ class Protocol(_Section):
     stats: StatsConfig = StatsConfig()
     executor: ExecutorConfig = ExecutorConfig()
     report: ReportConfig = ReportConfig()
+    detection: DetectionConfig = DetectionConfig()
 
     @model_validator(mode="after")
     def _unique_model_keys(self) -> Protocol:
@@ -708,6 +787,9 @@ def _resolve_paths(protocol: Protocol, base: Path) -> Protocol:
     m = protocol.segmentation.model
     if ("/" in m or m.endswith((".pth", ".pt"))) and not Path(m).expanduser().is_absolute():
         protocol.segmentation.model = str((base / m).resolve())
+    det = protocol.detection
+    det.correlated.mask_dir = res(det.correlated.mask_dir)
+    det.detector.weights = res(det.detector.weights)
     return protocol
 
 
@@ -748,6 +830,13 @@ def load_protocol(path: str | Path, *, check_paths: bool = True) -> Protocol:
                 line = lines.get(("data", key))
                 where = f"{path}:{line}" if line else str(path)
                 problems.append(f"{where}: data.{key}: path does not exist: {value}")
+        det = protocol.detection
+        for keys, value in ((("correlated", "mask_dir"), det.correlated.mask_dir), (("detector", "weights"),
+                                                                                       det.detector.weights)):
+            if det.enabled and value is not None and not Path(value).exists():
+                line = lines.get(("detection", *keys))
+                where = f"{path}:{line}" if line else str(path)
+                problems.append(f"{where}: detection.{'.'.join(keys)}: path does not exist: {value}")
         if problems:
             raise CellbgError("\n".join(problems))
     return protocol
