@@ -343,6 +343,24 @@ def export(
             out.print(f"{what}: {rows} rows written to {path}", highlight=False, soft_wrap=True)
 
 
+# --- detect command (issue 20) ---
+@app.command(rich_help_panel="Stages")
+def detect(protocol: ProtocolArg) -> None:
+    """The detection study: Faster R-CNN with and without the correlated class; writes <run>/detect/."""
+    with _handle():
+        from cellbg.detect.train import run_detection
+
+        p = _load(protocol)
+        if not p.detection.enabled:
+            raise CellbgError(f"{protocol}: detection.enabled is false; set it to run the detection study")
+        tests = run_detection(p, progress=lambda s, d: out.print(f"{s.name} done ({d.name})", highlight=False))
+        for r in tests.to_dict("records"):
+            out.print(f"  {r['family']:<10} {r['condition']:<16} {r['class']:<10} {r['measure']:<6} {r['a']} -> "
+                      f"{r['b']}: {r['mean_a']:.3f} -> {r['mean_b']:.3f} (p={r['pvalue']:.3g}, holm={r['p_holm']:.3g})",
+                      highlight=False, soft_wrap=True)
+        out.print(f"tables and tests in {p.run_dir / 'detect'}", highlight=False, soft_wrap=True)
+
+
 # --- run / status commands (issue 9) ---
 class ExecutorKind(str, Enum):
     local = "local"

@@ -10,6 +10,7 @@ import numpy as np
 
 from cellbg._checks import CellbgError
 from cellbg._io import atomic_dir
+from cellbg.report.detection import _section_detection
 from cellbg.report.document import _Doc
 from cellbg.report.figures import _Figures
 from cellbg.report.methods import _methods, _provenance
@@ -69,16 +70,20 @@ def write_report(run_dir: str | Path, *, gallery_cells: int = 4) -> Path:
         _section_overview(doc, run)
         if not cfg.figures:
             doc.absent("figures are switched off in the protocol (`report.figures: false`).")
+        detection_only = run.protocol.detection.enabled and run.protocol.detection.only
         with figs.style():  # figures at print size: fonts >= 7 pt
-            acc = _section_accuracy(doc, run, figs, tex)
-            _section_bg_gap(doc, run, tex)
-            _section_tests(doc, run, figs, tex)
-            _section_factors(doc, run, acc, figs)
-            _section_training(doc, run, figs)
-            _section_saliency(doc, run, figs, gallery_cells)
-            _section_segmentation(doc, run, tex)
-        doc.heading("Methods")
-        doc.para(_methods(run))
+            if not detection_only:
+                acc = _section_accuracy(doc, run, figs, tex)
+                _section_bg_gap(doc, run, tex)
+                _section_tests(doc, run, figs, tex)
+                _section_factors(doc, run, acc, figs)
+                _section_training(doc, run, figs)
+                _section_saliency(doc, run, figs, gallery_cells)
+                _section_segmentation(doc, run, tex)
+            _section_detection(doc, run, figs, tex)
+        if not detection_only:
+            doc.heading("Methods")
+            doc.para(_methods(run))
         doc.heading("Provenance")
         doc.code(_provenance(run, started))
         if "pdf" in cfg.formats and pdflatex() is None:

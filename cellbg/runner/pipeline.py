@@ -1,5 +1,5 @@
 """The cellbg pipeline as stages: data, segment, crops, train, predictions, saliency,
-stats, report.
+stats, detect, detect_stats, report.
 
 Each ``_plan_*`` function turns the resolved protocol and the keys of the finished
 upstream stages into jobs; the job functions (``_job_*``) import their stage module on the
@@ -225,24 +225,83 @@ def _plan_stats(ctx: RunContext) -> list[Job]:
                 outputs=(p.run_dir / "stats" / "tests.csv",))]
 
 
+def _job_detect(protocol, spec, fields, fields_hash: str, job_dir: str) -> None:
+    from cellbg.detect import train as detect_train
+
+    detect_train.run_detect_job(protocol, spec, Path(job_dir), fields=fields, fields_hash=fields_hash)
+
+
+def _job_detect_stats(run_dir: str) -> None:
+    from cellbg.detect.analysis import analyze_detection
+
+    analyze_detection(Path(run_dir))
+
+
+def _plan_detect(ctx: RunContext) -> list[Job]:
+    """The detection study's jobs (condition x seed x fold), keyed on the fields' bytes."""
+    p = ctx.protocol
+    if not p.detection.enabled:
+        return []
+    from cellbg.detect.plan import DONE, detect_dir, detect_job_key, detection_fields, fields_digest, plan_detect_jobs
+
+    ctx.key("segment")
+    table = _image_table(ctx).drop(columns=["digest", "mask_digest"])
+    fields = detection_fields(p, table=table)
+    fields_hash = fields_digest(fields, ctx.digests)
+    jobs = []
+    for spec in plan_detect_jobs(p):
+        key = detect_job_key(p, spec, fields_hash)
+        job_dir = detect_dir(p) / "jobs" / key
+        jobs.append(Job("detect", spec.name, key, _job_detect, (p, spec, fields, fields_hash, str(job_dir)),
+                        marker=job_dir / DONE, writes_marker=True, outputs=(job_dir / "metrics.csv",)))
+    return jobs
+
+
+def _plan_detect_stats(ctx: RunContext) -> list[Job]:
+    p = ctx.protocol
+    if not p.detection.enabled:
+        return []
+    from cellbg.detect.plan import detect_dir
+
+    key = hash_key("detect_stats", ctx.key("detect"), _section(p, "detection"), _section(p, "stats", "alpha"))
+    return [Job("detect_stats", "detect_stats", key, _job_detect_stats, (str(p.run_dir),), where="client",
+                outputs=(detect_dir(p) / "tests.csv",))]
+
+
+def _unless_detection_only(plan):
+    """A classification stage's planner that plans nothing when ``detection.only`` is set."""
+
+    def planner(ctx: RunContext) -> list[Job]:
+        det = ctx.protocol.detection if ctx.protocol is not None else None
+        if det is not None and det.enabled and det.only:
+            return []
+        return plan(ctx)
+
+    return planner
+
+
 def _plan_report(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
+    detection = (ctx.key("detect_stats"),) if p.detection.enabled else ()
     key = hash_key("report", ctx.key("stats"), ctx.key("predictions"), ctx.keys.get("saliency", ""),
-                   _section(p, "report"), p.name)
+                   _section(p, "report"), p.name, *detection)
     return [Job("report", "report", key, _job_report, (str(p.run_dir),), where="client",
                 outputs=(p.run_dir / "report",))]
 
 
 def pipeline_stages() -> list[Stage]:
-    """The cellbg pipeline: data, segment, crops, train, predictions, saliency, stats, report."""
+    """The cellbg pipeline: data, segment, crops, train, predictions, saliency, stats, the detection
+    study (detect, detect_stats; nothing unless ``detection.enabled``), report."""
     return [
         Stage("data", _plan_data),
         Stage("segment", _plan_segment, _prepare_segment, worker_modules=("cellbg.segment",)),
-        Stage("crops", _plan_crops),
-        Stage("train", _plan_train, worker_modules=("cellbg.train",)),
-        Stage("predictions", _plan_predictions),
-        Stage("saliency", _plan_saliency, worker_modules=("cellbg.saliency",)),
-        Stage("stats", _plan_stats),
+        Stage("crops", _unless_detection_only(_plan_crops)),
+        Stage("train", _unless_detection_only(_plan_train), worker_modules=("cellbg.train",)),
+        Stage("predictions", _unless_detection_only(_plan_predictions)),
+        Stage("saliency", _unless_detection_only(_plan_saliency), worker_modules=("cellbg.saliency",)),
+        Stage("stats", _unless_detection_only(_plan_stats)),
+        Stage("detect", _plan_detect, worker_modules=("cellbg.detect.train",)),
+        Stage("detect_stats", _plan_detect_stats),
         Stage("report", _plan_report),
     ]
 
