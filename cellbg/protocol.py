@@ -539,8 +539,10 @@ class DetectorSpec(_Section):
 class CorrelatedConfig(_Section):
     """The non-target structure that may co-occur with a target class."""
 
-    source: Literal["none", "masks", "synthetic"] = Field(
-        "none", description="none | masks (instance masks in mask_dir) | synthetic (the synth co-occurrence cue)"
+    source: Literal["none", "masks", "objects"] = Field(
+        "none",
+        description="none | masks (instance masks in mask_dir, named like the images) | objects (the image "
+        "table's objects label images: the synthetic co-occurrence cue, or a manifest's objects column)",
     )
     name: str = Field("correlated", min_length=1, description="the structure's class name in results")
     mask_dir: Path | None = Field(None, description="source 'masks': instance masks named like the images")

@@ -19,12 +19,15 @@ from cellbg._checks import CellbgError, look_up_option
 __all__ = ["DETECTORS", "get_detector", "replace_predictor"]
 
 DETECTORS = ("fasterrcnn_resnet_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
+#: Anchor sides of ``fasterrcnn_resnet_fpn``, one per pyramid level (torchvision's are 32-512).
+ANCHOR_SIZES = ((8,), (16,), (32,), (64,), (128,))
 
 
 def _resnet_fpn(depth: int, fpn_channels: int, representation_size: int, size: int):
     from torchvision.models import resnet18, resnet34, resnet50
     from torchvision.models.resnet import BasicBlock, ResNet
     from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -39,9 +42,11 @@ def _resnet_fpn(depth: int, fpn_channels: int, representation_size: int, size: i
         in_channels_list=widths, out_channels=fpn_channels, extra_blocks=LastLevelMaxPool(),
     )
     box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
+    # cells are 20-40 px and what sits beside them a few px: anchors from 8 px (strides 4-64)
+    anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES))
     return FasterRCNN(
         backbone, num_classes=None, box_head=box_head, box_predictor=FastRCNNPredictor(representation_size, 2),
-        min_size=size, max_size=size,
+        rpn_anchor_generator=anchors, min_size=size, max_size=size,
     )
 
 

@@ -77,7 +77,7 @@ def plan_detect_jobs(protocol) -> list[DetectJobSpec]:
     --------
     >>> from cellbg.protocol import Protocol
     >>> p = Protocol.model_validate({"name": "d", "detection": {"enabled": True, "seeds": [0, 1],
-    ...     "correlated": {"source": "synthetic"}}, "training": {"split": {"folds": 2}}})
+    ...     "correlated": {"source": "objects"}}, "training": {"split": {"folds": 2}}})
     >>> [s.name for s in plan_detect_jobs(p)][:3]
     ['detect/without/s0/f0', 'detect/without/s0/f1', 'detect/without/s1/f0']
     >>> len(plan_detect_jobs(p))
@@ -115,15 +115,13 @@ def _correlated_path(protocol, row) -> str:
             f"detection.correlated.mask_dir {folder} has no mask for image {row.path} "
             f"(looked for {name} and {Path(name).stem}.tif/.png)"
         )
-    # synthetic: the co-occurrence cue's objects, written by cellbg.synth beside the images
-    data_dir = Path(protocol.run_dir) / "data"
-    path = data_dir / "cooccur" / Path(row.path).name
-    if not path.is_file():
-        raise CellbgError(
-            f"detection.correlated.source 'synthetic' needs the synthetic co-occurrence masks; {path} is missing "
-            "(set data.synthetic.cooccurrence > 0, or use source 'masks')"
-        )
-    return str(path)
+    # objects: the image table's objects label images (the synthetic co-occurrence cue writes
+    # them; a manifest names them in its 'objects' column); a field without one has none
+    path = str(getattr(row, "objects_path", "") or "")
+    if not path and protocol.data.source == "synthetic":  # an image table that does not list objects
+        candidate = Path(protocol.run_dir) / "data" / "objects" / Path(row.path).name
+        path = str(candidate) if candidate.is_file() else ""
+    return path
 
 
 def detection_fields(protocol, *, table: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -169,6 +167,11 @@ def detection_fields(protocol, *, table: pd.DataFrame | None = None) -> pd.DataF
         if unknown:
             raise CellbgError(f"detection.targets names class(es) {unknown} that the dataset lacks "
                               f"(it has {sorted(out['label'].unique())})")
+    if protocol.detection.correlated.source == "objects" and not (out["correlated_path"] != "").any():
+        raise CellbgError(
+            "detection.correlated.source is 'objects' but no image has an objects label image (for synthetic "
+            "data set data.synthetic.cooccurrence > 0; for a manifest add an 'objects' column)"
+        )
     return out
 
 

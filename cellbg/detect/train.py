@@ -412,7 +412,7 @@ def run_detect_job(protocol, spec: DetectJobSpec, job_dir: str | Path | None = N
 
     cfg = protocol.detection
     if spec.condition == "with" and cfg.correlated.source == "none":
-        raise CellbgError("condition 'with' needs detection.correlated.source (masks or synthetic)")
+        raise CellbgError("condition 'with' needs detection.correlated.source (masks or objects)")
     if fields is None:
         fields = detection_fields(protocol)
     if fields_hash is None:
