@@ -528,7 +528,9 @@ class DetectorSpec(_Section):
     """The torchvision Faster R-CNN of the detection study (see :mod:`cellbg.detect`)."""
 
     arch: Literal["fasterrcnn_resnet_fpn", "fasterrcnn_mobilenet_v3_large_fpn"] = "fasterrcnn_resnet_fpn"
-    depth: Literal[10, 18, 34, 50] = Field(18, description="fasterrcnn_resnet_fpn: ResNet depth (10: one block per stage)")
+    depth: Literal[10, 18, 34, 50] = Field(
+        18, description="fasterrcnn_resnet_fpn: ResNet depth (10: one block per stage)"
+    )
     fpn_channels: int = Field(256, ge=8, description="fasterrcnn_resnet_fpn: feature-pyramid channels")
     representation_size: int = Field(1024, ge=8, description="fasterrcnn_resnet_fpn: box-head width")
     weights: Path | None = Field(

@@ -25,11 +25,11 @@ ANCHOR_SIZES = ((8,), (16,), (32,), (64,), (128,))
 
 def _resnet_fpn(depth: int, fpn_channels: int, representation_size: int, size: int):
     from torchvision.models import resnet18, resnet34, resnet50
-    from torchvision.models.resnet import BasicBlock, ResNet
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.resnet import BasicBlock, ResNet
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
     if int(depth) == 10:  # one basic block per stage: half of ResNet-18's compute, for CPU runs

@@ -172,7 +172,7 @@ def _flip(image: torch.Tensor, target: dict, vertical: bool, horizontal: bool) -
 
 
 # --------------------------------------------------------------------------- training
-def train_detector_epoch(model, batches, optimizer, *, device=torch.device("cpu")) -> tuple[dict, int]:
+def train_detector_epoch(model, batches, optimizer, *, device: str | torch.device = "cpu") -> tuple[dict, int]:
     """One pass of forward, backward and step over ``batches`` of ``(images, targets)``.
 
     Returns the sum over images of each loss part (and of ``loss``, their total) and the
