@@ -102,6 +102,24 @@ def validate(protocol: ProtocolArg) -> None:
         typer.echo(resolved_yaml(p), nl=False)
 
 
+@app.command("init", rich_help_panel="Set-up")
+def init_command(
+    folder: Annotated[Path, typer.Argument(help="folder of images: <label>/<patient>/<image>, or a plain folder",
+                                           show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="protocol file to write")] = Path("protocol.yaml"),
+    name: Annotated[str | None, typer.Option(help="protocol name; default: the folder's name")] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing protocol file")] = False,
+) -> None:
+    """Write a commented protocol for a folder of images (classes, patients and masks detected)."""
+    with _handle():
+        from cellbg.scaffold import init_protocol
+
+        path, scan = init_protocol(folder, output, force=force, name=name)
+        for line in scan.summary_lines():
+            out.print(line, highlight=False, soft_wrap=True)
+        out.print(f"wrote {path}; check it with `cellbg validate {path}`", highlight=False, soft_wrap=True)
+
+
 @app.command(rich_help_panel="Set-up")
 def data(protocol: ProtocolArg) -> None:
     """What the dataset holds: classes, patients, images."""
@@ -109,12 +127,17 @@ def data(protocol: ProtocolArg) -> None:
         from cellbg.data import discover, summarize
 
         p = _load(protocol)
-        table = discover(p)
+        table = discover(p, need_classes=False)
         summary = summarize(table)
         out.print(_df_table(summary, title=f"{p.name}: {len(table)} images"))
         per_class = table.groupby("label").agg(patients=("patient_id", "nunique"), images=("path", "size"))
         for label, r in per_class.iterrows():
             out.print(f"class {label}: {r.patients} patients, {r.images} images")
+        n_masks = int((table["mask_path"] != "").sum())
+        out.print(f"masks: {n_masks} of {len(table)} images have one")
+        if table["label"].nunique() < 2:
+            out.print(f"[yellow]{table['label'].nunique()} class: enough for `cellbg segment`, "
+                      "not for training (a classifier needs at least two)[/yellow]")
 
 
 # --- synth command (issue 3) ---

@@ -4,7 +4,9 @@ Two layouts are read:
 
 * **class folders**: ``root/<label>/<patient>/<image>``, or ``root/<label>/<image>`` with
   ``data.patient_pattern`` (a regex with a named group ``patient``) read from the file name;
-  optional instance masks in ``data.mask_dir`` with the same relative paths;
+  optional instance masks beside the images (``<name>_cp_masks.png``, ``<name>_masks.tif``:
+  ``data.mask_suffixes``) or in ``data.mask_dir`` with the same relative paths; for
+  segmentation alone also a plain folder of images;
 * **manifest CSV**: columns ``path,label,patient[,mask][,objects]``, paths relative to the
   CSV; ``objects`` names a label image of non-target objects (platelets, debris...) that the
   crops stage counts as other objects (``no_others``).
@@ -35,6 +37,9 @@ __all__ = [
     "summarize",
     "check_masks",
     "IMAGE_COLUMNS",
+    "MASK_SUFFIXES",
+    "find_mask",
+    "is_mask_file",
     "assign_folds",
 ]
 
@@ -136,17 +141,80 @@ def read_mask(path: str | Path) -> np.ndarray:
 
 
 
+#: Suffixes of instance masks saved beside their images (Cellpose's ``_cp_masks``, and ``_masks``).
+MASK_SUFFIXES = ("_cp_masks", "_masks")
+
+
+def is_mask_file(path: str | Path, mask_suffixes: tuple[str, ...] | list[str] = MASK_SUFFIXES) -> bool:
+    """Whether a file's name (without its extension) ends with one of the mask suffixes."""
+    stem = Path(path).stem
+    return any(stem.endswith(sfx) for sfx in mask_suffixes if sfx)
+
+
+def find_mask(
+    image: Path,
+    *,
+    mask_suffixes: tuple[str, ...] | list[str] = MASK_SUFFIXES,
+    mask_dir: Path | None = None,
+    rel: Path | None = None,
+    extensions: tuple[str, ...] | list[str] = (".tif", ".tiff", ".png"),
+) -> Path | None:
+    """The instance mask of an image, or None.
+
+    With ``mask_dir``: ``mask_dir/<rel>`` (same relative path and name as the image), else
+    ``mask_dir/<rel folder>/<stem><suffix><ext>``. Without: ``<stem><suffix><ext>`` beside the
+    image, for each suffix in order and each extension (the image's own first).
+    """
+    folder = image.parent if mask_dir is None else Path(mask_dir) / (rel.parent if rel is not None else Path())
+    if mask_dir is not None and rel is not None and (Path(mask_dir) / rel).is_file():
+        return Path(mask_dir) / rel
+    exts = [image.suffix] + [e for e in extensions if e.lower() != image.suffix.lower()]
+    for sfx in mask_suffixes:
+        if not sfx:
+            continue
+        for ext in exts:
+            cand = folder / f"{image.stem}{sfx}{ext}"
+            if cand.is_file():
+                return cand
+    return None
+
+
+def _images_in(folder: Path, exts: set[str], mask_suffixes, *, recursive: bool) -> list[Path]:
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in files
+        if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
+        and not is_mask_file(p, mask_suffixes)
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 def discover_folders(
     root: str | Path,
     *,
     patient_pattern: str | None = None,
     mask_dir: str | Path | None = None,
     extensions: tuple[str, ...] | list[str] = (".tif", ".tiff", ".png", ".jpg", ".jpeg"),
+    mask_suffixes: tuple[str, ...] | list[str] = MASK_SUFFIXES,
+    need_classes: bool = True,
 ) -> pd.DataFrame:
     """Image table from class folders ``root/<label>/<patient>/<image>``.
 
     With ``patient_pattern``, images may sit directly in ``root/<label>/`` and the patient
-    is the regex group ``patient`` of the file name.
+    is the regex group ``patient`` of the file name. Files whose name ends with a mask suffix
+    (``_cp_masks``, ``_masks``) are not images: they are the masks of the image of the same
+    name without it (see :func:`find_mask`), as are files of the same relative path in
+    ``mask_dir``.
+
+    With ``need_classes=False`` (segmentation only) a plain folder of images is read too
+    (label and patient empty), and an image without a patient gets an empty patient.
+
+    Raises
+    ------
+    CellbgError
+        The folder is missing, holds no images, mixes loose images with class folders, a class
+        folder holds no image, a patient cannot be read (with ``need_classes``), or a mask
+        given by ``mask_dir`` is missing.
     """
     root = Path(root)
     if not root.is_dir():
@@ -155,14 +223,35 @@ def discover_folders(
     rx = re.compile(patient_pattern) if patient_pattern else None
     if rx is not None and "patient" not in rx.groupindex:
         raise CellbgError(f"data.patient_pattern '{patient_pattern}' needs a named group (?P<patient>...)")
-    rows = []
+    loose = _images_in(root, exts, mask_suffixes, recursive=False)
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise CellbgError(f"no class folders in {root}; expected {root}/<label>/<patient>/<image>")
-    for cdir in class_dirs:
-        files = sorted(p for p in cdir.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-        if not files:
-            raise CellbgError(f"class '{cdir.name}' has no images in {cdir}")
+    class_dirs = [c for c in class_dirs if c != (Path(mask_dir) if mask_dir else None)]
+    if loose and class_dirs and any(_images_in(c, exts, mask_suffixes, recursive=True) for c in class_dirs):
+        raise CellbgError(
+            f"{root} holds images both directly ({loose[0].name}, ...) and in class folders "
+            f"({', '.join(c.name for c in class_dirs[:3])}); put every image in a class folder root/<label>/..."
+        )
+    groups: list[tuple[str, list[Path]]] = []
+    if loose:
+        if need_classes:
+            raise CellbgError(
+                f"the images in {root} are not in class folders; a classifier needs {root}/<label>/<patient>/<image> "
+                "(segmenting alone works on a plain folder)"
+            )
+        groups.append(("", loose))
+    else:
+        if not class_dirs:
+            raise CellbgError(
+                f"no images or class folders in {root}; expected {root}/<label>/<patient>/<image> "
+                f"with extensions {', '.join(sorted(exts))}"
+            )
+        for cdir in class_dirs:
+            files = _images_in(cdir, exts, mask_suffixes, recursive=True)
+            if not files:
+                raise CellbgError(f"class '{cdir.name}' has no images in {cdir}")
+            groups.append((cdir.name, files))
+    rows = []
+    for label, files in groups:
         for f in files:
             rel = f.relative_to(root)
             if rx is not None:
@@ -172,23 +261,22 @@ def discover_folders(
                 patient = m.group("patient")
             elif len(rel.parts) >= 3:
                 patient = rel.parts[1]
+            elif not need_classes:
+                patient = ""
             else:
                 raise CellbgError(
-                    f"no patient for {f}: put it in {cdir}/<patient>/ or set data.patient_pattern"
+                    f"no patient for {f}: put it in {f.parent}/<patient>/ or set data.patient_pattern"
                 )
-            mask_path = ""
-            if mask_dir is not None:
-                cand = Path(mask_dir) / rel
-                if not cand.exists():
-                    raise CellbgError(f"mask not found for {f}: expected {cand}")
-                mask_path = str(cand)
+            mask = find_mask(f, mask_suffixes=mask_suffixes, mask_dir=Path(mask_dir) if mask_dir else None, rel=rel)
+            if mask_dir is not None and mask is None:
+                raise CellbgError(f"mask not found for {f}: expected {Path(mask_dir) / rel}")
             rows.append(
                 {
                     "image_id": image_id(str(rel)),
                     "path": str(f),
-                    "label": cdir.name,
+                    "label": label,
                     "patient_id": str(patient),
-                    "mask_path": mask_path,
+                    "mask_path": str(mask) if mask is not None else "",
                     "objects_path": "",
                 }
             )
@@ -280,8 +368,11 @@ def _image_shape(path: Path, tifffile) -> tuple[int, int] | None:
         return None
 
 
-def discover(protocol) -> pd.DataFrame:
+def discover(protocol, *, need_classes: bool = True) -> pd.DataFrame:
     """The image table of a protocol's dataset, checked.
+
+    ``need_classes=False`` is for segmentation alone: one class, no labels or a plain folder
+    of images are then accepted (the class check stays where a classifier is trained).
 
     For ``data.source: synthetic`` the dataset is generated into ``<run>/data`` on first use
     (same seed, same bytes) and read through its manifest.
@@ -303,12 +394,13 @@ def discover(protocol) -> pd.DataFrame:
         table = discover_manifest(manifest)
     elif d.source == "folders":
         table = discover_folders(
-            d.root, patient_pattern=d.patient_pattern, mask_dir=d.mask_dir, extensions=d.extensions
+            d.root, patient_pattern=d.patient_pattern, mask_dir=d.mask_dir, extensions=d.extensions,
+            mask_suffixes=d.mask_suffixes, need_classes=need_classes,
         )
     else:
         table = discover_manifest(d.manifest)
     n_classes = table["label"].nunique()
-    if n_classes < 2:
+    if need_classes and n_classes < 2:
         raise CellbgError(
             f"the dataset has {n_classes} class ({', '.join(table['label'].unique())}); "
             "a classifier needs at least two"
@@ -318,7 +410,8 @@ def discover(protocol) -> pd.DataFrame:
         if len(lacking):
             raise CellbgError(
                 f"segmentation.method is 'masks' but image {lacking.iloc[0]} has no mask "
-                "(add a mask column to the manifest or set data.mask_dir)"
+                "(add a mask column to the manifest, set data.mask_dir, or save it beside the image as "
+                f"<name>{(list(d.mask_suffixes) or ['_masks'])[0]}.tif)"
             )
     return table
 

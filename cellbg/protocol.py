@@ -108,6 +108,10 @@ class DataConfig(_Section):
         "(class folders of the form root/<label>/<image>)",
     )
     mask_dir: Path | None = Field(None, description="folder of instance masks parallel to root")
+    mask_suffixes: list[str] = Field(
+        ["_cp_masks", "_masks"],
+        description="masks saved beside their images as <name><suffix>.<ext> (Cellpose's _cp_masks); [] = none",
+    )
     channels: list[int] | None = Field(None, description="channels to keep (0-based); all when empty")
     extensions: list[str] = [".tif", ".tiff", ".png", ".jpg", ".jpeg"]
     synthetic: SyntheticConfig = SyntheticConfig()

@@ -933,7 +933,7 @@ def run_segmentation(protocol, table: pd.DataFrame | None = None) -> pd.DataFram
     from cellbg.data import discover, read_image
 
     if table is None:
-        table = discover(protocol)
+        table = discover(protocol, need_classes=False)  # segmenting needs no classes
     cfg = protocol.segmentation
     if cfg.method == "cellpose":
         resolve_model(cfg.model)  # a missing model fails before anything is written
@@ -1000,7 +1000,7 @@ def evaluate_run(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
     from cellbg.data import discover, read_mask
 
     if table is None:
-        table = discover(protocol)
+        table = discover(protocol, need_classes=False)  # segmenting needs no classes
     truth = table[table["mask_path"] != ""]
     if truth.empty:
         raise CellbgError(

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import tifffile
 import yaml
 from typer.testing import CliRunner
@@ -78,3 +79,101 @@ def test_console_script_user_error_has_no_traceback(tmp_path):
     assert "Traceback" not in r.stderr and "variants.train" in r.stderr
     r = subprocess.run([str(exe), "--debug", "validate", str(p)], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# --------------------------------------------------------------------------- init
+def _tree(root: Path, *, classes=("healthy", "sezary"), patients=("p1", "p2"), masks="_cp_masks"):
+    yy, xx = np.mgrid[:64, :64]
+    for label in classes:
+        for p in patients:
+            d = root / label / p
+            d.mkdir(parents=True)
+            truth = np.zeros((64, 64), np.uint16)
+            for j, (r, c) in enumerate([(18, 18), (22, 44), (46, 30)]):
+                truth[np.hypot(yy - r, xx - c) <= 7] = j + 1
+            image = (20 + 150 * (truth > 0)).astype(np.uint8)
+            tifffile.imwrite(d / "im.tif", image)
+            if masks:
+                tifffile.imwrite(d / f"im{masks}.tif", truth)
+    return root
+
+
+def test_init_writes_a_protocol_that_validates_and_runs(tmp_path):
+    root = _tree(tmp_path / "data")
+    proto = tmp_path / "study.yaml"
+    r = runner.invoke(app, ["init", str(root), "-o", str(proto)])
+    assert r.exit_code == 0, r.output
+    assert "class healthy: 2 images, 2 patients" in r.output
+    assert "masks beside the images: 4 of 4 (_cp_masks: 4" in r.output
+    text = proto.read_text()
+    assert text.startswith("# cellbg protocol written by `cellbg init`") and "method: masks" in text
+    assert "folds: 2" in text and "root: data" in text
+    assert runner.invoke(app, ["validate", str(proto)]).exit_code == 0
+    r = runner.invoke(app, ["segment", str(proto), "--evaluate"])
+    assert r.exit_code == 0, r.output
+    assert "F1@0.5 1.000" in r.output  # the masks beside the images are the segmentation
+    r = runner.invoke(app, ["crops", str(proto)])
+    assert r.exit_code == 0, r.output
+    assert "12 cells from 4 images" in r.output
+    r = runner.invoke(app, ["run", str(proto), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    # Without masks: the threshold backend, with a diameter estimated from the images.
+    bare = _tree(tmp_path / "bare", masks=None)
+    r = runner.invoke(app, ["init", str(bare), "-o", str(tmp_path / "bare.yaml")])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "bare.yaml").read_text()
+    assert "method: threshold" in text and "diameter: 15" in text
+    r = runner.invoke(app, ["segment", str(tmp_path / "bare.yaml")])
+    assert r.exit_code == 0, r.output
+    assert "4 label images (threshold)" in r.output and "diameter: median 15.0 px" in r.output
+    chosen = pd.read_csv(tmp_path / "runs" / "bare" / "segmentation" / "threshold.csv")
+    assert (chosen["diameter"] == 15).all() and not chosen["diameter_estimated"].any()
+
+
+def test_init_one_class_and_plain_folder_are_segmentation_only(tmp_path):
+    one = _tree(tmp_path / "one", classes=("tcells",))
+    r = runner.invoke(app, ["init", str(one), "-o", str(tmp_path / "one.yaml")])
+    assert r.exit_code == 0, r.output
+    assert "Segmentation only (one class)" in (tmp_path / "one.yaml").read_text()
+    r = runner.invoke(app, ["segment", str(tmp_path / "one.yaml"), "--evaluate"])
+    assert r.exit_code == 0 and "F1@0.5 1.000" in r.output, r.output
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for k in range(2):
+        tifffile.imwrite(plain / f"im{k}.tif", np.zeros((32, 32), np.uint8))
+    r = runner.invoke(app, ["init", str(plain), "-o", str(tmp_path / "plain.yaml")])
+    assert r.exit_code == 0 and "layout: plain folder" in r.output, r.output
+    assert runner.invoke(app, ["segment", str(tmp_path / "plain.yaml")]).exit_code == 0
+
+
+def test_init_names_every_bad_layout_in_one_line(tmp_path):
+    def bad(folder, message, *extra):
+        r = runner.invoke(app, ["init", str(folder), "-o", str(tmp_path / "out.yaml"), *extra])
+        assert r.exit_code == 2, r.output
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and message in r.output, r.output
+        assert "Traceback" not in r.output
+
+    bad(tmp_path / "nope", "folder not found")
+    (tmp_path / "file.tif").write_bytes(b"x")
+    bad(tmp_path / "file.tif", "is a file; give the folder")
+    (tmp_path / "empty").mkdir()
+    bad(tmp_path / "empty", "no images or class folders in")
+    masks_only = tmp_path / "masks_only"
+    masks_only.mkdir()
+    tifffile.imwrite(masks_only / "a_masks.tif", np.zeros((8, 8), np.uint16))
+    bad(masks_only, "no images or class folders in")
+    mixed = _tree(tmp_path / "mixed")
+    tifffile.imwrite(mixed / "stray.tif", np.zeros((8, 8), np.uint8))
+    bad(mixed, "holds images both directly (stray.tif")
+    empty_class = _tree(tmp_path / "empty_class")
+    (empty_class / "third").mkdir()
+    bad(empty_class, "class 'third' has no images")
+    half = _tree(tmp_path / "half")
+    tifffile.imwrite(half / "healthy" / "loose.tif", np.zeros((8, 8), np.uint8))
+    bad(half, "class 'healthy' holds images both in patient folders and directly")
+    ok = _tree(tmp_path / "ok")
+    (tmp_path / "out.yaml").write_text("name: keep\n")
+    bad(ok, "out.yaml exists; choose another file with -o or pass --force")
+    assert (tmp_path / "out.yaml").read_text() == "name: keep\n"  # nothing overwritten
+    assert runner.invoke(app, ["init", str(ok), "-o", str(tmp_path / "out.yaml"), "--force"]).exit_code == 0

@@ -252,3 +252,71 @@ def test_assign_folds_errors_and_fixed_split():
     assert f.tolist() == [-1, 0, -1]
     with pytest.raises(CellbgError, match=r"unknown patient\(s\) \['zz'\]"):
         assign_folds(t, kind="fixed", test_patients=["zz"])
+
+
+# --------------------------------------------------------------------------- masks beside images, segment-only
+def _discs(shape=(48, 48), centres=((12, 12), (30, 32)), radius=6):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.uint16)
+    for i, (r, c) in enumerate(centres):
+        labels[np.hypot(yy - r, xx - c) <= radius] = i + 1
+    return labels
+
+
+def test_masks_found_beside_images_by_suffix(tmp_path):
+    d = tmp_path / "a" / "p1"
+    d.mkdir(parents=True)
+    for name, suffix, ext in (("x", "_cp_masks", ".png"), ("y", "_masks", ".tif"), ("z", None, None)):
+        tifffile.imwrite(d / f"{name}.tif", (_discs() * 100).astype(np.uint8))
+        if suffix:
+            iio.imwrite(d / f"{name}{suffix}{ext}", _discs()) if ext == ".png" else tifffile.imwrite(
+                d / f"{name}{suffix}{ext}", _discs())
+    t = discover_folders(tmp_path, need_classes=False).set_index(pd.Index(["x", "y", "z"]))
+    assert len(t) == 3  # the masks are not images
+    assert t.loc["x", "mask_path"].endswith("x_cp_masks.png")
+    assert t.loc["y", "mask_path"].endswith("y_masks.tif")
+    assert t.loc["z", "mask_path"] == ""
+    np.testing.assert_array_equal(read_mask(t.loc["x", "mask_path"]), _discs())
+    # Configurable: other suffixes, or none at all (then a "_masks" file is an image).
+    t = discover_folders(tmp_path, need_classes=False, mask_suffixes=["_cp_masks"])
+    assert len(t) == 4 and (t["mask_path"] != "").sum() == 1
+    assert len(discover_folders(tmp_path, need_classes=False, mask_suffixes=[])) == 5
+    p = parse_protocol(f"name: x\ndata: {{source: folders, root: {tmp_path}, mask_suffixes: [_seg]}}\n")
+    assert p.data.mask_suffixes == ["_seg"]
+
+
+def test_plain_folder_and_one_class_segment_without_classes(tmp_path):
+    from cellbg.segment import evaluate_run, run_segmentation
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for k in range(2):
+        tifffile.imwrite(plain / f"im{k}.tif", (_discs() * 100).astype(np.uint8))
+        tifffile.imwrite(plain / f"im{k}_masks.tif", _discs())
+    text = f"name: x\noutput: {tmp_path / 'run'}\ndata: {{source: folders, root: {plain}}}\n"
+    p = parse_protocol(text + "segmentation: {method: threshold, workers: 1}\n")
+    with pytest.raises(CellbgError, match="not in class folders; a classifier needs"):
+        discover(p)  # training still needs classes
+    t = discover(p, need_classes=False)
+    assert t["label"].tolist() == ["", ""] and (t["mask_path"] != "").all()
+    seg = run_segmentation(p)
+    assert len(seg) == 2 and all(Path(s).exists() for s in seg["seg_path"])
+    assert evaluate_run(p)["f1"].tolist() == [1.0, 1.0]
+    # One class, patients as folders: segments; a classifier is refused.
+    one = tmp_path / "one" / "tcells" / "p1"
+    one.mkdir(parents=True)
+    tifffile.imwrite(one / "a.tif", (_discs() * 100).astype(np.uint8))
+    p = parse_protocol(f"name: y\noutput: {tmp_path / 'run1'}\ndata: {{source: folders, root: {one.parents[1]}}}\n"
+                       "segmentation: {method: threshold, workers: 1}\n")
+    with pytest.raises(CellbgError, match="a classifier needs at least two"):
+        discover(p)
+    assert len(run_segmentation(p)) == 1
+
+
+def test_loose_images_beside_class_folders_is_named(tmp_path):
+    (tmp_path / "a" / "p1").mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "a" / "p1" / "x.tif", np.zeros((8, 8), np.uint8))
+    tifffile.imwrite(tmp_path / "stray.tif", np.zeros((8, 8), np.uint8))
+    message = r"holds images both directly \(stray.tif, \.\.\.\) and in class folders \(a\)"
+    with pytest.raises(CellbgError, match=message):
+        discover_folders(tmp_path, need_classes=False)
