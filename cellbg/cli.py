@@ -97,8 +97,12 @@ def validate(protocol: ProtocolArg) -> None:
     """Check a protocol; print it with every default filled in."""
     with _handle():
         from cellbg.protocol import resolved_yaml
+        from cellbg.segment import check_weights
 
         p = _load(protocol)
+        problems = check_weights(p)  # before any work starts: compute nodes cannot download
+        if problems:
+            raise CellbgError("\n".join(f"{protocol}: {line}" for line in problems))
         typer.echo(resolved_yaml(p), nl=False)
 
 
@@ -195,13 +199,13 @@ def synth(
 def models_command() -> None:
     """List the Cellpose models present locally, where they are looked for, and how to pre-stage them."""
     with _handle():
-        from cellbg.segment import STAGING_HELP, list_models, model_dir
+        from cellbg.segment import MODELS_HELP, list_models, model_dir
 
         table = list_models()
         out.print(_df_table(table, title=f"Cellpose models in {model_dir()}"))
         out.print("Looked up by name in $CELLPOSE_LOCAL_MODELS_PATH, else ~/.cellpose/models; "
                   "segmentation.model may also be a weights path.")
-        out.print(STAGING_HELP, soft_wrap=True)
+        out.print(MODELS_HELP, soft_wrap=True, highlight=False, markup=False)
 
 
 @app.command("segment", rich_help_panel="Stages")

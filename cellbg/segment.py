@@ -55,6 +55,8 @@ __all__ = [
     "model_dir",
     "resolve_model",
     "STAGING_HELP",
+    "MODELS_HELP",
+    "check_weights",
 ]
 
 _METHODS = ("threshold", "cellpose")
@@ -71,6 +73,26 @@ STAGING_HELP = (
     "CELLPOSE_LOCAL_MODELS_PATH=<that folder> in the job environment (or give "
     "segmentation.model as the file's path)."
 )
+
+#: `cellbg models`: staging Cellpose-SAM on a cluster, and using a fine-tuned model file.
+MODELS_HELP = f"""\
+Cellpose-SAM (cpsam) on a cluster whose compute nodes have no internet:
+  1. on a login node or laptop with internet, let Cellpose fetch the weights once:
+       python -c "from cellpose import models; models.CellposeModel(pretrained_model='cpsam')"
+     (they land in ~/.cellpose/models/cpsam; or download {_CELLPOSE_URL}cpsam)
+  2. copy them where every node can read them:  cp ~/.cellpose/models/cpsam /shared/models/
+  3. point the jobs at that folder, e.g. in the protocol's executor section:
+       executor:
+         job_script_prologue: ["export CELLPOSE_LOCAL_MODELS_PATH=/shared/models"]
+  4. check from a compute node: `cellbg models` lists cpsam as present, and
+     `cellbg validate protocol.yaml` reports missing weights before any job starts.
+A fine-tuned model (e.g. `python -m cellpose --train --dir train/ --pretrained_model cpsam`
+writes train/models/<name>):
+  - give its path:  segmentation.model: models/my_tcells   (relative to the protocol file), or
+  - copy it into $CELLPOSE_LOCAL_MODELS_PATH and give its file name: segmentation.model: my_tcells.
+  It must be a Cellpose 4 (Cellpose-SAM) model; Cellpose 3 models do not load in Cellpose 4.
+  Set segmentation.diameter only if the model was trained at another cell size (null = none).
+cellbg never downloads weights: a missing file is a one-line error naming where it looked."""
 
 
 # =========================================================================== threshold
@@ -406,6 +428,23 @@ def resolve_model(model: str | os.PathLike) -> Path:
             "(see `cellbg models`) or give segmentation.model as a weights path"
         )
     return path
+
+
+def check_weights(protocol) -> list[str]:
+    """Problems with the weights a protocol needs (one line each; empty when all are there).
+
+    For ``segmentation.method: cellpose`` the model must resolve to a local file (see
+    :func:`resolve_model`) holding a Cellpose 4 state dict. Nothing is downloaded.
+    """
+    cfg = protocol.segmentation
+    if cfg.method != "cellpose":
+        return []
+    try:
+        path = resolve_model(cfg.model)
+        _check_cp4_weights(str(path))
+    except CellbgError as exc:
+        return [f"segmentation.model: {exc}"]
+    return []
 
 
 def list_models() -> pd.DataFrame:

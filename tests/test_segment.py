@@ -422,3 +422,30 @@ def test_cli_segment_evaluate_and_missing_model(tmp_path, monkeypatch):
 
     result = CliRunner().invoke(app, ["models"])
     assert result.exit_code == 0 and "CELLPOSE_LOCAL_MODELS_PATH" in result.output
+
+
+def test_validate_reports_missing_cellpose_weights_and_accepts_a_fine_tuned_file(
+    tmp_path, monkeypatch, cellpose_weights
+):
+    monkeypatch.setenv("CELLPOSE_LOCAL_MODELS_PATH", str(tmp_path / "models"))
+    proto = tmp_path / "p.yaml"
+    proto.write_text("name: cp\nsegmentation: {method: cellpose, model: cpsam}\n")
+    r = CliRunner().invoke(app, ["validate", str(proto)])
+    assert r.exit_code == 2, r.output
+    assert "segmentation.model: Cellpose model 'cpsam' not found" in r.output
+    assert len([ln for ln in r.output.splitlines() if ln.strip()]) == 1 and "Traceback" not in r.output
+    # A fine-tuned model file (here a locally built Cellpose 4 network) given by path ...
+    proto.write_text(f"name: cp\nsegmentation: {{method: cellpose, model: {cellpose_weights}}}\n")
+    assert CliRunner().invoke(app, ["validate", str(proto)]).exit_code == 0
+    # ... or copied into the model folder and named.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "my_tcells").write_bytes(Path(cellpose_weights).read_bytes())
+    proto.write_text("name: cp\nsegmentation: {method: cellpose, model: my_tcells}\n")
+    assert CliRunner().invoke(app, ["validate", str(proto)]).exit_code == 0
+    # Not a Cellpose 4 file: named before any work starts.
+    (tmp_path / "models" / "old").write_bytes(b"not torch")
+    proto.write_text("name: cp\nsegmentation: {method: cellpose, model: old}\n")
+    r = CliRunner().invoke(app, ["validate", str(proto)])
+    assert r.exit_code == 2 and "cannot load Cellpose weights" in r.output
+    r = CliRunner().invoke(app, ["models"])
+    assert r.exit_code == 0 and "fine-tuned model" in r.output and "job_script_prologue" in r.output
