@@ -39,6 +39,8 @@ __all__ = [
     "IMAGE_COLUMNS",
     "MASK_SUFFIXES",
     "find_mask",
+    "mask_path_for",
+    "write_mask",
     "is_mask_file",
     "assign_folds",
 ]
@@ -177,6 +179,45 @@ def find_mask(
             if cand.is_file():
                 return cand
     return None
+
+
+def mask_path_for(image: str | Path, *, suffix: str = "_masks", folder: str | Path | None = None) -> Path:
+    """Where :func:`discover_folders` looks for an image's mask: ``<stem><suffix>.tif`` beside
+    it (or in ``folder``)."""
+    image = Path(image)
+    if not suffix:
+        raise CellbgError("a mask suffix is needed (e.g. '_masks'): without one the mask would replace the image")
+    return (Path(folder) if folder is not None else image.parent) / f"{image.stem}{suffix}.tif"
+
+
+def write_mask(labels: np.ndarray, image: str | Path, *, suffix: str = "_masks",
+               folder: str | Path | None = None) -> Path:
+    """Save instance labels as the mask of an image, where a protocol finds them.
+
+    Writes ``<image stem><suffix>.tif`` (int32, zlib) beside the image or in ``folder``,
+    atomically; an existing mask there is replaced.
+
+    Raises
+    ------
+    CellbgError
+        The labels are not a 2-D integer array, or their shape differs from the image's.
+    """
+    import tifffile
+
+    from cellbg._io import atomic_path
+
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise CellbgError(f"labels must be a 2-D integer array; got shape {labels.shape}, dtype {labels.dtype}")
+    image = check_file(image, what="image")
+    shape = _image_shape(image, tifffile) or tuple(read_image(image).shape[1:])
+    if tuple(shape) != labels.shape:
+        raise CellbgError(f"labels have shape {labels.shape} but image {image} is {tuple(shape)}")
+    out = mask_path_for(image, suffix=suffix, folder=folder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tifffile.imwrite(tmp, labels.astype(np.int32), compression="zlib")
+    return out
 
 
 def _images_in(folder: Path, exts: set[str], mask_suffixes, *, recursive: bool) -> list[Path]:

@@ -7,7 +7,7 @@ cannot draw image layers, so without a display these tests are skipped with that
 from __future__ import annotations
 
 import os
-import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -198,3 +198,41 @@ def test_segment_widget_runs_in_a_thread(make_napari_viewer, qtbot):
     assert result.data.shape == (96, 96)
     assert len(np.unique(result.data[result.data > 0])) == 3
     _screenshot_not_blank(viewer)
+
+
+def test_segment_widget_saves_masks_where_a_protocol_finds_them(make_napari_viewer, qtbot, tmp_path):
+    import tifffile
+
+    from cellbg.data import discover_folders
+    from napari_cellbg._widgets import save_masks_widget
+
+    folder = tmp_path / "tcells" / "p1"
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[:96, :96]
+    image = np.zeros((96, 96), np.uint8)
+    for r, c in [(20, 20), (30, 70), (70, 50)]:
+        image[(yy - r) ** 2 + (xx - c) ** 2 < 100] = 200
+    tifffile.imwrite(folder / "field.tif", image)
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(folder / "field.tif"))[0]
+    widget = segment_widget()
+    widget.image.value = layer
+    widget.method.value = "threshold"
+    widget.save_beside_image.value = True
+    widget()
+    saved = folder / "field_masks.tif"
+    qtbot.waitUntil(saved.exists, timeout=30000)
+    table = discover_folders(tmp_path, need_classes=False)
+    assert len(table) == 1 and table["mask_path"].iat[0] == str(saved)  # the mask is not an image
+    assert len(np.unique(tifffile.imread(saved))) == 4  # background + 3 cells
+    # A hand-edited Labels layer saved with Cellpose's suffix into another folder.
+    edited = np.zeros((96, 96), np.int32)
+    edited[10:30, 10:30] = 1
+    labels = viewer.add_labels(edited, name="edited")
+    save = save_masks_widget()
+    out = save(labels=labels, image=layer, suffix="_cp_masks", folder=tmp_path / "masks")
+    assert out == tmp_path / "masks" / "field_cp_masks.tif"
+    np.testing.assert_array_equal(tifffile.imread(out), edited)
+    # An image not opened from a file: nothing is written.
+    unsaved = viewer.add_image(image, name="in memory")
+    assert save(labels=labels, image=unsaved, suffix="_masks", folder=Path("")) is None

@@ -11,6 +11,7 @@ import napari
 import numpy as np
 import pandas as pd
 from magicgui import magic_factory
+from napari.qt.threading import thread_worker
 from qtpy.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -26,13 +27,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari.qt.threading import thread_worker
-
 from napari_cellbg._reader import labels_features
 from napari_cellbg._runfolder import RunFolder, montage
 
 __all__ = [
     "segment_widget",
+    "save_masks_widget",
+    "save_labels",
     "run_segmenter",
     "CellBrowser",
     "SaliencyWidget",
@@ -82,11 +83,14 @@ def segment_widget(
     min_area: int = 0,
     flow_threshold: float = 0.4,
     cellprob_threshold: float = 0.0,
+    save_beside_image: bool = False,
 ):
     """Run a cellbg segmenter on the selected image layer (in a thread, with a progress bar).
 
     Returns the started worker; its result is added as a Labels layer, and an error is
-    shown in napari's notification area instead of freezing or crashing the window.
+    shown in napari's notification area instead of freezing or crashing the window. With
+    ``save_beside_image`` the labels are also saved as ``<image>_masks.tif`` beside the image
+    file, where a protocol's ``data.mask_suffixes`` finds them.
     """
     data = np.asarray(image.data)
     if data.ndim > (3 if image.rgb else 2):  # a stack: segment the plane on view
@@ -105,9 +109,62 @@ def segment_widget(
 
     worker = _work()
     worker.returned.connect(lambda labels: viewer.add_labels(labels, name=name))
+    if save_beside_image:
+        worker.returned.connect(lambda labels: _save_and_tell(labels, image))
     worker.errored.connect(lambda exc: napari.utils.notifications.show_error(f"cellbg: {exc}"))
     worker.start()
     return worker
+
+
+def save_labels(labels: np.ndarray, image_path: str | Path, *, suffix: str = "_masks",
+                folder: str | Path | None = None) -> Path:
+    """Save a Labels layer's data as the mask of an image file (:func:`cellbg.data.write_mask`)."""
+    from cellbg.data import write_mask
+
+    return write_mask(np.asarray(labels), image_path, suffix=suffix, folder=folder)
+
+
+def _source_path(image) -> str | None:
+    path = getattr(getattr(image, "source", None), "path", None) or image.metadata.get("path")
+    return str(path) if path else None
+
+
+def _save_and_tell(labels, image, *, suffix: str = "_masks", folder: str | Path | None = None) -> Path | None:
+    from cellbg._checks import CellbgError
+
+    path = _source_path(image)
+    if path is None:
+        napari.utils.notifications.show_error(
+            f"cellbg: image '{image.name}' was not opened from a file; choose a folder to save its masks in"
+        )
+        return None
+    try:
+        out = save_labels(labels, path, suffix=suffix, folder=folder or None)
+    except CellbgError as exc:
+        napari.utils.notifications.show_error(f"cellbg: {exc}")
+        return None
+    napari.utils.notifications.show_info(f"cellbg: saved {out}")
+    return out
+
+
+@magic_factory(
+    call_button="Save masks",
+    suffix={"tooltip": "the mask is saved as <image name><suffix>.tif (data.mask_suffixes finds _masks, _cp_masks)"},
+    folder={"mode": "d", "tooltip": "empty: beside the image file"},
+)
+def save_masks_widget(
+    labels: napari.layers.Labels,
+    image: napari.layers.Image,
+    suffix: str = "_masks",
+    folder: Path = Path(""),
+) -> Path | None:
+    """Save a Labels layer (a segmentation, corrected by hand or not) as the mask of the image
+    file it belongs to, where a protocol finds it (docs/data.md)."""
+    data = np.asarray(labels.data)
+    if data.ndim > 2:  # a stack: the plane on view
+        data = data[int(napari.current_viewer().dims.current_step[0])] if napari.current_viewer() else data[0]
+    target = None if str(folder) in ("", ".") else folder
+    return _save_and_tell(data, image, suffix=suffix, folder=target)
 
 
 # --------------------------------------------------------------------------- table model
