@@ -232,7 +232,8 @@ def robust_background_threshold(x: np.ndarray, n_sigmas: float) -> float:
     """CellProfiler's "robust background": background median + ``n_sigmas`` robust SDs.
 
     The background is estimated from the pixels below Otsu's threshold (the majority in a
-    field of view), so dim cells that Otsu would merge into the background still clear it.
+    field of view), its spread from the lower half of them (which dim cells do not reach), so
+    dim cells that Otsu would merge into the background still clear it.
     Never above Otsu: bright cells are found either way.
     """
     from skimage.filters import threshold_otsu
@@ -243,7 +244,10 @@ def robust_background_threshold(x: np.ndarray, n_sigmas: float) -> float:
     if below.size == 0:
         return t_otsu
     med = float(np.median(below))
-    sd = 1.4826 * float(np.median(np.abs(below - med)))
+    # The spread from the lower half only: dim cells below Otsu add to the upper half, never
+    # to the lower, so they do not inflate the noise estimate (and raise the threshold).
+    lower = below[below <= med]
+    sd = 1.4826 * float(np.median(med - lower)) if lower.size else 0.0
     if sd <= 0:
         return t_otsu
     return min(t_otsu, med + n_sigmas * sd)
