@@ -1,37 +1,11 @@
-"""Statistics: is the accuracy gap between two conditions real?
-
-Pure functions over the predictions table (one row per cell x model x train variant x test
-variant x seed x fold). A *condition* is ``"train_variant:test_variant"``. Every test returns
-a frozen :class:`TestResult` that prints well and becomes one row of ``stats/tests.csv``.
-
-The unit of inference is the **patient**: cells are nested in patients, and removing the
-background can help one patient and hurt another, so cell-level tests (McNemar) reject a true
-null far too often. The primary test averages correctness within each patient and compares
-the per-patient accuracies with a paired t-test (df = patients - 1); a GEE logistic model
-clustered by patient with the bias-reduced (Mancl-DeRouen) covariance is the alternative for
-very unequal cell counts. See ``docs/statistics.md``.
-
-Library code is used where it exists (scipy: t, Wilcoxon; statsmodels: McNemar, Holm/BH,
-GEE). Written here, because no library has them: the patient cluster bootstrap-t, the
-Nadeau-Bengio corrected resampled t-test and Dietterich's 5x2cv t-test.
-
-This module never imports torch.
-
-Examples
---------
->>> r = paired_t_test([0.7, 0.8, 0.6, 0.9], [0.6, 0.8, 0.5, 0.7])
->>> round(r.estimate, 3), r.df
-(-0.1, 3.0)
-"""
+"""The tests, their result objects and one comparison's battery (pure functions, no files)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -39,46 +13,16 @@ import pandas as pd
 from scipy import stats as sps
 
 from cellbg._checks import CellbgError, did_you_mean, look_up_option
-
-__all__ = [
-    "TestResult",
-    "GEEFit",
-    "paired_outcomes",
-    "patient_accuracy",
-    "paired_t_test",
-    "wilcoxon_test",
-    "sign_test",
-    "cluster_sums",
-    "patient_bootstrap",
-    "paired_table",
-    "paired_counts",
-    "mcnemar_test",
-    "gee_fit",
-    "gee_test",
-    "corrected_resampled_t_test",
-    "five_by_two_cv_test",
-    "adjust_pvalues",
-    "accuracy_table",
-    "compare_conditions",
-    "simulate_paired_correctness",
-    "run_stats",
-    "TESTS_COLUMNS",
-]
-
-NAN = float("nan")
-
-#: Columns of ``stats/tests.csv`` in order (the contract's columns first).
-TESTS_COLUMNS = [
-    "family", "role", "model", "comparison", "a", "b", "estimate", "ci_low", "ci_high",
-    "ci_method", "statistic", "df", "pvalue", "p_holm", "p_bh", "method", "n_cells",
-    "n_patients", "n_seeds", "mcnemar_b", "mcnemar_c",
-    # extras
-    "name", "measure", "scale", "saliency_method", "alpha", "n_resamples", "note", "p_bonferroni",
-]  # fmt: skip
-
-_PAIR_COLUMNS = ("cell_id", "patient_id", "label", "model", "train_variant", "test_variant", "seed", "fold", "correct")
-_PRED_COLUMNS = _PAIR_COLUMNS + ("pred",)
-_SAL_COLUMNS = ("cell_id", "patient_id", "model", "train_variant", "seed", "fold", "method", "background_share")
+from cellbg.stats._common import (
+    _PAIR_COLUMNS,
+    NAN,
+    _as_1d,
+    _check_alpha,
+    _check_columns,
+    _correct_values,
+    _split_condition,
+    _tolerance,
+)
 
 
 # --------------------------------------------------------------------------- results
@@ -244,70 +188,6 @@ class GEEFit:
         return self.summary()
 
 
-# --------------------------------------------------------------------------- helpers
-def _as_1d(x, name: str) -> np.ndarray:
-    arr = np.asarray(x, dtype=float)
-    if arr.ndim != 1:
-        raise CellbgError(f"{name} must be 1-D; got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise CellbgError(f"{name} holds NaN or infinite values")
-    return arr
-
-
-def _correct_values(values, what: str, column: str = "correct") -> np.ndarray:
-    """A correctness column as bool; NaN/None or a value other than 0/1 is an error naming the rows.
-
-    A missing prediction is neither right nor wrong: counting it as either would move the
-    accuracy, so every function that reads correctness refuses it (never ``astype(bool)``,
-    which makes NaN True).
-    """
-    series = values if isinstance(values, pd.Series) else pd.Series(np.asarray(values).ravel())
-    missing = series.isna().to_numpy()
-    if missing.any():
-        rows = series.index[missing]
-        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
-        raise CellbgError(
-            f"{what}: column '{column}' is missing (NaN/None) in {len(rows)} row(s) (index {shown}); "
-            "a missing prediction is neither right nor wrong: fix or drop those rows"
-        )
-    if series.dtype == bool:
-        return series.to_numpy()
-    try:
-        num = series.to_numpy(dtype=float)
-    except (TypeError, ValueError):
-        raise CellbgError(
-            f"{what}: column '{column}' must hold True/False (or 1/0); got dtype {series.dtype}"
-        ) from None
-    bad = (num != 0) & (num != 1)
-    if bad.any():
-        rows = series.index[bad]
-        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
-        raise CellbgError(
-            f"{what}: column '{column}' must hold True/False (or 1/0); {len(rows)} row(s) hold other values "
-            f"(index {shown}, e.g. {series[rows[0]]!r})"
-        )
-    return num.astype(bool)
-
-
-def _tolerance(*arrays: np.ndarray) -> float:
-    """Rounding tolerance of a difference of these values (16 ulps of the largest magnitude)."""
-    scale = max((float(np.max(np.abs(a))) for a in arrays if np.size(a)), default=0.0)
-    return 16 * np.finfo(float).eps * max(scale, 1.0)
-
-
-def _check_alpha(alpha: float) -> float:
-    if not 0 < alpha < 1:
-        raise CellbgError(f"alpha must be in (0, 1); got {alpha}")
-    return float(alpha)
-
-
-def _split_condition(condition: str) -> tuple[str, str]:
-    if not isinstance(condition, str) or condition.count(":") != 1:
-        raise CellbgError(f"a condition is 'train_variant:test_variant'; got {condition!r}")
-    train, test = condition.split(":")
-    return train, test
-
-
 # --------------------------------------------------------------------------- pairing
 def paired_outcomes(predictions: pd.DataFrame, a: str, b: str, *, model: str | None = None) -> pd.DataFrame:
     """Pair the correctness of each cell under conditions ``a`` and ``b``.
@@ -414,16 +294,6 @@ def patient_accuracy(paired: pd.DataFrame) -> pd.DataFrame:
     out["acc_b"] = out["correct_b"] / out["n"]
     out["diff"] = out["acc_b"] - out["acc_a"]
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise CellbgError(f"{what} lacks columns {missing}; it has {list(df.columns)}")
 
 
 # --------------------------------------------------------------------------- patient-level tests
@@ -1529,242 +1399,3 @@ def simulate_paired_correctness(
     return rng.random(pa.shape) < pa, rng.random(pb.shape) < pb
 
 
-# --------------------------------------------------------------------------- the stage
-def _read_predictions(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / "predictions.parquet"
-    if not path.exists():
-        raise CellbgError(f"no predictions in {run_dir} (predictions.parquet missing; run `cellbg train` first)")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises many types for a damaged file
-        raise CellbgError(f"cannot read {path}: {_first_line(exc)}") from None
-    _check_columns(df, _PRED_COLUMNS, str(path))
-    if df.empty:
-        raise CellbgError(f"{path} holds no rows")
-    for c in ("model", "train_variant", "test_variant", "cell_id", "patient_id", "label"):
-        df[c] = df[c].astype(str)
-    return df
-
-
-def _row(family: str, role: str, model: str, a: str, b: str, r: TestResult, **extra) -> dict:
-    row = r.to_row()
-    row.update(family=family, role=role, model=model, a=a, b=b, comparison=f"{a} vs {b}")
-    row.setdefault("name", "")
-    row.setdefault("measure", "accuracy")
-    row.setdefault("saliency_method", "")
-    row.update(extra)
-    return row
-
-
-def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
-    path = run_dir / "saliency.parquet"
-    if not path.exists():
-        return []
-    try:
-        sal = pd.read_parquet(path)
-    except Exception as exc:
-        raise CellbgError(f"cannot read {path}: {_first_line(exc)}") from None
-    _check_columns(sal, _SAL_COLUMNS, str(path))
-    sal = sal[np.isfinite(sal["background_share"].astype(float))]
-    rows = []
-    test_variant = protocol.saliency.test_variant
-    order = list(protocol.variants.train)
-    # With saliency.target 'both' every cell has a map for the predicted and one for the true
-    # class; they are separate analyses, never pooled (a correct cell would count twice).
-    if "target" not in sal.columns:
-        sal = sal.assign(target="")
-    for (model, method, target), sub in sal.groupby(["model", "method", "target"], sort=True):
-        present = [v for v in order if v in set(sub["train_variant"])]
-        present += sorted(set(sub["train_variant"]) - set(present))
-        if len(present) < 2:
-            continue
-        ref = present[0]
-        per = sub.groupby(["train_variant", "patient_id"])["background_share"].mean().unstack("train_variant")
-        for other in present[1:]:
-            both = per[[ref, other]].dropna()
-            a, b = f"{ref}:{test_variant}", f"{other}:{test_variant}"
-            used = sub[sub["train_variant"].isin([ref, other]) & sub["patient_id"].isin(both.index)]
-            sizes = dict(
-                n_cells=int(used["cell_id"].nunique()), n_patients=len(both), n_seeds=int(used["seed"].nunique())
-            )
-            if len(both) >= 2:
-                r = paired_t_test(both[ref], both[other], alpha=alpha)
-                r = r.replace(method="paired t (patients)", **sizes)
-            else:
-                note = f"needs at least 2 patients; got {len(both)}"
-                r = TestResult("paired t (patients)", NAN, alpha=alpha, note=note, **sizes)
-            rows.append(_row("saliency", "primary", str(model), a, b, r.replace(scale="background share difference"),
-                             measure="background_share",
-                             saliency_method=f"{method} ({target} class)" if target else str(method)))
-    return rows
-
-
-def run_stats(run_dir: str | Path) -> pd.DataFrame:
-    """Test every planned comparison of a run; write ``<run>/stats/``.
-
-    Reads ``predictions.parquet`` (and ``saliency.parquet`` when present) and the run's
-    resolved protocol (section ``stats``). Writes, atomically:
-
-    - ``stats/tests.csv``: one row per test (columns :data:`TESTS_COLUMNS`). Families:
-      ``confirmatory`` (the protocol's comparisons, for each model: primary test,
-      sensitivity checks, secondary tests; Holm over the primary tests), ``exploratory``
-      (every condition against the reference ``original:original``, and BG-GAP =
-      ``mixed_same`` minus ``mixed_rand`` per training variant; primary test and McNemar;
-      Benjamini-Hochberg), ``saliency`` (background share between training variants).
-      ``p_holm`` and ``p_bh`` are adjusted within the family over its primary rows.
-    - ``stats/accuracy.csv``: :func:`accuracy_table`.
-    - ``stats/summary.md``: the primary results in words and tables.
-
-    Returns
-    -------
-    pandas.DataFrame
-        The tests table.
-    """
-    from cellbg._io import atomic_path, write_text_atomic
-    from cellbg.protocol import load_run
-
-    run_dir = Path(run_dir)
-    protocol = load_run(run_dir)
-    cfg = protocol.stats
-    preds = _read_predictions(run_dir)
-    alpha = cfg.alpha
-    rows: list[dict] = []
-    models = [m.key for m in protocol.models if m.key in set(preds["model"])]
-    models += sorted(set(preds["model"]) - set(models))
-
-    for model in models:
-        for k, comp in enumerate(cfg.confirmatory):
-            paired = paired_outcomes(preds, comp.a, comp.b, model=model)
-            seed = np.random.SeedSequence([cfg.seed, models.index(model), k])
-            for role, r in compare_conditions(paired, primary=cfg.primary, alpha=alpha,
-                                              n_resamples=cfg.bootstrap, seed=seed):
-                rows.append(_row("confirmatory", role, model, comp.a, comp.b, r))
-
-    if cfg.exploratory:
-        for model in models:
-            mine = preds[preds["model"] == model]
-            conds = sorted(set(mine["train_variant"] + ":" + mine["test_variant"]))
-            ref = "original:original" if "original:original" in conds else conds[0]
-            pairs = [(ref, c, "") for c in conds if c != ref]
-            for train in sorted(set(mine["train_variant"])):
-                same, rand = f"{train}:mixed_same", f"{train}:mixed_rand"
-                if same in conds and rand in conds:
-                    pairs.append((rand, same, f"BG-GAP ({train})"))
-            for a, b, name in pairs:
-                paired = paired_outcomes(preds, a, b, model=model)
-                (role, r), = compare_conditions(paired, primary=cfg.primary, alpha=alpha, secondary=False)
-                rows.append(_row("exploratory", role, model, a, b, r, name=name))
-                mc = mcnemar_test(paired_table(paired["correct_a"], paired["correct_b"]))
-                mc = mc.replace(n_patients=r.n_patients, n_seeds=r.n_seeds, alpha=alpha)
-                rows.append(_row("exploratory", "secondary", model, a, b, mc, name=name))
-
-    rows += _saliency_rows(run_dir, protocol, alpha)
-    table = pd.DataFrame(rows)
-    for c in TESTS_COLUMNS:
-        if c not in table.columns:
-            table[c] = np.nan if c not in ("note", "name", "measure", "saliency_method", "ci_method") else ""
-    for col in ("p_holm", "p_bh", "p_bonferroni"):
-        table[col] = np.nan
-    for fam in table["family"].unique() if len(table) else []:
-        sel = (table["family"] == fam) & (table["role"] == "primary")
-        for col, how in (("p_holm", "holm"), ("p_bh", "bh"), ("p_bonferroni", "bonferroni")):
-            table.loc[sel, col] = adjust_pvalues(table.loc[sel, "pvalue"], how)
-    table = table[TESTS_COLUMNS + [c for c in table.columns if c not in TESTS_COLUMNS]]
-
-    acc = accuracy_table(preds)
-    out_dir = run_dir / "stats"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "tests.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    with atomic_path(out_dir / "accuracy.csv") as tmp:
-        acc.to_csv(tmp, index=False)
-    write_text_atomic(out_dir / "summary.md", _summary_md(protocol, table, acc))
-    return table
-
-
-def _fmt(v, digits: int = 3, *, integer: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        if integer and v == round(v):
-            return str(int(v))
-        return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
-    return str(v)
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        cells = (_fmt(v, integer=c == "df" or c.startswith(("n_", "mcnemar_"))) for c, v in zip(cols, row, strict=True))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _verdict(p: float, alpha: float, note: str = "") -> str:
-    """"significant" / "not significant" / "not computed (reason)": a NaN p is never a negative result."""
-    if p is None or not np.isfinite(p):
-        reason = str(note).split(";")[0].removeprefix("not computed: ") if isinstance(note, str) and note else ""
-        return "not computed" + (f" ({reason})" if reason else "")
-    return "significant" if p < alpha else "not significant"
-
-
-def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame) -> str:
-    cfg = protocol.stats
-    level = f"{100 * (1 - cfg.alpha):g}%"
-    primary_text = (
-        "a paired t-test on per-patient accuracy differences (df = patients - 1)"
-        if cfg.primary == "patient_t"
-        else "GEE logistic regression clustered by patient (binomial counts per patient and condition, "
-        "independence working correlation, bias-reduced covariance, t reference with patients - 1 df)"
-    )
-    parts = [
-        f"# Statistics: {protocol.name}",
-        "",
-        "The unit of inference is the patient. The primary test averages correctness within each "
-        "patient (over cells, seeds and folds, paired on seed and fold) and compares conditions "
-        f"with {primary_text}. "
-        "Estimates are condition B minus condition A. "
-        f"Intervals are {level}. Holm adjusts the confirmatory family, Benjamini-Hochberg the "
-        "exploratory grid (both, and Bonferroni, are given for every family). McNemar is cell-level and "
-        "conditional on these trained models and these cells. A p-value shown as – was not computed "
-        "(the row's note in tests.csv says why); it is not a negative result.",
-        "",
-    ]
-    n_pat = int(table["n_patients"].max()) if len(table) else 0
-    if n_pat >= 30:
-        parts.append("Percentile patient bootstrap intervals are reported (>= 30 patients).")
-    else:
-        parts.append(f"Percentile bootstrap intervals are not reported: {n_pat} patients < 30; "
-                     "the studentized (bootstrap-t) patient cluster bootstrap is given instead.")
-    parts.append("")
-    cols = ["model", "comparison", "estimate", "ci_low", "ci_high", "statistic", "df", "pvalue", "p_holm", "p_bh",
-            "n_patients"]  # fmt: skip
-    for fam in ("confirmatory", "exploratory", "saliency"):
-        sub = table[(table["family"] == fam) & (table["role"] == "primary")]
-        if sub.empty:
-            continue
-        parts += [f"## {fam.capitalize()} (primary tests)", ""]
-        show = sub[cols + (["name"] if fam == "exploratory" else ["saliency_method"] if fam == "saliency" else [])]
-        parts += [_md_table(show), ""]
-        if fam == "confirmatory":
-            for r in sub.itertuples():
-                verdict = _verdict(r.p_holm, cfg.alpha, r.note)
-                ci = (f"{level} CI {_fmt(r.ci_low)} to {_fmt(r.ci_high)}" if np.isfinite(r.ci_low)
-                      else "no CI computed")
-                if np.isfinite(r.pvalue):
-                    ps = f"p = {_fmt(r.pvalue)}, Holm p = {_fmt(r.p_holm)}: {verdict} at alpha {cfg.alpha}"
-                else:
-                    ps = f"p {verdict}"
-                parts.append(f"- {r.model}, {r.comparison} ({r.method}): {r.scale} {_fmt(r.estimate)} ({ci}), {ps}.")
-            parts.append("")
-    others = table[(table["family"] == "confirmatory") & (table["role"] != "primary")]
-    if not others.empty:
-        parts += ["## Confirmatory: sensitivity and secondary tests", ""]
-        ocols = ["model", "comparison", "role", "method", "estimate", "ci_low", "ci_high", "pvalue", "mcnemar_b",
-                 "mcnemar_c"]  # fmt: skip
-        parts += [_md_table(others[ocols]), ""]
-    parts += ["## Accuracy (mean and SD over seeds)", ""]
-    acols = ["model", "condition", "accuracy", "accuracy_sd", "balanced_accuracy", "n_cells", "n_patients", "n_seeds"]
-    parts += [_md_table(acc[acols]), ""]
-    return "\n".join(parts)
