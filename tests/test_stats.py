@@ -723,3 +723,64 @@ def test_validate_refuses_a_stats_section_that_cannot_be_carried_out(tmp_path):
     proto.write_text("name: x\ndata: {source: synthetic}\nstats: {confirmatory: [], exploratory: false}\n")
     res = CliRunner().invoke(app, ["validate", str(proto)])
     assert res.exit_code == 2 and "would test nothing" in res.output
+
+
+# --------------------------------------------------------------------------- large tables (issue 22)
+def test_run_stats_from_counts_equals_the_cell_level_path(tmp_path):
+    # The stage reduces the table to counts per patient x seed x fold; every row must equal
+    # the cell-level functions on the paired cell rows.
+    preds = make_predictions(patients=7, cells=9, models=("resnet", "shufflenet"), seeds=(0, 1, 2), folds=3,
+                             effects={"original:only_fg": -1.0})
+    preds = preds.sample(frac=1.0, random_state=0)  # row order must not matter
+    preds = preds.drop(index=preds.index[(preds.seed == 2) & (preds.test_variant == "mixed_rand")][:20])
+    run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:only_fg")])
+    table = run_stats(run)
+    models = ["resnet", "shufflenet"]
+    for (model, family, a, b), rows in table.groupby(["model", "family", "a", "b"], sort=False):
+        paired = paired_outcomes(preds, a, b, model=model)
+        if family == "confirmatory":
+            seed = np.random.SeedSequence([0, models.index(model), 0])
+            want = [r for _, r in compare_conditions(paired, n_resamples=199, seed=seed)]
+        else:
+            want = [compare_conditions(paired, secondary=False)[0][1],
+                    mcnemar_test(paired_table(paired.correct_a, paired.correct_b))]
+        assert len(rows) == len(want)
+        for got, exp in zip(rows.itertuples(), want, strict=True):
+            assert got.method == exp.method
+            for col in ("estimate", "ci_low", "ci_high", "statistic", "pvalue"):
+                g, e = getattr(got, col), getattr(exp, col)
+                same = (math.isnan(g) and math.isnan(e)) or g == pytest.approx(e, rel=1e-9, abs=1e-12)
+                assert same, (model, a, b, col)
+            if family == "confirmatory":
+                assert (got.n_cells, got.n_patients, got.n_seeds) == (exp.n_cells, exp.n_patients, exp.n_seeds)
+    acc = pd.read_csv(run / "stats" / "accuracy.csv")
+    ref = preds.groupby(["model", "train_variant", "test_variant", "seed"])["correct"].mean().groupby(
+        level=[0, 1, 2]).agg(["mean", "std"]).reset_index()
+    assert acc["accuracy"].to_numpy() == pytest.approx(ref["mean"].to_numpy())
+    assert acc["accuracy_sd"].to_numpy() == pytest.approx(ref["std"].to_numpy())
+
+
+def test_predictions_as_a_folder_of_parquet_files(tmp_path):
+    # A run may hold its predictions as one file or as a folder of per-job files: same results.
+    preds = make_predictions(patients=5, cells=6, seeds=(0, 1), test=("original", "only_fg", "mixed_same"))
+    one = make_run(tmp_path / "one", preds)
+    run_stats(one)
+    many = make_run(tmp_path / "many", preds)
+    (many / "predictions.parquet").unlink()
+    folder = many / "predictions"
+    folder.mkdir()
+    for k, (_, part) in enumerate(preds.groupby(["test_variant", "seed"])):
+        part.to_parquet(folder / f"part-{k:03d}.parquet", index=False)
+    run_stats(many)
+    for name in ("tests.csv", "accuracy.csv"):
+        assert (one / "stats" / name).read_bytes() == (many / "stats" / name).read_bytes()
+    # damaged: a missing value in a file of the folder is named with its row
+    bad = preds[preds.test_variant == "original"].copy()
+    bad["correct"] = bad["correct"].astype("boolean")
+    bad.iloc[2, bad.columns.get_loc("correct")] = pd.NA
+    bad.to_parquet(folder / "part-000.parquet", index=False)
+    with pytest.raises(CellbgError, match=r"'correct' is missing"):
+        run_stats(many)
+    preds.iloc[:3].to_parquet(folder / "part-000.parquet", index=False)  # duplicates of rows in other files
+    with pytest.raises(CellbgError, match="duplicate rows for cell/seed/fold"):
+        run_stats(many)

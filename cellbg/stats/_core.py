@@ -1189,6 +1189,8 @@ def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
 
     Accuracy is computed per seed (pooled over folds and cells), then summarised as the mean
     and SD over seeds. Balanced accuracy is the mean over classes of the per-class recall.
+    Computed with integer codes and bincounts (no grouping of strings), so ten million rows
+    take seconds.
 
     Returns
     -------
@@ -1197,33 +1199,9 @@ def accuracy_table(predictions: pd.DataFrame) -> pd.DataFrame:
         balanced_accuracy, balanced_accuracy_sd, n_cells, n_patients, n_seeds, n_folds,
         n_rows``. SDs are NaN with one seed.
     """
-    _check_columns(predictions, _PAIR_COLUMNS, "predictions")
-    keys = ["model", "train_variant", "test_variant"]
-    df = predictions[keys + ["seed", "fold", "cell_id", "patient_id", "label", "correct"]].copy()
-    df["correct"] = df["correct"].astype(float)
-    per_class = df.groupby(keys + ["seed", "label"], sort=True, observed=True)["correct"].mean()
-    per_seed = pd.DataFrame(
-        {
-            "accuracy": df.groupby(keys + ["seed"], sort=True, observed=True)["correct"].mean(),
-            "balanced_accuracy": per_class.groupby(level=list(range(len(keys) + 1)), observed=True).mean(),
-        }
-    )
-    g = per_seed.groupby(level=list(range(len(keys))), observed=True)
-    out = pd.DataFrame(
-        {
-            "accuracy": g["accuracy"].mean(),
-            "accuracy_sd": g["accuracy"].std(ddof=1),
-            "balanced_accuracy": g["balanced_accuracy"].mean(),
-            "balanced_accuracy_sd": g["balanced_accuracy"].std(ddof=1),
-        }
-    )
-    counts = df.groupby(keys, sort=True, observed=True).agg(
-        n_cells=("cell_id", "nunique"), n_patients=("patient_id", "nunique"), n_seeds=("seed", "nunique"),
-        n_folds=("fold", "nunique"), n_rows=("cell_id", "size"),
-    )
-    out = out.join(counts).reset_index()
-    out.insert(3, "condition", out["train_variant"].astype(str) + ":" + out["test_variant"].astype(str))
-    return out
+    from cellbg.stats._table import CodedPredictions
+
+    return CodedPredictions.from_frame(predictions).accuracy()
 
 
 def _fold_differences(counts: pd.DataFrame) -> pd.DataFrame:

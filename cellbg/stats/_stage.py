@@ -9,17 +9,16 @@ import numpy as np
 import pandas as pd
 
 from cellbg._checks import CellbgError
-from cellbg.stats._common import _PRED_COLUMNS, _SAL_COLUMNS, NAN, _check_columns, _first_line
+from cellbg.stats._common import _SAL_COLUMNS, NAN, _check_columns, _first_line
 from cellbg.stats._core import (
     TestResult,
-    accuracy_table,
+    _counts_table,
     adjust_pvalues,
     compare_conditions,
     mcnemar_test,
-    paired_outcomes,
     paired_t_test,
-    paired_table,
 )
+from cellbg.stats._table import CodedPredictions, predictions_path
 
 #: Columns of ``stats/tests.csv`` in order (the contract's columns first).
 TESTS_COLUMNS = [
@@ -32,22 +31,6 @@ TESTS_COLUMNS = [
 
 
 # --------------------------------------------------------------------------- the stage
-def _read_predictions(run_dir: Path) -> pd.DataFrame:
-    path = run_dir / "predictions.parquet"
-    if not path.exists():
-        raise CellbgError(f"no predictions in {run_dir} (predictions.parquet missing; run `cellbg train` first)")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises many types for a damaged file
-        raise CellbgError(f"cannot read {path}: {_first_line(exc)}") from None
-    _check_columns(df, _PRED_COLUMNS, str(path))
-    if df.empty:
-        raise CellbgError(f"{path} holds no rows")
-    for c in ("model", "train_variant", "test_variant", "cell_id", "patient_id", "label"):
-        df[c] = df[c].astype(str)
-    return df
-
-
 def _row(family: str, role: str, model: str, a: str, b: str, r: TestResult, **extra) -> dict:
     row = r.to_row()
     row.update(family=family, role=role, model=model, a=a, b=b, comparison=f"{a} vs {b}")
@@ -104,8 +87,10 @@ def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
 def run_stats(run_dir: str | Path) -> pd.DataFrame:
     """Test every planned comparison of a run; write ``<run>/stats/``.
 
-    Reads ``predictions.parquet`` (and ``saliency.parquet`` when present) and the run's
-    resolved protocol (section ``stats``). Writes, atomically:
+    Reads the predictions lazily (``predictions.parquet``, a file or a folder of parquet files,
+    else the ``predictions/`` folder; only the columns the tests need, reduced to counts per
+    patient x seed x fold, see :class:`~cellbg.stats._table.CodedPredictions`), ``saliency.parquet``
+    when present, and the run's resolved protocol (section ``stats``). Writes, atomically:
 
     - ``stats/tests.csv``: one row per test (columns :data:`TESTS_COLUMNS`). Families:
       ``confirmatory`` (the protocol's comparisons, for each model: primary test,
@@ -128,35 +113,36 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     protocol = load_run(run_dir)
     cfg = protocol.stats
-    preds = _read_predictions(run_dir)
+    preds = CodedPredictions.from_path(predictions_path(run_dir))
     alpha = cfg.alpha
     rows: list[dict] = []
-    models = [m.key for m in protocol.models if m.key in set(preds["model"])]
-    models += sorted(set(preds["model"]) - set(models))
+    have = preds.models()
+    models = [m.key for m in protocol.models if m.key in have]
+    models += sorted(set(have) - set(models))
 
     for model in models:
         for k, comp in enumerate(cfg.confirmatory):
-            paired = paired_outcomes(preds, comp.a, comp.b, model=model)
+            counts, n_cells = preds.paired_counts(model, comp.a, comp.b)
             seed = np.random.SeedSequence([cfg.seed, models.index(model), k])
-            for role, r in compare_conditions(paired, primary=cfg.primary, alpha=alpha,
-                                              n_resamples=cfg.bootstrap, seed=seed):
+            for role, r in compare_conditions(counts, primary=cfg.primary, alpha=alpha, n_resamples=cfg.bootstrap,
+                                              seed=seed, n_cells=n_cells):
                 rows.append(_row("confirmatory", role, model, comp.a, comp.b, r))
 
     if cfg.exploratory:
         for model in models:
-            mine = preds[preds["model"] == model]
-            conds = sorted(set(mine["train_variant"] + ":" + mine["test_variant"]))
+            conds = preds.conditions(model)
             ref = "original:original" if "original:original" in conds else conds[0]
             pairs = [(ref, c, "") for c in conds if c != ref]
-            for train in sorted(set(mine["train_variant"])):
+            for train in sorted({c.split(":")[0] for c in conds}):
                 same, rand = f"{train}:mixed_same", f"{train}:mixed_rand"
                 if same in conds and rand in conds:
                     pairs.append((rand, same, f"BG-GAP ({train})"))
             for a, b, name in pairs:
-                paired = paired_outcomes(preds, a, b, model=model)
-                (role, r), = compare_conditions(paired, primary=cfg.primary, alpha=alpha, secondary=False)
+                counts, n_cells = preds.paired_counts(model, a, b)
+                (role, r), = compare_conditions(counts, primary=cfg.primary, alpha=alpha, secondary=False,
+                                                n_cells=n_cells)
                 rows.append(_row("exploratory", role, model, a, b, r, name=name))
-                mc = mcnemar_test(paired_table(paired["correct_a"], paired["correct_b"]))
+                mc = mcnemar_test(_counts_table(counts))
                 mc = mc.replace(n_patients=r.n_patients, n_seeds=r.n_seeds, alpha=alpha)
                 rows.append(_row("exploratory", "secondary", model, a, b, mc, name=name))
 
@@ -173,7 +159,7 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
             table.loc[sel, col] = adjust_pvalues(table.loc[sel, "pvalue"], how)
     table = table[TESTS_COLUMNS + [c for c in table.columns if c not in TESTS_COLUMNS]]
 
-    acc = accuracy_table(preds)
+    acc = preds.accuracy()
     out_dir = run_dir / "stats"
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "tests.csv") as tmp:
