@@ -784,3 +784,18 @@ def test_predictions_as_a_folder_of_parquet_files(tmp_path):
     preds.iloc[:3].to_parquet(folder / "part-000.parquet", index=False)  # duplicates of rows in other files
     with pytest.raises(CellbgError, match="duplicate rows for cell/seed/fold"):
         run_stats(many)
+
+
+def test_counts_when_a_cell_is_in_several_folds_of_a_seed():
+    # The stage's dense unit index (model x cell x seed) holds when each cell has one fold per
+    # seed; otherwise it pairs on model x cell x seed x fold, like paired_outcomes.
+    from cellbg.stats._table import CodedPredictions
+
+    preds = make_predictions(patients=4, cells=6, seeds=(0,), test=("original", "only_fg"))
+    twice = pd.concat([preds, preds.assign(fold=preds.fold + 2, correct=~preds.correct)], ignore_index=True)
+    for table in (preds, twice):
+        counts, n_cells = CodedPredictions.from_frame(table).paired_counts("resnet", "original:original",
+                                                                            "original:only_fg")
+        paired = paired_outcomes(table, "original:original", "original:only_fg")
+        pd.testing.assert_frame_equal(counts, paired_counts(paired), check_dtype=False)
+        assert n_cells == paired.cell_id.nunique() == 24

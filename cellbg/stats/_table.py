@@ -44,6 +44,55 @@ def _sorted_codes(codes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
     return rank[codes].astype(np.int32 if order.size < 2**31 else np.int64), labels[order]
 
 
+def _int_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of integer values in sorted order: a lookup table when their range is small, else hashing."""
+    if values.dtype.kind in "iu" and values.size:
+        lo, hi = int(values.min()), int(values.max())
+        if hi - lo < 1_000_000:
+            seen = np.bincount(values - lo, minlength=hi - lo + 1) > 0
+            lookup = np.cumsum(seen) - 1
+            return lookup[values - lo].astype(np.int32), np.flatnonzero(seen) + lo
+    code, uniq = pd.factorize(values, sort=True)
+    return code.astype(np.int32), np.asarray(uniq)
+
+
+def _dictionary_codes(col) -> tuple[np.ndarray, np.ndarray]:
+    """Global integer codes and their labels for a (chunked) arrow column.
+
+    Parquet gives every row group (and every file) its own dictionary; unifying them costs a
+    hash of every dictionary entry. Row groups of one study mostly share a dictionary (the
+    same cells in the same order under every condition), so identical dictionaries are found
+    first (a memory compare) and only the distinct ones are hashed.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(col)
+    chunks = [ch for ch in col.chunks if len(ch)]
+    distinct: list = []
+    by_key: dict = {}
+    which = []
+    for ch in chunks:
+        d = ch.dictionary
+        key = (len(d), d[0].as_py() if len(d) else None, d[len(d) - 1].as_py() if len(d) else None)
+        for k in by_key.get(key, []):
+            if distinct[k].equals(d):
+                which.append(k)
+                break
+        else:
+            by_key.setdefault(key, []).append(len(distinct))
+            which.append(len(distinct))
+            distinct.append(d)
+    offsets = np.cumsum([0] + [len(d) for d in distinct])
+    merged = pc.dictionary_encode(pa.concat_arrays([d.cast(pa.string()) for d in distinct]))
+    global_of_entry = merged.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    labels = merged.dictionary.to_numpy(zero_copy_only=False).astype(object)
+    parts = [global_of_entry[offsets[k] + ch.indices.to_numpy(zero_copy_only=False)] for k, ch in zip(which, chunks,
+                                                                                                     strict=True)]
+    return np.concatenate(parts), labels
+
+
 def _distinct_per_group(group: np.ndarray, value: np.ndarray, n_groups: int, n_values: int) -> np.ndarray:
     """Number of distinct ``value`` per ``group`` (both integer codes)."""
     if n_groups * n_values <= _MAX_BINS:
@@ -119,20 +168,13 @@ class CodedPredictions:
             col = table.column(c)
             if col.null_count:
                 raise _missing_error(what, c, pc.is_null(col).to_numpy(zero_copy_only=False))
-            if not pa.types.is_dictionary(col.type):
-                col = pc.dictionary_encode(col)
-            col = pa.chunked_array(col.chunks, type=col.type).unify_dictionaries()
-            chunks = [ch for ch in col.chunks if len(ch)]
-            code = np.concatenate([ch.indices.to_numpy(zero_copy_only=False) for ch in chunks]).astype(np.int64)
-            dictionary = chunks[0].dictionary.cast(pa.string()).to_numpy(zero_copy_only=False).astype(object)
-            codes[c], labels[c] = _sorted_codes(code, dictionary)
+            codes[c], labels[c] = _sorted_codes(*_dictionary_codes(col))
             table = table.drop_columns([c])  # free the column as soon as it is coded
         for c in _INT_COLUMNS:
             col = table.column(c)
             if col.null_count:
                 raise _missing_error(what, c, pc.is_null(col).to_numpy(zero_copy_only=False))
-            code, uniq = pd.factorize(col.to_numpy(), sort=True)
-            codes[c], labels[c] = code.astype(np.int32), np.asarray(uniq)
+            codes[c], labels[c] = _int_codes(col.to_numpy())
         col = table.column("correct")
         if pa.types.is_boolean(col.type) and not col.null_count:
             correct = col.to_numpy()
@@ -147,14 +189,23 @@ class CodedPredictions:
             return self._units
         c = self.codes
         ncell, nseed, nfold = self.card("cell_id"), self.card("seed"), self.card("fold")
-        key = ((c["model"].astype(np.int64) * ncell + c["cell_id"]) * nseed + c["seed"]) * nfold + c["fold"]
-        unit, uniq = pd.factorize(key)
-        del key
+        # A unit is model x cell x seed (x fold). When a cell has one fold per seed (every split
+        # cellbg makes) the unit code is the dense index model x cell x seed, no hashing.
+        dense = self.card("model") * ncell * nseed
+        unit = (c["model"].astype(np.int64) * ncell + c["cell_id"]) * nseed + c["seed"]
+        fold_u = np.full(dense, -1, dtype=np.int64) if dense <= _MAX_BINS else None
+        if fold_u is not None:
+            fold_u[unit] = c["fold"]
+        if fold_u is not None and np.array_equal(fold_u[unit], c["fold"]):
+            uniq = np.arange(dense)
+            fold_u = np.maximum(fold_u, 0)
+        else:  # general case: hash model x cell x seed x fold
+            unit, uniq = pd.factorize(unit * nfold + c["fold"])
+            fold_u = uniq % nfold
+            uniq = uniq // nfold
         n_units = uniq.size
-        fold_u = uniq % nfold
-        rest = uniq // nfold
-        seed_u = rest % nseed
-        rest //= nseed
+        seed_u = uniq % nseed
+        rest = uniq // nseed
         cell_u = rest % ncell
         model_u = rest // ncell
         ntest = self.card("test_variant")
@@ -178,13 +229,13 @@ class CodedPredictions:
         matrix = np.full(n_units * nconds, -1, dtype=np.int8)
         matrix[flat] = self.correct
         del flat
-        patient_u = np.empty(n_units, dtype=np.int64)
+        patient_u = np.zeros(n_units, dtype=np.int64)
         patient_u[unit] = c["patient_id"]
         bad = np.flatnonzero(patient_u[unit] != c["patient_id"])[:1]
         if bad.size:
             cell = self.labels["cell_id"][c["cell_id"][bad[0]]]
             raise CellbgError(f"{self.source}: cell {cell!r} has more than one patient_id")
-        label_u = np.empty(n_units, dtype=np.int64)
+        label_u = np.zeros(n_units, dtype=np.int64)
         label_u[unit] = c["label"]
         present = np.bincount(c["model"].astype(np.int64) * nconds + cond,
                               minlength=self.card("model") * nconds).reshape(self.card("model"), nconds) > 0
