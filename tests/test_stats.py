@@ -799,3 +799,36 @@ def test_counts_when_a_cell_is_in_several_folds_of_a_seed():
         paired = paired_outcomes(table, "original:original", "original:only_fg")
         pd.testing.assert_frame_equal(counts, paired_counts(paired), check_dtype=False)
         assert n_cells == paired.cell_id.nunique() == 24
+
+
+def test_tests_csv_has_standard_errors_and_standardised_effect_sizes(tmp_path):
+    # issue 18: every row carries the SE of its estimate and a named standardised effect size.
+    preds = make_predictions(patients=8, cells=12, seeds=(0, 1), test=("original", "only_fg"),
+                             effects={"original:only_fg": -1.0})
+    run = make_run(tmp_path, preds, exploratory=False)
+    run_stats(run)
+    t = pd.read_csv(run / "stats" / "tests.csv").set_index("method")
+    assert {"se", "effect_size", "effect_size_name"} <= set(t.columns)
+    m = preds[preds.train_variant == "original"]
+    acc = m.groupby(["test_variant", "patient_id"])["correct"].mean()
+    d = (acc["only_fg"] - acc["original"]).to_numpy()
+    prim = t.loc["paired t (patients)"]
+    assert prim.se == pytest.approx(d.std(ddof=1) / math.sqrt(d.size))
+    assert prim.estimate / prim.se == pytest.approx(prim.statistic)
+    assert prim.effect_size == pytest.approx(d.mean() / d.std(ddof=1)) and prim.effect_size_name == "Cohen's d_z"
+    boot = t.loc["patient cluster bootstrap-t (mean of patient differences)"]
+    assert boot.se == pytest.approx(prim.se) and boot.effect_size == pytest.approx(prim.effect_size)
+    w = t.loc[[i for i in t.index if i.startswith("Wilcoxon")][0]]
+    nz = d[d != 0]
+    ranks = sps.rankdata(np.abs(nz))
+    assert w.effect_size == pytest.approx((ranks[nz > 0].sum() - ranks[nz < 0].sum()) / ranks.sum())
+    assert w.effect_size_name == "matched-pairs rank-biserial r" and np.isnan(w.se)
+    gee = t.loc[[i for i in t.index if i.startswith("GEE")][0]]
+    assert gee.effect_size_name == "log odds ratio"
+    assert gee.effect_size == pytest.approx(float(gee.note.split()[3]), abs=1e-4)
+    mc = t.loc[[i for i in t.index if i.startswith("McNemar")][0]]
+    n = len(paired_outcomes(preds, "original:original", "original:only_fg"))
+    b, c = mc.mcnemar_b, mc.mcnemar_c
+    assert mc.se == pytest.approx(math.sqrt(b + c - (c - b) ** 2 / n) / n)
+    assert mc.effect_size == pytest.approx(math.log(c / b))
+    assert "standard error" in str(paired_t_test(acc["original"], acc["only_fg"]))

@@ -54,6 +54,15 @@ class TestResult:
         1 - confidence level of the interval.
     note : str
         Caveats (conditional inference, degenerate data, ...).
+    se : float
+        Standard error of ``estimate`` (the one the test's statistic or interval uses; NaN for
+        rank, sign and exact tests).
+    effect_size, effect_size_name : float, str
+        A standardised effect size and its name: Cohen's d_z (mean / SD of the per-patient
+        differences) for paired t and the bootstrap of patient differences; the
+        matched-pairs rank-biserial r for Wilcoxon; the log odds ratio for the logistic
+        GEE; the log conditional odds ratio log(c / b) for McNemar. NaN (and "") where none
+        applies.
     """
 
     __test__: ClassVar[bool] = False  # not a pytest test class
@@ -75,6 +84,9 @@ class TestResult:
     n_resamples: int = 0
     alpha: float = 0.05
     note: str = ""
+    se: float = NAN
+    effect_size: float = NAN
+    effect_size_name: str = ""
 
     @property
     def ci(self) -> tuple[float, float]:
@@ -101,8 +113,12 @@ class TestResult:
         stat = f"  statistic: {self.statistic:.4g}"
         if not math.isnan(self.df):
             stat += f"  df: {self.df:g}"
-        stat += f"  p: {self.pvalue:.4g}"
+        stat += f"  p: {self.pvalue:.4g}" if np.isfinite(self.pvalue) else "  p: not computed"
         lines.append(stat)
+        if np.isfinite(self.se):
+            lines.append(f"  standard error: {self.se:.4g}")
+        if self.effect_size_name:
+            lines.append(f"  effect size ({self.effect_size_name}): {self.effect_size:.4g}")
         if not math.isnan(self.mcnemar_b):
             lines.append(f"  discordant pairs: b = {self.mcnemar_b:g} (A right, B wrong), c = {self.mcnemar_c:g}")
         if self.n_resamples:
@@ -346,11 +362,12 @@ def paired_t_test(a, b, *, alpha: float = 0.05) -> TestResult:
                           note=f"not computed: every paired difference is {est:.6g} (no variation, the t statistic "
                           "is undefined); see the exact sign test")
     est = float(d.mean())
+    sd = float(d.std(ddof=1))
     res = sps.ttest_rel(b, a)
     ci = res.confidence_interval(confidence_level=1 - alpha)
     return TestResult(
         method, est, float(ci.low), float(ci.high), f"t, df={n - 1}", float(res.statistic), df,
-        float(res.pvalue), alpha=alpha,
+        float(res.pvalue), alpha=alpha, se=sd / math.sqrt(n), effect_size=est / sd, effect_size_name="Cohen's d_z",
     )
 
 
@@ -461,7 +478,9 @@ def wilcoxon_test(a, b, *, method: str = "exact") -> TestResult:
         res = sps.wilcoxon(d, zero_method="wilcox", correction=True, method="approx")
         p = float(res.pvalue)
         name = "Wilcoxon signed-rank (normal approximation, continuity corrected)"
-    return TestResult(name, est, statistic=v, pvalue=p, note="; ".join(notes))
+    r_rb = 2 * v / (n * (n + 1) / 2) - 1  # (R+ - R-) / (R+ + R-), Kerby (2014)
+    return TestResult(name, est, statistic=v, pvalue=p, note="; ".join(notes), effect_size=float(r_rb),
+                      effect_size_name="matched-pairs rank-biserial r")
 
 
 def sign_test(a, b, *, alpha: float = 0.05) -> TestResult:
@@ -647,7 +666,9 @@ def patient_bootstrap(
         th = num.sum(1) / den.sum(1)
         boot_theta[start:stop] = th
         boot_se[start:stop] = _ratio_se(num, den, th)
-    common = dict(n_cells=0, n_patients=p, n_resamples=n_resamples, alpha=alpha)
+    common = dict(n_cells=0, n_patients=p, n_resamples=n_resamples, alpha=alpha, se=se)
+    if np.all(counts == 1) and se > 0:  # mean of per-patient values: Cohen's d_z = mean / SD
+        common.update(effect_size=theta / (se * math.sqrt(p)), effect_size_name="Cohen's d_z")
     if method == "percentile":
         lo, hi, pval = _equal_tailed(boot_theta, 0.0, alpha)
         stat = theta / se if se > 0 else NAN
@@ -773,6 +794,10 @@ def mcnemar_test(table, *, method: str = "auto", correction: bool = True) -> Tes
         return TestResult("McNemar", est, pvalue=1.0, n_cells=int(n), mcnemar_b=b, mcnemar_c=c,
                           note="no discordant pairs")
     note = "conditional on these trained models and these cells"
+    # SE of the paired difference of proportions (c - b) / n; the conditional odds ratio c / b
+    effect = dict(se=math.sqrt(max(b + c - (c - b) ** 2 / n, 0.0)) / n,
+                  effect_size=math.log(c / b) if b > 0 and c > 0 else NAN,
+                  effect_size_name="log conditional odds ratio log(c/b)")
     if method == "mid-p":
         m, k = int(min(b, c)), int(b + c)
         if k <= 5000:  # exact integer arithmetic: 2 P(X < m) + P(X = m)
@@ -781,14 +806,14 @@ def mcnemar_test(table, *, method: str = "auto", correction: bool = True) -> Tes
             p = 2 * sps.binom.cdf(m - 1, k, 0.5) + sps.binom.pmf(m, k, 0.5)
         p = min(1.0, p)
         return TestResult("McNemar mid-p", est, statistic=float(m), pvalue=float(p), n_cells=int(n),
-                          mcnemar_b=b, mcnemar_c=c, note=note)
+                          mcnemar_b=b, mcnemar_c=c, note=note, **effect)
     res = mcnemar(t, exact=method == "exact", correction=bool(correction))
     if method == "exact":
         name, df = "McNemar exact (binomial)", NAN
     else:
         name, df = "McNemar chi-square" + (" (continuity corrected)" if correction else ""), 1.0
     return TestResult(name, est, statistic=float(res.statistic), df=df, pvalue=float(res.pvalue),
-                      n_cells=int(n), mcnemar_b=b, mcnemar_c=c, note=note)
+                      n_cells=int(n), mcnemar_b=b, mcnemar_c=c, note=note, **effect)
 
 
 # --------------------------------------------------------------------------- GEE
@@ -1024,7 +1049,7 @@ def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias
                     "the test is on the log odds ratio")
             return TestResult(name, est, est - q * se, est + q * se, f"delta method t, df={df:g}, {cov_type} SE",
                               float(t), df, float(2 * sps.t.sf(abs(t), df)), scale=scale, alpha=alpha, note=note,
-                              **sizes)
+                              se=se, effect_size=float(b1), effect_size_name="log odds ratio", **sizes)
         note = "logistic GEE not estimable (no variation in the scores); "
     else:
         note = f"logistic GEE not estimable: {' and '.join(boundary)} (separation, infinite log odds); "
@@ -1039,7 +1064,7 @@ def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias
                           note=note + f"the identity link is not estimable either: {reason}", **sizes)
     t = est / se
     return TestResult(lin, est, est - q * se, est + q * se, f"t, df={df:g}, {cov_type} SE", float(t), df,
-                      float(2 * sps.t.sf(abs(t), df)), scale=scale, alpha=alpha,
+                      float(2 * sps.t.sf(abs(t), df)), scale=scale, alpha=alpha, se=se,
                       note=note + "fell back to the identity link (test of the accuracy difference)", **sizes)
 
 
@@ -1108,7 +1133,7 @@ def corrected_resampled_t_test(differences, *, test_train_ratio: float, alpha: f
     t = est / se
     q = sps.t.ppf(1 - alpha / 2, df)
     return TestResult(name, est, est - q * se, est + q * se, f"corrected t, df={j - 1}", t, df,
-                      float(2 * sps.t.sf(abs(t), df)), alpha=alpha)
+                      float(2 * sps.t.sf(abs(t), df)), alpha=alpha, se=se)
 
 
 def five_by_two_cv_test(differences) -> TestResult:

@@ -27,6 +27,7 @@ TESTS_COLUMNS = [
     "n_patients", "n_seeds", "mcnemar_b", "mcnemar_c",
     # extras
     "name", "measure", "scale", "saliency_method", "alpha", "n_resamples", "note", "p_bonferroni",
+    "se", "effect_size", "effect_size_name",
 ]  # fmt: skip
 
 
@@ -150,7 +151,8 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     for c in TESTS_COLUMNS:
         if c not in table.columns:
-            table[c] = np.nan if c not in ("note", "name", "measure", "saliency_method", "ci_method") else ""
+            table[c] = np.nan if c not in ("note", "name", "measure", "saliency_method", "ci_method",
+                                           "effect_size_name") else ""
     for col in ("p_holm", "p_bh", "p_bonferroni"):
         table[col] = np.nan
     for fam in table["family"].unique() if len(table) else []:
