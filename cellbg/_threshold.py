@@ -265,8 +265,8 @@ def split_touching(
     """Seeded watershed on the (smoothed) distance map: one seed per cell centre.
 
     With ``intensity`` and ``log_sigma > 0`` the seed surface also holds the intensity's
-    scale-normalised Laplacian of Gaussian (blob centres at the cell scale), which splits
-    touching cells whose outline has no neck.
+    scale-normalised Laplacian of Gaussian (blob centres at the cell scale), for touching
+    cells whose outline has little neck.
     """
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max

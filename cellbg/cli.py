@@ -228,7 +228,7 @@ def segment_command(
                 d, est = chosen["diameter"], chosen["diameter_estimated"].astype(bool)
                 how = f"estimated for {int(est.sum())} of {len(chosen)} images" if est.any() else "given"
                 out.print(f"diameter: median {d.median():.1f} px, range {d.min():.1f}-{d.max():.1f} ({how}); "
-                          f"segmented plane: {'; '.join(sorted(set(chosen['plane'])))}",
+                          f"segmented plane: {', '.join(sorted({str(v).split(' (')[0] for v in chosen['plane']}))}",
                           highlight=False, soft_wrap=True)
                 out.print(f"per image: {p.run_dir / 'segmentation' / 'threshold.csv'}", highlight=False, soft_wrap=True)
         if evaluate:

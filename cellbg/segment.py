@@ -143,8 +143,8 @@ def segment_threshold(
         Robust SDs above the background median for ``'robust'`` and ``'local'``.
     seeds : {'distance', 'log'}
         Watershed seeds: maxima of the smoothed distance map, or of the distance map plus
-        the intensity's Laplacian of Gaussian at the cell scale (splits touching cells
-        whose joint outline has no neck).
+        the intensity's Laplacian of Gaussian at the cell scale (seeds at blob centres, for
+        touching cells whose joint outline has little neck).
     sigma, background_radius, local_block_size, min_distance, min_area : optional
         Override the value that follows from ``diameter``. ``sigma=0`` disables smoothing,
         ``background_radius=0`` the background subtraction.
@@ -927,7 +927,8 @@ def _write_threshold_log(folder: Path, image_ids: list[str], infos: list[dict], 
         d = new["diameter"]
         log.info(
             "threshold: diameter median %.1f px (%d of %d estimated); planes: %s",
-            d.median(), int(new["diameter_estimated"].sum()), len(new), ", ".join(sorted(set(new["plane"]))),
+            d.median(), int(new["diameter_estimated"].sum()), len(new),
+            ", ".join(sorted({str(v).split(" (")[0] for v in new["plane"]})),
         )
 
 

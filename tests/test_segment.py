@@ -148,6 +148,20 @@ def test_threshold_rules_split_touching_cells(rule):
     assert s.fp == 0
 
 
+def test_both_seed_rules_split_an_overlapping_pair():
+    # Two overlapping discs, each brighter at its centre: the Laplacian-of-Gaussian seeds find
+    # both centres; the distance seeds do after the outlines are refined (second split).
+    yy, xx = np.mgrid[:80, :100]
+    truth = _discs((80, 100), [(40, 38), (40, 58)], 11.0)
+    image = np.where(truth > 0, 1.0, 0.1) + np.random.default_rng(0).normal(0, 0.01, truth.shape)
+    for c in (38, 58):  # brighter centres
+        image = image + 0.6 * np.exp(-((yy - 40) ** 2 + (xx - c) ** 2) / 60)
+    for rule in ("log", "distance"):
+        assert evaluate(segment_threshold(image, diameter=22, seeds=rule), truth).tp == 2
+    with pytest.raises(CellbgError, match="did you mean 'log'"):
+        segment_threshold(image, seeds="logg")
+
+
 def test_threshold_h_maxima_seeds_and_area_filters():
     image, truth = _touching_and_dim()
     assert evaluate(segment_threshold(image, h=1.0, min_area=30), truth).tp == 8
