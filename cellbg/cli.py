@@ -420,7 +420,11 @@ def run(
             # bad input everywhere (exit 2, as for any user error) vs a failure of the code or machine
             raise typer.Exit(code=2 if all(f.user_error for f in summary.failures) else 1)
         if not dry_run:
+            from cellbg.runner import final_lines
+
             typer.echo(f"run folder: {summary.run_dir} ({summary.ran} jobs ran in {summary.seconds:.1f} s)")
+            for line in final_lines(summary.run_dir):
+                typer.echo(line)
 
 
 @app.command(rich_help_panel="Run")

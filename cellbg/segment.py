@@ -829,9 +829,14 @@ def _progress(iterable: Iterable, *, total: int, description: str) -> Iterator:
     from rich.console import Console
     from rich.progress import Progress
 
+    from cellbg import _progress
+
     console = Console(stderr=True)
-    if not console.is_terminal:
-        yield from iterable
+    if not console.is_terminal:  # under the runner: the job's progress file
+        _progress.report(done=0, total=total, unit=description)
+        for i, item in enumerate(iterable, 1):
+            yield item
+            _progress.report(done=i, total=total, unit=description)
         return
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)

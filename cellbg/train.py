@@ -7,7 +7,8 @@ training), fits with AdamW and a cosine schedule, stops early on the validation 
 restores the best weights), and predicts every test variant of the held-out cells. Its files
 go to ``<run>/jobs/<key>/``::
 
-    spec.json            the job, the model spec, classes, patients of each split, seeds
+    spec.json            the job, the model spec, classes, patients of each split, seeds, the device
+                         used (cpu, cuda:N) and its AMP dtype
     checkpoint.pt        written (atomically) after every epoch; a killed job resumes from it
     history.csv          loss and accuracy per epoch, with the seeds
     predictions.parquet  one row per held-out cell x test variant
@@ -627,13 +628,17 @@ def run_job(
                           val_patients=cfg.split.val_patients if cfg.split.kind == "fixed" else None,
                           seed=protocol.seed)
     seeds = _job_seeds(protocol, spec)
-    meta = _job_meta(protocol, spec, key, crops, split, seeds)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(job_dir / "spec.json", meta)
-
     device = select_device(cfg.device)
     amp = bool(cfg.amp and device.type == "cuda")
     fp16 = amp and not torch.cuda.is_bf16_supported()
+    meta = _job_meta(protocol, spec, key, crops, split, seeds)
+    # the device this job actually used (not the setting "auto"), and its mixed precision
+    meta["device"] = str(device)
+    if device.type == "cuda":
+        meta["device"] = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    meta["amp_dtype"] = ("float16" if fp16 else "bfloat16") if amp else "off"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job_dir / "spec.json", meta)
     with _runtime(device):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeds["init_seed"])  # layer initialisers draw from the global RNG

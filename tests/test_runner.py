@@ -546,3 +546,61 @@ def test_bad_input_inside_a_job_exits_2_with_the_file_named(tmp_path):
     assert "cannot read image" in res.output and "c.tif" in res.output
     log = next((tmp_path / "run" / "logs").glob("segment-*.log"))
     assert "c.tif" in log.read_text()
+
+
+# --------------------------------------------------------------------------- progress, run log, status
+def report_epochs(run_dir: str, name: str, epochs: int, seconds: float) -> None:
+    """A client job that reports epochs as a training job does, then writes its output."""
+    from cellbg import _progress
+
+    for epoch in range(1, epochs + 1):
+        time.sleep(seconds)
+        _progress.report(done=epoch, total=epochs, unit="epochs", loss=1.0 / epoch, acc=0.5 + 0.1 * epoch,
+                         line=f"epoch {epoch}/{epochs} loss {1.0 / epoch:.4f}")
+    time.sleep(seconds)
+    write_text_atomic(Path(run_dir) / "out" / f"{name}.txt", "x")
+
+
+def test_progress_reaches_run_log_job_log_and_display(tmp_path):
+    def plan(ctx):
+        out = ctx.run_dir / "out" / "fit.txt"
+        return [Job("train", "fit", hash_key("fit"), report_epochs, (str(ctx.run_dir), "fit", 3, 0.7),
+                    where="client", outputs=(out,))]
+
+    summary = run_stages([Stage("train", plan)], tmp_path, progress=False)
+    assert summary.ok
+    run_log = (tmp_path / ".cellbg" / "run.log").read_text()
+    # every epoch in the job's own log; the run log samples progress twice a second
+    job_log = job_log_path(tmp_path, Job("train", "fit", hash_key("fit"), report_epochs)).read_text()
+    assert [ln for ln in job_log.splitlines() if ln.startswith("--- epoch")] == [
+        "--- epoch 1/3 loss 1.0000", "--- epoch 2/3 loss 0.5000", "--- epoch 3/3 loss 0.3333"]
+    for text in ("run started", "stage train: 1 jobs, 0 cached, 1 to run", "train fit: started",
+                 "train fit: epoch 1/3 loss 1.0000", "train fit: epoch 2/3 loss 0.5000", "train fit: done in",
+                 "=== run finished: 1 jobs ran"):
+        assert text in run_log, text
+    assert not list((tmp_path / ".cellbg" / "progress").glob("*.json"))  # removed when the job ended
+    record = json.loads((tmp_path / ".cellbg" / "last-run.json").read_text())
+    assert record["log"] == str(tmp_path / ".cellbg" / "run.log") and record["current"] is None
+
+
+def test_status_shows_the_running_job_and_time_left(tmp_path):
+    """A run folder as a running run leaves it: the record names the stage, a progress file
+    the job's epoch; status shows both and the time left at the pace so far."""
+    from cellbg.runner.status import stage_eta
+
+    write_text_atomic(tmp_path / ".cellbg" / "last-run.json", json.dumps({
+        "state": "running", "pid": os.getpid(), "host": os.uname().nodename, "updated": "now",
+        "current": {"stage": "make", "started": time.time() - 120, "todo": 3, "cached": 0, "done": 1, "failed": 0},
+        "log": str(tmp_path / ".cellbg" / "run.log")}))
+    write_text_atomic(tmp_path / ".cellbg" / "run.log", "x\n")
+    write_text_atomic(tmp_path / ".cellbg" / "progress" / "make-abc.json", json.dumps({
+        "stage": "make", "job": "resnet/original/s0/f1", "key": "abc", "started": time.time() - 30,
+        "done": 7, "total": 28, "unit": "epochs", "loss": 0.4123, "acc": 0.81, "val_acc": 0.78}))
+    st = status(tmp_path, stages=make_stages({"a": "1"}))
+    text = st.summary()
+    assert "now: stage make, 1 of 3 jobs done" in text
+    assert "resnet/original/s0/f1: epoch 7/28 · loss 0.412 · acc 0.81 · val acc 0.78 (running 30 s)" in text
+    # 1.25 jobs' worth in 120 s: 1.75 jobs left take 168 s
+    assert st.eta_seconds == pytest.approx(168, abs=2) and "about 2 min 4" in text  # 2 min 48 s (clock drift)
+    assert f"log {tmp_path / '.cellbg' / 'run.log'}" in text.splitlines()[0]
+    assert stage_eta({"started": 0, "todo": 2, "done": 0, "failed": 0}, [], now=10) is None

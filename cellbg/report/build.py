@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cellbg import _progress
 from cellbg._checks import CellbgError
 from cellbg._io import atomic_dir
 from cellbg.report.detection import _section_detection
@@ -71,16 +72,19 @@ def write_report(run_dir: str | Path, *, gallery_cells: int = 4) -> Path:
         if not cfg.figures:
             doc.absent("figures are switched off in the protocol (`report.figures: false`).")
         detection_only = run.protocol.detection.enabled and run.protocol.detection.only
+        sections = [] if detection_only else [
+            lambda: _section_accuracy(doc, run, figs, tex), lambda: _section_bg_gap(doc, run, tex),
+            lambda: _section_tests(doc, run, figs, tex), lambda: _section_factors(doc, run, acc, figs),
+            lambda: _section_training(doc, run, figs), lambda: _section_saliency(doc, run, figs, gallery_cells),
+            lambda: _section_segmentation(doc, run, tex),
+        ]
+        sections.append(lambda: _section_detection(doc, run, figs, tex))
+        acc = None  # the accuracy table, made by the first section and read by the factors section
         with figs.style():  # figures at print size: fonts >= 7 pt
-            if not detection_only:
-                acc = _section_accuracy(doc, run, figs, tex)
-                _section_bg_gap(doc, run, tex)
-                _section_tests(doc, run, figs, tex)
-                _section_factors(doc, run, acc, figs)
-                _section_training(doc, run, figs)
-                _section_saliency(doc, run, figs, gallery_cells)
-                _section_segmentation(doc, run, tex)
-            _section_detection(doc, run, figs, tex)
+            for done, section in enumerate(sections):
+                _progress.report(done=done, total=len(sections) + 1, unit="report sections")
+                made = section()
+                acc = made if done == 0 and not detection_only else acc
         if not detection_only:
             doc.heading("Methods")
             doc.para(_methods(run))
@@ -97,6 +101,7 @@ def write_report(run_dir: str | Path, *, gallery_cells: int = 4) -> Path:
             for name, text in tex.items():
                 (tmp / "tables" / f"{name}.tex").write_text(text, encoding="utf-8")
         if "pdf" in cfg.formats:
+            _progress.report(done=len(sections), total=len(sections) + 1, unit="report sections", line="pdflatex")
             _write_pdf(doc, tex, tmp)
             _say_missing(doc, n_missing)
         if "md" in cfg.formats:

@@ -175,6 +175,20 @@ def _training_time(run: _Run) -> str:
     return f"{sum(secs) / 60:.1f} min summed over {len(secs)} jobs (epoch times in history.csv)"
 
 
+def _devices(run: _Run) -> str | None:
+    """The devices the training jobs used, as each recorded in its spec.json: ``cpu (6 jobs)``,
+    ``cuda:0 with bfloat16 AMP (4 jobs)``; None when no job recorded one."""
+    from collections import Counter
+
+    used = Counter(
+        str(s["device"]) + (f" with {s['amp_dtype']} AMP" if s.get("amp_dtype") not in (None, "", "off") else "")
+        for s in run.job_specs if s.get("device")
+    )
+    if not used:
+        return None
+    return ", ".join(f"{d} ({n} job{'s' if n != 1 else ''})" for d, n in sorted(used.items()))
+
+
 def _hardware(run: _Run) -> str:
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -182,9 +196,9 @@ def _hardware(run: _Run) -> str:
     except (ValueError, OSError, AttributeError):
         mem_text = ""
     text = f"{platform.system()} {platform.release()} {platform.machine()}, {os.cpu_count()} CPUs{mem_text}"
-    devices = sorted({str(s["device"]) for s in run.job_specs if s.get("device")})
+    devices = _devices(run)
     if devices:
-        text += f"; training device(s) recorded by the jobs: {', '.join(devices)}"
+        text += f"; training device(s) recorded by the jobs: {devices}"
     else:
         text += f"; training device setting: {run.protocol.training.device}"
     return text

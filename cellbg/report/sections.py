@@ -46,6 +46,11 @@ def _section_overview(doc: _Doc, run: _Run) -> None:
         "Accuracies are percentages: per seed over all tested cells (pooled over folds), "
         "then mean ± SD over seeds."
     )
+    from cellbg.report.headline import confirmatory_sentence
+
+    sentence = confirmatory_sentence(run.tests, alpha=p.stats.alpha) if run.tests is not None else None
+    if sentence:
+        doc.para(f"**{sentence}**")
 
 
 def _section_accuracy(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) -> pd.DataFrame | None:
@@ -317,9 +322,13 @@ def _section_training(doc: _Doc, run: _Run, figs: _Figures) -> None:
     if not run.histories:
         doc.absent("no training histories were found (`jobs/*/history.csv`), so there are no training curves.")
         return
+    from cellbg.report.methods import _devices
+
     done = sum(bool(s.get("_done")) for s in run.job_specs)
+    devices = _devices(run)
     doc.para(f"{len(run.job_specs)} training jobs in `jobs/`, {done} finished (DONE marker); "
-             f"{len(run.histories)} have a history.")
+             f"{len(run.histories)} have a history. Device used: "
+             + (devices or f"not recorded by the jobs (setting: `{run.protocol.training.device}`)") + ".")
     if figs.enabled:
         usable = [(s, h) for s, h in run.histories if any(("loss" in c or "acc" in c) for c in h.columns)]
         if not usable:

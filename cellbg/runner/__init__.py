@@ -7,7 +7,8 @@ key and a done marker. The key hashes the job's inputs (file contents or the key
 jobs that made them), the part of the resolved protocol the job reads and the cellbg
 version, so a job whose marker holds the same key is skipped, and changing one model's
 settings re-runs only that model's training jobs. Every job logs to
-``<run>/logs/<stage>-<key>.log``.
+``<run>/logs/<stage>-<key>.log`` (training jobs a line per epoch), and the run to
+``<run>/.cellbg/run.log``.
 
 Small stages run in this process; segmentation batches, training jobs and saliency run on
 Dask workers: a :class:`distributed.LocalCluster` by default, or batch jobs through
@@ -25,7 +26,7 @@ The parts, one file each:
 ``executors``
     Dask clusters, local and on batch systems (the only module that knows about Dask);
 ``display``
-    the progress a person sees;
+    the progress a person sees (a bar per stage and per running job) and the run log;
 ``loop``
     :func:`run_stages`: planning, caching, the run lock and the run record;
 ``pipeline``
@@ -55,7 +56,7 @@ from cellbg.runner.jobs import (
     job_log_path,
 )
 from cellbg.runner.loop import run_stages
-from cellbg.runner.pipeline import pipeline_stages, run_protocol
+from cellbg.runner.pipeline import final_lines, pipeline_stages, run_protocol
 from cellbg.runner.status import RunStatus, status
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "run_stages",
     "pipeline_stages",
     "run_protocol",
+    "final_lines",
     "status",
     "make_cluster",
 ]

@@ -20,9 +20,10 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from cellbg import _progress
 from cellbg._checks import CellbgError
 from cellbg._io import write_json_atomic
-from cellbg.runner.jobs import Job, job_log_path
+from cellbg.runner.jobs import STATE_DIR, Job, job_log_path
 
 
 class _ThreadRouter(io.TextIOBase):
@@ -145,8 +146,10 @@ def execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> dic
             + (f" batch_job={batch_job}" if batch_job else "")
             + "\n"
         )
+        progress = _ProgressFile(run_dir, job, log)
         try:
-            with capture(log):
+            with capture(log), _progress.sink(progress):
+                progress({})
                 job.func(*job.args, **job.kwargs)
             marker = job.marker_path(run_dir)
             if job.writes_marker:
@@ -167,9 +170,66 @@ def execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> dic
             log.write(f"=== attempt failed {now()}: {type(exc).__name__}: {exc}\n")
             traceback.print_exc(file=log)
             raise
+        finally:
+            progress.close()
         seconds = time.perf_counter() - t0
         log.write(f"=== attempt done {now()} in {seconds:.1f} s\n")
     return {"seconds": seconds, "host": socket.gethostname()}
+
+
+def progress_path(run_dir: str | Path, job: Job) -> Path:
+    """``<run>/.cellbg/progress/<stage>-<key>.json``: a running job's latest progress."""
+    return Path(run_dir) / STATE_DIR / "progress" / f"{job.stage}-{job.key}.json"
+
+
+class _ProgressFile:
+    """The sink of a running job's :func:`cellbg._progress.report` calls.
+
+    Writes ``progress_path`` (atomically, at most twice a second unless the job reports the
+    end of a unit of its own, such as an epoch) and a line to the job's log for every
+    reported epoch; removes the file when the job ends.
+    """
+
+    def __init__(self, run_dir: Path, job: Job, log):
+        self.path = progress_path(run_dir, job)
+        self.log = log
+        self.state = {"stage": job.stage, "job": job.name, "key": job.key, "started": time.time(),
+                      "host": socket.gethostname(), "pid": os.getpid()}
+        self.last = 0.0
+
+    def __call__(self, fields: dict) -> None:
+        self.state.update(fields)
+        self.state["updated"] = time.time()
+        if fields.get("line"):
+            self.log.write(f"--- {fields['line']}\n")
+        if fields.get("line") or time.monotonic() - self.last >= 0.5 or fields.get("done") == fields.get("total"):
+            self.last = time.monotonic()
+            with contextlib.suppress(OSError):
+                write_json_atomic(self.path, self.state)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def read_progress(run_dir: str | Path, stage: str | None = None) -> list[dict]:
+    """The progress files of the running jobs (of one stage), oldest first."""
+    import json
+
+    folder = Path(run_dir) / STATE_DIR / "progress"
+    out = []
+    for path in sorted(folder.glob(f"{stage or '*'}-*.json")) if folder.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            out.append(json.loads(path.read_text(encoding="utf-8")))
+    return sorted(out, key=lambda d: d.get("started", 0.0))
+
+
+def job_fraction(progress: dict) -> float:
+    """How much of a job is done (0 to 1) from its progress, 0 when it has not said."""
+    try:
+        done, total = float(progress.get("done", 0)), float(progress.get("total", 0))
+    except (TypeError, ValueError):
+        return 0.0
+    return min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
 
 
 def execute_pickled(blob: bytes, run_dir: str, torch_threads: int | None = None) -> dict:

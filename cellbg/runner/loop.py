@@ -1,7 +1,8 @@
 """The run loop: plan each stage once upstream is done, skip cached jobs, run the rest.
 
 :func:`run_stages` holds the run folder's lock, writes the run record
-(``<run>/.cellbg/last-run.json``) as stages finish, runs small jobs in this process and
+(``<run>/.cellbg/last-run.json``: the stage running now and its counts, updated as jobs end)
+and the run log beside it (``<run>/.cellbg/run.log``), runs small jobs in this process and
 worker jobs on the executor, and stops after a stage in which a job failed.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 from cellbg import __version__
 from cellbg._checks import CellbgError
 from cellbg._io import write_json_atomic
-from cellbg.runner.display import Display
+from cellbg.runner.display import Display, run_log_path
 from cellbg.runner.execute import attempts_in_log, describe_error, execute_job, now
 from cellbg.runner.executors import Executor
 from cellbg.runner.jobs import (
@@ -64,7 +65,8 @@ def record_path(run_dir: Path) -> Path:
     return Path(run_dir) / STATE_DIR / "last-run.json"
 
 
-def _write_record(run_dir: Path, state: str, started: str, executor: str, stages, failures) -> None:
+def _write_record(run_dir: Path, state: str, started: str, executor: str, stages, failures,
+                  current: dict | None = None) -> None:
     write_json_atomic(
         record_path(run_dir),
         {
@@ -75,6 +77,9 @@ def _write_record(run_dir: Path, state: str, started: str, executor: str, stages
             "host": socket.gethostname(),
             "executor": executor,
             "cellbg": __version__,
+            "log": str(run_log_path(run_dir)),
+            # the stage running now: its start (epoch seconds) and job counts, for `cellbg status`
+            "current": current,
             "stages": [
                 {k: getattr(s, k) for k in ("name", "total", "cached", "ran", "failed", "seconds", "planned", "note")}
                 for s in stages
@@ -179,9 +184,11 @@ def run_stages(
     batch_logs = None
     if cfg.kind != "local":
         batch_logs = Path(cfg.log_directory) if cfg.log_directory else run_dir / "logs" / "batch"
-    with _run_lock(run_dir), Executor(cfg, run_dir) as ex, Display(progress) as display:
+    with _run_lock(run_dir), Executor(cfg, run_dir) as ex, Display(progress, run_dir) as display:
         if on_start is not None:
             on_start()
+        display.say(f"=== cellbg {__version__} run started: pid {os.getpid()} on {socket.gethostname()}, "
+                    f"executor {cfg.kind}, {len(stages)} stages, run folder {run_dir}")
         _write_record(run_dir, "running", started, cfg.kind, summaries, failures)
         try:
             for index, stage in enumerate(stages):
@@ -204,30 +211,39 @@ def run_stages(
                 display.start(stage.name, len(todo), sum(is_cached))
                 stage_failures: list[JobFailure] = []
                 counts = {"done": 0, "failed": 0}
+                current = {"stage": stage.name, "started": time.time(), "todo": len(todo),
+                           "cached": sum(is_cached), "done": 0, "failed": 0}
+                if todo:
+                    _write_record(run_dir, "running", started, cfg.kind, summaries, failures, current)
 
-                def record(job: Job, exc: BaseException | None) -> None:
+                def record(job: Job, exc: BaseException | None, seconds: float | None = None) -> None:
                     if exc is None:
                         counts["done"] += 1
-                        return
-                    counts["failed"] += 1
-                    log = job_log_path(run_dir, job)
-                    attempts = attempts_in_log(log)
-                    stage_failures.append(
-                        JobFailure(job.stage, job.name, job.key, describe_error(exc, attempts, batch_logs), log,
-                                   attempts, user_error=isinstance(exc, CellbgError))
-                    )
+                        display.job_finished(job.stage, job.name, seconds)
+                    else:
+                        counts["failed"] += 1
+                        log = job_log_path(run_dir, job)
+                        attempts = attempts_in_log(log)
+                        failure = JobFailure(job.stage, job.name, job.key, describe_error(exc, attempts, batch_logs),
+                                             log, attempts, user_error=isinstance(exc, CellbgError))
+                        stage_failures.append(failure)
+                        display.job_finished(job.stage, job.name, seconds, f"{failure.error} (log: {log})")
+                    current.update(counts)
+                    _write_record(run_dir, "running", started, cfg.kind, summaries, failures, current)
 
                 for job in (j for j in todo if j.where == "client"):
-                    record(job, _run_in_client(job, run_dir, cfg.retries))
+                    t_job = time.perf_counter()
+                    exc = _run_in_client(job, run_dir, cfg.retries)
+                    record(job, exc, time.perf_counter() - t_job)
                     display.update(counts["done"], 0, counts["failed"])
                 worker_jobs = [j for j in todo if j.where == "worker"]
                 if worker_jobs:
                     base_done, base_failed = counts["done"], counts["failed"]
-                    for job, _result, exc in ex.run_worker_jobs(
+                    for job, result, exc in ex.run_worker_jobs(
                         worker_jobs,
                         lambda d, r, f: display.update(base_done + d, r, base_failed + f),
                     ):
-                        record(job, exc)
+                        record(job, exc, (result or {}).get("seconds"))
                 summary = StageSummary(
                     stage.name,
                     len(jobs),
@@ -248,14 +264,19 @@ def run_stages(
         except KeyboardInterrupt:
             interrupted = True
             _write_record(run_dir, "interrupted", started, cfg.kind, summaries, failures)
+            display.say("=== run interrupted; finished jobs are kept, run again to resume")
             raise
-        except BaseException:
+        except BaseException as exc:
             _write_record(run_dir, "failed", started, cfg.kind, summaries, failures)
+            display.say(f"=== run failed: {type(exc).__name__}: {exc}")
             raise
         finally:
             ctx.digests.save()
         state = "failed" if failures else "finished"
         _write_record(run_dir, state, started, cfg.kind, summaries, failures)
+        ran = sum(s.ran for s in summaries)
+        display.say(f"=== run {state}: {ran} jobs ran in {time.perf_counter() - t_run:.1f} s"
+                    + "".join(f"\nFAILED: {f}" for f in failures))
     return RunSummary(
         run_dir, cfg.kind, False, time.perf_counter() - t_run, tuple(summaries), tuple(failures), interrupted
     )

@@ -60,9 +60,18 @@ def _job_crops(protocol) -> None:
 
 
 def _job_train(protocol, spec, job_dir: str) -> None:
-    from cellbg import train
+    from cellbg import _progress, train
 
-    train.run_job(protocol, spec, job_dir=Path(job_dir))
+    epochs = protocol.training.epochs
+
+    def epoch_done(epoch: int, row: dict) -> None:
+        line = (f"epoch {epoch}/{epochs} loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} "
+                f"val loss {row['val_loss']:.4f} val acc {row['val_accuracy']:.3f} ({row['seconds']:.1f} s)")
+        _progress.report(done=epoch, total=epochs, unit="epochs", loss=row["train_loss"], acc=row["train_accuracy"],
+                         val_acc=row["val_accuracy"], epoch_seconds=row["seconds"], line=line)
+
+    _progress.report(done=0, total=epochs, unit="epochs")
+    train.run_job(protocol, spec, job_dir=Path(job_dir), on_epoch_end=epoch_done)
 
 
 def _job_collect(run_dir: str) -> None:
@@ -72,9 +81,13 @@ def _job_collect(run_dir: str) -> None:
 
 
 def _job_saliency(protocol) -> None:
-    from cellbg import saliency
+    from cellbg import _progress, saliency
 
-    saliency.run_saliency(protocol)
+    def mapped(number: int, n_jobs: int) -> None:
+        _progress.report(done=number, total=n_jobs, unit="trained models mapped",
+                         line=f"maps of trained model {number}/{n_jobs} done")
+
+    saliency.run_saliency(protocol, progress=mapped)
 
 
 def _job_stats(run_dir: str) -> None:
@@ -346,9 +359,36 @@ def run_protocol(
         cfg = cfg.model_copy(update={"kind": kind})
     run_dir = Path(protocol.run_dir).resolve()
     ctx = RunContext(run_dir=run_dir, protocol=protocol)
-    return run_stages(
+    summary = run_stages(
         pipeline_stages(), run_dir, executor=cfg, dry_run=dry_run, progress=progress, context=ctx,
         on_start=lambda: write_resolved(protocol),  # stats and report read it
     )
+    if not dry_run and summary.ok:
+        from cellbg.runner.display import RunLog
+
+        RunLog(run_dir).write("\n".join(final_lines(run_dir)))
+    return summary
+
+
+def final_lines(run_dir: str | Path) -> list[str]:
+    """The last words of a finished run: where its report is and its confirmatory result.
+
+    Examples
+    --------
+    >>> final_lines("runs/quickstart")  # doctest: +SKIP
+    ['report: runs/quickstart/report/report.pdf (also report.html, report.md)',
+     'Confirmatory result: resnet, BG-GAP, trained on original: ... significant at alpha = 0.05.']
+    """
+    from cellbg.report.headline import run_headline
+
+    folder = Path(run_dir) / "report"
+    made = [n for n in ("report.pdf", "report.html", "report.md") if (folder / n).exists()]
+    lines = []
+    if made:
+        others = f" (also {', '.join(made[1:])})" if len(made) > 1 else ""
+        lines.append(f"report: {folder / made[0]}{others}")
+    sentence = run_headline(run_dir)
+    lines.append(sentence or "no confirmatory result: the run has no confirmatory test (stats/tests.csv)")
+    return lines
 
 

@@ -1,4 +1,5 @@
-"""How far a run folder is: the last run's record and, per stage, jobs done and to do.
+"""How far a run folder is: the last run's record, the stage and jobs running now with an
+estimate of the time left in that stage, and, per stage, jobs done and to do.
 """
 
 from __future__ import annotations
@@ -7,11 +8,14 @@ import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cellbg._checks import CellbgError
+from cellbg.runner.display import describe
+from cellbg.runner.execute import job_fraction, read_progress
 from cellbg.runner.jobs import RunContext, RunSummary, Stage
 from cellbg.runner.loop import record_path, run_stages
 from cellbg.runner.pipeline import pipeline_stages
@@ -26,10 +30,28 @@ class RunStatus:
     detail: str
     plan: RunSummary | None
     failures: tuple[dict, ...]
+    #: The stage running now (``stage``, ``todo``, ``done``, ``failed``, ``started``), when running.
+    current: dict | None = None
+    #: The progress of its running jobs (job name, epoch or items done, loss, accuracy).
+    jobs: tuple[dict, ...] = ()
+    #: Seconds left in the current stage (from its pace so far); None when not known yet.
+    eta_seconds: float | None = None
+    log: Path | None = None
 
     def summary(self) -> str:
         """Text for the terminal."""
-        lines = [f"run {self.run_dir}: {self.state}" + (f" ({self.detail})" if self.detail else "")]
+        detail = [d for d in (self.detail, f"log {self.log}" if self.log is not None and self.log.exists() else "")
+                  if d]
+        lines = [f"run {self.run_dir}: {self.state}" + (f" ({'; '.join(detail)})" if detail else "")]
+        if self.current:
+            c = self.current
+            eta = ("time left not known yet" if self.eta_seconds is None
+                   else f"about {_duration(self.eta_seconds)} left in this stage (later stages not estimated)")
+            lines.append(f"now: stage {c['stage']}, {c.get('done', 0)} of {c.get('todo', 0)} jobs done"
+                         + (f", {c['failed']} failed" if c.get("failed") else "") + f"; {eta}")
+            for j in self.jobs:
+                running = _duration(time.time() - float(j.get("started", time.time())))
+                lines.append(f"  {j.get('job', '?')}: {describe(j) or 'started'} (running {running})")
         if self.plan is not None:
             lines.append(f"{'stage':<12}{'jobs':>6}{'done':>6}{'to do':>7}  note")
             for s in self.plan.stages:
@@ -42,6 +64,33 @@ class RunStatus:
             for f in self.failures
         )
         return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def stage_eta(current: dict, jobs: Sequence[dict], now: float | None = None) -> float | None:
+    """Seconds left in a stage from its pace: the time so far per job done (a running job
+    counting for the share of its epochs or items done), times the jobs left.
+
+    Examples
+    --------
+    >>> stage_eta({"started": 0.0, "todo": 4, "done": 1, "failed": 0},
+    ...           [{"done": 5, "total": 10}], now=60.0)  # 1.5 jobs in 60 s: 2.5 jobs left
+    100.0
+    """
+    now = time.time() if now is None else now
+    units = float(current.get("done", 0)) + float(current.get("failed", 0)) + sum(job_fraction(j) for j in jobs)
+    todo = float(current.get("todo", 0))
+    if units <= 0 or todo <= 0:
+        return None
+    return max(now - float(current.get("started", now)), 0.0) * max(todo - units, 0.0) / units
 
 
 def _pid_alive(pid: int) -> bool:
@@ -89,4 +138,10 @@ def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None) -> Run
     else:
         ctx = RunContext(run_dir=run_dir)
     plan = run_stages(stages, run_dir, dry_run=True, progress=False, context=ctx)
-    return RunStatus(run_dir, state, detail, plan, tuple(record.get("failures", [])))
+    current, jobs, eta = None, (), None
+    if state == "running" and isinstance(record.get("current"), dict):
+        current = record["current"]
+        jobs = tuple(read_progress(run_dir, current.get("stage")))
+        eta = stage_eta(current, jobs)
+    log = Path(record["log"]) if record.get("log") else None
+    return RunStatus(run_dir, state, detail, plan, tuple(record.get("failures", [])), current, jobs, eta, log)
