@@ -685,3 +685,24 @@ def test_export_cells_wide_and_tests(full_run, tmp_path):
     assert r.exit_code == 2 and "run folder not found" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["export", str(full_run["run_dir"])])
     assert r.exit_code == 2 and "nothing to export" in r.output
+
+
+def test_final_lines_name_the_report_and_the_confirmatory_result(full_run):
+    from cellbg.runner import final_lines
+
+    lines = final_lines(full_run["run_dir"])
+    report = full_run["report"]
+    first = "report.pdf" if (report / "report.pdf").exists() else "report.html"
+    assert lines[0].startswith(f"report: {report / first} (also ")
+    t = full_run["tests"]
+    t = t[(t.family == "confirmatory") & (t.role == "primary")]
+    assert len(lines) == 2 and lines[1].startswith("Confirmatory results: ") and lines[1].count("; ") == len(t) - 1
+    for r in t.itertuples(index=False):
+        verdict = "significant" if r.p_holm < 0.05 else "not significant"
+        assert (f"{r.model}, " in lines[1] and f"{_pp(r.estimate).replace('$-$', '−')} percentage points "
+                f"(95% CI {_pp(r.ci_low).replace('$-$', '−')} to {_pp(r.ci_high).replace('$-$', '−')}), "
+                f"p = {_fmt_p(r.pvalue).replace('$<$', '< ')}, Holm p = {_fmt_p(r.p_holm).replace('$<$', '< ')} "
+                f"(paired t (patients), 6 patients): {verdict} at alpha = 0.05") in lines[1]
+    assert "BG-GAP, trained on original: tested on mixed_same − mixed_rand" in lines[1]
+    # the same sentence heads the report
+    assert f"**{lines[1]}**" in (report / "report.md").read_text()
