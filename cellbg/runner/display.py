@@ -59,6 +59,16 @@ def describe(progress: dict) -> str:
     return " · ".join(parts)
 
 
+def _eta(elapsed: float, done: float, total: float) -> str:
+    """``ETA 1:02`` from the pace so far; ``ETA ?`` before anything is done."""
+    if done <= 0:
+        return "ETA ?"
+    left = int(round(max(elapsed, 0.0) * max(total - done, 0.0) / done))
+    if left >= 3600:
+        return f"ETA {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+    return f"ETA {left // 60}:{left % 60:02d}"
+
+
 class Display:
     """A live rich progress display (terminal) or one line per stage (logs, CI), and the run log.
 
@@ -82,6 +92,7 @@ class Display:
         self.task = None
         self.stage: str | None = None
         self._counts = (0, 0, 0)
+        self._stage_started = time.time()
         self._todo = 0
         self._cached = 0
         self._job_tasks: dict[str, object] = {}
@@ -92,22 +103,15 @@ class Display:
 
     def __enter__(self):
         if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
                 TextColumn("{task.description:<24}"),
                 BarColumn(bar_width=24),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                # time left at the pace so far (a job counting for its share of epochs or items)
+                TextColumn("{task.fields[eta]:<11}"),
                 TextColumn("{task.fields[info]}"),
                 console=self.console,
                 redirect_stdout=False,
@@ -133,11 +137,12 @@ class Display:
             self.poll()  # the last words of the stage before
             self._clear_jobs()
             self.stage, self._todo, self._cached, self._counts = stage, todo, cached, (0, 0, 0)
+            self._stage_started = time.time()
             self._seen = {}
             self.log.write(f"stage {stage}: {todo + cached} jobs, {cached} cached, {todo} to run")
             if self.progress is not None:  # a stage with nothing to do shows as complete
                 self.task = self.progress.add_task(
-                    f"[bold]{stage}", total=max(todo, 1), completed=0 if todo else 1, info=self._info(0, 0)
+                    f"[bold]{stage}", total=max(todo, 1), completed=0 if todo else 1, info=self._info(0, 0), eta=""
                 )
 
     def _info(self, running: int, failed: int) -> str:
@@ -183,8 +188,10 @@ class Display:
     def _refresh_stage(self, running_fraction: float = 0.0) -> None:
         done, running, failed = self._counts
         if self.progress is not None and self.task is not None:
-            completed = min(done + failed + running_fraction, max(self._todo, 1)) if self._todo else 1
-            self.progress.update(self.task, completed=completed, info=self._info(running, failed))
+            units = done + failed + running_fraction
+            completed = min(units, max(self._todo, 1)) if self._todo else 1
+            left = _eta(time.time() - self._stage_started, units, self._todo) if self._todo else ""
+            self.progress.update(self.task, completed=completed, info=self._info(running, failed), eta=left)
 
     def poll(self) -> None:
         """Read the running jobs' progress files: update their bars and log what changed."""
@@ -205,9 +212,10 @@ class Display:
                 total = float(p.get("total") or 1)
                 if key not in self._job_tasks:
                     self._job_tasks[key] = self.progress.add_task(f"  {p.get('job', key)}"[:24], total=total,
-                                                                  completed=0, info="")
+                                                                  completed=0, info="", eta="")
+                elapsed = time.time() - float(p.get("started", time.time()))
                 self.progress.update(self._job_tasks[key], total=total, completed=float(p.get("done") or 0),
-                                     info=text)
+                                     info=text, eta=_eta(elapsed, job_fraction(p), 1.0))
             for key in [k for k in self._job_tasks if k not in current]:  # ended
                 if self.progress is not None:
                     self.progress.remove_task(self._job_tasks.pop(key))
