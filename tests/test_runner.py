@@ -604,3 +604,32 @@ def test_status_shows_the_running_job_and_time_left(tmp_path):
     assert st.eta_seconds == pytest.approx(168, abs=2) and "about 2 min 4" in text  # 2 min 48 s (clock drift)
     assert f"log {tmp_path / '.cellbg' / 'run.log'}" in text.splitlines()[0]
     assert stage_eta({"started": 0, "todo": 2, "done": 0, "failed": 0}, [], now=10) is None
+
+
+def test_live_display_moves_the_stage_bar_within_jobs(tmp_path):
+    """Two of four jobs at half their epochs: the stage bar stands at 1 of 4, each job has its
+    own bar with its epoch, loss and accuracy, and a job whose file is gone loses its bar."""
+    import io
+
+    from rich.console import Console
+
+    from cellbg.runner.display import Display
+
+    display = Display(True, tmp_path)
+    display.console = Console(file=io.StringIO(), force_terminal=True, width=160)
+    with display:
+        display.start("train", 4, 0)
+        display._stage_started -= 10  # the stage began 10 s ago
+        for key in ("a", "b"):
+            write_text_atomic(tmp_path / ".cellbg" / "progress" / f"train-{key}.json", json.dumps({
+                "stage": "train", "job": f"resnet/original/s0/f{key}", "key": key, "started": time.time() - 10,
+                "done": 15, "total": 30, "unit": "epochs", "loss": 0.25, "acc": 0.9}))
+        display.poll()
+        display.update(0, 2, 0)  # the loop's own update keeps the jobs' shares
+        stage, *jobs = display.progress.tasks
+        assert stage.completed == pytest.approx(1.0) and stage.fields["eta"] == "ETA 0:30"
+        assert [t.fields["info"] for t in jobs] == ["epoch 15/30 · loss 0.250 · acc 0.90"] * 2
+        (tmp_path / ".cellbg" / "progress" / "train-a.json").unlink()
+        display.update(1, 1, 0)
+        display.poll()
+        assert len(display.progress.tasks) == 2 and display.progress.tasks[0].completed == pytest.approx(1.5)

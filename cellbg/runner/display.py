@@ -93,6 +93,7 @@ class Display:
         self.stage: str | None = None
         self._counts = (0, 0, 0)
         self._stage_started = time.time()
+        self._running_fraction = 0.0  # the running jobs' shares done, from their progress files
         self._todo = 0
         self._cached = 0
         self._job_tasks: dict[str, object] = {}
@@ -138,6 +139,7 @@ class Display:
             self._clear_jobs()
             self.stage, self._todo, self._cached, self._counts = stage, todo, cached, (0, 0, 0)
             self._stage_started = time.time()
+            self._running_fraction = 0.0
             self._seen = {}
             self.log.write(f"stage {stage}: {todo + cached} jobs, {cached} cached, {todo} to run")
             if self.progress is not None:  # a stage with nothing to do shows as complete
@@ -185,10 +187,10 @@ class Display:
                 self.progress.remove_task(task)
         self._job_tasks = {}
 
-    def _refresh_stage(self, running_fraction: float = 0.0) -> None:
+    def _refresh_stage(self) -> None:
         done, running, failed = self._counts
         if self.progress is not None and self.task is not None:
-            units = done + failed + running_fraction
+            units = done + failed + self._running_fraction
             completed = min(units, max(self._todo, 1)) if self._todo else 1
             left = _eta(time.time() - self._stage_started, units, self._todo) if self._todo else ""
             self.progress.update(self.task, completed=completed, info=self._info(running, failed), eta=left)
@@ -219,7 +221,8 @@ class Display:
             for key in [k for k in self._job_tasks if k not in current]:  # ended
                 if self.progress is not None:
                     self.progress.remove_task(self._job_tasks.pop(key))
-            self._refresh_stage(sum(job_fraction(p) for p in current.values()))
+            self._running_fraction = sum(job_fraction(p) for p in current.values())
+            self._refresh_stage()
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(0.5):
