@@ -2,7 +2,8 @@
 
 :func:`write_report` reads what the earlier stages left in ``<run>/`` and writes
 ``<run>/report/``: ``report.md``, a self-contained ``report.html`` (figures embedded as
-base64 PNG), ``tables/*.tex`` (booktabs, ready for ``\\input``) and ``figures/*.png|svg``.
+base64 PNG, with a print stylesheet), ``report.pdf`` (pdflatex), ``tables/*.tex`` (booktabs,
+ready for ``\\input`` into a two-column article) and ``figures/*.pdf|png`` (journal widths).
 Every part whose inputs are missing is named in the report with the reason, never left
 out silently.
 
@@ -25,6 +26,12 @@ The parts, one file each:
     the methods paragraph and the provenance block;
 ``document``
     the report as blocks, written as Markdown and HTML;
+``pdf``
+    the same blocks as a LaTeX document, and ``report.pdf`` from it;
+``headline``
+    the confirmatory result in one sentence;
+``export``
+    per-cell predictions (wide) and the tests as CSV (``cellbg export``);
 ``build``
     :func:`write_report`, which puts them together.
 
