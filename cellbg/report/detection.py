@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cellbg.report.document import _Doc
-from cellbg.report.figures import _Figures, _series_colour
+from cellbg.report.figures import DOUBLE_COLUMN, SINGLE_COLUMN, _Figures, _series_colour
 from cellbg.report.reading import _read_table, _Run
 from cellbg.report.tables import _ci, _int, _isnan, _num, _p, latex_table
 
@@ -30,7 +30,7 @@ def _loss_curves(figs: _Figures, losses: pd.DataFrame):
     from matplotlib.ticker import MaxNLocator
 
     parts = [p for p in LOSS_PARTS if f"train_{p}" in losses.columns]
-    fig = figs.new(min(2.6 * len(parts), 13.0), 3.2)
+    fig = figs.new(SINGLE_COLUMN if len(parts) == 1 else DOUBLE_COLUMN, 2.6)  # journal widths
     axes = fig.subplots(1, len(parts), squeeze=False)[0]
     conds = list(dict.fromkeys(losses["condition"].astype(str)))
     for ax, part in zip(axes, parts, strict=True):
@@ -80,7 +80,7 @@ def _pm(mean, sd) -> str:
 def _ap_bars(figs: _Figures, summary: pd.DataFrame):
     classes = list(dict.fromkeys(summary["class"]))
     groups = list(dict.fromkeys(zip(summary["condition"], summary["test_variant"], strict=True)))
-    fig = figs.new(min(2.5 + 1.3 * len(classes) * max(len(groups), 1) / 2, 11.0), 3.6)
+    fig = figs.new(DOUBLE_COLUMN, 2.8)  # journal width
     axes = fig.subplots(1, 2, squeeze=False)[0]
     width = 0.8 / max(len(groups), 1)
     idx = summary.set_index(["class", "condition", "test_variant"])
