@@ -1049,7 +1049,8 @@ def evaluate_run(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
     truth = table[table["mask_path"] != ""]
     if truth.empty:
         raise CellbgError(
-            "no ground-truth masks to evaluate against: add a mask column to the manifest or set data.mask_dir"
+            "no ground-truth masks to evaluate against: save them beside the images as <name>_masks.tif "
+            "(data.mask_suffixes), add a mask column to the manifest, or set data.mask_dir"
         )
     rows = []
     for r in truth.itertuples():
