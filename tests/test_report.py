@@ -298,25 +298,32 @@ def test_significance_tex_matches_stats(full_run):
     rows = _tex_rows(text)
     primary = tests[tests.role == "primary"]
     assert len(rows) == len(primary) == 4  # 2 models x 2 confirmatory comparisons; no exploratory grid
+    head = _tex_header(text)
+    assert head[3:] == ["$\\Delta$ = b $-$ a, pp [95\\% CI]", "SE (pp)", "effect size", "patients", "p", "p adj."]
     for r, t in zip(rows, primary.itertuples(index=False), strict=True):
         assert r[0] == t.family and r[1] == _esc(t.model)
         assert r[2].endswith(_esc(f"{t.a} vs {t.b}"))
-        # percentage points, with the CI, then patients, p and the family's (Holm) adjustment
+        # percentage points, with the CI, SE and effect size, then patients, p and the family's (Holm) adjustment
         assert r[3] == f"{_pp(t.estimate)} [{_pp(t.ci_low)}, {_pp(t.ci_high)}]"
-        assert r[4:] == [str(int(t.n_patients)), _fmt_p(t.pvalue), f"{_fmt_p(t.p_holm)} (Holm)"]
+        assert r[4] == _pp(t.se) and t.effect_size_name == "Cohen's d_z"
+        assert r[5] == f"{t.effect_size:.2f}".replace("-", "$-$") + " d\\_z"
+        assert r[6:] == [str(int(t.n_patients)), _fmt_p(t.pvalue), f"{_fmt_p(t.p_holm)} (Holm)"]
+    assert "d\\_z = Cohen's d\\_z, the mean of the per-patient differences over their SD" in text
     assert "Test: paired t (patients)." in text  # one test for all rows: named once
     assert rows[1][2].startswith("BG-GAP (original): ")
     # the fixture's paired estimate really is the mean per-patient difference
     preds = full_run["predictions"]
     d = _patient_acc(preds, "resnet", "original:only_fg") - _patient_acc(preds, "resnet", "original:original")
     assert float(rows[0][3].split()[0].replace("$-$", "-")) == pytest.approx(100 * d.mean(), abs=0.05)
+    assert float(rows[0][5].split()[0].replace("$-$", "-")) == pytest.approx(d.mean() / d.std(ddof=1), abs=0.005)
     # every other test is in the secondary table, labelled conditional, McNemar among them
     text2 = (full_run["report"] / "tables" / "significance_secondary.tex").read_text()
     rows2 = _tex_rows(text2)
     assert len(rows2) == len(tests) - len(primary)
     assert "(conditional)" in text2 and "not adjusted and are conditional" in text2
-    mc = [r for r in rows2 if r[4].startswith("McNemar")]
-    assert len(mc) == 4 and all(re.fullmatch(r"\d+/\d+", r[7]) for r in mc)
+    head2 = _tex_header(text2)
+    mc = [dict(zip(head2, r, strict=True)) for r in rows2 if r[4].startswith("McNemar")]
+    assert len(mc) == 4 and all(re.fullmatch(r"\d+/\d+", r["McNemar b/c"]) for r in mc)
     assert "-0.0" not in text + text2 and "$-$0.0 " not in text + text2
 
 

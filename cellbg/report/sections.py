@@ -130,11 +130,12 @@ def _section_tests(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) ->
     if len(main) and main["test"].nunique() == 1:  # one test for every row: say it once, in the caption
         caption += f" Test: {main['test'].iloc[0]}."
         main = main.drop(columns="test")
+    if "SE (pp)" in main.columns:
+        caption += " SE: the standard error of Δ, in percentage points."
     doc.table(main, caption, "significance", notes=main_notes)
     tex["significance"] = latex_table(
         main, caption=caption, label="tab:significance", size="scriptsize", wide=True, notes=main_notes,
-        max_rows=30, align="ll>{\\raggedright\\arraybackslash}p{4.2cm}" + "l" * (n_label - 3)
-        + ("r" if "test" not in main.columns else "rl") + "rrr")
+        max_rows=30, align=_significance_align(main.columns, n_label, test_width=None))
     if len(secondary):
         caption2 = ("Sensitivity checks and secondary tests (conditional): the other tests of the confirmatory "
                     "comparisons and the cell-level McNemar test of every comparison; Δ in percentage points as in "
@@ -144,8 +145,7 @@ def _section_tests(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) ->
         tex["significance_secondary"] = latex_table(
             secondary, caption=caption2, label="tab:significance_secondary", size="scriptsize", wide=True,
             notes=secondary_notes, max_rows=30,
-            align="ll>{\\raggedright\\arraybackslash}p{4.2cm}" + "l" * (n_label - 3)
-            + "l>{\\raggedright\\arraybackslash}p{3.2cm}rrrr")
+            align=_significance_align(secondary.columns, n_label, test_width="3.2cm"))
     prose = _summary_prose(run.summary_md or "")
     if prose:
         doc.para("In words, from the statistics stage (`stats/summary.md`, which also holds its tables):")
@@ -176,6 +176,23 @@ def _section_tests(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]) ->
                    "grid is drawn once.", png)
     elif figs.enabled:
         doc.absent("no primary accuracy test has a finite estimate, so there is no forest plot.")
+
+
+def _significance_align(columns, n_label: int, *, test_width: str | None) -> str:
+    """Column spec: label columns left (the comparison wraps), the test left (wrapping when
+    ``test_width``), the role left, numbers right."""
+    wrap = ">{\\raggedright\\arraybackslash}p{%s}"
+    spec = []
+    for i, c in enumerate(columns):
+        if c == "comparison (a vs b)":
+            spec.append(wrap % "4.2cm")
+        elif c == "test":
+            spec.append(wrap % test_width if test_width else "l")
+        elif i < n_label or c == "role":
+            spec.append("l")
+        else:
+            spec.append("r")
+    return "".join(spec)
 
 
 def _summary_prose(text: str) -> list[str]:

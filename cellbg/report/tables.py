@@ -387,6 +387,22 @@ def _split_saliency_method(text: str) -> tuple[str, str]:
     return (m[1], m[2]) if m else (str(text), "")
 
 
+#: Short names of the stats stage's standardised effect sizes, and what they are.
+_EFFECT_SHORT = {"Cohen's d_z": "d_z", "matched-pairs rank-biserial r": "r_rb"}
+_EFFECT_MEANING = {"Cohen's d_z": "Cohen's d_z, the mean of the per-patient differences over their SD",
+                   "matched-pairs rank-biserial r": "matched-pairs rank-biserial r (Kerby 2014)"}
+
+
+def _effect(value, name) -> str:
+    """``0.85 d_z``; ``–`` when the test gives none."""
+    if _isnan(value):
+        return "–"
+    text = f"{float(value):.2f}"
+    text = "0.00" if float(text) == 0 else text.replace("-", "−")
+    short = _EFFECT_SHORT.get(_text(name), _text(name))
+    return f"{text} {short}".strip()
+
+
 def significance_tables(tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[str]]:
     """The report's two significance tables from ``stats/tests.csv``, as text cells.
 
@@ -457,20 +473,41 @@ def significance_tables(tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     head = ["family", "model", "comparison (a vs b)"] + (["measure"] if with_measure else [])
     head += ["saliency map", "target class"] if with_saliency else []
     primary = t["role"] == "primary"
+    # standard error and standardised effect size, where the stats stage gives them
+    with_se = "se" in t.columns and bool(np.isfinite(pd.to_numeric(t.loc[primary, "se"], errors="coerce")).any())
+    with_effect = "effect_size" in t.columns and bool(
+        np.isfinite(pd.to_numeric(t["effect_size"], errors="coerce")).any())
+
+    def extra(r, se: bool) -> list[str]:
+        out = [_pp(getattr(r, "se", np.nan))] if se else []
+        return out + ([_effect(getattr(r, "effect_size", np.nan), getattr(r, "effect_size_name", ""))]
+                      if with_effect else [])
+
+    extra_head = (["SE (pp)"] if with_se else []) + (["effect size"] if with_effect else [])
     main_rows = []
     for r, m, s in zip(t[primary].itertuples(index=False), measures[primary], saliency[primary], strict=True):
         col, how = _FAMILY_ADJUSTMENT.get(str(r.family), ("p_holm", "Holm"))
         adj = getattr(r, col)
-        main_rows.append(labels(r, m, s) + [_pp_ci(r.estimate, r.ci_low, r.ci_high), _text(r.method),
-                                            _int(r.n_patients), _p_test(r.pvalue),
+        main_rows.append(labels(r, m, s) + [_pp_ci(r.estimate, r.ci_low, r.ci_high), *extra(r, with_se),
+                                            _text(r.method), _int(r.n_patients), _p_test(r.pvalue),
                                             _p_test(adj) if _isnan(adj) else f"{_p(adj)} ({how})"])
-    main = pd.DataFrame(main_rows, columns=head + ["Δ = b − a, pp [95% CI]", "test", "patients", "p", "p adj."])
+    main = pd.DataFrame(main_rows, columns=head + ["Δ = b − a, pp [95% CI]", *extra_head, "test", "patients", "p",
+                                                   "p adj."])
     sec_rows = []
     for r, m, s in zip(t[~primary].itertuples(index=False), measures[~primary], saliency[~primary], strict=True):
         bc = "–" if _isnan(r.mcnemar_b) else f"{_int(r.mcnemar_b)}/{_int(r.mcnemar_c)}"
         sec_rows.append(labels(r, m, s) + [str(r.role), _text(r.method), _pp_ci(r.estimate, r.ci_low, r.ci_high),
-                                           _p_test(r.pvalue), bc, _int(r.n_cells)])
-    secondary = pd.DataFrame(sec_rows, columns=head + ["role", "test", "Δ, pp [95% CI]", "p", "McNemar b/c", "cells"])
+                                           *extra(r, False), _p_test(r.pvalue), bc, _int(r.n_cells)])
+    secondary = pd.DataFrame(sec_rows, columns=head + ["role", "test", "Δ, pp [95% CI]",
+                                                       *(["effect size"] if with_effect else []), "p",
+                                                       "McNemar b/c", "cells"])
+    if with_effect:
+        names = {str(n) for n in t["effect_size_name"] if _text(n)} if "effect_size_name" in t.columns else set()
+        if names:
+            text = "; ".join(f"{_EFFECT_SHORT.get(n, n)} = {_EFFECT_MEANING.get(n, n)}" for n in sorted(names))
+            for rows, notes in ((main, main_notes), (secondary, secondary_notes)):
+                if len(rows) and (rows["effect size"] != "–").any():
+                    notes.append(f"Effect size: {text}.")
     for rows, notes in ((main, main_notes), (secondary, secondary_notes)):
         if len(rows) and (rows["p"] == _NOT_COMPUTED).any():
             notes.append(f"p {_NOT_COMPUTED}: the test could not be computed for these data (the row's note in "
