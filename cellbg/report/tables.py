@@ -388,9 +388,12 @@ def _split_saliency_method(text: str) -> tuple[str, str]:
 
 
 #: Short names of the stats stage's standardised effect sizes, and what they are.
-_EFFECT_SHORT = {"Cohen's d_z": "d_z", "matched-pairs rank-biserial r": "r_rb"}
+_EFFECT_SHORT = {"Cohen's d_z": "d_z", "matched-pairs rank-biserial r": "r_rb",
+                 "log conditional odds ratio log(c/b)": "log OR_c", "log odds ratio": "log OR"}
 _EFFECT_MEANING = {"Cohen's d_z": "Cohen's d_z, the mean of the per-patient differences over their SD",
-                   "matched-pairs rank-biserial r": "matched-pairs rank-biserial r (Kerby 2014)"}
+                   "matched-pairs rank-biserial r": "matched-pairs rank-biserial r (Kerby 2014)",
+                   "log conditional odds ratio log(c/b)": "log conditional odds ratio log(c/b) of the discordant cells",
+                   "log odds ratio": "log odds ratio of the GEE model (b against a)"}
 
 
 def _effect(value, name) -> str:
@@ -501,13 +504,13 @@ def significance_tables(tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     secondary = pd.DataFrame(sec_rows, columns=head + ["role", "test", "Δ, pp [95% CI]",
                                                        *(["effect size"] if with_effect else []), "p",
                                                        "McNemar b/c", "cells"])
-    if with_effect:
-        names = {str(n) for n in t["effect_size_name"] if _text(n)} if "effect_size_name" in t.columns else set()
-        if names:
-            text = "; ".join(f"{_EFFECT_SHORT.get(n, n)} = {_EFFECT_MEANING.get(n, n)}" for n in sorted(names))
-            for rows, notes in ((main, main_notes), (secondary, secondary_notes)):
-                if len(rows) and (rows["effect size"] != "–").any():
-                    notes.append(f"Effect size: {text}.")
+    if with_effect and "effect_size_name" in t.columns:
+        for sel, notes in ((primary, main_notes), (~primary, secondary_notes)):
+            shown = t[sel & np.isfinite(pd.to_numeric(t["effect_size"], errors="coerce"))]
+            names = sorted({str(n) for n in shown["effect_size_name"] if _text(n)})
+            if names:
+                notes.append("Effect size: " + "; ".join(
+                    f"{_EFFECT_SHORT.get(n, n)} = {_EFFECT_MEANING.get(n, n)}" for n in names) + ".")
     for rows, notes in ((main, main_notes), (secondary, secondary_notes)):
         if len(rows) and (rows["p"] == _NOT_COMPUTED).any():
             notes.append(f"p {_NOT_COMPUTED}: the test could not be computed for these data (the row's note in "
