@@ -33,7 +33,7 @@ __all__ = ["FolderScan", "scan_folder", "protocol_text", "init_protocol", "DEFAU
 
 DEFAULT_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 #: Tried in order on file names when class folders hold their images directly.
-_PATIENT_PATTERNS = (r"^(?P<patient>[A-Za-z0-9]+)[_\-. ]",)
+_PATIENT_PATTERNS = (r"^(?P<patient>[A-Za-z0-9]+)[_\- ]",)
 
 
 @dataclass

@@ -177,3 +177,21 @@ def test_init_names_every_bad_layout_in_one_line(tmp_path):
     bad(ok, "out.yaml exists; choose another file with -o or pass --force")
     assert (tmp_path / "out.yaml").read_text() == "name: keep\n"  # nothing overwritten
     assert runner.invoke(app, ["init", str(ok), "-o", str(tmp_path / "out.yaml"), "--force"]).exit_code == 0
+
+
+def test_init_reads_patients_from_file_names_or_says_it_cannot(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / "named" / label).mkdir(parents=True)
+        (tmp_path / "anon" / label).mkdir(parents=True)
+        for name in ("P01_f1", "P01_f2", "P02_f1"):
+            tifffile.imwrite(tmp_path / "named" / label / f"{label}{name}.tif", np.zeros((16, 16), np.uint8))
+        for name in ("x", "y"):
+            tifffile.imwrite(tmp_path / "anon" / label / f"{name}.tif", np.zeros((16, 16), np.uint8))
+    r = runner.invoke(app, ["init", str(tmp_path / "named"), "-o", str(tmp_path / "named.yaml")])
+    assert r.exit_code == 0 and "class a: 3 images, 2 patients" in r.output, r.output
+    assert "patient_pattern:" in (tmp_path / "named.yaml").read_text()
+    assert runner.invoke(app, ["data", str(tmp_path / "named.yaml")]).exit_code == 0
+    r = runner.invoke(app, ["init", str(tmp_path / "anon"), "-o", str(tmp_path / "anon.yaml")])
+    assert r.exit_code == 0 and "layout: classes, no patients" in r.output, r.output
+    text = (tmp_path / "anon.yaml").read_text()
+    assert "Segmentation only" in text and "# patient_pattern:" in text
