@@ -185,8 +185,8 @@ def segment_threshold(
     >>> yy, xx = np.mgrid[:64, :64]
     >>> img = ((yy - 20) ** 2 + (xx - 20) ** 2 < 64) | ((yy - 44) ** 2 + (xx - 40) ** 2 < 81)
     >>> labels, info = segment_threshold(img.astype(float), return_info=True)
-    >>> int(labels.max()), info.diameter
-    (2, 17.0)
+    >>> int(labels.max()), info.diameter, info.diameter_estimated
+    (2, 18.0, True)
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_li, threshold_local, threshold_otsu
@@ -304,8 +304,8 @@ def estimate_diameter(image: np.ndarray, *, channel: int | None = None, stain: s
     --------
     >>> yy, xx = np.mgrid[:100, :100]
     >>> img = sum(np.hypot(yy - r, xx - c) <= 10 for r, c in [(20, 20), (20, 60), (70, 40)])
-    >>> estimate_diameter(img.astype(float))
-    21.0
+    >>> round(estimate_diameter(img.astype(float)))
+    21
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
