@@ -191,7 +191,7 @@ def segment_threshold(
     from scipy import ndimage as ndi
     from skimage.filters import threshold_li, threshold_local, threshold_otsu
     from skimage.morphology import disk
-    from skimage.segmentation import relabel_sequential
+    from skimage.segmentation import find_boundaries, relabel_sequential, watershed
 
     from cellbg import _threshold as T
 
@@ -271,8 +271,6 @@ def segment_threshold(
     labels = T.refine_edges(labels, x, fg, fraction=T.EDGE_FRACTION)
     # Split again on the refined outlines: a clump joined low down now shows
     # the necks between its cells. Boundaries between objects are kept.
-    from skimage.segmentation import find_boundaries, watershed
-
     apart = (labels > 0) & ~find_boundaries(labels, mode="inner")
     again = T.split_touching(
         apart, min_distance=min_distance, smooth=s["seed_smooth"], h=h,
