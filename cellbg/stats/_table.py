@@ -56,41 +56,38 @@ def _int_codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return code.astype(np.int32), np.asarray(uniq)
 
 
-def _dictionary_codes(col) -> tuple[np.ndarray, np.ndarray]:
-    """Global integer codes and their labels for a (chunked) arrow column.
+class _StringCoder:
+    """Global integer codes for the values of an arrow column read batch by batch.
 
-    Parquet gives every row group (and every file) its own dictionary; unifying them costs a
-    hash of every dictionary entry. Row groups of one study mostly share a dictionary (the
-    same cells in the same order under every condition), so identical dictionaries are found
-    first (a memory compare) and only the distinct ones are hashed.
+    Parquet gives every row group (and every file) its own dictionary. Identical
+    dictionaries (the same cells in the same order under every condition) are recognised by
+    a memory compare and mapped once; only a new dictionary's entries are looked up.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
-    if not pa.types.is_dictionary(col.type):
-        col = pc.dictionary_encode(col)
-    chunks = [ch for ch in col.chunks if len(ch)]
-    distinct: list = []
-    by_key: dict = {}
-    which = []
-    for ch in chunks:
-        d = ch.dictionary
+    def __init__(self) -> None:
+        self._code: dict = {}
+        self._cache: dict = {}
+
+    def codes(self, arr) -> np.ndarray:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not pa.types.is_dictionary(arr.type):
+            arr = pc.dictionary_encode(arr)
+        d = arr.dictionary
         key = (len(d), d[0].as_py() if len(d) else None, d[len(d) - 1].as_py() if len(d) else None)
-        for k in by_key.get(key, []):
-            if distinct[k].equals(d):
-                which.append(k)
-                break
-        else:
-            by_key.setdefault(key, []).append(len(distinct))
-            which.append(len(distinct))
-            distinct.append(d)
-    offsets = np.cumsum([0] + [len(d) for d in distinct])
-    merged = pc.dictionary_encode(pa.concat_arrays([d.cast(pa.string()) for d in distinct]))
-    global_of_entry = merged.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    labels = merged.dictionary.to_numpy(zero_copy_only=False).astype(object)
-    parts = [global_of_entry[offsets[k] + ch.indices.to_numpy(zero_copy_only=False)] for k, ch in zip(which, chunks,
-                                                                                                     strict=True)]
-    return np.concatenate(parts), labels
+        mapping = next((m for known, m in self._cache.get(key, ()) if known.equals(d)), None)
+        if mapping is None:
+            values = d.cast(pa.string()).to_numpy(zero_copy_only=False)
+            code = self._code
+            mapping = np.fromiter((code.setdefault(v, len(code)) for v in values), dtype=np.int64, count=len(values))
+            self._cache.setdefault(key, []).append((d, mapping))
+        return mapping[arr.indices.to_numpy(zero_copy_only=False)].astype(np.int32)
+
+    def labels(self) -> np.ndarray:
+        out = np.empty(len(self._code), dtype=object)
+        out[list(self._code.values())] = list(self._code.keys())
+        return out
 
 
 def _distinct_per_group(group: np.ndarray, value: np.ndarray, n_groups: int, n_values: int) -> np.ndarray:
@@ -156,31 +153,38 @@ class CodedPredictions:
             missing = [c for c in _PAIR_COLUMNS if c not in names]
             if missing:
                 raise CellbgError(f"{what} lacks columns {missing}; it has {sorted(names)}")
-            table = dataset.to_table(columns=list(_PAIR_COLUMNS))
+            coders = {c: _StringCoder() for c in _KEY_COLUMNS}
+            parts: dict[str, list] = {c: [] for c in _PAIR_COLUMNS}
+            offset = 0
+            # Batch by batch, so only integer codes accumulate (never the decoded strings).
+            for batch in dataset.to_batches(columns=list(_PAIR_COLUMNS), batch_size=1 << 17, use_threads=False,
+                                            batch_readahead=0, fragment_readahead=0):
+                for c in _PAIR_COLUMNS:
+                    arr = batch.column(c)
+                    if arr.null_count and c != "correct":
+                        raise _missing_error(what, c, np.r_[np.zeros(offset, bool),
+                                                            pc.is_null(arr).to_numpy(zero_copy_only=False)])
+                    if c in coders:
+                        parts[c].append(coders[c].codes(arr))
+                    elif c == "correct" and (arr.null_count or not pa.types.is_boolean(arr.type)):
+                        series = pd.Series(arr.to_pandas()).set_axis(pd.RangeIndex(offset, offset + len(arr)))
+                        parts[c].append(_correct_values(series, what))
+                    else:
+                        parts[c].append(arr.to_numpy(zero_copy_only=False))
+                offset += batch.num_rows
         except CellbgError:
             raise
         except Exception as exc:  # pyarrow raises many types for a damaged file
             raise CellbgError(f"cannot read {what}: {_first_line(exc)}") from None
-        if table.num_rows == 0:
+        if offset == 0:
             raise CellbgError(f"{what} holds no rows")
         codes, labels = {}, {}
         for c in _KEY_COLUMNS:
-            col = table.column(c)
-            if col.null_count:
-                raise _missing_error(what, c, pc.is_null(col).to_numpy(zero_copy_only=False))
-            codes[c], labels[c] = _sorted_codes(*_dictionary_codes(col))
-            table = table.drop_columns([c])  # free the column as soon as it is coded
+            codes[c], labels[c] = _sorted_codes(np.concatenate(parts.pop(c)), coders[c].labels())
         for c in _INT_COLUMNS:
-            col = table.column(c)
-            if col.null_count:
-                raise _missing_error(what, c, pc.is_null(col).to_numpy(zero_copy_only=False))
-            codes[c], labels[c] = _int_codes(col.to_numpy())
-        col = table.column("correct")
-        if pa.types.is_boolean(col.type) and not col.null_count:
-            correct = col.to_numpy()
-        else:
-            correct = _correct_values(pd.Series(col.to_pandas()), what)
-        return cls(codes, labels, np.asarray(correct, dtype=bool), what)
+            codes[c], labels[c] = _int_codes(np.concatenate(parts.pop(c)))
+        correct = np.concatenate(parts.pop("correct")).astype(bool)
+        return cls(codes, labels, correct, what)
 
     # ------------------------------------------------------------------ units: model x cell x seed x fold
     def _build_units(self) -> dict:
