@@ -328,9 +328,10 @@ def stats(run_dir: RunDirArg) -> None:
         out.print(f"{len(table)} tests; primary rows (estimate = B minus A, CI, p, Holm p, BH p):")
         for r in table[table["role"] == "primary"].itertuples():
             label = f"{r.comparison} ({r.name})" if r.name else r.comparison
+            ps = (f"p={r.pvalue:.3g} holm={r.p_holm:.3g} bh={r.p_bh:.3g}" if r.pvalue == r.pvalue
+                  else "p not computed (see the note in tests.csv)")  # NaN p: never a negative result
             out.print(
-                f"  {r.family:<12} {r.model} {label}: {r.estimate:+.3f} "
-                f"[{r.ci_low:.3f}, {r.ci_high:.3f}] p={r.pvalue:.3g} holm={r.p_holm:.3g} bh={r.p_bh:.3g}",
+                f"  {r.family:<12} {r.model} {label}: {r.estimate:+.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] {ps}",
                 highlight=False, soft_wrap=True,
             )
         out.print(f"wrote {Path(run_dir) / 'stats'}: tests.csv, accuracy.csv, summary.md", highlight=False)

@@ -681,6 +681,10 @@ def test_nan_p_reads_not_computed_never_not_significant(tmp_path):
     summary = (run / "stats" / "summary.md").read_text()
     line = next(ln for ln in summary.splitlines() if ln.startswith("- resnet"))
     assert "p not computed" in line and "not significant" not in line
+    from cellbg.cli import app
+
+    res = CliRunner().invoke(app, ["stats", str(run)])
+    assert res.exit_code == 0 and "p not computed" in res.output and "p=nan" not in res.output
 
 
 def test_report_with_no_confirmatory_comparison_and_a_not_computed_p(tmp_path):
