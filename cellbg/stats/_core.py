@@ -912,7 +912,7 @@ def paired_counts(paired: pd.DataFrame) -> pd.DataFrame:
     Parameters
     ----------
     paired : pandas.DataFrame
-        Output of :func:`paired_outcomes`.
+        Output of :func:`paired_outcomes` (``seed`` and ``fold`` are taken as 0 when absent).
 
     Returns
     -------
@@ -928,11 +928,13 @@ def paired_counts(paired: pd.DataFrame) -> pd.DataFrame:
     >>> paired_counts(p)[["n", "correct_a", "correct_b", "discordant_a", "discordant_b"]].values.tolist()
     [[3, 2, 2, 1, 1]]
     """
-    _check_columns(paired, ("patient_id", "seed", "fold", "correct_a", "correct_b"), "paired outcomes")
+    _check_columns(paired, ("patient_id", "correct_a", "correct_b"), "paired outcomes")
     a = _correct_values(paired["correct_a"], "paired outcomes", "correct_a")
     b = _correct_values(paired["correct_b"], "paired outcomes", "correct_b")
-    df = pd.DataFrame({"patient_id": paired["patient_id"].to_numpy(), "seed": paired["seed"].to_numpy(),
-                       "fold": paired["fold"].to_numpy(), "n": 1, "correct_a": a.astype(np.int64),
+    seed = paired["seed"].to_numpy() if "seed" in paired else 0  # one seed / fold when not given
+    fold = paired["fold"].to_numpy() if "fold" in paired else 0
+    df = pd.DataFrame({"patient_id": paired["patient_id"].to_numpy(), "seed": seed,
+                       "fold": fold, "n": 1, "correct_a": a.astype(np.int64),
                        "correct_b": b.astype(np.int64), "discordant_a": (a & ~b).astype(np.int64),
                        "discordant_b": (~a & b).astype(np.int64)})
     return df.groupby(["patient_id", "seed", "fold"], sort=True, observed=True).sum().reset_index()
