@@ -67,6 +67,7 @@ def base_protocol(out: Path, seed: int, *, signal: float, cooccurrence: float, p
             "train": ["original"],
             "test": ["original", "no_others", "no_others+mixed_same", "no_others+mixed_rand"],
             "fill": "noise",
+            "others_fill": "inpaint",
         },
         "models": [{"arch": "resnet", "depth": 10, "width": 0.125}],
         "training": {"epochs": epochs, "batch_size": 16, "lr": 0.002, "seeds": [0],
@@ -101,7 +102,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="seeds first .. first + N - 1")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--scenarios", default="cooccurrence,halo")
-    ap.add_argument("--cooccurrence", type=float, default=1.0, help="P of the co-occurrence scenario")
+    ap.add_argument("--cooccurrence", type=float, default=0.8, help="P of the co-occurrence scenario")
     ap.add_argument("--signal", type=float, default=0.9, help="S of the halo scenario")
     ap.add_argument("--patients", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=12)

@@ -244,6 +244,19 @@ class VariantsConfig(_Section):
     backgrounds: dict[str, BackgroundSourceConfig] = Field(
         {}, description="named background sources for bg_image(name); 'synthetic' is built in"
     )
+    others_fill: str = Field(
+        "inpaint", description="what replaces other objects in no_others: inpaint (the local true background) or a "
+        "fill (black | mean | noise | 'r,g,b')",
+    )
+
+    @field_validator("others_fill")
+    @classmethod
+    def _others_fill(cls, v: str) -> str:
+        from cellbg._variant_spec import check_fill
+
+        if v.strip().lower() != "inpaint":
+            check_fill(v)
+        return v
 
     @model_validator(mode="after")
     def _sources_exist(self) -> VariantsConfig:

@@ -878,6 +878,7 @@ def run_saliency(protocol, *, progress=None):
             cfg.test_variant, images[held_out], masks[held_out], bboxes=bboxes[held_out], labels=labels[held_out],
             fill=protocol.variants.fill, seed=protocol.variants.seed, reference=protocol.variants.reference,
             others=others[held_out] if others is not None else None, backgrounds=pools or None,
+            others_fill=protocol.variants.others_fill,
         )
         pick = sample_cells(cells.iloc[held_out], cfg.cells_per_job, seed=int(np.random.SeedSequence(
             [protocol.seed, spec.fold]).generate_state(1)[0]))

@@ -369,7 +369,8 @@ def _variant_options(protocol, crops: _Crops, specs) -> dict:
 
     shape = crops.images.shape
     pools = protocol_backgrounds(protocol, specs, size=int(shape[-1]), channels=int(shape[1]))
-    return {"reference": protocol.variants.reference, "backgrounds": pools or None}
+    return {"reference": protocol.variants.reference, "backgrounds": pools or None,
+            "others_fill": protocol.variants.others_fill}
 
 
 def _apply_variant(spec: str, images, masks, *, bboxes, labels, fill: str, seed: int, **options):

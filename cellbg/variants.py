@@ -605,6 +605,51 @@ def _bg_ring(x, m, width, fill):
     return _keep(_dilate_disk(m, width)[:, None], x, fill)
 
 
+#: Gaussian scales (pixels) of the ``inpaint`` fill, finest first.
+INPAINT_SIGMAS = (2.0, 6.0, 18.0)
+
+
+def _inpaint(x, hole, source):
+    """Every ``hole`` pixel takes the local mean of the ``source`` pixels (normalised convolution).
+
+    ``sum(G * x * source) / sum(G * source)`` with a Gaussian ``G`` of the finest scale in
+    :data:`INPAINT_SIGMAS` whose support weight there exceeds 5 % of a full neighbourhood;
+    where none does, the crop's mean over ``source`` (or over the crop, without any source
+    pixel). Only ``hole`` pixels change. Computed in torch (for numpy input through a view).
+    """
+    xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    ftype = xt.dtype if xt.dtype.is_floating_point else torch.float32
+    xf = xt.to(ftype)
+    h_t = hole if isinstance(hole, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(hole))
+    s_t = source if isinstance(source, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(source))
+    h_t, s_t = h_t.to(xt.device)[:, None], s_t.to(xt.device)[:, None]
+    w = s_t.to(ftype)
+    count = w.sum(dim=(2, 3), keepdim=True)
+    mean = torch.where(count > 0, (xf * w).sum(dim=(2, 3), keepdim=True) / count.clamp_min(1),
+                       xf.mean(dim=(2, 3), keepdim=True))
+    value = mean.expand_as(xf).clone()
+    for sigma in reversed(INPAINT_SIGMAS):  # coarse first, finer scales overwrite where supported
+        den = _blur(w, sigma)
+        num = _blur(xf * w, sigma)
+        ok = den > 0.05
+        value = torch.where(ok, num / den.clamp_min(1e-12), value)
+    filled = torch.where(h_t, value, xf)
+    if isinstance(x, torch.Tensor):
+        return filled if xt.dtype.is_floating_point else _fill_as(filled, x)
+    out = filled.numpy()
+    return out.astype(x.dtype, copy=False) if np.issubdtype(x.dtype, np.floating) else _fill_as(filled, x)
+
+
+def _remove_others(x, m, o, fill, others_fill, seed):
+    """The pixels of other objects (``o & ~m``) replaced: inpainted from the true background, or a fill."""
+    if others_fill is not None and others_fill != "inpaint" and isinstance(others_fill, str):
+        check_fill(others_fill)
+    hole = o & ~m
+    if others_fill == "inpaint":
+        return _inpaint(x, hole, ~(o | m))
+    return _keep(~hole[:, None], x, resolve_fill(others_fill if others_fill is not None else fill, x, m, seed=seed))
+
+
 def _bg_image(x, m, pool, seed):
     """The cells pasted on backgrounds drawn from ``pool`` ((k, C, H, W)); returns the draw."""
     images = pool.images if hasattr(pool, "images") else pool
@@ -799,6 +844,7 @@ def apply_variant(
     others=None,
     backgrounds: Mapping[str, Any] | None = None,
     reference: str = "cellbg",
+    others_fill: str | None = "inpaint",
 ) -> VariantResult:
     """Apply one background variant to a batch of crops.
 
@@ -830,6 +876,11 @@ def apply_variant(
     reference : {'cellbg', 'xiao'}
         The rules of ``only_bg_b``, ``only_bg_t`` and ``mixed_*``: cellbg's (exact boxes, a
         fill) or Xiao et al.'s generation code, quirks included (docs/variants.md).
+    others_fill : str or None
+        What replaces other objects in ``no_others``: ``"inpaint"`` (default: the local mean
+        of the true background around them, a normalised Gaussian convolution, so no
+        object-shaped patch of another colour or texture is left), any ``fill`` value, or
+        None (the same as ``fill``).
 
     Returns
     -------
@@ -860,8 +911,8 @@ def apply_variant(
         raise CellbgError("no_others needs the other objects' masks (others=); crops made by 'cellbg crops' "
                           "store them as crops.zarr/others")
     for pname, pargs in v.perturbations:
-        if pname == "no_others":  # a first step: the other objects of every crop take the fill
-            x = _keep(~(o & ~m)[:, None], x, resolve_fill(fill, x, m, seed=seed))
+        if pname == "no_others":  # a first step: the other objects of every crop are removed
+            x = _remove_others(x, m, o, fill, others_fill, seed)
         elif pname == "mask_erode":
             m = ~_dilate_disk(~m, int(pargs[0]))
         else:
@@ -874,7 +925,7 @@ def apply_variant(
     if needs_box:
         fallback = given_boxes if given_boxes is not None else np.zeros((n, 4), np.int64)
         b = _bboxes_of(m, fallback) if (mask_changed or given_boxes is None) else given_boxes
-    needs_fill = name in ("only_fg", "no_fg", "only_bg_b", "only_bg_t", "bg_ring", "context", "no_others") \
+    needs_fill = name in ("only_fg", "no_fg", "only_bg_b", "only_bg_t", "bg_ring", "context") \
         or name.startswith("mixed_")
     fill_t = resolve_fill(fill, x, m, seed=seed) if needs_fill else None
 
@@ -902,7 +953,7 @@ def apply_variant(
     elif name == "context":
         out, m = _context(x, m, float(args[0]), fill_t)
     elif name == "no_others":
-        out = _keep(~(o & ~m)[:, None], x, fill_t)
+        out = _remove_others(x, m, o, fill, others_fill, seed)
     elif name == "bg_color":
         out = _keep(m[:, None], x, resolve_fill(list(args), x))
     elif name == "bg_blur":
@@ -1099,11 +1150,15 @@ def context(images, masks, f: float, *, fill="black", seed: int = 0) -> VariantR
     return apply_variant(f"context({float(f):g})", images, masks, fill=fill, seed=seed)
 
 
-def no_others(images, masks, others, *, fill="black", seed: int = 0):
-    """The crop with the other segmented objects replaced by the fill.
+def no_others(images, masks, others, *, fill="inpaint", seed: int = 0):
+    """The crop with the other segmented objects removed.
 
     Only pixels of ``others`` outside the crop's own mask change: the target cell and the
-    true background remain.
+    true background remain. ``fill="inpaint"`` (default) gives each removed pixel the local
+    mean of the true background around it (pixels of neither the cell nor any other object;
+    a normalised Gaussian convolution at the finest of :data:`INPAINT_SIGMAS` with enough
+    support), so no patch of another colour or texture marks where an object was; any other
+    fill of :func:`resolve_fill` is written instead when given.
 
     Parameters
     ----------
@@ -1117,10 +1172,11 @@ def no_others(images, masks, others, *, fill="black", seed: int = 0):
     Examples
     --------
     >>> x = np.ones((1, 1, 1, 3)); m = np.array([[[True, False, False]]]); o = np.array([[[True, True, False]]])
-    >>> no_others(x, m, o)[0, 0].tolist()
+    >>> no_others(x, m, o, fill="black")[0, 0].tolist()
     [[1.0, 0.0, 1.0]]
     """
-    return apply_variant("no_others", images, masks, others=others, fill=fill, seed=seed).images
+    return apply_variant("no_others", images, masks, others=others, fill="black" if fill == "inpaint" else fill,
+                         seed=seed, others_fill=fill).images
 
 
 # --------------------------------------------------------------------------- MONAI-style transforms
@@ -1391,7 +1447,7 @@ def run_variants(protocol, *, gallery=None, export=None, n_rows: int = 8) -> dic
     specs = list(dict.fromkeys(parse_variant(s).spec for s in [*cfg.train, *cfg.test]))
     images, masks, cells = load_crops(protocol.run_dir)
     options = {
-        "others": load_others(protocol.run_dir), "reference": cfg.reference,
+        "others": load_others(protocol.run_dir), "reference": cfg.reference, "others_fill": cfg.others_fill,
         "backgrounds": protocol_backgrounds(protocol, specs, size=images.shape[-1], channels=images.shape[1]) or None,
     }
     bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)

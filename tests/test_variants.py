@@ -726,17 +726,38 @@ def test_no_others_changes_only_other_objects_pixels():
     x, m, b, y = make_batch(n=10)
     rng = np.random.default_rng(1)
     others = rng.random(m.shape) < 0.2
-    for fill in ["black", "0.3,0.3,0.3", "noise"]:
-        out = apply_variant("no_others", x, m, others=others, fill=fill, seed=2).images
+    for fill in ["black", "0.3,0.3,0.3", "noise", "inpaint"]:
+        out = apply_variant("no_others", x, m, others=others, others_fill=fill, seed=2).images
         changed = (out != x).any(1)
         target = others & ~m
         assert not changed[~target].any()
         assert changed[target].mean() > 0.99
     torch_out = apply_variant("no_others", torch.from_numpy(x), torch.from_numpy(m),
                               others=torch.from_numpy(others)).images
-    np.testing.assert_array_equal(torch_out.numpy(), V.no_others(x, m, others))
+    np.testing.assert_allclose(torch_out.numpy(), V.no_others(x, m, others), rtol=0, atol=1e-6)
     with pytest.raises(CellbgError, match="others="):
         apply_variant("no_others", x, m)
+
+
+def test_no_others_inpaints_from_the_true_background_only():
+    # left half of the crop dark background, right half bright; a bright object sits in the dark half
+    x = np.zeros((1, 1, 12, 12), np.float32)
+    x[..., 6:] = 1.0
+    m = np.zeros((1, 12, 12), bool)
+    m[0, 8:11, 8:11] = True  # the cell, in the bright half
+    others = np.zeros_like(m)
+    others[0, 4:7, 1:4] = True  # an object in the dark half
+    x[0, 0][others[0]] = 1.0
+    x[0, 0][m[0]] = 0.7
+    out = V.no_others(x, m, others)
+    assert (out[0, 0][others[0]] < 0.25).all()  # the dark surround, not the object's brightness
+    np.testing.assert_array_equal(out[0, 0][~others[0]], x[0, 0][~others[0]])
+    # the cell's own pixels never feed the inpainting: a cell-coloured neighbour changes nothing
+    x2 = x.copy()
+    x2[0, 0][m[0]] = 0.0
+    np.testing.assert_allclose(V.no_others(x2, m, others)[0, 0][others[0]], out[0, 0][others[0]])
+    u8 = (x * 255).astype(np.uint8)
+    assert V.no_others(u8, m, others).dtype == np.uint8
 
 
 # --------------------------------------------------------------------------- reference: xiao (their main.py)
