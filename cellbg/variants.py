@@ -863,7 +863,7 @@ def apply_variant(
         Class indices; needed by ``mixed_*`` (the pairing pool is this batch).
     fill : str, float or sequence
         See :func:`resolve_fill`. ``only_bg_b`` and the no-margin ``only_bg_t`` use it too
-        (the default ``"black"`` is Xiao et al.'s 0).
+        (the default ``"black"`` is 0, as in Xiao et al.).
     seed : int
         Seeds the pairing (``mixed_*``) and the noise fill.
     num_classes : int, optional
@@ -1023,11 +1023,13 @@ def only_bg_b(images, bboxes, *, fill="black"):
 def only_bg_t(images, bboxes, *, fill="black"):
     """The background with the box filled by tiles of the largest background strip.
 
-    Xiao et al.'s rule: compare ``max(left, right) * H`` with ``max(top, bottom) * W``; take
-    the larger full-height (or full-width) strip outside the box and tile it from the image
-    origin, so a box pixel at column ``x`` takes the strip's column ``x mod strip_width``
-    (rows likewise). Only box pixels change. Ties: equal areas take the left/right strip,
-    equal margins the left (or top) one. No margin at all: the box takes ``fill``.
+    cellbg's rule (after Xiao et al.; ``apply_variant(..., reference="xiao")`` gives the
+    authors' code instead, see docs/variants.md): compare ``max(left, right) * H`` with
+    ``max(top, bottom) * W``; take the larger full-height (or full-width) strip outside the
+    box and tile it from the image origin, so a box pixel at column ``x`` takes the strip's
+    column ``x mod strip_width`` (rows likewise). Only box pixels change. Ties: equal areas
+    take the left/right strip, equal margins the left (or top) one. No margin at all: the
+    box takes ``fill``.
 
     Examples
     --------

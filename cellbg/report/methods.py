@@ -94,7 +94,9 @@ def _methods(run: _Run) -> str:
                   f" (minimum area {c.min_area} px).")
     v = p.variants
     var_text = (f" Models were trained on the background variants {_join([f'`{x}`' for x in v.train])} and tested on "
-                f"{_join([f'`{x}`' for x in v.test])} (after Xiao et al., 2021; fill `{v.fill}`, pairing seed {v.seed}).")
+                f"{_join([f'`{x}`' for x in v.test])} (after Xiao et al., 2021; fill `{v.fill}`, pairing seed {v.seed}"
+                + ("; only_bg_b, only_bg_t and mixed_* exactly as the authors' generation code makes them"
+                   if getattr(v, "reference", "cellbg") == "xiao" else "") + ").")
     t = p.training
     sp = t.split
     if sp.kind == "kfold":
