@@ -465,7 +465,7 @@ def test_latex_table_escapes_and_counts_columns():
 def test_figures_and_html_are_self_contained(full_run):
     figs = full_run["report"] / "figures"
     names = {"accuracy_heatmap", "forest_gaps", "ring_width", "colour_blur", "mask_quality",
-             "training_curves", "saliency_gallery"}
+             "training_curves", "validation_curves", "saliency_gallery"}
     assert {p.stem for p in figs.glob("*.png")} == names
     assert {p.stem for p in figs.glob("*.pdf")} == names
     html = (full_run["report"] / "report.html").read_text()
@@ -506,7 +506,7 @@ def test_figures_print_size_and_fonts(full_run):
     from PIL import Image
 
     figs = sorted((full_run["report"] / "figures").glob("*.pdf"))
-    assert len(figs) == 7
+    assert len(figs) == 8
     widths = set()
     for pdf in figs:
         (w, h), sizes = _pdf_page_size_and_fonts(pdf)
@@ -713,3 +713,33 @@ def test_final_lines_name_the_report_and_the_confirmatory_result(full_run):
     assert "BG-GAP, trained on original: tested on mixed_same − mixed_rand" in lines[1]
     # the same sentence heads the report
     assert f"**{lines[1]}**" in (report / "report.md").read_text()
+
+
+def test_study_factors_context_generic_background_cooccurrence_and_validation_curves(tmp_path, monkeypatch):
+    """The cell-size curve, the generic-background and co-occurring-object bars and table, and
+    the validation curves overlaid per training variant, from a run that tested them."""
+    extra = ["context(0.5)", "context(0.75)", "bg_image(synthetic)", "no_others", "no_others+mixed_same",
+             "no_others+mixed_rand"]
+    monkeypatch.setitem(globals(), "TEST", TEST + extra)
+    run_dir = tmp_path / "run"
+    made = make_run(run_dir, with_stats=False, with_saliency=False, segmentation={"method": "masks"})
+    out = write_report(run_dir)
+    names = {p.stem for p in (out / "figures").glob("*.png")}
+    assert {"context_size", "generic_cooccurrence", "validation_curves"} <= names
+    md = (out / "report.md").read_text()
+    preds = made["predictions"]
+
+    def acc(model, train, test):
+        sub = preds[(preds.model == model) & (preds.train_variant == train) & (preds.test_variant == test)]
+        return sub.groupby("seed")["correct"].mean().mean()
+
+    from cellbg.report.tables import _pp
+
+    for model in MODELS:
+        for train in TRAIN:
+            halo = _pp(acc(model, train, "no_others+mixed_same") - acc(model, train, "no_others+mixed_rand"))
+            drop = _pp(acc(model, train, "no_others") - acc(model, train, "original"))
+            generic = _pp(acc(model, train, "bg_image(synthetic)") - acc(model, train, "original"))
+            row = next(line for line in md.splitlines() if line.startswith(f"| {model} | {train} |")
+                       and line.count("|") == 6)
+            assert row.split("|")[3:6] == [f" {generic} ", f" {drop} ", f" {halo} "], row

@@ -266,3 +266,53 @@ def _curves(figs: _Figures, histories: list[tuple[dict, pd.DataFrame]], order: l
     return fig
 
 
+
+
+def _validation_curves(figs: _Figures, histories: list[tuple[dict, pd.DataFrame]], order: list[tuple[str, str]]):
+    """Validation loss and accuracy per epoch, one line per training variant, overlaid (Hashmi & Li's figure).
+
+    One row per model; a line is the mean over that training variant's jobs (seeds, folds) at
+    each epoch, the band its SD. Returns None when no history has validation columns.
+    """
+    metrics = [m for m in ("val_loss", "val_accuracy") if any(m in h.columns for _, h in histories)]
+    if not metrics:
+        return None
+    frames = []
+    for spec, h in histories:
+        if "epoch" not in h.columns:
+            continue
+        cols = [m for m in metrics if m in h.columns]
+        f = h[["epoch", *cols]].copy()
+        f["model"], f["train_variant"] = str(spec.get("model", "?")), str(spec.get("train_variant", "?"))
+        frames.append(f)
+    if not frames:
+        return None
+    data = pd.concat(frames, ignore_index=True)
+    models = list(dict.fromkeys([m for m, _ in order] + data["model"].tolist()))
+    models = [m for m in models if m in set(data["model"])]
+    trains = list(dict.fromkeys([t for _, t in order] + data["train_variant"].tolist()))
+    fig = figs.new(DOUBLE_COLUMN, 0.6 + 1.9 * len(models))
+    axes = fig.subplots(len(models), len(metrics), squeeze=False)
+    from matplotlib.ticker import MaxNLocator
+
+    for r, model in enumerate(models):
+        sub = data[data["model"] == model]
+        for c, metric in enumerate(metrics):
+            ax = axes[r, c]
+            for i, train in enumerate(trains):
+                curve = sub[sub["train_variant"] == train].groupby("epoch")[metric].agg(["mean", "std"]).dropna(
+                    subset=["mean"])
+                if curve.empty:
+                    continue
+                x = curve.index.to_numpy(float)
+                y = curve["mean"].to_numpy(float) * (100 if metric == "val_accuracy" else 1)
+                sd = np.nan_to_num(curve["std"].to_numpy(float)) * (100 if metric == "val_accuracy" else 1)
+                ax.plot(x, y, color=_series_colour(i), label=f"trained on {train}")
+                ax.fill_between(x, y - sd, y + sd, color=_series_colour(i), alpha=0.15, lw=0)
+            ax.set_title(f"{model}: validation {'loss' if metric == 'val_loss' else 'accuracy (%)'}", loc="left")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(color="0.92")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(max(len(labels), 1), 4))
+    return fig

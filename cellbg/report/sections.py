@@ -21,6 +21,7 @@ from cellbg.report.figures import (
     _forest,
     _heatmap,
     _sweep_plot,
+    _validation_curves,
     comparison_words,
 )
 from cellbg.report.reading import _ordered, _Run
@@ -332,6 +333,77 @@ def _section_factors(doc: _Doc, run: _Run, acc: pd.DataFrame | None, figs: _Figu
     else:
         doc.absent("no `mask_erode(k)` / `mask_dilate(k)` test variants were run, so there is no "
                    "mask-quality sensitivity figure.")
+    _section_study_factors(doc, acc, figs, parsed, groups, tested)
+
+
+def _section_study_factors(doc: _Doc, acc: pd.DataFrame, figs: _Figures, parsed: dict, groups: list,
+                           tested: list[str]) -> None:
+    """Hashmi & Li's factors: the cell's size in the crop, generic backgrounds, co-occurring objects.
+
+    Each part appears only when its test variants were run (``context(f)``; ``bg_image``;
+    ``no_others``).
+    """
+    from matplotlib.ticker import AutoLocator
+
+    idx = acc.set_index(["model", "train_variant", "test_variant"])
+    mean = idx["mean"]
+
+    contexts = sorted(((float(a[0]), v) for v, (mask, n, a) in parsed.items() if n == "context" and not mask and a),
+                      key=lambda t: -t[0])
+    if contexts:
+        series, refs = [], []
+        for model, train in groups:
+            key = (model, train)
+            series.append({"panel": model, "key": key, "x": [1.0 / f for f, _ in contexts],
+                           "y": [mean.get((model, train, v), np.nan) for _, v in contexts],
+                           "sd": [idx["sd"].get((model, train, v), np.nan) for _, v in contexts],
+                           "label": f"trained on {train}"})
+            for name, ls in (("only_fg", ":"), ("original", "--")):
+                refs.append({"key": key, "name": name, "ls": ls, "y": mean.get((model, train, name), np.nan)})
+        fig = _sweep_plot(figs, series, xlabel="cell size relative to the crop as cut (1/f)",
+                          title="Accuracy against the cell's size in the crop", refs=refs)
+        for ax in fig.axes:
+            ax.xaxis.set_major_locator(AutoLocator())
+        png = figs.save(fig, "context_size")
+        doc.figure("context_size", "Accuracy (mean ± SD over seeds) when the crop's central window of side f "
+                   "(as a fraction of the crop) is resampled to the model's input size (`context(f)`, bilinear): "
+                   "the cell appears 1/f times larger (right) or smaller (left) with correspondingly less or more "
+                   "background, at a fixed input size; 1 is the crop as cut. Lines: only_fg (dotted) and original "
+                   "(dashed) levels.", png)
+
+    generic = [v for v, (mask, n, _) in parsed.items() if n == "bg_image" and not mask]
+    cooc = [v for v in ("no_others", "no_others+mixed_same", "no_others+mixed_rand", "mixed_same", "mixed_rand")
+            if v in tested]
+    panels = []
+    if generic:
+        panels.append(("generic background", [v for v in ("original", "only_fg") if v in tested] + generic))
+    if "no_others" in tested:
+        panels.append(("co-occurring objects", ["original", *cooc] if "original" in tested else cooc))
+    if not panels:
+        return
+    png = figs.save(_bars(figs, panels, acc, groups), "generic_cooccurrence")
+    doc.figure("generic_cooccurrence", "Accuracy (mean ± SD over seeds) with the cell's foreground over a background "
+               "from another source (`bg_image(source)`: cell-free synthetic fields, a folder, a constant), and "
+               "with the other segmented objects of the crop removed (`no_others`), before and after mixing "
+               "backgrounds.", png)
+    rows = []
+    for model, train in groups:
+        orig = mean.get((model, train, "original"), np.nan)
+        row = {"model": model, "trained on": train}
+        for v in generic:
+            row[f"{v} − original"] = _pp(mean.get((model, train, v), np.nan) - orig)
+        if "no_others" in tested:
+            row["no_others − original"] = _pp(mean.get((model, train, "no_others"), np.nan) - orig)
+        if "no_others+mixed_same" in tested and "no_others+mixed_rand" in tested:
+            row["halo BG-GAP"] = _pp(mean.get((model, train, "no_others+mixed_same"), np.nan)
+                                     - mean.get((model, train, "no_others+mixed_rand"), np.nan))
+        rows.append(row)
+    doc.table(pd.DataFrame(rows), "Accuracy differences in percentage points (mean over seeds): the generic-background "
+              "drop (the cell over another source's background against its own), the co-occurring-objects drop "
+              "(`no_others` against `original`: a model that uses neighbouring objects loses accuracy), and the "
+              "BG-GAP of crops without other objects (`no_others+mixed_same` − `no_others+mixed_rand`: a model that "
+              "uses the cell's own surround, e.g. a halo, loses accuracy on mixed_rand). Their tests, at the patient "
+              "level, are in the significance tables.", None)
 
 
 def _section_training(doc: _Doc, run: _Run, figs: _Figures) -> None:
@@ -356,6 +428,12 @@ def _section_training(doc: _Doc, run: _Run, figs: _Figures) -> None:
         png = figs.save(_curves(figs, usable, order), "training_curves")
         doc.figure("training_curves", "Loss and accuracy per epoch for every job (seed and fold); colour: "
                    "model and training variant; solid: training, dashed: validation.", png)
+        overlay = _validation_curves(figs, usable, order)
+        if overlay is not None:
+            png = figs.save(overlay, "validation_curves")
+            doc.figure("validation_curves", "Validation loss and accuracy per epoch, one line per training variant "
+                       "(mean over seeds and folds; band: ± SD), overlaid per model: the original-trained model "
+                       "against each training variant, as in Hashmi & Li's curves.", png)
 
 
 def _section_saliency(doc: _Doc, run: _Run, figs: _Figures, n_cells: int) -> None:
