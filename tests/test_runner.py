@@ -473,7 +473,7 @@ def test_failed_jobs_are_reported_with_their_logs(reference, tmp_path):
     assert_same_results(run_dir, reference)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "sezary", "xiao_variants", "background_factors"])
+@pytest.mark.parametrize("name", ["quickstart", "sezary", "xiao_variants", "background_factors", "hashmi_li"])
 def test_shipped_protocols_are_valid(name):
     from cellbg.protocol import load_protocol
     from cellbg.variants import parse_variant
