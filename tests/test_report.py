@@ -474,6 +474,9 @@ def test_figures_and_html_are_self_contained(full_run):
     embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
     assert embedded == {p.read_bytes() for p in figs.glob("*.png")}
     assert "href=" not in html and "<link" not in html
+    # a print stylesheet: tables wrap to the page instead of scrolling (no column cut off)
+    print_css = html.split("@media print", 1)[1]
+    assert ".scroll { overflow: visible; }" in print_css and "table { width: 100%;" in print_css
     assert "85.0 ± 7.1" in html
     # background share of the gallery's table: mean over the sampled cells, per model
     sal = full_run["saliency"]

@@ -126,11 +126,12 @@ p.note {{ font-size: .8em; color: #444; margin: .2em 0; }}
   body {{ max-width: none; margin: 0; padding: 0; font-size: 9pt; line-height: 1.3; }}
   h1 {{ font-size: 15pt; }} h2 {{ font-size: 12pt; break-after: avoid; page-break-after: avoid; }}
   .scroll {{ overflow: visible; }}
-  table {{ width: 100%; table-layout: auto; font-size: 6.5pt; }}
-  .num {{ white-space: normal; }}
+  table {{ width: 100%; table-layout: auto; font-size: 6.2pt; }}
+  thead th, tbody td {{ padding: .1em .2em; }}
   .txt {{ min-width: 0; word-break: break-word; }}
   thead {{ display: table-header-group; }}
   tr, figure, pre {{ break-inside: avoid; page-break-inside: avoid; }}
+  figure.table {{ break-inside: auto; page-break-inside: auto; }}  /* long tables run on, row by row */
   figure img {{ max-width: 100%; border: none; }}
   tbody tr:nth-child(even) {{ background: none; }}
   pre {{ white-space: pre-wrap; word-break: break-all; font-size: 7pt; }}
