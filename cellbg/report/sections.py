@@ -29,7 +29,7 @@ from cellbg.report.tables import (
     _is_bg_gap,
     _isnan,
     _mean_sd,
-    _p,
+    _p_test,
     _pct,
     _pp,
     bg_gap_table,
@@ -232,7 +232,7 @@ def _section_bg_gap(doc: _Doc, run: _Run, tex: dict[str, str]) -> None:
         sd = "" if _isnan(r.gap_sd) else f" ± {100 * r.gap_sd:.1f}"
         ci = "–" if _isnan(r.ci_low) else f"[{_pp(r.ci_low)}, {_pp(r.ci_high)}]"
         rows.append([str(r.model), str(r.train_variant), _pct(r.acc_same), _pct(r.acc_rand), pp + sd, ci,
-                     _p(r.pvalue), r.method or "not tested"])
+                     _p_test(r.pvalue) if r.method else "–", r.method or "not tested"])
     header = ["model", "train variant", "acc mixed_same (%)", "acc mixed_rand (%)", "BG-GAP (pp)",
               "95% CI (pp)", "p", "test"]
     caption = ("BG-GAP = acc(mixed_same) − acc(mixed_rand) in percentage points, mean ± SD over seeds; "
