@@ -836,3 +836,5 @@ def test_tests_csv_has_standard_errors_and_standardised_effect_sizes(tmp_path):
     assert mc.se == pytest.approx(math.sqrt(b + c - (c - b) ** 2 / n) / n)
     assert mc.effect_size == pytest.approx(math.log(c / b))
     assert "standard error" in str(paired_t_test(acc["original"], acc["only_fg"]))
+    line = next(ln for ln in (run / "stats" / "summary.md").read_text().splitlines() if ln.startswith("- resnet"))
+    assert f"Cohen's d_z {prim.effect_size:.3f}" in line

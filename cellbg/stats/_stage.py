@@ -246,7 +246,11 @@ def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame) -> str:
                     ps = f"p = {_fmt(r.pvalue)}, Holm p = {_fmt(r.p_holm)}: {verdict} at alpha {cfg.alpha}"
                 else:
                     ps = f"p {verdict}"
-                parts.append(f"- {r.model}, {r.comparison} ({r.method}): {r.scale} {_fmt(r.estimate)} ({ci}), {ps}.")
+                es = (f", {r.effect_size_name} {_fmt(r.effect_size)}"
+                      if isinstance(r.effect_size_name, str) and r.effect_size_name and np.isfinite(r.effect_size)
+                      else "")
+                parts.append(f"- {r.model}, {r.comparison} ({r.method}): {r.scale} {_fmt(r.estimate)} ({ci}{es}), "
+                             f"{ps}.")
             parts.append("")
     others = table[(table["family"] == "confirmatory") & (table["role"] != "primary")]
     if not others.empty:
