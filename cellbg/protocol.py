@@ -897,4 +897,23 @@ def load_run(run_dir: str | Path) -> Protocol:
         raise CellbgError(f"run folder not found: {run_dir}")
     if not path.exists():
         raise CellbgError(f"{run_dir} is not a cellbg run folder (no protocol.resolved.yaml)")
-    return parse_protocol(path.read_text(encoding="utf-8"), source=str(path))
+    text = path.read_text(encoding="utf-8")
+    raw = yaml.safe_load(text)
+    if _upgrade_resolved(raw):
+        text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+    return parse_protocol(text, source=str(path))
+
+
+def _upgrade_resolved(raw: Any) -> bool:
+    """Rename keys an older cellbg wrote into a run's resolved protocol; True when any changed.
+
+    A user's protocol with an old key is refused with the new name (it is theirs to edit), but
+    a run folder's ``protocol.resolved.yaml`` was written by cellbg itself, so finished runs
+    stay readable (``stats``, ``report``, ``status``, napari) after a rename.
+    """
+    threshold = (raw or {}).get("segmentation", {}).get("threshold") if isinstance(raw, dict) else None
+    if isinstance(threshold, dict) and "method" in threshold:
+        threshold.setdefault("threshold", threshold.pop("method"))
+        threshold.pop("method", None)
+        return True
+    return False

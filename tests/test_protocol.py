@@ -194,3 +194,18 @@ def test_atomic_writes_keep_the_old_file_on_failure_and_use_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "store").stat().st_mode) == 0o755
     assert (tmp_path / "store" / "f").read_text() == "y"
+
+
+def test_a_run_folder_written_before_the_threshold_rename_still_loads(tmp_path):
+    """Runs whose resolved protocol says segmentation.threshold.method stay readable."""
+    from cellbg.protocol import load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    resolved = {"name": "old", "segmentation": {"method": "threshold", "threshold": {"method": "otsu"}}}
+    (run / "protocol.resolved.yaml").write_text(yaml.safe_dump(resolved))
+    protocol = load_run(run)
+    assert protocol.segmentation.threshold.threshold == "otsu"
+    # a user's own protocol with the old key is still refused with the new name
+    with pytest.raises(CellbgError, match="renamed segmentation.threshold.threshold"):
+        parse_protocol(yaml.safe_dump(resolved))
