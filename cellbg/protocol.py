@@ -477,10 +477,12 @@ def _check_comparisons(stats: StatsConfig, variants: VariantsConfig) -> None:
                     )
 
 
-def default_confirmatory(variants: VariantsConfig) -> tuple[str, str]:
-    """The confirmatory comparison a protocol gets when it names none: ``(a, b)``.
+def default_confirmatory(variants: VariantsConfig) -> tuple[str, str] | None:
+    """The confirmatory comparison a protocol gets when it names none: ``(a, b)``, or None.
 
-    BG-GAP of the original-trained model where it can be computed, else the only_fg drop.
+    BG-GAP of the original-trained model where it can be computed, else the only_fg drop
+    where that can; None (no confirmatory test, every comparison exploratory) when the
+    protocol trains or tests neither, so a run never plans a test it cannot compute.
 
     Examples
     --------
@@ -488,6 +490,8 @@ def default_confirmatory(variants: VariantsConfig) -> tuple[str, str]:
     ('original:mixed_rand', 'original:mixed_same')
     >>> default_confirmatory(VariantsConfig(test=["original", "only_fg"]))
     ('original:original', 'original:only_fg')
+    >>> default_confirmatory(VariantsConfig(train=["only_fg"], test=["only_fg", "no_fg"])) is None
+    True
     """
     from cellbg._variant_spec import parse_variant  # torch-free parser of cellbg.variants
 
@@ -495,7 +499,9 @@ def default_confirmatory(variants: VariantsConfig) -> tuple[str, str]:
     tested = {parse_variant(v).spec for v in variants.test}
     if "original" in trained and {"mixed_same", "mixed_rand"} <= tested:
         return BG_GAP_COMPARISON
-    return ONLY_FG_DROP_COMPARISON
+    if "original" in trained and {"original", "only_fg"} <= tested:
+        return ONLY_FG_DROP_COMPARISON
+    return None
 
 
 # --------------------------------------------------------------------------- executor
@@ -653,9 +659,10 @@ class Protocol(_Section):
     @model_validator(mode="after")
     def _default_confirmatory(self) -> Protocol:
         if self.stats.confirmatory is None:
-            a, b = default_confirmatory(self.variants)
+            default = default_confirmatory(self.variants)
+            planned = [] if default is None else [Comparison(a=default[0], b=default[1])]
             # Bypass validate_assignment: assigning would run this validator again.
-            stats = self.stats.model_copy(update={"confirmatory": [Comparison(a=a, b=b)]})
+            stats = self.stats.model_copy(update={"confirmatory": planned})
             object.__setattr__(self, "stats", stats)
         else:
             _check_comparisons(self.stats, self.variants)

@@ -107,7 +107,11 @@ def test_default_confirmatory_follows_the_variants():
     assert confirmatory("") == bg_gap  # Xiao's eight test variants by default
     assert confirmatory("variants: {test: [original, only_fg, mixed_rand, mixed_same]}\n") == bg_gap
     assert confirmatory("variants: {test: [original, only_fg, mixed_same]}\n") == only_fg_drop
-    assert confirmatory("variants: {train: [only_fg]}\n") == only_fg_drop
+    assert confirmatory("variants: {train: [original, only_fg], test: [original, only_fg]}\n") == only_fg_drop
+    # neither comparison can be computed when original is not trained (or original / only_fg not
+    # tested): no confirmatory test rather than one that fails at the stats stage after training
+    assert confirmatory("variants: {train: [only_fg]}\n") == []
+    assert confirmatory("variants: {test: [original, no_fg]}\n") == []
     explicit = "stats: {confirmatory: [{a: 'original:original', b: 'only_fg:only_fg'}]}\n"
     assert confirmatory(explicit) == [("original:original", "only_fg:only_fg")]
     # the choice is written into the resolved protocol, so a run keeps it
