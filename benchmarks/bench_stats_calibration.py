@@ -10,7 +10,8 @@ Wilcoxon check and the GEE alternative on a subset. Then the power with a true e
 
 Run::
 
-    .venv/bin/python benchmarks/bench_stats_calibration.py [--runs 2000] [--gee-runs 200] [--wilcoxon-runs 200] [--effects 0.5,1.0]
+    .venv/bin/python benchmarks/bench_stats_calibration.py [--runs 2000] [--gee-runs 200] \\
+        [--wilcoxon-runs 200] [--effects 0.5,1.0]
 
 The binomial SE of a rejection rate near 5% over R runs is sqrt(0.05 * 0.95 / R): 0.49% at
 R = 2000, so the 3.5% .. 6.5% band is about 3 SE wide on each side.
@@ -58,8 +59,15 @@ def rejection_rates(a, b, *, alpha: float, gee_runs: int = 0, wilcoxon_runs: int
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for i in range(min(gee_runs, runs)):
-                paired = pd.DataFrame({"patient_id": pid, "cell_id": np.arange(pid.size), "seed": 0,
-                                       "correct_a": a[i].ravel(), "correct_b": b[i].ravel()})
+                paired = pd.DataFrame(
+                    {
+                        "patient_id": pid,
+                        "cell_id": np.arange(pid.size),
+                        "seed": 0,
+                        "correct_a": a[i].ravel(),
+                        "correct_b": b[i].ravel(),
+                    }
+                )
                 p_g.append(gee_test(paired).pvalue)
         out[f"GEE bias-reduced, t ref ({len(p_g)} runs)"] = np.nanmean(np.array(p_g) < alpha)
     return out
@@ -81,16 +89,19 @@ def main() -> None:
     a, b = simulate_paired_correctness(args.patients, args.cells, runs=args.runs, effect_sd=0.5, seed=args.seed)
     null = rejection_rates(a, b, alpha=args.alpha, gee_runs=args.gee_runs, wilcoxon_runs=args.wilcoxon_runs)
     se = math.sqrt(args.alpha * (1 - args.alpha) / args.runs)
-    print(f"null: {args.runs} runs of {args.patients} patients x {args.cells} cells, "
-          f"patient-specific effect mean 0, SD 0.5 (logit); alpha {args.alpha}; binomial SE {100 * se:.2f}%")
+    print(
+        f"null: {args.runs} runs of {args.patients} patients x {args.cells} cells, "
+        f"patient-specific effect mean 0, SD 0.5 (logit); alpha {args.alpha}; binomial SE {100 * se:.2f}%"
+    )
     for name, rate in null.items():
         print(f"  {name:<40s} rejects {100 * rate:5.1f}%   (ratio to alpha {rate / args.alpha:.2f})")
     primary = null["paired t (patients), primary"]
     print(f"  primary within 3.5% .. 6.5%: {'yes' if 0.035 <= primary <= 0.065 else 'NO'}")
 
     for k, effect in enumerate(float(e) for e in args.effects.split(",")):
-        a1, b1 = simulate_paired_correctness(args.patients, args.cells, runs=args.runs, effect_mean=effect,
-                                             effect_sd=0.5, seed=args.seed + 1 + k)
+        a1, b1 = simulate_paired_correctness(
+            args.patients, args.cells, runs=args.runs, effect_mean=effect, effect_sd=0.5, seed=args.seed + 1 + k
+        )
         alt = rejection_rates(a1, b1, alpha=args.alpha)
         true_diff = b1.mean() - a1.mean()
         print(f"power: true mean effect {effect} on the logit scale (accuracy difference about {true_diff:.3f})")

@@ -74,18 +74,23 @@ def write_table(run: Path, cells: int, *, folder: bool, seed: int = 0) -> int:
                     pred = np.where(correct, label, 1 - label)
                     p1 = np.where(pred == 1, 0.8, 0.2).astype(np.float32)
                     idx = np.arange(cells, dtype=np.int32)
-                    table = pa.table({
-                        "cell_id": pa.DictionaryArray.from_arrays(idx, cell_names),
-                        "image_id": pa.DictionaryArray.from_arrays(image_index, image_names),
-                        "patient_id": pa.DictionaryArray.from_arrays(patient.astype(np.int32), patients),
-                        "label": pa.DictionaryArray.from_arrays(label.astype(np.int32), classes),
-                        "model": pa.DictionaryArray.from_arrays(np.zeros(cells, np.int32), pa.array([model])),
-                        "train_variant": pa.DictionaryArray.from_arrays(np.zeros(cells, np.int32), pa.array([tr])),
-                        "test_variant": pa.DictionaryArray.from_arrays(np.zeros(cells, np.int32), pa.array([te])),
-                        "seed": np.full(cells, s, np.int64), "fold": fold.astype(np.int64),
-                        "pred": pa.DictionaryArray.from_arrays(pred.astype(np.int32), classes),
-                        "correct": correct, "prob_healthy": 1 - p1, "prob_sezary": p1,
-                    })
+                    table = pa.table(
+                        {
+                            "cell_id": pa.DictionaryArray.from_arrays(idx, cell_names),
+                            "image_id": pa.DictionaryArray.from_arrays(image_index, image_names),
+                            "patient_id": pa.DictionaryArray.from_arrays(patient.astype(np.int32), patients),
+                            "label": pa.DictionaryArray.from_arrays(label.astype(np.int32), classes),
+                            "model": pa.DictionaryArray.from_arrays(np.zeros(cells, np.int32), pa.array([model])),
+                            "train_variant": pa.DictionaryArray.from_arrays(np.zeros(cells, np.int32), pa.array([tr])),
+                            "test_variant": pa.DictionaryArray.from_arrays(np.zeros(cells, np.int32), pa.array([te])),
+                            "seed": np.full(cells, s, np.int64),
+                            "fold": fold.astype(np.int64),
+                            "pred": pa.DictionaryArray.from_arrays(pred.astype(np.int32), classes),
+                            "correct": correct,
+                            "prob_healthy": 1 - p1,
+                            "prob_sezary": p1,
+                        }
+                    )
                     if folder:
                         pq.write_table(table, target / f"part-{part:04d}.parquet")
                     else:
@@ -103,17 +108,28 @@ def write_table(run: Path, cells: int, *, folder: bool, seed: int = 0) -> int:
 def write_protocol(run: Path) -> None:
     from cellbg.protocol import Protocol, write_resolved
 
-    p = Protocol.model_validate({
-        "name": "bench-stats-scale", "output": str(run),
-        "models": [{"arch": "cellyolo", "label": "cellyolo"}, {"arch": "resnet", "depth": 18, "label": "resnet"},
-                   {"arch": "shufflenet_v2", "label": "shufflenet_v2"}],
-        "variants": {"train": TRAIN, "test": TEST},
-        "training": {"seeds": list(range(SEEDS)), "split": {"kind": "kfold", "folds": FOLDS}},
-        "stats": {"bootstrap": 2000, "exploratory": True, "confirmatory": [
-            {"a": "original:original", "b": "original:only_fg"},
-            {"a": "original:original", "b": "only_fg:only_fg"},
-            {"a": "original:mixed_rand", "b": "original:mixed_same"}]},
-    })
+    p = Protocol.model_validate(
+        {
+            "name": "bench-stats-scale",
+            "output": str(run),
+            "models": [
+                {"arch": "cellyolo", "label": "cellyolo"},
+                {"arch": "resnet", "depth": 18, "label": "resnet"},
+                {"arch": "shufflenet_v2", "label": "shufflenet_v2"},
+            ],
+            "variants": {"train": TRAIN, "test": TEST},
+            "training": {"seeds": list(range(SEEDS)), "split": {"kind": "kfold", "folds": FOLDS}},
+            "stats": {
+                "bootstrap": 2000,
+                "exploratory": True,
+                "confirmatory": [
+                    {"a": "original:original", "b": "original:only_fg"},
+                    {"a": "original:original", "b": "only_fg:only_fg"},
+                    {"a": "original:mixed_rand", "b": "original:mixed_same"},
+                ],
+            },
+        }
+    )
     run.mkdir(parents=True, exist_ok=True)
     write_resolved(p)
 
@@ -153,8 +169,10 @@ def main() -> None:
     py = sys.executable
     base = args.keep or Path(tempfile.mkdtemp(prefix="bench_stats_scale_"))
     combos = len(MODELS) * len(TRAIN) * len(TEST) * SEEDS
-    print(f"design: {len(MODELS)} models x {len(TRAIN)} train x {len(TEST)} test variants x {SEEDS} seeds "
-          f"= {combos} rows per cell; {PATIENTS} patients, {FOLDS} patient folds; bootstrap 2000")
+    print(
+        f"design: {len(MODELS)} models x {len(TRAIN)} train x {len(TEST)} test variants x {SEEDS} seeds "
+        f"= {combos} rows per cell; {PATIENTS} patients, {FOLDS} patient folds; bootstrap 2000"
+    )
     results = {}
     for name, cells in (("small", args.baseline_cells), ("large", args.cells)):
         run = base / name
@@ -162,8 +180,10 @@ def main() -> None:
         t0 = time.perf_counter()
         rows = write_table(run, cells, folder=args.folder and name == "large")
         size = sum(f.stat().st_size for f in run.rglob("*.parquet"))
-        print(f"{name}: {cells:,} cells, {rows:,} rows, {size / 1e6:.0f} MB parquet, written in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"{name}: {cells:,} cells, {rows:,} rows, {size / 1e6:.0f} MB parquet, written in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         results[name] = (rows, measure([py, "-m", "cellbg.cli", "stats", str(run)], env))
     small = base / "small"
     (small / "stats").rename(small / "stats.new")
@@ -171,20 +191,31 @@ def main() -> None:
     rows_s, new_s = results["small"]
     rows_l, new_l = results["large"]
     print()
-    print(f"{os.cpu_count()} CPUs; wall time grows with the machine's load (1-minute load average shown), "
-          "CPU time (user + system) much less")
+    print(
+        f"{os.cpu_count()} CPUs; wall time grows with the machine's load (1-minute load average shown), "
+        "CPU time (user + system) much less"
+    )
     print(f"{'':34s} {'rows':>11s} {'wall s':>7s} {'CPU s':>7s} {'load':>5s} {'peak RSS GB':>11s} {'exit':>4s}")
-    for label, rows, m in ((f"cell-level path ({BASELINE_COMMIT})", rows_s, old),
-                           ("counts path (this tree)", rows_s, new_s), ("counts path (this tree)", rows_l, new_l)):
+    for label, rows, m in (
+        (f"cell-level path ({BASELINE_COMMIT})", rows_s, old),
+        ("counts path (this tree)", rows_s, new_s),
+        ("counts path (this tree)", rows_l, new_l),
+    ):
         print(f"{label:34s} {rows:11,d} {m[0]:7.1f} {m[3]:7.1f} {m[4]:5.1f} {m[1]:11.2f} {m[2]:4d}")
     print()
-    print(f"same {rows_s:,}-row table: {old[0] / new_s[0]:.1f}x less wall time, {old[3] / new_s[3]:.1f}x less CPU, "
-          f"peak RSS {old[1] / new_s[1]:.1f}x lower")
-    print(f"throughput (rows per CPU second): cell-level {rows_s / old[3] / 1e3:,.0f}k, counts "
-          f"{rows_l / new_l[3] / 1e3:,.0f}k ({rows_l / new_l[3] / (rows_s / old[3]):.0f}x)")
+    print(
+        f"same {rows_s:,}-row table: {old[0] / new_s[0]:.1f}x less wall time, {old[3] / new_s[3]:.1f}x less CPU, "
+        f"peak RSS {old[1] / new_s[1]:.1f}x lower"
+    )
+    print(
+        f"throughput (rows per CPU second): cell-level {rows_s / old[3] / 1e3:,.0f}k, counts "
+        f"{rows_l / new_l[3] / 1e3:,.0f}k ({rows_l / new_l[3] / (rows_s / old[3]):.0f}x)"
+    )
     ok = new_l[0] <= 30 and new_l[1] <= 4
-    print(f"target at {rows_l / 1e6:.1f}M rows: <= 30 s and <= 4 GB: {'met' if ok else 'NOT met'} in wall time "
-          f"({new_l[0]:.1f} s at load {new_l[4]:.0f}; CPU {new_l[3]:.1f} s; {new_l[1]:.2f} GB)")
+    print(
+        f"target at {rows_l / 1e6:.1f}M rows: <= 30 s and <= 4 GB: {'met' if ok else 'NOT met'} in wall time "
+        f"({new_l[0]:.1f} s at load {new_l[4]:.0f}; CPU {new_l[3]:.1f} s; {new_l[1]:.2f} GB)"
+    )
     if args.keep is None:
         print(f"(runs left in {base}; delete when done)")
 

@@ -95,8 +95,9 @@ def rejections(tests: pd.DataFrame) -> dict[str, float]:
     for key, _, a, b in COMPARISONS:
         rows = primary[(primary["a"] == a) & (primary["b"] == b)]
         confirmatory = rows[rows["family"] == "confirmatory"]
-        rows, p_column = (confirmatory, "p_holm") if len(confirmatory) else (
-            rows[rows["family"] == "exploratory"], "p_bh")
+        rows, p_column = (
+            (confirmatory, "p_holm") if len(confirmatory) else (rows[rows["family"] == "exploratory"], "p_bh")
+        )
         out[key] = int((rows[p_column] < alpha).sum())
         out[f"{key}_n"] = len(rows)
         out[f"{key}_estimate"] = float(rows["estimate"].mean()) if len(rows) else float("nan")
@@ -117,14 +118,23 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--signal", type=float, default=0.0, help="background cue strength (0 = none)")
     ap.add_argument("--out", type=Path, required=True, help="folder for the per-seed runs (kept)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="also set a protocol key, e.g. data.synthetic.cells_per_image=1 (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also set a protocol key, e.g. data.synthetic.cells_per_image=1 (repeatable)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cellbg = [str(Path(sys.executable).parent / "cellbg")]  # the installed CLI, as a user runs it
     rows = []
-    print(f"{args.protocol.name} {' '.join(args.overrides)} at signal {args.signal:g}, seeds {args.first_seed}.."
-          f"{args.first_seed + args.seeds - 1}; runs in {args.out}", flush=True)
+    print(
+        f"{args.protocol.name} {' '.join(args.overrides)} at signal {args.signal:g}, seeds {args.first_seed}.."
+        f"{args.first_seed + args.seeds - 1}; runs in {args.out}",
+        flush=True,
+    )
     print(f"{'seed':>4} {'s':>5}" + "".join(f" {k[:14]:>14} {'p':>6}" for k, *_ in COMPARISONS))
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         protocol = write_protocol(args.protocol, args.out, seed, args.signal, args.overrides)
@@ -135,17 +145,22 @@ def main() -> None:
         r = rejections(pd.read_csv(args.out / f"seed{seed}" / "run" / "stats" / "tests.csv"))
         r["seed"] = seed
         rows.append(r)
-        print(f"{seed:4d} {time.perf_counter() - t0:5.0f}"
-              + "".join(f" {r[k + '_estimate']:14.3f} {r[k + '_p']:6.3f}" for k, *_ in COMPARISONS), flush=True)
+        print(
+            f"{seed:4d} {time.perf_counter() - t0:5.0f}"
+            + "".join(f" {r[k + '_estimate']:14.3f} {r[k + '_p']:6.3f}" for k, *_ in COMPARISONS),
+            flush=True,
+        )
     table = pd.DataFrame(rows)
     print(f"\nsignal {args.signal:g}, {len(table)} seeds (estimates: accuracy difference b - a, mean over seeds):")
     for key, label, _, _ in COMPARISONS:
         if table[f"{key}_n"].sum():
             adjusted = ", ".join(sorted(set(table[f"{key}_adjusted"])))
-            print(f"  {label} ({adjusted}): rejected "
-                  f"{interval(int(table[key].sum()), int(table[f'{key}_n'].sum()))}; "
-                  f"estimate {100 * table[f'{key}_estimate'].mean():+.1f} points "
-                  f"(SE {100 * table[f'{key}_estimate'].std() / len(table) ** 0.5:.1f})")
+            print(
+                f"  {label} ({adjusted}): rejected "
+                f"{interval(int(table[key].sum()), int(table[f'{key}_n'].sum()))}; "
+                f"estimate {100 * table[f'{key}_estimate'].mean():+.1f} points "
+                f"(SE {100 * table[f'{key}_estimate'].std() / len(table) ** 0.5:.1f})"
+            )
     table.to_csv(args.out / f"summary_signal{args.signal:g}.csv", index=False)
 
 

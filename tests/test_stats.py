@@ -312,8 +312,9 @@ def test_accuracy_table_means_over_seeds():
 
 
 def test_gee_test_detects_a_planted_effect():
-    preds = make_predictions(patients=10, cells=30, seeds=(0,), test=("original", "only_fg"),
-                             effects={"original:only_fg": -1.5})
+    preds = make_predictions(
+        patients=10, cells=30, seeds=(0,), test=("original", "only_fg"), effects={"original:only_fg": -1.5}
+    )
     paired = paired_outcomes(preds, "original:original", "original:only_fg")
     r = gee_test(paired)
     assert r.pvalue < 0.01 and r.df == 9 and "log odds ratio" in r.note
@@ -369,8 +370,12 @@ def test_stats_never_imports_torch():
 
 # --------------------------------------------------------------------------- the stage
 def test_run_stats_writes_contract_files(tmp_path):
-    preds = make_predictions(patients=8, cells=15, models=("resnet", "shufflenet"),
-                             effects={"original:only_fg": -1.2, "original:mixed_rand": -0.8})
+    preds = make_predictions(
+        patients=8,
+        cells=15,
+        models=("resnet", "shufflenet"),
+        effects={"original:only_fg": -1.2, "original:mixed_rand": -0.8},
+    )
     run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:only_fg")])
     table = run_stats(run)
     on_disk = pd.read_csv(run / "stats" / "tests.csv")
@@ -445,10 +450,13 @@ def test_run_stats_user_errors(tmp_path):
     with pytest.raises(CellbgError, match="run folder not found"):
         run_stats(tmp_path / "nope")
     preds = make_predictions(patients=3, cells=4, seeds=(0,), test=("original", "only_fg"))
-    run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:no_fg")],
-                   extra_test=["no_fg"])  # planned, but the predictions lack it
-    want = (r"condition 'original:no_fg' has no predictions for model 'resnet' \(did you mean 'original:only_fg'\?\); "
-            r"available: only_fg:only_fg")
+    run = make_run(
+        tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:no_fg")], extra_test=["no_fg"]
+    )  # planned, but the predictions lack it
+    want = (
+        r"condition 'original:no_fg' has no predictions for model 'resnet' \(did you mean 'original:only_fg'\?\); "
+        r"available: only_fg:only_fg"
+    )
     with pytest.raises(CellbgError, match=want):
         run_stats(run)
     preds.drop(columns=["correct"]).to_parquet(run / "predictions.parquet")
@@ -478,8 +486,9 @@ def test_cli_stats(tmp_path):
 def test_default_confirmatory_is_bg_gap_when_the_mixed_variants_are_tested(tmp_path):
     # A planted background cue (mixed_rand loses accuracy) is the default confirmatory test,
     # BG-GAP = acc(mixed_same) - acc(mixed_rand) per patient, Holm over the models.
-    preds = make_predictions(patients=8, cells=15, models=("resnet", "shufflenet"),
-                             effects={"original:mixed_rand": -1.5})
+    preds = make_predictions(
+        patients=8, cells=15, models=("resnet", "shufflenet"), effects={"original:mixed_rand": -1.5}
+    )
     table = run_stats(make_run(tmp_path, preds))
     conf = table[(table.family == "confirmatory") & (table.role == "primary")]
     gap = ("original:mixed_rand", "original:mixed_same")
@@ -571,8 +580,18 @@ def test_constant_difference_is_decided_explicitly_not_by_rounding():
     st = sign_test(a, b)
     assert st.pvalue == 2 / 2**6 and st.ci == pytest.approx((0.1, 0.1))
     # and is the primary when every patient changed by the same amount
-    counts = pd.DataFrame({"patient_id": [f"P{i}" for i in range(6)], "seed": 0, "fold": np.arange(6) % 2,
-                           "n": 10, "correct_a": 9, "correct_b": 8, "discordant_a": 1, "discordant_b": 0})
+    counts = pd.DataFrame(
+        {
+            "patient_id": [f"P{i}" for i in range(6)],
+            "seed": 0,
+            "fold": np.arange(6) % 2,
+            "n": 10,
+            "correct_a": 9,
+            "correct_b": 8,
+            "discordant_a": 1,
+            "discordant_b": 0,
+        }
+    )
     (role, prim), *rest = compare_conditions(counts, n_resamples=99)
     assert prim.method == "exact sign test (patients; paired t undefined)"
     assert prim.pvalue == 2 / 2**6 and prim.estimate == pytest.approx(-0.1) and "not computed" in prim.note
@@ -594,15 +613,28 @@ def test_bootstrap_ci_excludes_zero_iff_p_below_alpha():
 def _separated(patients=8, cells=20, seed=0):
     rng = np.random.default_rng(seed)
     pid = np.repeat([f"P{i}" for i in range(patients)], cells)
-    return pd.DataFrame({"cell_id": [f"c{i}" for i in range(pid.size)], "patient_id": pid, "label": "x",
-                         "seed": 0, "fold": 0, "correct_a": rng.random(pid.size) < 0.7, "correct_b": True})
+    return pd.DataFrame(
+        {
+            "cell_id": [f"c{i}" for i in range(pid.size)],
+            "patient_id": pid,
+            "label": "x",
+            "seed": 0,
+            "fold": 0,
+            "correct_a": rng.random(pid.size) < 0.7,
+            "correct_b": True,
+        }
+    )
 
 
 def test_gee_separation_is_detected_and_falls_back_to_the_identity_link():
     paired = _separated()
-    long = pd.DataFrame({"correct": np.r_[paired.correct_a, paired.correct_b].astype(float),
-                         "condition": np.repeat([0.0, 1.0], len(paired)),
-                         "patient": paired.patient_id.tolist() * 2})
+    long = pd.DataFrame(
+        {
+            "correct": np.r_[paired.correct_a, paired.correct_b].astype(float),
+            "condition": np.repeat([0.0, 1.0], len(paired)),
+            "patient": paired.patient_id.tolist() * 2,
+        }
+    )
     # statsmodels alone "converges" to a log odds ratio of ~30 with a tiny p: gee_fit flags it
     fit = gee_fit(long, "correct ~ condition", groups="patient")
     assert fit.separation and "separation" in str(fit)
@@ -622,13 +654,18 @@ def test_gee_separation_is_detected_and_falls_back_to_the_identity_link():
 def test_gee_on_counts_equals_the_cell_level_gee():
     # issue 22: the GEE on binomial counts per patient x condition gives the estimates and the
     # (bias-reduced and robust) covariance of statsmodels' GEE on the cell rows, independence.
-    preds = make_predictions(patients=7, cells=13, seeds=(0, 1), test=("original", "only_fg"),
-                             effects={"original:only_fg": -0.8})
+    preds = make_predictions(
+        patients=7, cells=13, seeds=(0, 1), test=("original", "only_fg"), effects={"original:only_fg": -0.8}
+    )
     preds = preds[~((preds.patient_id == "P00") & preds.cell_id.str.endswith(("1", "2", "3")))]  # unequal sizes
     paired = paired_outcomes(preds, "original:original", "original:only_fg")
-    long = pd.DataFrame({"correct": np.r_[paired.correct_a, paired.correct_b].astype(float),
-                         "condition": np.repeat([0.0, 1.0], len(paired)),
-                         "patient": np.r_[paired.patient_id.to_numpy(), paired.patient_id.to_numpy()]})
+    long = pd.DataFrame(
+        {
+            "correct": np.r_[paired.correct_a, paired.correct_b].astype(float),
+            "condition": np.repeat([0.0, 1.0], len(paired)),
+            "patient": np.r_[paired.patient_id.to_numpy(), paired.patient_id.to_numpy()],
+        }
+    )
     counts = paired_counts(paired)
     assert len(counts) < len(paired) and counts["n"].sum() == len(paired)
     for cov_type in ("bias_reduced", "robust"):
@@ -639,11 +676,18 @@ def test_gee_on_counts_equals_the_cell_level_gee():
         assert r.df == cell.df == 6
         assert gee_test(paired, cov_type=cov_type) == r.replace(n_cells=paired.cell_id.nunique())
     # with equal cells per patient the exchangeable cell-level fit has the same estimate
-    eq = paired_outcomes(make_predictions(patients=6, cells=10, seeds=(0,), test=("original", "only_fg")),
-                         "original:original", "original:only_fg")
-    long_eq = pd.DataFrame({"correct": np.r_[eq.correct_a, eq.correct_b].astype(float),
-                            "condition": np.repeat([0.0, 1.0], len(eq)),
-                            "patient": np.r_[eq.patient_id.to_numpy(), eq.patient_id.to_numpy()]})
+    eq = paired_outcomes(
+        make_predictions(patients=6, cells=10, seeds=(0,), test=("original", "only_fg")),
+        "original:original",
+        "original:only_fg",
+    )
+    long_eq = pd.DataFrame(
+        {
+            "correct": np.r_[eq.correct_a, eq.correct_b].astype(float),
+            "condition": np.repeat([0.0, 1.0], len(eq)),
+            "patient": np.r_[eq.patient_id.to_numpy(), eq.patient_id.to_numpy()],
+        }
+    )
     exch = gee_fit(long_eq, "correct ~ condition", groups="patient")
     assert float(gee_test(eq).note.split()[3]) == pytest.approx(exch.params["condition"], abs=5e-4)
 
@@ -654,8 +698,11 @@ def test_nan_correct_is_an_error_everywhere(tmp_path):
     preds.loc[[3, 40], "correct"] = np.nan
     with pytest.raises(CellbgError, match=r"column 'correct' is missing \(NaN/None\) in 1 row\(s\) \(index 3\)"):
         paired_outcomes(preds, "original:original", "original:only_fg")
-    paired = paired_outcomes(make_predictions(patients=4, cells=6, seeds=(0,), test=("original", "only_fg")),
-                             "original:original", "original:only_fg")
+    paired = paired_outcomes(
+        make_predictions(patients=4, cells=6, seeds=(0,), test=("original", "only_fg")),
+        "original:original",
+        "original:only_fg",
+    )
     bad = paired.assign(correct_b=paired.correct_b.astype(float))
     bad.loc[5, "correct_b"] = np.nan
     for fn in (patient_accuracy, gee_test, paired_counts, compare_conditions):
@@ -697,7 +744,8 @@ def test_report_with_no_confirmatory_comparison_and_a_not_computed_p(tmp_path):
     preds.loc[(preds.test_variant == "original") & (preds.train_variant == "original"), "correct"] = True
     run = make_run(tmp_path, preds, confirmatory=[], primary="gee", bootstrap=0)
     (run / "protocol.resolved.yaml").write_text(
-        (run / "protocol.resolved.yaml").read_text().replace("figures: true", "figures: false"))
+        (run / "protocol.resolved.yaml").read_text().replace("figures: true", "figures: false")
+    )
     table = run_stats(run)
     assert (table.family == "confirmatory").sum() == 0
     assert table[(table.family == "exploratory") & (table.role == "primary")].pvalue.isna().any()
@@ -720,8 +768,10 @@ def test_validate_refuses_a_stats_section_that_cannot_be_carried_out(tmp_path):
         parse_protocol("name: x\nstats: {confirmatory: [{a: 'bg_blur(2):original', b: 'original:only_fg'}]}\n")
     # no confirmatory comparison with the exploratory grid is a valid plan; spelling may differ
     assert parse_protocol("name: x\nstats: {confirmatory: []}\n").stats.confirmatory == []
-    ok = ("name: x\nvariants: {test: [original, 'bg_blur(2)']}\n"
-          "stats: {confirmatory: [{a: 'original:original', b: 'original:bg_blur(2.0)'}]}\n")
+    ok = (
+        "name: x\nvariants: {test: [original, 'bg_blur(2)']}\n"
+        "stats: {confirmatory: [{a: 'original:original', b: 'original:bg_blur(2.0)'}]}\n"
+    )
     assert parse_protocol(ok).stats.confirmatory[0].b == "original:bg_blur(2.0)"
     proto = tmp_path / "p.yaml"
     proto.write_text("name: x\ndata: {source: synthetic}\nstats: {confirmatory: [], exploratory: false}\n")
@@ -733,8 +783,14 @@ def test_validate_refuses_a_stats_section_that_cannot_be_carried_out(tmp_path):
 def test_run_stats_from_counts_equals_the_cell_level_path(tmp_path):
     # The stage reduces the table to counts per patient x seed x fold; every row must equal
     # the cell-level functions on the paired cell rows.
-    preds = make_predictions(patients=7, cells=9, models=("resnet", "shufflenet"), seeds=(0, 1, 2), folds=3,
-                             effects={"original:only_fg": -1.0})
+    preds = make_predictions(
+        patients=7,
+        cells=9,
+        models=("resnet", "shufflenet"),
+        seeds=(0, 1, 2),
+        folds=3,
+        effects={"original:only_fg": -1.0},
+    )
     preds = preds.sample(frac=1.0, random_state=0)  # row order must not matter
     preds = preds.drop(index=preds.index[(preds.seed == 2) & (preds.test_variant == "mixed_rand")][:20])
     run = make_run(tmp_path, preds, confirmatory=[Comparison(a="original:original", b="original:only_fg")])
@@ -746,8 +802,10 @@ def test_run_stats_from_counts_equals_the_cell_level_path(tmp_path):
             seed = np.random.SeedSequence([0, models.index(model), 0])
             want = [r for _, r in compare_conditions(paired, n_resamples=199, seed=seed)]
         else:
-            want = [compare_conditions(paired, secondary=False)[0][1],
-                    mcnemar_test(paired_table(paired.correct_a, paired.correct_b))]
+            want = [
+                compare_conditions(paired, secondary=False)[0][1],
+                mcnemar_test(paired_table(paired.correct_a, paired.correct_b)),
+            ]
         assert len(rows) == len(want)
         for got, exp in zip(rows.itertuples(), want, strict=True):
             assert got.method == exp.method
@@ -758,8 +816,13 @@ def test_run_stats_from_counts_equals_the_cell_level_path(tmp_path):
             if family == "confirmatory":
                 assert (got.n_cells, got.n_patients, got.n_seeds) == (exp.n_cells, exp.n_patients, exp.n_seeds)
     acc = pd.read_csv(run / "stats" / "accuracy.csv")
-    ref = preds.groupby(["model", "train_variant", "test_variant", "seed"])["correct"].mean().groupby(
-        level=[0, 1, 2]).agg(["mean", "std"]).reset_index()
+    ref = (
+        preds.groupby(["model", "train_variant", "test_variant", "seed"])["correct"]
+        .mean()
+        .groupby(level=[0, 1, 2])
+        .agg(["mean", "std"])
+        .reset_index()
+    )
     assert acc["accuracy"].to_numpy() == pytest.approx(ref["mean"].to_numpy())
     assert acc["accuracy_sd"].to_numpy() == pytest.approx(ref["std"].to_numpy())
 
@@ -798,8 +861,9 @@ def test_counts_when_a_cell_is_in_several_folds_of_a_seed():
     preds = make_predictions(patients=4, cells=6, seeds=(0,), test=("original", "only_fg"))
     twice = pd.concat([preds, preds.assign(fold=preds.fold + 2, correct=~preds.correct)], ignore_index=True)
     for table in (preds, twice):
-        counts, n_cells = CodedPredictions.from_frame(table).paired_counts("resnet", "original:original",
-                                                                            "original:only_fg")
+        counts, n_cells = CodedPredictions.from_frame(table).paired_counts(
+            "resnet", "original:original", "original:only_fg"
+        )
         paired = paired_outcomes(table, "original:original", "original:only_fg")
         pd.testing.assert_frame_equal(counts, paired_counts(paired), check_dtype=False)
         assert n_cells == paired.cell_id.nunique() == 24
@@ -807,8 +871,9 @@ def test_counts_when_a_cell_is_in_several_folds_of_a_seed():
 
 def test_tests_csv_has_standard_errors_and_standardised_effect_sizes(tmp_path):
     # issue 18: every row carries the SE of its estimate and a named standardised effect size.
-    preds = make_predictions(patients=8, cells=12, seeds=(0, 1), test=("original", "only_fg"),
-                             effects={"original:only_fg": -1.0})
+    preds = make_predictions(
+        patients=8, cells=12, seeds=(0, 1), test=("original", "only_fg"), effects={"original:only_fg": -1.0}
+    )
     run = make_run(tmp_path, preds, exploratory=False)
     run_stats(run)
     t = pd.read_csv(run / "stats" / "tests.csv").set_index("method")

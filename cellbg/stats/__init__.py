@@ -77,4 +77,3 @@ __all__ = [
     "run_stats",
     "TESTS_COLUMNS",
 ]
-

@@ -16,7 +16,6 @@ _PRED_COLUMNS = _PAIR_COLUMNS + ("pred",)
 _SAL_COLUMNS = ("cell_id", "patient_id", "model", "train_variant", "seed", "fold", "method", "background_share")
 
 
-
 # --------------------------------------------------------------------------- helpers
 def _as_1d(x, name: str) -> np.ndarray:
     arr = np.asarray(x, dtype=float)
@@ -89,5 +88,3 @@ def _check_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise CellbgError(f"{what} lacks columns {missing}; it has {list(df.columns)}")
-
-

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -185,9 +185,9 @@ class GEEFit:
 
     def summary(self) -> str:
         """A coefficient table as text."""
-        table = pd.DataFrame(
-            {"coef": self.params, "std err": self.bse, "t": self.tvalues, "P>|t|": self.pvalues}
-        ).join(self.conf_int)
+        table = pd.DataFrame({"coef": self.params, "std err": self.bse, "t": self.tvalues, "P>|t|": self.pvalues}).join(
+            self.conf_int
+        )
         head = (
             f"GEE {self.family}, {self.cov_struct} working correlation ({self.dep_params:.3g}), "
             f"{self.cov_type} covariance, t reference df = {self.df:g}; "
@@ -195,8 +195,9 @@ class GEEFit:
         )
         tail = "" if self.converged else "\nWARNING: the fit did not converge; do not use these estimates"
         if self.separation:
-            tail += ("\nWARNING: fitted probabilities numerically 0 or 1 (separation): estimates and SEs are "
-                     "not reliable")
+            tail += (
+                "\nWARNING: fitted probabilities numerically 0 or 1 (separation): estimates and SEs are not reliable"
+            )
         tail += "".join(f"\nwarning: {w}" for w in self.warnings)
         return head + "\n" + table.to_string(float_format=lambda v: f"{v:.4g}") + tail
 
@@ -290,14 +291,21 @@ def patient_accuracy(paired: pd.DataFrame) -> pd.DataFrame:
     if "n" in paired.columns:
         # counts (paired_counts): sum them per patient
         g = paired.groupby("patient_id", sort=True, observed=True)
-        out = pd.DataFrame({"n": g["n"].sum().astype(float), "correct_a": g["correct_a"].sum().astype(float),
-                            "correct_b": g["correct_b"].sum().astype(float)})
+        out = pd.DataFrame(
+            {
+                "n": g["n"].sum().astype(float),
+                "correct_a": g["correct_a"].sum().astype(float),
+                "correct_b": g["correct_b"].sum().astype(float),
+            }
+        )
         out["acc_a"] = out["correct_a"] / out["n"]
         out["acc_b"] = out["correct_b"] / out["n"]
         out["diff"] = out["acc_b"] - out["acc_a"]
         return out
-    paired = paired.assign(correct_a=_correct_values(paired["correct_a"], "paired outcomes", "correct_a"),
-                           correct_b=_correct_values(paired["correct_b"], "paired outcomes", "correct_b"))
+    paired = paired.assign(
+        correct_a=_correct_values(paired["correct_a"], "paired outcomes", "correct_a"),
+        correct_b=_correct_values(paired["correct_b"], "paired outcomes", "correct_b"),
+    )
     g = paired.groupby("patient_id", sort=True, observed=True)
     out = pd.DataFrame(
         {
@@ -356,18 +364,48 @@ def paired_t_test(a, b, *, alpha: float = 0.05) -> TestResult:
         # difference has no p-value from the t-test (R: "data are essentially constant").
         est = float(np.median(d))
         if abs(est) <= tol:
-            return TestResult(method, 0.0, 0.0, 0.0, f"t, df={n - 1}", 0.0, df, 1.0, alpha=alpha,
-                              note="every paired difference is zero")
-        return TestResult(method, est, NAN, NAN, f"t, df={n - 1}", NAN, df, NAN, alpha=alpha,
-                          note=f"not computed: every paired difference is {est:.6g} (no variation, the t statistic "
-                          "is undefined); see the exact sign test")
+            return TestResult(
+                method,
+                0.0,
+                0.0,
+                0.0,
+                f"t, df={n - 1}",
+                0.0,
+                df,
+                1.0,
+                alpha=alpha,
+                note="every paired difference is zero",
+            )
+        return TestResult(
+            method,
+            est,
+            NAN,
+            NAN,
+            f"t, df={n - 1}",
+            NAN,
+            df,
+            NAN,
+            alpha=alpha,
+            note=f"not computed: every paired difference is {est:.6g} (no variation, the t statistic "
+            "is undefined); see the exact sign test",
+        )
     est = float(d.mean())
     sd = float(d.std(ddof=1))
     res = sps.ttest_rel(b, a)
     ci = res.confidence_interval(confidence_level=1 - alpha)
     return TestResult(
-        method, est, float(ci.low), float(ci.high), f"t, df={n - 1}", float(res.statistic), df,
-        float(res.pvalue), alpha=alpha, se=sd / math.sqrt(n), effect_size=est / sd, effect_size_name="Cohen's d_z",
+        method,
+        est,
+        float(ci.low),
+        float(ci.high),
+        f"t, df={n - 1}",
+        float(res.statistic),
+        df,
+        float(res.pvalue),
+        alpha=alpha,
+        se=sd / math.sqrt(n),
+        effect_size=est / sd,
+        effect_size_name="Cohen's d_z",
     )
 
 
@@ -457,8 +495,13 @@ def wilcoxon_test(a, b, *, method: str = "exact") -> TestResult:
     d = d[d != 0]
     n = d.size
     if n == 0:
-        return TestResult("Wilcoxon signed-rank", est, statistic=0.0, pvalue=1.0 if zeros else NAN,
-                          note="every paired difference is zero" if zeros else "no pairs")
+        return TestResult(
+            "Wilcoxon signed-rank",
+            est,
+            statistic=0.0,
+            pvalue=1.0 if zeros else NAN,
+            note="every paired difference is zero" if zeros else "no pairs",
+        )
     ranks = sps.rankdata(np.abs(d))
     ties = bool(np.unique(np.abs(d)).size < n)
     v = float(ranks[d > 0].sum())
@@ -479,8 +522,15 @@ def wilcoxon_test(a, b, *, method: str = "exact") -> TestResult:
         p = float(res.pvalue)
         name = "Wilcoxon signed-rank (normal approximation, continuity corrected)"
     r_rb = 2 * v / (n * (n + 1) / 2) - 1  # (R+ - R-) / (R+ + R-), Kerby (2014)
-    return TestResult(name, est, statistic=v, pvalue=p, note="; ".join(notes), effect_size=float(r_rb),
-                      effect_size_name="matched-pairs rank-biserial r")
+    return TestResult(
+        name,
+        est,
+        statistic=v,
+        pvalue=p,
+        note="; ".join(notes),
+        effect_size=float(r_rb),
+        effect_size_name="matched-pairs rank-biserial r",
+    )
 
 
 def sign_test(a, b, *, alpha: float = 0.05) -> TestResult:
@@ -516,8 +566,9 @@ def sign_test(a, b, *, alpha: float = 0.05) -> TestResult:
     n = nz.size
     name = "exact sign test"
     if n == 0:
-        return TestResult(name, est, statistic=0.0, pvalue=1.0 if d.size else NAN, alpha=alpha,
-                          note="every paired difference is zero")
+        return TestResult(
+            name, est, statistic=0.0, pvalue=1.0 if d.size else NAN, alpha=alpha, note="every paired difference is zero"
+        )
     pos = int(np.sum(nz > 0))
     p = float(sps.binomtest(pos, n, 0.5).pvalue)
     # largest k with P(Bin(N, 1/2) <= k - 1) <= alpha / 2
@@ -527,8 +578,9 @@ def sign_test(a, b, *, alpha: float = 0.05) -> TestResult:
     srt = np.sort(d)
     lo, hi = (float(srt[k]), float(srt[d.size - 1 - k])) if k >= 0 else (NAN, NAN)
     note = f"{d.size - n} zero difference(s) dropped" if d.size > n else ""
-    return TestResult(name, est, lo, hi, "order statistics (sign test inversion)", float(pos), NAN, p,
-                      alpha=alpha, note=note)
+    return TestResult(
+        name, est, lo, hi, "order statistics (sign test inversion)", float(pos), NAN, p, alpha=alpha, note=note
+    )
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -672,11 +724,30 @@ def patient_bootstrap(
     if method == "percentile":
         lo, hi, pval = _equal_tailed(boot_theta, 0.0, alpha)
         stat = theta / se if se > 0 else NAN
-        return TestResult("patient cluster bootstrap (percentile)", theta, lo, hi,
-                          f"percentile bootstrap, B={n_resamples}", stat, NAN, pval, **common)
+        return TestResult(
+            "patient cluster bootstrap (percentile)",
+            theta,
+            lo,
+            hi,
+            f"percentile bootstrap, B={n_resamples}",
+            stat,
+            NAN,
+            pval,
+            **common,
+        )
     if se <= _tolerance(sums / counts):
-        return TestResult("patient cluster bootstrap-t", theta, NAN, NAN, f"bootstrap-t, B={n_resamples}",
-                          NAN, NAN, NAN, note="not computed: no variation between patients", **common)
+        return TestResult(
+            "patient cluster bootstrap-t",
+            theta,
+            NAN,
+            NAN,
+            f"bootstrap-t, B={n_resamples}",
+            NAN,
+            NAN,
+            NAN,
+            note="not computed: no variation between patients",
+            **common,
+        )
     with np.errstate(divide="ignore", invalid="ignore"):
         t_star = (boot_theta - theta) / boot_se
     # A resample of identical patients has SE 0 and no studentized value; it is dropped.
@@ -684,8 +755,15 @@ def patient_bootstrap(
     t_obs = theta / se
     q_lo, q_hi, pval = _equal_tailed(t_star, t_obs, alpha)
     return TestResult(
-        "patient cluster bootstrap-t", theta, float(theta - q_hi * se), float(theta - q_lo * se),
-        f"bootstrap-t, B={n_resamples}", float(t_obs), NAN, float(pval), **common,
+        "patient cluster bootstrap-t",
+        theta,
+        float(theta - q_hi * se),
+        float(theta - q_lo * se),
+        f"bootstrap-t, B={n_resamples}",
+        float(t_obs),
+        NAN,
+        float(pval),
+        **common,
     )
 
 
@@ -725,9 +803,7 @@ def paired_table(correct_a, correct_b) -> np.ndarray:
     b = _correct_values(correct_b, "paired table", "correct_b")
     if a.shape != b.shape:
         raise CellbgError(f"correct_a and correct_b must pair up; got {a.size} and {b.size}")
-    return np.array(
-        [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]], dtype=np.int64
-    )
+    return np.array([[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]], dtype=np.int64)
 
 
 MCNEMAR_METHODS = ("auto", "exact", "mid-p", "chi2")
@@ -791,13 +867,16 @@ def mcnemar_test(table, *, method: str = "auto", correction: bool = True) -> Tes
         method = "exact" if (b + c) < 25 else "chi2"
     est = float((c - b) / n) if n else NAN
     if b + c == 0:
-        return TestResult("McNemar", est, pvalue=1.0, n_cells=int(n), mcnemar_b=b, mcnemar_c=c,
-                          note="no discordant pairs")
+        return TestResult(
+            "McNemar", est, pvalue=1.0, n_cells=int(n), mcnemar_b=b, mcnemar_c=c, note="no discordant pairs"
+        )
     note = "conditional on these trained models and these cells"
     # SE of the paired difference of proportions (c - b) / n; the conditional odds ratio c / b
-    effect = dict(se=math.sqrt(max(b + c - (c - b) ** 2 / n, 0.0)) / n,
-                  effect_size=math.log(c / b) if b > 0 and c > 0 else NAN,
-                  effect_size_name="log conditional odds ratio log(c/b)")
+    effect = dict(
+        se=math.sqrt(max(b + c - (c - b) ** 2 / n, 0.0)) / n,
+        effect_size=math.log(c / b) if b > 0 and c > 0 else NAN,
+        effect_size_name="log conditional odds ratio log(c/b)",
+    )
     if method == "mid-p":
         m, k = int(min(b, c)), int(b + c)
         if k <= 5000:  # exact integer arithmetic: 2 P(X < m) + P(X = m)
@@ -805,15 +884,34 @@ def mcnemar_test(table, *, method: str = "auto", correction: bool = True) -> Tes
         else:
             p = 2 * sps.binom.cdf(m - 1, k, 0.5) + sps.binom.pmf(m, k, 0.5)
         p = min(1.0, p)
-        return TestResult("McNemar mid-p", est, statistic=float(m), pvalue=float(p), n_cells=int(n),
-                          mcnemar_b=b, mcnemar_c=c, note=note, **effect)
+        return TestResult(
+            "McNemar mid-p",
+            est,
+            statistic=float(m),
+            pvalue=float(p),
+            n_cells=int(n),
+            mcnemar_b=b,
+            mcnemar_c=c,
+            note=note,
+            **effect,
+        )
     res = mcnemar(t, exact=method == "exact", correction=bool(correction))
     if method == "exact":
         name, df = "McNemar exact (binomial)", NAN
     else:
         name, df = "McNemar chi-square" + (" (continuity corrected)" if correction else ""), 1.0
-    return TestResult(name, est, statistic=float(res.statistic), df=df, pvalue=float(res.pvalue),
-                      n_cells=int(n), mcnemar_b=b, mcnemar_c=c, note=note, **effect)
+    return TestResult(
+        name,
+        est,
+        statistic=float(res.statistic),
+        df=df,
+        pvalue=float(res.pvalue),
+        n_cells=int(n),
+        mcnemar_b=b,
+        mcnemar_c=c,
+        note=note,
+        **effect,
+    )
 
 
 # --------------------------------------------------------------------------- GEE
@@ -891,15 +989,32 @@ def gee_fit(
     pvalues = pd.Series(2 * sps.t.sf(np.abs(tvalues), df), index=model.exog_names)
     q = sps.t.ppf(1 - alpha / 2, df)
     conf = pd.DataFrame({"low": params - q * bse, "high": params + q * bse})
-    dep = np.ravel(res.model.cov_struct.dep_params) if cov_struct == "exchangeable" else []
+    dep: Any = np.ravel(res.model.cov_struct.dep_params) if cov_struct == "exchangeable" else []
     cov = pd.DataFrame(np.asarray(res.cov_params()), index=model.exog_names, columns=model.exog_names)
     converged = bool(getattr(res, "converged", True)) and bool(np.all(np.isfinite(params)))
     separation = False
     if family == "binomial":
         fitted = np.asarray(res.fittedvalues, dtype=float)
         separation = bool(np.any((fitted < 1e-8) | (fitted > 1 - 1e-8)))
-    return GEEFit(params, bse, tvalues, pvalues, conf, cov, df, cov_type, int(model.nobs), n_groups,
-                  family, cov_struct, float(dep[0]) if len(dep) else NAN, alpha, converged, messages, separation)
+    return GEEFit(
+        params,
+        bse,
+        tvalues,
+        pvalues,
+        conf,
+        cov,
+        df,
+        cov_type,
+        int(model.nobs),
+        n_groups,
+        family,
+        cov_struct,
+        float(dep[0]) if len(dep) else NAN,
+        alpha,
+        converged,
+        messages,
+        separation,
+    )
 
 
 def paired_counts(paired: pd.DataFrame) -> pd.DataFrame:
@@ -933,10 +1048,18 @@ def paired_counts(paired: pd.DataFrame) -> pd.DataFrame:
     b = _correct_values(paired["correct_b"], "paired outcomes", "correct_b")
     seed = paired["seed"].to_numpy() if "seed" in paired else 0  # one seed / fold when not given
     fold = paired["fold"].to_numpy() if "fold" in paired else 0
-    df = pd.DataFrame({"patient_id": paired["patient_id"].to_numpy(), "seed": seed,
-                       "fold": fold, "n": 1, "correct_a": a.astype(np.int64),
-                       "correct_b": b.astype(np.int64), "discordant_a": (a & ~b).astype(np.int64),
-                       "discordant_b": (~a & b).astype(np.int64)})
+    df = pd.DataFrame(
+        {
+            "patient_id": paired["patient_id"].to_numpy(),
+            "seed": seed,
+            "fold": fold,
+            "n": 1,
+            "correct_a": a.astype(np.int64),
+            "correct_b": b.astype(np.int64),
+            "discordant_a": (a & ~b).astype(np.int64),
+            "discordant_b": (~a & b).astype(np.int64),
+        }
+    )
     return df.groupby(["patient_id", "seed", "fold"], sort=True, observed=True).sum().reset_index()
 
 
@@ -1028,15 +1151,19 @@ def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias
     if cov_type == "robust":
         name = name.replace("bias-reduced", "robust")
     if n_pat < 2:
-        return TestResult(name, NAN, scale=scale, alpha=alpha,
-                          note=f"not estimable: needs at least 2 patients; got {n_pat}", **sizes)
+        return TestResult(
+            name, NAN, scale=scale, alpha=alpha, note=f"not estimable: needs at least 2 patients; got {n_pat}", **sizes
+        )
     total = n.sum()
     mu_a, mu_b = ka.sum() / total, kb.sum() / total
     est = mu_b - mu_a
     df = float(n_pat - 1)
     q = sps.t.ppf(1 - alpha / 2, df)
-    boundary = [f"condition {c} is {'right' if mu == 1 else 'wrong'} for every cell"
-                for c, mu in (("A", mu_a), ("B", mu_b)) if mu in (0.0, 1.0)]
+    boundary = [
+        f"condition {c} is {'right' if mu == 1 else 'wrong'} for every cell"
+        for c, mu in (("A", mu_a), ("B", mu_b))
+        if mu in (0.0, 1.0)
+    ]
     note = ""
     if not boundary:
         params, cov = _gee_two_conditions(n, ka, kb, link="logit", cov_type=cov_type)
@@ -1047,11 +1174,27 @@ def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias
         se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
         if np.all(np.isfinite(cov)) and se_lor > 0:
             t = b1 / se_lor
-            note = (f"log odds ratio {b1:.4g} [{b1 - q * se_lor:.4g}, {b1 + q * se_lor:.4g}]; "
-                    "the test is on the log odds ratio")
-            return TestResult(name, est, est - q * se, est + q * se, f"delta method t, df={df:g}, {cov_type} SE",
-                              float(t), df, float(2 * sps.t.sf(abs(t), df)), scale=scale, alpha=alpha, note=note,
-                              se=se, effect_size=float(b1), effect_size_name="log odds ratio", **sizes)
+            note = (
+                f"log odds ratio {b1:.4g} [{b1 - q * se_lor:.4g}, {b1 + q * se_lor:.4g}]; "
+                "the test is on the log odds ratio"
+            )
+            return TestResult(
+                name,
+                est,
+                est - q * se,
+                est + q * se,
+                f"delta method t, df={df:g}, {cov_type} SE",
+                float(t),
+                df,
+                float(2 * sps.t.sf(abs(t), df)),
+                scale=scale,
+                alpha=alpha,
+                note=note,
+                se=se,
+                effect_size=float(b1),
+                effect_size_name="log odds ratio",
+                **sizes,
+            )
         note = "logistic GEE not estimable (no variation in the scores); "
     else:
         note = f"logistic GEE not estimable: {' and '.join(boundary)} (separation, infinite log odds); "
@@ -1060,14 +1203,41 @@ def gee_test(paired: pd.DataFrame, *, alpha: float = 0.05, cov_type: str = "bias
     params, cov = _gee_two_conditions(n, ka, kb, link="identity", cov_type=cov_type)
     se = math.sqrt(cov[1, 1]) if np.isfinite(cov[1, 1]) and cov[1, 1] > 0 else 0.0
     if se <= _tolerance(np.array([1.0])):
-        reason = ("every cell has the same outcome under both conditions" if est == 0
-                  else "no variation between patients or cells")
-        return TestResult(lin, est, NAN, NAN, "", NAN, df, NAN, scale=scale, alpha=alpha,
-                          note=note + f"the identity link is not estimable either: {reason}", **sizes)
+        reason = (
+            "every cell has the same outcome under both conditions"
+            if est == 0
+            else "no variation between patients or cells"
+        )
+        return TestResult(
+            lin,
+            est,
+            NAN,
+            NAN,
+            "",
+            NAN,
+            df,
+            NAN,
+            scale=scale,
+            alpha=alpha,
+            note=note + f"the identity link is not estimable either: {reason}",
+            **sizes,
+        )
     t = est / se
-    return TestResult(lin, est, est - q * se, est + q * se, f"t, df={df:g}, {cov_type} SE", float(t), df,
-                      float(2 * sps.t.sf(abs(t), df)), scale=scale, alpha=alpha, se=se,
-                      note=note + "fell back to the identity link (test of the accuracy difference)", **sizes)
+    return TestResult(
+        lin,
+        est,
+        est - q * se,
+        est + q * se,
+        f"t, df={df:g}, {cov_type} SE",
+        float(t),
+        df,
+        float(2 * sps.t.sf(abs(t), df)),
+        scale=scale,
+        alpha=alpha,
+        se=se,
+        note=note + "fell back to the identity link (test of the accuracy difference)",
+        **sizes,
+    )
 
 
 def _count_sizes(counts: pd.DataFrame) -> dict:
@@ -1130,12 +1300,32 @@ def corrected_resampled_t_test(differences, *, test_train_ratio: float, alpha: f
     df = float(j - 1)
     name = "Nadeau-Bengio corrected resampled t (folds)"
     if se == 0:
-        return TestResult(name, est, est, est, f"t, df={j - 1}", NAN, df, 1.0 if est == 0 else NAN,
-                          alpha=alpha, note="no variation between folds")
+        return TestResult(
+            name,
+            est,
+            est,
+            est,
+            f"t, df={j - 1}",
+            NAN,
+            df,
+            1.0 if est == 0 else NAN,
+            alpha=alpha,
+            note="no variation between folds",
+        )
     t = est / se
     q = sps.t.ppf(1 - alpha / 2, df)
-    return TestResult(name, est, est - q * se, est + q * se, f"corrected t, df={j - 1}", t, df,
-                      float(2 * sps.t.sf(abs(t), df)), alpha=alpha, se=se)
+    return TestResult(
+        name,
+        est,
+        est - q * se,
+        est + q * se,
+        f"corrected t, df={j - 1}",
+        t,
+        df,
+        float(2 * sps.t.sf(abs(t), df)),
+        alpha=alpha,
+        se=se,
+    )
 
 
 def five_by_two_cv_test(differences) -> TestResult:
@@ -1289,8 +1479,9 @@ def compare_conditions(
         counts, sizes = paired_counts(paired), _sizes(paired)
     if n_cells is not None:
         sizes["n_cells"] = int(n_cells)
-    return _compare_counts(counts, sizes, primary=primary, alpha=alpha, n_resamples=n_resamples, seed=seed,
-                           secondary=secondary)
+    return _compare_counts(
+        counts, sizes, primary=primary, alpha=alpha, n_resamples=n_resamples, seed=seed, secondary=secondary
+    )
 
 
 def _compare_counts(counts, sizes, *, primary, alpha, n_resamples, seed, secondary):
@@ -1300,8 +1491,13 @@ def _compare_counts(counts, sizes, *, primary, alpha, n_resamples, seed, seconda
 
     def patient_t() -> TestResult:
         if n_pat < 2:
-            return TestResult("paired t (patients)", float(pat["diff"].mean()) if n_pat else NAN, alpha=alpha,
-                              note=f"not computed: needs at least 2 patients; got {n_pat}", **sizes)
+            return TestResult(
+                "paired t (patients)",
+                float(pat["diff"].mean()) if n_pat else NAN,
+                alpha=alpha,
+                note=f"not computed: needs at least 2 patients; got {n_pat}",
+                **sizes,
+            )
         r = paired_t_test(pat["acc_a"], pat["acc_b"], alpha=alpha)
         r = r.replace(method="paired t (patients)", ci_method=f"t, df={n_pat - 1}", **sizes)
         if math.isnan(r.pvalue) and not math.isnan(r.estimate):
@@ -1320,8 +1516,11 @@ def _compare_counts(counts, sizes, *, primary, alpha, n_resamples, seed, seconda
     out.append(("sensitivity", other()))
     if n_pat >= 2:
         w = wilcoxon_test(pat["acc_a"], pat["acc_b"], method="exact")
-        w = w.replace(method=w.method.replace("Wilcoxon signed-rank", "Wilcoxon signed-rank (patients)"),
-                      scale="median patient difference", alpha=alpha)
+        w = w.replace(
+            method=w.method.replace("Wilcoxon signed-rank", "Wilcoxon signed-rank (patients)"),
+            scale="median patient difference",
+            alpha=alpha,
+        )
         out.append(("sensitivity", w.replace(**sizes)))
     if n_resamples and n_pat >= 2:
         ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
@@ -1343,8 +1542,9 @@ def _compare_counts(counts, sizes, *, primary, alpha, n_resamples, seed, seconda
         total = counts.groupby("seed", observed=True)["n"].sum().mean()
         ratio = float(np.mean(folds["n_test"] / np.maximum(total - folds["n_test"], 1)))
         nb = corrected_resampled_t_test(folds["diff"], test_train_ratio=ratio, alpha=alpha)
-        nb = nb.replace(note=(nb.note + "; " if nb.note else "") + f"{len(folds)} seed x fold results, "
-                        f"n_test/n_train = {ratio:.3g}")
+        nb = nb.replace(
+            note=(nb.note + "; " if nb.note else "") + f"{len(folds)} seed x fold results, n_test/n_train = {ratio:.3g}"
+        )
         out.append(("secondary", nb.replace(**sizes)))
     seeds = sorted(counts["seed"].unique())
     if n_folds == 2 and len(seeds) >= 5:
@@ -1402,5 +1602,3 @@ def simulate_paired_correctness(
     pa = 1 / (1 + np.exp(-(logit - v / 2)))
     pb = 1 / (1 + np.exp(-(logit + v / 2)))
     return rng.random(pa.shape) < pa, rng.random(pb.shape) < pb
-
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,7 +71,7 @@ def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
             both = per[[ref, other]].dropna()
             a, b = f"{ref}:{test_variant}", f"{other}:{test_variant}"
             used = sub[sub["train_variant"].isin([ref, other]) & sub["patient_id"].isin(both.index)]
-            sizes = dict(
+            sizes: dict[str, Any] = dict(
                 n_cells=int(used["cell_id"].nunique()), n_patients=len(both), n_seeds=int(used["seed"].nunique())
             )
             if len(both) >= 2:
@@ -79,9 +80,18 @@ def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
             else:
                 note = f"needs at least 2 patients; got {len(both)}"
                 r = TestResult("paired t (patients)", NAN, alpha=alpha, note=note, **sizes)
-            rows.append(_row("saliency", "primary", str(model), a, b, r.replace(scale="background share difference"),
-                             measure="background_share",
-                             saliency_method=f"{method} ({target} class)" if target else str(method)))
+            rows.append(
+                _row(
+                    "saliency",
+                    "primary",
+                    str(model),
+                    a,
+                    b,
+                    r.replace(scale="background share difference"),
+                    measure="background_share",
+                    saliency_method=f"{method} ({target} class)" if target else str(method),
+                )
+            )
     return rows
 
 
@@ -122,11 +132,12 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
     models += sorted(set(have) - set(models))
 
     for model in models:
-        for k, comp in enumerate(cfg.confirmatory):
+        for k, comp in enumerate(cfg.confirmatory or []):
             counts, n_cells = preds.paired_counts(model, comp.a, comp.b)
             seed = np.random.SeedSequence([cfg.seed, models.index(model), k])
-            for role, r in compare_conditions(counts, primary=cfg.primary, alpha=alpha, n_resamples=cfg.bootstrap,
-                                              seed=seed, n_cells=n_cells):
+            for role, r in compare_conditions(
+                counts, primary=cfg.primary, alpha=alpha, n_resamples=cfg.bootstrap, seed=seed, n_cells=n_cells
+            ):
                 rows.append(_row("confirmatory", role, model, comp.a, comp.b, r))
 
     if cfg.exploratory:
@@ -140,8 +151,9 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
                     pairs.append((rand, same, f"BG-GAP ({train})"))
             for a, b, name in pairs:
                 counts, n_cells = preds.paired_counts(model, a, b)
-                (role, r), = compare_conditions(counts, primary=cfg.primary, alpha=alpha, secondary=False,
-                                                n_cells=n_cells)
+                ((role, r),) = compare_conditions(
+                    counts, primary=cfg.primary, alpha=alpha, secondary=False, n_cells=n_cells
+                )
                 rows.append(_row("exploratory", role, model, a, b, r, name=name))
                 mc = mcnemar_test(_counts_table(counts))
                 mc = mc.replace(n_patients=r.n_patients, n_seeds=r.n_seeds, alpha=alpha)
@@ -151,8 +163,11 @@ def run_stats(run_dir: str | Path) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     for c in TESTS_COLUMNS:
         if c not in table.columns:
-            table[c] = np.nan if c not in ("note", "name", "measure", "saliency_method", "ci_method",
-                                           "effect_size_name") else ""
+            table[c] = (
+                np.nan
+                if c not in ("note", "name", "measure", "saliency_method", "ci_method", "effect_size_name")
+                else ""
+            )
     for col in ("p_holm", "p_bh", "p_bonferroni"):
         table[col] = np.nan
     for fam in table["family"].unique() if len(table) else []:
@@ -192,7 +207,7 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 def _verdict(p: float, alpha: float, note: str = "") -> str:
-    """"significant" / "not significant" / "not computed (reason)": a NaN p is never a negative result."""
+    """ "significant" / "not significant" / "not computed (reason)": a NaN p is never a negative result."""
     if p is None or not np.isfinite(p):
         reason = str(note).split(";")[0].removeprefix("not computed: ") if isinstance(note, str) and note else ""
         return "not computed" + (f" ({reason})" if reason else "")
@@ -225,8 +240,10 @@ def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame) -> str:
     if n_pat >= 30:
         parts.append("Percentile patient bootstrap intervals are reported (>= 30 patients).")
     else:
-        parts.append(f"Percentile bootstrap intervals are not reported: {n_pat} patients < 30; "
-                     "the studentized (bootstrap-t) patient cluster bootstrap is given instead.")
+        parts.append(
+            f"Percentile bootstrap intervals are not reported: {n_pat} patients < 30; "
+            "the studentized (bootstrap-t) patient cluster bootstrap is given instead."
+        )
     parts.append("")
     cols = ["model", "comparison", "estimate", "ci_low", "ci_high", "statistic", "df", "pvalue", "p_holm", "p_bh",
             "n_patients"]  # fmt: skip
@@ -240,17 +257,19 @@ def _summary_md(protocol, table: pd.DataFrame, acc: pd.DataFrame) -> str:
         if fam == "confirmatory":
             for r in sub.itertuples():
                 verdict = _verdict(r.p_holm, cfg.alpha, r.note)
-                ci = (f"{level} CI {_fmt(r.ci_low)} to {_fmt(r.ci_high)}" if np.isfinite(r.ci_low)
-                      else "no CI computed")
+                ci = f"{level} CI {_fmt(r.ci_low)} to {_fmt(r.ci_high)}" if np.isfinite(r.ci_low) else "no CI computed"
                 if np.isfinite(r.pvalue):
                     ps = f"p = {_fmt(r.pvalue)}, Holm p = {_fmt(r.p_holm)}: {verdict} at alpha {cfg.alpha}"
                 else:
                     ps = f"p {verdict}"
-                es = (f", {r.effect_size_name} {_fmt(r.effect_size)}"
-                      if isinstance(r.effect_size_name, str) and r.effect_size_name and np.isfinite(r.effect_size)
-                      else "")
-                parts.append(f"- {r.model}, {r.comparison} ({r.method}): {r.scale} {_fmt(r.estimate)} ({ci}{es}), "
-                             f"{ps}.")
+                es = (
+                    f", {r.effect_size_name} {_fmt(r.effect_size)}"
+                    if isinstance(r.effect_size_name, str) and r.effect_size_name and np.isfinite(r.effect_size)
+                    else ""
+                )
+                parts.append(
+                    f"- {r.model}, {r.comparison} ({r.method}): {r.scale} {_fmt(r.estimate)} ({ci}{es}), {ps}."
+                )
             parts.append("")
     others = table[(table["family"] == "confirmatory") & (table["role"] != "primary")]
     if not others.empty:

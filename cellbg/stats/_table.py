@@ -157,13 +157,19 @@ class CodedPredictions:
             parts: dict[str, list] = {c: [] for c in _PAIR_COLUMNS}
             offset = 0
             # Batch by batch, so only integer codes accumulate (never the decoded strings).
-            for batch in dataset.to_batches(columns=list(_PAIR_COLUMNS), batch_size=1 << 17, use_threads=False,
-                                            batch_readahead=0, fragment_readahead=0):
+            for batch in dataset.to_batches(
+                columns=list(_PAIR_COLUMNS),
+                batch_size=1 << 17,
+                use_threads=False,
+                batch_readahead=0,
+                fragment_readahead=0,
+            ):
                 for c in _PAIR_COLUMNS:
                     arr = batch.column(c)
                     if arr.null_count and c != "correct":
-                        raise _missing_error(what, c, np.r_[np.zeros(offset, bool),
-                                                            pc.is_null(arr).to_numpy(zero_copy_only=False)])
+                        raise _missing_error(
+                            what, c, np.r_[np.zeros(offset, bool), pc.is_null(arr).to_numpy(zero_copy_only=False)]
+                        )
                     if c in coders:
                         parts[c].append(coders[c].codes(arr))
                     elif c == "correct" and (arr.null_count or not pa.types.is_boolean(arr.type)):
@@ -226,10 +232,15 @@ class CodedPredictions:
             model = self.labels["model"][c["model"][i]]
             train = self.labels["train_variant"][c["train_variant"][i]]
             cond_label = f"{train}:{self.labels['test_variant'][c['test_variant'][i]]}"
-            dup_key = [self.labels["cell_id"][c["cell_id"][i]], self.labels["seed"][c["seed"][i]],
-                       self.labels["fold"][c["fold"][i]]]
-            raise CellbgError(f"predictions: condition {cond_label} of model '{model}' has duplicate rows for "
-                              f"cell/seed/fold {dup_key}")
+            dup_key = [
+                self.labels["cell_id"][c["cell_id"][i]],
+                self.labels["seed"][c["seed"][i]],
+                self.labels["fold"][c["fold"][i]],
+            ]
+            raise CellbgError(
+                f"predictions: condition {cond_label} of model '{model}' has duplicate rows for "
+                f"cell/seed/fold {dup_key}"
+            )
         matrix = np.full(n_units * nconds, -1, dtype=np.int8)
         matrix[flat] = self.correct
         del flat
@@ -241,14 +252,25 @@ class CodedPredictions:
             raise CellbgError(f"{self.source}: cell {cell!r} has more than one patient_id")
         label_u = np.zeros(n_units, dtype=np.int64)
         label_u[unit] = c["label"]
-        present = np.bincount(c["model"].astype(np.int64) * nconds + cond,
-                              minlength=self.card("model") * nconds).reshape(self.card("model"), nconds) > 0
+        present = (
+            np.bincount(c["model"].astype(np.int64) * nconds + cond, minlength=self.card("model") * nconds).reshape(
+                self.card("model"), nconds
+            )
+            > 0
+        )
         order = np.argsort(model_u, kind="stable")
         bounds = np.searchsorted(model_u[order], np.arange(self.card("model") + 1))
         self._units = {
-            "matrix": matrix.reshape(n_units, nconds), "model": model_u, "cell": cell_u, "seed": seed_u,
-            "fold": fold_u, "patient": patient_u, "label": label_u, "present": present, "ntest": ntest,
-            "of_model": [order[bounds[m]:bounds[m + 1]] for m in range(self.card("model"))],
+            "matrix": matrix.reshape(n_units, nconds),
+            "model": model_u,
+            "cell": cell_u,
+            "seed": seed_u,
+            "fold": fold_u,
+            "patient": patient_u,
+            "label": label_u,
+            "present": present,
+            "ntest": ntest,
+            "of_model": [order[bounds[m] : bounds[m + 1]] for m in range(self.card("model"))],
         }
         return self._units
 
@@ -261,8 +283,10 @@ class CodedPredictions:
         u = self._build_units()
         m = self._model_code(model)
         ntest = u["ntest"]
-        return sorted(f"{self.labels['train_variant'][k // ntest]}:{self.labels['test_variant'][k % ntest]}"
-                      for k in np.flatnonzero(u["present"][m]))
+        return sorted(
+            f"{self.labels['train_variant'][k // ntest]}:{self.labels['test_variant'][k % ntest]}"
+            for k in np.flatnonzero(u["present"][m])
+        )
 
     def _model_code(self, model: str) -> int:
         look_up_option(str(model), self.models(), what="model")
@@ -305,13 +329,18 @@ class CodedPredictions:
         def count(weights=None) -> np.ndarray:
             return np.bincount(gi, weights=weights, minlength=ng).astype(np.int64)
 
-        counts = pd.DataFrame({
-            "patient_id": self.labels["patient_id"][gu // (nseed * nfold)],
-            "seed": self.labels["seed"][(gu // nfold) % nseed],
-            "fold": self.labels["fold"][gu % nfold],
-            "n": count(), "correct_a": count(xa), "correct_b": count(xb),
-            "discordant_a": count(xa & ~xb), "discordant_b": count(~xa & xb),
-        })
+        counts = pd.DataFrame(
+            {
+                "patient_id": self.labels["patient_id"][gu // (nseed * nfold)],
+                "seed": self.labels["seed"][(gu // nfold) % nseed],
+                "fold": self.labels["fold"][gu % nfold],
+                "n": count(),
+                "correct_a": count(xa),
+                "correct_b": count(xb),
+                "discordant_a": count(xa & ~xb),
+                "discordant_b": count(~xa & xb),
+            }
+        )
         n_cells = int(np.unique(u["cell"][sel]).size)
         return counts, n_cells
 
@@ -347,10 +376,13 @@ class CodedPredictions:
         model = gu // (ntrain * ntest)
         train = (gu // ntest) % ntrain
         test = gu % ntest
-        out = pd.DataFrame({
-            "model": self.labels["model"][model], "train_variant": self.labels["train_variant"][train],
-            "test_variant": self.labels["test_variant"][test],
-        })
+        out = pd.DataFrame(
+            {
+                "model": self.labels["model"][model],
+                "train_variant": self.labels["train_variant"][train],
+                "test_variant": self.labels["test_variant"][test],
+            }
+        )
         out["condition"] = out["train_variant"].astype(str) + ":" + out["test_variant"].astype(str)
         out["accuracy"], out["accuracy_sd"] = acc_m, acc_sd
         out["balanced_accuracy"], out["balanced_accuracy_sd"] = bal_m, bal_sd
