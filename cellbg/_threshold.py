@@ -141,9 +141,7 @@ def intensity_plane(
         return image.astype(np.float32), "the only channel", False
     if channel is not None:
         if not 0 <= channel < image.shape[0]:
-            raise CellbgError(
-                f"threshold channel {channel} out of range for an image with {image.shape[0]} channel(s)"
-            )
+            raise CellbgError(f"threshold channel {channel} out of range for an image with {image.shape[0]} channel(s)")
         return image[channel].astype(np.float32), f"channel {channel} (given)", False
     if image.shape[0] == 1:
         return image[0].astype(np.float32), "the only channel", False

@@ -59,8 +59,10 @@ class FolderScan:
     @property
     def can_train(self) -> bool:
         """Two classes or more, each with patients: the whole pipeline can run."""
-        return len(self.classes) >= 2 and all(self.patients.get(c, 0) >= 1 for c in self.classes) and (
-            self.layout in ("classes/patients", "classes + patient_pattern")
+        return (
+            len(self.classes) >= 2
+            and all(self.patients.get(c, 0) >= 1 for c in self.classes)
+            and (self.layout in ("classes/patients", "classes + patient_pattern"))
         )
 
     def summary_lines(self) -> list[str]:
@@ -157,7 +159,8 @@ def scan_folder(
             per_suffix[sfx] += 1
     used = set(masks)
     orphans = sorted(
-        str(p.relative_to(root)) for p in root.rglob("*")
+        str(p.relative_to(root))
+        for p in root.rglob("*")
         if p.is_file() and p.suffix.lower() in exts and is_mask_file(p, mask_suffixes) and str(p) not in used
     )
     step = max(1, len(table) // 3)
@@ -200,8 +203,9 @@ def _yaml_str(value: str) -> str:
     return yaml.safe_dump(value, default_style=None).strip().removesuffix("\n...").strip()
 
 
-def protocol_text(scan: FolderScan, *, protocol_path: str | Path, name: str | None = None,
-                  diameter: float | None = None) -> str:
+def protocol_text(
+    scan: FolderScan, *, protocol_path: str | Path, name: str | None = None, diameter: float | None = None
+) -> str:
     """A commented protocol for a scanned folder (paths relative to ``protocol_path``)."""
     protocol_path = Path(protocol_path)
     name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", scan.root.resolve().name) or "cellbg"
@@ -273,8 +277,9 @@ def protocol_text(scan: FolderScan, *, protocol_path: str | Path, name: str | No
     return "\n".join(lines) + "\n"
 
 
-def init_protocol(folder: str | Path, out: str | Path, *, force: bool = False,
-                  name: str | None = None) -> tuple[Path, FolderScan]:
+def init_protocol(
+    folder: str | Path, out: str | Path, *, force: bool = False, name: str | None = None
+) -> tuple[Path, FolderScan]:
     """Scan ``folder``, write a commented protocol to ``out`` (atomically) and check it loads.
 
     Raises

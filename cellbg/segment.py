@@ -273,8 +273,12 @@ def segment_threshold(
     # the necks between its cells. Boundaries between objects are kept.
     apart = (labels > 0) & ~find_boundaries(labels, mode="inner")
     again = T.split_touching(
-        apart, min_distance=min_distance, smooth=s["seed_smooth"], h=h,
-        intensity=x if seeds == "log" else None, log_sigma=s["log_sigma"],
+        apart,
+        min_distance=min_distance,
+        smooth=s["seed_smooth"],
+        h=h,
+        intensity=x if seeds == "log" else None,
+        log_sigma=s["log_sigma"],
     )
     labels = watershed(-x, again, mask=labels > 0).astype(np.int32)
     area = np.bincount(labels.ravel())
@@ -418,9 +422,7 @@ def resolve_model(model: str | os.PathLike) -> Path:
         return path
     path = model_dir() / text
     if not path.is_file():
-        where = (
-            "CELLPOSE_LOCAL_MODELS_PATH" if os.environ.get("CELLPOSE_LOCAL_MODELS_PATH") else "Cellpose's cache"
-        )
+        where = "CELLPOSE_LOCAL_MODELS_PATH" if os.environ.get("CELLPOSE_LOCAL_MODELS_PATH") else "Cellpose's cache"
         raise CellbgError(
             f"Cellpose model '{text}' not found: no file {path} ({where}); pre-stage it there "
             "(see `cellbg models`) or give segmentation.model as a weights path"
@@ -465,7 +467,9 @@ def list_models() -> pd.DataFrame:
         names += sorted(
             p.name
             for p in folder.iterdir()
-            if p.is_file() and p.name not in CELLPOSE_MODEL_NAMES and not p.name.startswith(".")
+            if p.is_file()
+            and p.name not in CELLPOSE_MODEL_NAMES
+            and not p.name.startswith(".")
             and p.suffix not in (".txt", ".json", ".npy")
         )
     rows = []
@@ -930,7 +934,9 @@ def _write_threshold_log(folder: Path, image_ids: list[str], infos: list[dict], 
         d = new["diameter"]
         log.info(
             "threshold: diameter median %.1f px (%d of %d estimated); planes: %s",
-            d.median(), int(new["diameter_estimated"].sum()), len(new),
+            d.median(),
+            int(new["diameter_estimated"].sum()),
+            len(new),
             ", ".join(sorted({str(v).split(" (")[0] for v in new["plane"]})),
         )
 

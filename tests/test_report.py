@@ -26,8 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 TRAIN = ["original", "only_fg"]
 TEST = [
-    "original", "only_fg", "mixed_same", "mixed_rand", "bg_ring(2)", "bg_ring(8)",
-    "bg_color(1,0,1)", "bg_blur(2)", "mask_erode(2)+only_fg", "mask_dilate(2)+only_fg",
+    "original",
+    "only_fg",
+    "mixed_same",
+    "mixed_rand",
+    "bg_ring(2)",
+    "bg_ring(8)",
+    "bg_color(1,0,1)",
+    "bg_blur(2)",
+    "mask_erode(2)+only_fg",
+    "mask_dilate(2)+only_fg",
 ]
 MODELS = ["resnet", "shufflenet_v2"]
 SEEDS = [0, 1]
@@ -49,8 +57,14 @@ def _protocol(run_dir: Path, **overrides) -> Protocol:
         "training": {"epochs": 3, "seeds": SEEDS, "split": {"folds": 3}},
         "saliency": {"methods": ["gradcam"]},
         # The BG-GAP pair as a planned comparison keeps the stats stage small (no exploratory sweep).
-        "stats": {"bootstrap": 200, "exploratory": False, "confirmatory": [
-            {"a": "original:original", "b": "original:only_fg"}, {"a": "original:mixed_rand", "b": "original:mixed_same"}]},
+        "stats": {
+            "bootstrap": 200,
+            "exploratory": False,
+            "confirmatory": [
+                {"a": "original:original", "b": "original:only_fg"},
+                {"a": "original:mixed_rand", "b": "original:mixed_same"},
+            ],
+        },
     }
     raw.update(overrides)
     return Protocol.model_validate(raw)
@@ -61,8 +75,16 @@ def _cells() -> pd.DataFrame:
     for p_i, patient in enumerate(PATIENTS):
         label = CLASSES[p_i % 2]
         for k in range(CELLS_PER_PATIENT):
-            rows.append({"cell_id": f"{patient}-img-{k:04d}", "image_id": f"{patient}-img", "patient_id": patient,
-                         "label": label, "label_index": CLASSES.index(label), "fold": p_i % 3})
+            rows.append(
+                {
+                    "cell_id": f"{patient}-img-{k:04d}",
+                    "image_id": f"{patient}-img",
+                    "patient_id": patient,
+                    "label": label,
+                    "label_index": CLASSES.index(label),
+                    "fold": p_i % 3,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -83,12 +105,20 @@ def _predictions(cells: pd.DataFrame) -> pd.DataFrame:
                         correct = np.arange(n) < (24 if seed == 0 else 27)
                     pred_index = np.where(correct, cells["label_index"], 1 - cells["label_index"])
                     prob = np.where(pred_index == 1, 0.8, 0.2)
-                    frames.append(cells.assign(
-                        model=model, train_variant=train, test_variant=test, seed=seed,
-                        pred=[CLASSES[i] for i in pred_index], pred_index=pred_index, correct=correct,
-                        prob_healthy=1 - prob, prob_sezary=prob,
-                        partner_cell_id=cells["cell_id"].iloc[::-1].to_numpy() if test.startswith("mixed") else "",
-                    ))
+                    frames.append(
+                        cells.assign(
+                            model=model,
+                            train_variant=train,
+                            test_variant=test,
+                            seed=seed,
+                            pred=[CLASSES[i] for i in pred_index],
+                            pred_index=pred_index,
+                            correct=correct,
+                            prob_healthy=1 - prob,
+                            prob_sezary=prob,
+                            partner_cell_id=cells["cell_id"].iloc[::-1].to_numpy() if test.startswith("mixed") else "",
+                        )
+                    )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -112,13 +142,25 @@ def _write_jobs(run_dir: Path) -> None:
             for seed in SEEDS:
                 job = run_dir / "jobs" / f"{model}-{train}-{seed}"
                 job.mkdir(parents=True)
-                (job / "spec.json").write_text(json.dumps(
-                    {"key": job.name, "job": {"model": model, "train_variant": train, "seed": seed, "fold": 0}}))
+                (job / "spec.json").write_text(
+                    json.dumps(
+                        {"key": job.name, "job": {"model": model, "train_variant": train, "seed": seed, "fold": 0}}
+                    )
+                )
                 epochs = np.arange(1, 4)
                 shift = 0.1 * m_i + 0.05 * TRAIN.index(train) + 0.02 * seed
-                pd.DataFrame({"epoch": epochs, "train_loss": 0.7 / epochs + shift, "train_accuracy": 1 - 0.3 / epochs - shift,
-                              "val_loss": 0.8 / epochs + shift, "val_accuracy": 1 - 0.35 / epochs - shift,
-                              "lr": 1e-3, "best": True, "seconds": 1.5}).to_csv(job / "history.csv", index=False)
+                pd.DataFrame(
+                    {
+                        "epoch": epochs,
+                        "train_loss": 0.7 / epochs + shift,
+                        "train_accuracy": 1 - 0.3 / epochs - shift,
+                        "val_loss": 0.8 / epochs + shift,
+                        "val_accuracy": 1 - 0.35 / epochs - shift,
+                        "lr": 1e-3,
+                        "best": True,
+                        "seconds": 1.5,
+                    }
+                ).to_csv(job / "history.csv", index=False)
                 (job / "DONE").write_text("")
 
 
@@ -142,10 +184,23 @@ def _write_crops_and_saliency(run_dir: Path, cells: pd.DataFrame) -> pd.DataFram
             r0, c0 = SIZE / 2 + model_i * SIZE / 4, SIZE / 2 - model_i * (i % 2) * SIZE / 5
             m = np.exp(-((yy - r0) ** 2 + (xx - c0) ** 2) / (2 * (SIZE / 6) ** 2)).astype("float32")
             share = float(m[~masks[i]].sum() / m.sum())
-            rows.append({"cell_id": cells["cell_id"][i], "patient_id": cells["patient_id"][i], "label": cells["label"][i],
-                         "model": model, "train_variant": "original", "seed": 0, "fold": int(cells["fold"][i]),
-                         "method": "gradcam", "target": "predicted", "background_share": share,
-                         "background_ratio": share / (1 - share), "sanity_rank_corr": 0.1, "map_index": len(maps)})
+            rows.append(
+                {
+                    "cell_id": cells["cell_id"][i],
+                    "patient_id": cells["patient_id"][i],
+                    "label": cells["label"][i],
+                    "model": model,
+                    "train_variant": "original",
+                    "seed": 0,
+                    "fold": int(cells["fold"][i]),
+                    "method": "gradcam",
+                    "target": "predicted",
+                    "background_share": share,
+                    "background_ratio": share / (1 - share),
+                    "sanity_rank_corr": 0.1,
+                    "map_index": len(maps),
+                }
+            )
             maps.append(m)
     s = zarr.open_group(str(run_dir / "saliency.zarr"), mode="w")
     s.create_array("maps", data=np.stack(maps))
@@ -161,14 +216,33 @@ def _write_segmentation_evaluation(run_dir: Path) -> None:
     """``segmentation/evaluation.csv`` as :func:`cellbg.segment.evaluate_run` writes it."""
     tp, fp, fn = (np.array(x, float) for x in (SEG_TP, SEG_FP, SEG_FN))
     (run_dir / "segmentation").mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"image_id": ["a", "b", "c"], "n_true": tp + fn, "n_pred": tp + fp, "tp": tp, "fp": fp, "fn": fn,
-                  "precision": tp / (tp + fp), "recall": tp / (tp + fn), "f1": 2 * tp / (2 * tp + fp + fn),
-                  "ap": [0.7, 0.6, 0.8], "mean_matched_iou": [0.8, 0.75, 0.85]},
-                 ).to_csv(run_dir / "segmentation" / "evaluation.csv", index=False)
+    pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c"],
+            "n_true": tp + fn,
+            "n_pred": tp + fp,
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "precision": tp / (tp + fp),
+            "recall": tp / (tp + fn),
+            "f1": 2 * tp / (2 * tp + fp + fn),
+            "ap": [0.7, 0.6, 0.8],
+            "mean_matched_iou": [0.8, 0.75, 0.85],
+        },
+    ).to_csv(run_dir / "segmentation" / "evaluation.csv", index=False)
 
 
-def make_run(run_dir: Path, *, with_predictions=True, with_stats=True, with_jobs=True, with_saliency=True,
-             with_segmentation=True, **protocol) -> dict:
+def make_run(
+    run_dir: Path,
+    *,
+    with_predictions=True,
+    with_stats=True,
+    with_jobs=True,
+    with_saliency=True,
+    with_segmentation=True,
+    **protocol,
+) -> dict:
     p = _protocol(run_dir, **protocol)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(p)
@@ -221,7 +295,12 @@ def _expected_acc(preds: pd.DataFrame, model: str, train: str, test: str) -> str
     """Independent recomputation: accuracy per seed, then mean +- SD over seeds, in %."""
     accs = []
     for seed in SEEDS:
-        sub = preds[(preds.model == model) & (preds.train_variant == train) & (preds.test_variant == test) & (preds.seed == seed)]
+        sub = preds[
+            (preds.model == model)
+            & (preds.train_variant == train)
+            & (preds.test_variant == test)
+            & (preds.seed == seed)
+        ]
         accs.append(sub["correct"].sum() / len(sub))
     return f"{100 * np.mean(accs):.1f} $\\pm$ {100 * np.std(accs, ddof=1):.1f}"
 
@@ -256,11 +335,18 @@ def test_bg_gap_matches_predictions(full_run):
         gaps = []
         for seed in SEEDS:
             s = preds[(preds.model == model) & (preds.train_variant == train) & (preds.seed == seed)]
-            gaps.append(s[s.test_variant == "mixed_same"]["correct"].mean() - s[s.test_variant == "mixed_rand"]["correct"].mean())
+            gaps.append(
+                s[s.test_variant == "mixed_same"]["correct"].mean()
+                - s[s.test_variant == "mixed_rand"]["correct"].mean()
+            )
         assert r[4] == f"{100 * np.mean(gaps):.1f} $\\pm$ {100 * np.std(gaps, ddof=1):.1f}"
         # the stats stage tests it as b - a with a = mixed_rand, b = mixed_same (primary row)
-        hit = tests[(tests.model == model) & (tests.a == f"{train}:mixed_rand") & (tests.b == f"{train}:mixed_same")
-                    & (tests.role == "primary")]
+        hit = tests[
+            (tests.model == model)
+            & (tests.a == f"{train}:mixed_rand")
+            & (tests.b == f"{train}:mixed_same")
+            & (tests.role == "primary")
+        ]
         if train == "original":
             hit = hit.iloc[0]
             assert r[5] == f"[{100 * hit.ci_low:.1f}, {100 * hit.ci_high:.1f}]"
@@ -270,11 +356,29 @@ def test_bg_gap_matches_predictions(full_run):
 
 
 def test_bg_gap_table_sign_from_stats_row():
-    preds = pd.DataFrame({"model": "m", "train_variant": "t", "seed": 0, "patient_id": "p",
-                          "test_variant": ["mixed_same"] * 4 + ["mixed_rand"] * 4, "cell_id": list("abcdabcd"),
-                          "correct": [True, True, True, False, True, False, False, False]})
-    tests = pd.DataFrame({"model": ["m"], "a": ["t:mixed_rand"], "b": ["t:mixed_same"], "ci_low": [0.1],
-                          "ci_high": [0.9], "ci_method": ["bootstrap"], "pvalue": [0.01], "method": ["x"]})
+    preds = pd.DataFrame(
+        {
+            "model": "m",
+            "train_variant": "t",
+            "seed": 0,
+            "patient_id": "p",
+            "test_variant": ["mixed_same"] * 4 + ["mixed_rand"] * 4,
+            "cell_id": list("abcdabcd"),
+            "correct": [True, True, True, False, True, False, False, False],
+        }
+    )
+    tests = pd.DataFrame(
+        {
+            "model": ["m"],
+            "a": ["t:mixed_rand"],
+            "b": ["t:mixed_same"],
+            "ci_low": [0.1],
+            "ci_high": [0.9],
+            "ci_method": ["bootstrap"],
+            "pvalue": [0.01],
+            "method": ["x"],
+        }
+    )
     g = bg_gap_table(preds, tests).iloc[0]
     assert g["gap"] == pytest.approx(0.5) and (g["ci_low"], g["ci_high"]) == (0.1, 0.9)
     flipped = tests.assign(a="t:mixed_same", b="t:mixed_rand", ci_low=-0.9, ci_high=-0.1)
@@ -328,38 +432,92 @@ def test_significance_tex_matches_stats(full_run):
 
 
 def _label_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c in ("family", "model", "comparison (a vs b)", "measure", "saliency map",
-                                           "target class", "role", "test")]
+    return [
+        c
+        for c in df.columns
+        if c in ("family", "model", "comparison (a vs b)", "measure", "saliency map", "target class", "role", "test")
+    ]
 
 
 def test_significance_rows_have_distinct_labels():
     """Rows that differ only in saliency method or target class, and a planned comparison the
     exploratory grid tests again: every row of the main table reads differently."""
-    base = {"model": "m", "estimate": 0.1, "ci_low": 0.0, "ci_high": 0.2, "pvalue": 0.01, "p_holm": 0.02,
-            "p_bh": 0.03, "n_patients": 6, "n_cells": 60, "method": "paired t (patients)", "name": "",
-            "measure": "accuracy", "saliency_method": ""}
+    base = {
+        "model": "m",
+        "estimate": 0.1,
+        "ci_low": 0.0,
+        "ci_high": 0.2,
+        "pvalue": 0.01,
+        "p_holm": 0.02,
+        "p_bh": 0.03,
+        "n_patients": 6,
+        "n_cells": 60,
+        "method": "paired t (patients)",
+        "name": "",
+        "measure": "accuracy",
+        "saliency_method": "",
+    }
     rows = [
         {**base, "family": "confirmatory", "role": "primary", "a": "original:mixed_rand", "b": "original:mixed_same"},
-        {**base, "family": "confirmatory", "role": "secondary", "a": "original:mixed_rand",
-         "b": "original:mixed_same", "method": "McNemar exact (binomial)", "mcnemar_b": 3, "mcnemar_c": 9},
-        {**base, "family": "exploratory", "role": "primary", "a": "original:mixed_rand", "b": "original:mixed_same",
-         "name": "BG-GAP (original)", "p_bh": 0.043},
-        {**base, "family": "exploratory", "role": "secondary", "a": "original:mixed_rand",
-         "b": "original:mixed_same", "name": "BG-GAP (original)", "method": "McNemar exact (binomial)"},
-        {**base, "family": "exploratory", "role": "primary", "a": "original:original", "b": "original:only_fg",
-         "estimate": -0.0000001},
+        {
+            **base,
+            "family": "confirmatory",
+            "role": "secondary",
+            "a": "original:mixed_rand",
+            "b": "original:mixed_same",
+            "method": "McNemar exact (binomial)",
+            "mcnemar_b": 3,
+            "mcnemar_c": 9,
+        },
+        {
+            **base,
+            "family": "exploratory",
+            "role": "primary",
+            "a": "original:mixed_rand",
+            "b": "original:mixed_same",
+            "name": "BG-GAP (original)",
+            "p_bh": 0.043,
+        },
+        {
+            **base,
+            "family": "exploratory",
+            "role": "secondary",
+            "a": "original:mixed_rand",
+            "b": "original:mixed_same",
+            "name": "BG-GAP (original)",
+            "method": "McNemar exact (binomial)",
+        },
+        {
+            **base,
+            "family": "exploratory",
+            "role": "primary",
+            "a": "original:original",
+            "b": "original:only_fg",
+            "estimate": -0.0000001,
+        },
     ]
     for method in ("gradcam", "integrated_gradients"):
         for target in ("predicted", "true"):
-            rows.append({**base, "family": "saliency", "role": "primary", "a": "original:original",
-                         "b": "only_fg:original", "measure": "background_share",
-                         "saliency_method": f"{method} ({target} class)"})
+            rows.append(
+                {
+                    **base,
+                    "family": "saliency",
+                    "role": "primary",
+                    "a": "original:original",
+                    "b": "only_fg:original",
+                    "measure": "background_share",
+                    "saliency_method": f"{method} ({target} class)",
+                }
+            )
     main, secondary, notes, secondary_notes = significance_tables(pd.DataFrame(rows))
     labels = main[_label_columns(main)]
     assert len(main) == 6 and not labels.duplicated().any()
     assert set(zip(main["saliency map"], main["target class"], strict=True)) >= {
-        ("gradcam", "predicted"), ("gradcam", "true"), ("integrated_gradients", "predicted"),
-        ("integrated_gradients", "true")}
+        ("gradcam", "predicted"),
+        ("gradcam", "true"),
+        ("integrated_gradients", "predicted"),
+        ("integrated_gradients", "true"),
+    }
     # the BG-GAP pair is shown once, in the confirmatory family, and the note says why
     assert (main["comparison (a vs b)"].str.startswith("BG-GAP (original)")).sum() == 1
     assert len(notes) == 1 and "p BH = 0.043" in notes[0] and "Holm" in notes[0]
@@ -371,7 +529,10 @@ def test_significance_rows_have_distinct_labels():
 
 
 def test_segmentation_table_pools_counts(full_run):
-    rows = {r[0].replace("\\_", "_"): r[1:] for r in _tex_rows((full_run["report"] / "tables" / "segmentation.tex").read_text())}
+    rows = {
+        r[0].replace("\\_", "_"): r[1:]
+        for r in _tex_rows((full_run["report"] / "tables" / "segmentation.tex").read_text())
+    }
     tp, fp, fn = sum(SEG_TP), sum(SEG_FP), sum(SEG_FN)
     assert rows["precision"][1] == f"{tp / (tp + fp):.3f}" == "0.882"
     assert rows["recall"][1] == f"{tp / (tp + fn):.3f}" == "0.833"
@@ -410,23 +571,36 @@ def _structural_check(text: str) -> None:
 
 
 #: A two-column article as journals set it (10 pt, A4, 2 cm margins: 3.35 in columns).
-_TWO_COLUMN = ("\\documentclass[twocolumn,10pt]{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{mathptmx}\n"
-               "\\usepackage{booktabs,graphicx,array}\n\\usepackage[a4paper,margin=2cm]{geometry}\n"
-               "\\begin{document}\n%s\n\\end{document}\n")
+_TWO_COLUMN = (
+    "\\documentclass[twocolumn,10pt]{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{mathptmx}\n"
+    "\\usepackage{booktabs,graphicx,array}\n\\usepackage[a4paper,margin=2cm]{geometry}\n"
+    "\\begin{document}\n%s\n\\end{document}\n"
+)
 
 
 def test_tex_tables_compile(full_run, tmp_path):
     tables = sorted((full_run["report"] / "tables").glob("*.tex"))
-    assert {t.stem for t in tables} == {"accuracy_resnet", "accuracy_shufflenet_v2", "bg_gap", "significance",
-                                        "significance_secondary", "segmentation"}
+    assert {t.stem for t in tables} == {
+        "accuracy_resnet",
+        "accuracy_shufflenet_v2",
+        "bg_gap",
+        "significance",
+        "significance_secondary",
+        "segmentation",
+    }
     for t in tables:
         _structural_check(t.read_text())
     if shutil.which("pdflatex") is None:  # structural check above is then the whole test
         pytest.skip("no pdflatex (scripts/system-deps.sh installs TeX Live): only the structure was checked")
     body = "\n".join(f"\\input{{{t.as_posix()}}}" for t in tables)
     (tmp_path / "doc.tex").write_text(_TWO_COLUMN % body)
-    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout[-2000:]
     log = (tmp_path / "doc.log").read_text(errors="replace")
     overfull = [float(x) for x in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", log)]
@@ -438,17 +612,34 @@ def test_tex_tables_compile(full_run, tmp_path):
 def test_long_table_splits_into_floats_that_fit(tmp_path):
     """A 100-row significance-like table: four table* floats (the later ones "continued"),
     each on a page, none wider than the page."""
-    df = pd.DataFrame({"comparison (a vs b)": [f"original:original vs mask_dilate({i})+bg_blur(2)" for i in range(100)],
-                       "p": ["0.500"] * 100})
-    text = latex_table(df, caption="Long. More.", label="tab:long", wide=True, max_rows=30, size="scriptsize",
-                       align=">{\\raggedright\\arraybackslash}p{4cm}r", notes=["a note"])
+    df = pd.DataFrame(
+        {
+            "comparison (a vs b)": [f"original:original vs mask_dilate({i})+bg_blur(2)" for i in range(100)],
+            "p": ["0.500"] * 100,
+        }
+    )
+    text = latex_table(
+        df,
+        caption="Long. More.",
+        label="tab:long",
+        wide=True,
+        max_rows=30,
+        size="scriptsize",
+        align=">{\\raggedright\\arraybackslash}p{4cm}r",
+        notes=["a note"],
+    )
     assert text.count("\\begin{table*}") == 4 and text.count("(continued) Long.") == 3 and "a note" in text
     assert text.count("\\label{tab:long}") == 1
     if shutil.which("pdflatex") is None:
         pytest.skip("no pdflatex")
     (tmp_path / "doc.tex").write_text(_TWO_COLUMN % text)
-    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout[-2000:]
     log = (tmp_path / "doc.log").read_text(errors="replace")
     assert "Overfull \\hbox" not in log and "Float too large" not in log
@@ -464,8 +655,16 @@ def test_latex_table_escapes_and_counts_columns():
 # --------------------------------------------------------------------------- figures and html
 def test_figures_and_html_are_self_contained(full_run):
     figs = full_run["report"] / "figures"
-    names = {"accuracy_heatmap", "forest_gaps", "ring_width", "colour_blur", "mask_quality",
-             "training_curves", "validation_curves", "saliency_gallery"}
+    names = {
+        "accuracy_heatmap",
+        "forest_gaps",
+        "ring_width",
+        "colour_blur",
+        "mask_quality",
+        "training_curves",
+        "validation_curves",
+        "saliency_gallery",
+    }
     assert {p.stem for p in figs.glob("*.png")} == names
     assert {p.stem for p in figs.glob("*.pdf")} == names
     html = (full_run["report"] / "report.html").read_text()
@@ -494,7 +693,7 @@ def _pdf_page_size_and_fonts(path: Path) -> tuple[tuple[float, float], list[floa
     sizes = []
     for m in re.finditer(rb"stream\r?\n", data):
         end = data.find(b"endstream", m.end())
-        raw = data[m.end():end]
+        raw = data[m.end() : end]
         try:
             raw = zlib.decompress(raw)
         except zlib.error:
@@ -521,7 +720,7 @@ def test_figures_print_size_and_fonts(full_run):
         assert png.info["dpi"] == pytest.approx((300, 300), abs=0.01)
     assert widths == {3.5, 7.2}
     # labels in words, not condition codes
-    forest = (full_run["report"] / "figures" / "forest_gaps.pdf")
+    forest = full_run["report"] / "figures" / "forest_gaps.pdf"
     assert forest.exists()
     md = (full_run["report"] / "report.md").read_text()
     assert "each label reads as the difference it shows" in md
@@ -532,9 +731,11 @@ def test_figure_labels_in_words():
 
     assert condition_words("original:mixed_rand") == "trained on original, tested on mixed_rand"
     assert comparison_words("original:original", "only_fg:original") == (
-        "tested on original: trained on only_fg − original")
+        "tested on original: trained on only_fg − original"
+    )
     assert comparison_words("original:original", "only_fg:mixed_next") == (
-        "(trained on only_fg, tested on mixed_next) − (trained on original, tested on original)")
+        "(trained on only_fg, tested on mixed_next) − (trained on original, tested on original)"
+    )
 
 
 def test_pdf_report(full_run, tmp_path):
@@ -548,8 +749,11 @@ def test_pdf_report(full_run, tmp_path):
     assert (full_run["report"] / "report.tex").exists()
     assert not list(full_run["report"].glob("*.aux")) and not list(full_run["report"].glob("*.log"))
     if shutil.which("pdftoppm") is not None:
-        subprocess.run(["pdftoppm", "-r", "40", "-png", "-f", "1", "-l", "1", str(pdf), str(tmp_path / "p")],
-                       check=True, timeout=60)
+        subprocess.run(
+            ["pdftoppm", "-r", "40", "-png", "-f", "1", "-l", "1", str(pdf), str(tmp_path / "p")],
+            check=True,
+            timeout=60,
+        )
         from PIL import Image
 
         page = np.asarray(Image.open(next(tmp_path.glob("p*.png"))).convert("L"))
@@ -566,10 +770,21 @@ def test_methods_and_provenance(full_run):
 
     md = (full_run["report"] / "report.md").read_text()
     methods = md.split("## Methods", 1)[1].split("## Provenance", 1)[0]
-    for phrase in ("Cellpose (model `cpsam`", f"{SIZE} × {SIZE} pixel crop", "`mask_erode(2)+only_fg`",
-                   "ResNet-10", "ShuffleNetV2 × 0.5", "up to 3 epochs", "2 seeds (0 and 1)",
-                   "3-fold cross-validation with folds grouped by patient", "unit of analysis was the patient",
-                   "Holm", "alpha = 0.05", "30 cells from 6 patients", f"numpy {version('numpy')}"):
+    for phrase in (
+        "Cellpose (model `cpsam`",
+        f"{SIZE} × {SIZE} pixel crop",
+        "`mask_erode(2)+only_fg`",
+        "ResNet-10",
+        "ShuffleNetV2 × 0.5",
+        "up to 3 epochs",
+        "2 seeds (0 and 1)",
+        "3-fold cross-validation with folds grouped by patient",
+        "unit of analysis was the patient",
+        "Holm",
+        "alpha = 0.05",
+        "30 cells from 6 patients",
+        f"numpy {version('numpy')}",
+    ):
         assert phrase in methods, phrase
     # the BG-GAP pair is named as such, the only_fg drop is not
     assert "`original:mixed_rand` vs `original:mixed_same` (BG-GAP:" in methods
@@ -583,19 +798,31 @@ def test_methods_and_provenance(full_run):
 # --------------------------------------------------------------------------- missing parts
 def test_missing_parts_are_stated(tmp_path):
     run_dir = tmp_path / "run"
-    make_run(run_dir, with_stats=False, with_jobs=False, with_saliency=False, variants={"train": ["original"], "test": ["original", "only_fg"]},
-             segmentation={"method": "masks"},
-             stats={"exploratory": False, "confirmatory": [{"a": "original:original", "b": "original:only_fg"}]})
+    make_run(
+        run_dir,
+        with_stats=False,
+        with_jobs=False,
+        with_saliency=False,
+        variants={"train": ["original"], "test": ["original", "only_fg"]},
+        segmentation={"method": "masks"},
+        stats={"exploratory": False, "confirmatory": [{"a": "original:original", "b": "original:only_fg"}]},
+    )
     # predictions for the narrower protocol: keep only its conditions
     preds = pd.read_parquet(run_dir / "predictions.parquet")
     preds = preds[(preds.train_variant == "original") & preds.test_variant.isin(["original", "only_fg"])]
     preds.to_parquet(run_dir / "predictions.parquet", index=False)
     out = write_report(run_dir)
     md = (out / "report.md").read_text()
-    for sentence in ("no statistics were computed", "no saliency was computed", "no training histories were found",
-                     "needs both `mixed_same` and `mixed_rand`", "no `bg_ring(k)` test variants were run",
-                     "no `bg_color` or `bg_blur` test variants", "no `mask_erode(k)` / `mask_dilate(k)`",
-                     "masks were supplied with the data"):
+    for sentence in (
+        "no statistics were computed",
+        "no saliency was computed",
+        "no training histories were found",
+        "needs both `mixed_same` and `mixed_rand`",
+        "no `bg_ring(k)` test variants were run",
+        "no `bg_color` or `bg_blur` test variants",
+        "no `mask_erode(k)` / `mask_dilate(k)`",
+        "masks were supplied with the data",
+    ):
         assert sentence in md, sentence
     assert {p.stem for p in (out / "figures").glob("*.png")} == {"accuracy_heatmap"}
     figures = {p.name: p.read_bytes() for p in (out / "figures").iterdir()}
@@ -605,8 +832,14 @@ def test_missing_parts_are_stated(tmp_path):
 
     # a run with nothing but its protocol still gives a report that says so
     bare = tmp_path / "bare"
-    make_run(bare, with_predictions=False, with_jobs=False, with_saliency=False, with_segmentation=False,
-             saliency={"enabled": False})
+    make_run(
+        bare,
+        with_predictions=False,
+        with_jobs=False,
+        with_saliency=False,
+        with_segmentation=False,
+        saliency={"enabled": False},
+    )
     md = (write_report(bare) / "report.md").read_text()
     assert "no predictions were found" in md and "saliency was switched off in the protocol" in md
     assert not list((bare / "report").glob("tables/*.tex"))
@@ -614,7 +847,9 @@ def test_missing_parts_are_stated(tmp_path):
 
 def test_formats_and_figures_follow_protocol(tmp_path):
     run_dir = tmp_path / "run"
-    make_run(run_dir, with_stats=False, with_jobs=False, with_saliency=False, report={"formats": ["md"], "figures": False})
+    make_run(
+        run_dir, with_stats=False, with_jobs=False, with_saliency=False, report={"formats": ["md"], "figures": False}
+    )
     out = write_report(run_dir)
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
     assert "figures are switched off" in (out / "report.md").read_text()
@@ -674,8 +909,10 @@ def test_parse_condition():
 
 # --------------------------------------------------------------------------- export
 def test_export_cells_wide_and_tests(full_run, tmp_path):
-    r = CliRunner().invoke(app, ["export", str(full_run["run_dir"]), "--cells", str(tmp_path / "c.csv"),
-                                 "--tests", str(tmp_path / "t.csv")])
+    r = CliRunner().invoke(
+        app,
+        ["export", str(full_run["run_dir"]), "--cells", str(tmp_path / "c.csv"), "--tests", str(tmp_path / "t.csv")],
+    )
     assert r.exit_code == 0, r.output
     assert "cells: 30 rows written" in r.output and f"tests: {len(full_run['tests'])} rows written" in r.output
     wide = pd.read_csv(tmp_path / "c.csv")
@@ -709,10 +946,13 @@ def test_final_lines_name_the_report_and_the_confirmatory_result(full_run):
     assert len(lines) == 2 and lines[1].startswith("Confirmatory results: ") and lines[1].count("; ") == len(t) - 1
     for r in t.itertuples(index=False):
         verdict = "significant" if r.p_holm < 0.05 else "not significant"
-        assert (f"{r.model}, " in lines[1] and f"{_pp(r.estimate).replace('$-$', '−')} percentage points "
-                f"(95% CI {_pp(r.ci_low).replace('$-$', '−')} to {_pp(r.ci_high).replace('$-$', '−')}), "
-                f"p = {_fmt_p(r.pvalue).replace('$<$', '< ')}, Holm p = {_fmt_p(r.p_holm).replace('$<$', '< ')} "
-                f"(paired t (patients), 6 patients): {verdict} at alpha = 0.05") in lines[1]
+        assert (
+            f"{r.model}, " in lines[1]
+            and f"{_pp(r.estimate).replace('$-$', '−')} percentage points "
+            f"(95% CI {_pp(r.ci_low).replace('$-$', '−')} to {_pp(r.ci_high).replace('$-$', '−')}), "
+            f"p = {_fmt_p(r.pvalue).replace('$<$', '< ')}, Holm p = {_fmt_p(r.p_holm).replace('$<$', '< ')} "
+            f"(paired t (patients), 6 patients): {verdict} at alpha = 0.05"
+        ) in lines[1]
     assert "BG-GAP, trained on original: tested on mixed_same − mixed_rand" in lines[1]
     # the same sentence heads the report
     assert f"**{lines[1]}**" in (report / "report.md").read_text()
@@ -721,8 +961,14 @@ def test_final_lines_name_the_report_and_the_confirmatory_result(full_run):
 def test_study_factors_context_generic_background_cooccurrence_and_validation_curves(tmp_path, monkeypatch):
     """The cell-size curve, the generic-background and co-occurring-object bars and table, and
     the validation curves overlaid per training variant, from a run that tested them."""
-    extra = ["context(0.5)", "context(0.75)", "bg_image(synthetic)", "no_others", "no_others+mixed_same",
-             "no_others+mixed_rand"]
+    extra = [
+        "context(0.5)",
+        "context(0.75)",
+        "bg_image(synthetic)",
+        "no_others",
+        "no_others+mixed_same",
+        "no_others+mixed_rand",
+    ]
     monkeypatch.setitem(globals(), "TEST", TEST + extra)
     run_dir = tmp_path / "run"
     made = make_run(run_dir, with_stats=False, with_saliency=False, segmentation={"method": "masks"})
@@ -743,6 +989,7 @@ def test_study_factors_context_generic_background_cooccurrence_and_validation_cu
             halo = _pp(acc(model, train, "no_others+mixed_same") - acc(model, train, "no_others+mixed_rand"))
             drop = _pp(acc(model, train, "no_others") - acc(model, train, "original"))
             generic = _pp(acc(model, train, "bg_image(synthetic)") - acc(model, train, "original"))
-            row = next(line for line in md.splitlines() if line.startswith(f"| {model} | {train} |")
-                       and line.count("|") == 6)
+            row = next(
+                line for line in md.splitlines() if line.startswith(f"| {model} | {train} |") and line.count("|") == 6
+            )
             assert row.split("|")[3:6] == [f" {generic} ", f" {drop} ", f" {halo} "], row

@@ -1,5 +1,4 @@
-"""Writing a run's report folder: :func:`write_report`.
-"""
+"""Writing a run's report folder: :func:`write_report`."""
 
 from __future__ import annotations
 
@@ -72,12 +71,19 @@ def write_report(run_dir: str | Path, *, gallery_cells: int = 4) -> Path:
         if not cfg.figures:
             doc.absent("figures are switched off in the protocol (`report.figures: false`).")
         detection_only = run.protocol.detection.enabled and run.protocol.detection.only
-        sections = [] if detection_only else [
-            lambda: _section_accuracy(doc, run, figs, tex), lambda: _section_bg_gap(doc, run, tex),
-            lambda: _section_tests(doc, run, figs, tex), lambda: _section_factors(doc, run, acc, figs),
-            lambda: _section_training(doc, run, figs), lambda: _section_saliency(doc, run, figs, gallery_cells),
-            lambda: _section_segmentation(doc, run, tex),
-        ]
+        sections = (
+            []
+            if detection_only
+            else [
+                lambda: _section_accuracy(doc, run, figs, tex),
+                lambda: _section_bg_gap(doc, run, tex),
+                lambda: _section_tests(doc, run, figs, tex),
+                lambda: _section_factors(doc, run, acc, figs),
+                lambda: _section_training(doc, run, figs),
+                lambda: _section_saliency(doc, run, figs, gallery_cells),
+                lambda: _section_segmentation(doc, run, tex),
+            ]
+        )
         sections.append(lambda: _section_detection(doc, run, figs, tex))
         acc = None  # the accuracy table, made by the first section and read by the factors section
         with figs.style():  # figures at print size: fonts >= 7 pt
@@ -91,10 +97,12 @@ def write_report(run_dir: str | Path, *, gallery_cells: int = 4) -> Path:
         doc.heading("Provenance")
         doc.code(_provenance(run, started))
         if "pdf" in cfg.formats and pdflatex() is None:
-            doc.absent("no `report.pdf`: the protocol asks for it (`report.formats`), but this machine has no "
-                       "TeX engine (`pdflatex`); install TeX Live (`bash scripts/system-deps.sh` as root, or "
-                       "`apt-get install texlive-latex-base texlive-latex-recommended texlive-fonts-recommended`) "
-                       "and run `cellbg report` again, or print `report.html`.")
+            doc.absent(
+                "no `report.pdf`: the protocol asks for it (`report.formats`), but this machine has no "
+                "TeX engine (`pdflatex`); install TeX Live (`bash scripts/system-deps.sh` as root, or "
+                "`apt-get install texlive-latex-base texlive-latex-recommended texlive-fonts-recommended`) "
+                "and run `cellbg report` again, or print `report.html`."
+            )
         n_missing = _say_missing(doc, 0)
         if "tex" in cfg.formats:
             (tmp / "tables").mkdir(exist_ok=True)
@@ -115,8 +123,10 @@ def _say_missing(doc: _Doc, shown: int) -> int:
     """Say up front what the report lacks (each item is repeated in its section); replaces the
     list already shown (``shown`` items) when more went missing since. Returns the count."""
     if doc.missing and len(doc.missing) != shown:
-        block = ("para", "**Parts not available in this run:** " + " ".join(
-            f"({i}) {m}" for i, m in enumerate(doc.missing, 1)))
+        block = (
+            "para",
+            "**Parts not available in this run:** " + " ".join(f"({i}) {m}" for i, m in enumerate(doc.missing, 1)),
+        )
         if shown:
             doc.blocks[1] = block
         else:
@@ -137,5 +147,7 @@ def _write_pdf(doc: _Doc, tex: dict[str, str], folder: Path) -> None:
     pdf, log = compile_pdf(source)
     if pdf is None:
         (folder / "report-pdf.log").write_text(log, encoding="utf-8")
-        doc.absent(f"no `report.pdf`: pdflatex stopped at {first_error(log)} (the source is `report.tex`, "
-                   "the log `report-pdf.log`).")
+        doc.absent(
+            f"no `report.pdf`: pdflatex stopped at {first_error(log)} (the source is `report.tex`, "
+            "the log `report-pdf.log`)."
+        )

@@ -20,8 +20,10 @@ _LABELS = {"with": "with the correlated class", "without": "without it"}
 
 def _read(run: _Run) -> dict[str, pd.DataFrame | None]:
     folder = run.run_dir / "detect"
-    return {name: _read_table(folder / f"{name}.csv", f"detection {name} table")
-            for name in ("losses", "ap", "recall", "tests")}
+    return {
+        name: _read_table(folder / f"{name}.csv", f"detection {name} table")
+        for name in ("losses", "ap", "recall", "tests")
+    }
 
 
 def _loss_curves(figs: _Figures, losses: pd.DataFrame):
@@ -44,15 +46,18 @@ def _loss_curves(figs: _Figures, losses: pd.DataFrame):
                 mean, lo, hi = g.mean(), g.min(), g.max()
                 ax.plot(mean.index, mean.to_numpy(float), ls=ls, color=_series_colour(i), lw=1.2)
                 if split == "train" and (hi > lo).any():
-                    ax.fill_between(mean.index, lo.to_numpy(float), hi.to_numpy(float), color=_series_colour(i),
-                                    alpha=0.15, lw=0)
+                    ax.fill_between(
+                        mean.index, lo.to_numpy(float), hi.to_numpy(float), color=_series_colour(i), alpha=0.15, lw=0
+                    )
         ax.set_title(part, fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(color="0.92")
     handles = [Line2D([], [], color=_series_colour(i), label=_LABELS.get(c, c)) for i, c in enumerate(conds)]
-    handles += [Line2D([], [], color="0.3", ls="-", label="training"), Line2D([], [], color="0.3", ls="--",
-                                                                                label="validation")]
+    handles += [
+        Line2D([], [], color="0.3", ls="-", label="training"),
+        Line2D([], [], color="0.3", ls="--", label="validation"),
+    ]
     fig.legend(handles=handles, fontsize=7, loc="outside lower center", ncols=len(handles))
     return fig
 
@@ -60,8 +65,9 @@ def _loss_curves(figs: _Figures, losses: pd.DataFrame):
 def _ap_summary(ap: pd.DataFrame, recall: pd.DataFrame | None) -> pd.DataFrame:
     keys = ["class", "test_variant", "condition"]
     g = ap.groupby(keys, sort=False)
-    out = g.agg(ap50=("ap50", "mean"), ap50_sd=("ap50", "std"), ap=("ap", "mean"), ap_sd=("ap", "std"),
-                jobs=("ap50", "size")).reset_index()
+    out = g.agg(
+        ap50=("ap50", "mean"), ap50_sd=("ap50", "std"), ap=("ap", "mean"), ap_sd=("ap", "std"), jobs=("ap50", "size")
+    ).reset_index()
     if recall is not None and len(recall):
         # recall pooled over the patients of a job, then mean over jobs
         per_job = recall.groupby([*keys, "seed", "fold"]).agg(n=("n_boxes", "sum"), k=("n_found", "sum"))
@@ -93,10 +99,17 @@ def _ap_bars(figs: _Figures, summary: pd.DataFrame):
             mean = [idx[col].get((c, cond, variant), np.nan) for c in classes]
             sd = [idx[f"{col}_sd"].get((c, cond, variant), np.nan) for c in classes]
             hatch = "//" if variant != "original" else None
-            ax.bar(x + (g - (len(groups) - 1) / 2) * width, np.asarray(mean, float), width,
-                   yerr=np.nan_to_num(np.asarray(sd, float)), capsize=2, color=_series_colour(
-                       ["without", "with"].index(cond) if cond in ("without", "with") else g),
-                   hatch=hatch, edgecolor="white", label=f"{_LABELS.get(cond, cond)}, {variant}")
+            ax.bar(
+                x + (g - (len(groups) - 1) / 2) * width,
+                np.asarray(mean, float),
+                width,
+                yerr=np.nan_to_num(np.asarray(sd, float)),
+                capsize=2,
+                color=_series_colour(["without", "with"].index(cond) if cond in ("without", "with") else g),
+                hatch=hatch,
+                edgecolor="white",
+                label=f"{_LABELS.get(cond, cond)}, {variant}",
+            )
         ax.set_xticks(x, classes, fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title(title, fontsize=9)
@@ -115,13 +128,18 @@ def _section_detection(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]
     doc.heading("Detection with a correlated class")
     t = _read(run)
     if t["ap"] is None or t["tests"] is None:
-        doc.absent("the detection study has no results yet (`detect/ap.csv`, `detect/tests.csv`); "
-                   "run `cellbg detect` or `cellbg run` for this protocol.")
+        doc.absent(
+            "the detection study has no results yet (`detect/ap.csv`, `detect/tests.csv`); "
+            "run `cellbg detect` or `cellbg run` for this protocol."
+        )
         return
     ap, tests, losses, recall = t["ap"], t["tests"], t["losses"], t["recall"]
     d = det.detector
-    arch = d.arch + (f" (ResNet-{d.depth}, FPN width {d.fpn_channels}, box head {d.representation_size})"
-                     if d.arch == "fasterrcnn_resnet_fpn" else "")
+    arch = d.arch + (
+        f" (ResNet-{d.depth}, FPN width {d.fpn_channels}, box head {d.representation_size})"
+        if d.arch == "fasterrcnn_resnet_fpn"
+        else ""
+    )
     conds = list(dict.fromkeys(ap["condition"].astype(str)))
     structure = det.correlated.name
     doc.para(
@@ -129,8 +147,11 @@ def _section_detection(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]
         f"trained {det.epochs} epochs ({det.optimizer}, lr {det.lr:g}, batch {det.batch_size}) per seed and "
         f"patient-grouped fold: {ap['seed'].nunique()} seed(s) × {ap['fold'].nunique()} fold(s) × "
         f"{len(conds)} condition(s): the target cells annotated "
-        + ("alone (`without`) and with the correlated structure "
-           f"**{structure}** annotated as one more class (`with`)" if len(conds) > 1 else "alone")
+        + (
+            f"alone (`without`) and with the correlated structure **{structure}** annotated as one more class (`with`)"
+            if len(conds) > 1
+            else "alone"
+        )
         + ". AP is the COCO definition (pycocotools through torchmetrics) on the held-out patients' fields; "
         f"recall counts a target box found by a detection of its class with score ≥ {det.score_threshold:g} "
         f"at IoU ≥ {det.iou_threshold:g}. Test variant `no_correlated`: the structure removed (dilated by "
@@ -138,40 +159,65 @@ def _section_detection(doc: _Doc, run: _Run, figs: _Figures, tex: dict[str, str]
     )
     if losses is not None and len(losses) and figs.enabled:
         png = figs.save(_loss_curves(figs, losses), "detection_loss_parts")
-        doc.figure("detection_loss_parts", "Faster R-CNN loss parts per epoch (mean over seeds and folds; band: "
-                   "range of the training curves); colour: condition; solid: training, dashed: validation "
-                   "(held-out training patients). Hashmi & Li compare these between the two conditions.", png)
+        doc.figure(
+            "detection_loss_parts",
+            "Faster R-CNN loss parts per epoch (mean over seeds and folds; band: "
+            "range of the training curves); colour: condition; solid: training, dashed: validation "
+            "(held-out training patients). Hashmi & Li compare these between the two conditions.",
+            png,
+        )
     summary = _ap_summary(ap, recall)
-    table = pd.DataFrame({
-        "class": summary["class"], "test images": summary["test_variant"], "condition": summary["condition"],
-        "AP@0.5": [_pm(m, s) for m, s in zip(summary["ap50"], summary["ap50_sd"], strict=True)],
-        "AP@0.5:0.95": [_pm(m, s) for m, s in zip(summary["ap"], summary["ap_sd"], strict=True)],
-        "recall": [_pm(m, s) for m, s in zip(summary.get("recall", np.nan), summary.get("recall_sd", np.nan),
-                                              strict=True)] if "recall" in summary else "–",
-        "jobs": summary["jobs"].astype(int).astype(str),
-    })
-    caption = ("Detection: AP and recall per class, test images and training condition; mean ± SD over "
-               "seeds and folds.")
+    table = pd.DataFrame(
+        {
+            "class": summary["class"],
+            "test images": summary["test_variant"],
+            "condition": summary["condition"],
+            "AP@0.5": [_pm(m, s) for m, s in zip(summary["ap50"], summary["ap50_sd"], strict=True)],
+            "AP@0.5:0.95": [_pm(m, s) for m, s in zip(summary["ap"], summary["ap_sd"], strict=True)],
+            "recall": [
+                _pm(m, s) for m, s in zip(summary.get("recall", np.nan), summary.get("recall_sd", np.nan), strict=True)
+            ]
+            if "recall" in summary
+            else "–",
+            "jobs": summary["jobs"].astype(int).astype(str),
+        }
+    )
+    caption = "Detection: AP and recall per class, test images and training condition; mean ± SD over seeds and folds."
     doc.table(table, caption, "detection_ap")
     tex["detection_ap"] = latex_table(table, caption=caption, label="tab:detection-ap")
     if figs.enabled:
         png = figs.save(_ap_bars(figs, summary), "detection_ap")
-        doc.figure("detection_ap", "AP@0.5 and recall per class; colour: training condition; hatched: the "
-                   "correlated structure removed from the test images.", png)
-    rows = pd.DataFrame({
-        "family": tests["family"], "condition": tests["condition"], "class": tests["class"],
-        "measure": tests["measure"], "a → b": tests["a"].astype(str) + " → " + tests["b"].astype(str),
-        "mean a": [_num(x) for x in tests["mean_a"]], "mean b": [_num(x) for x in tests["mean_b"]],
-        "b − a": [_num(x) for x in tests["estimate"]],
-        "95% CI": [_ci(lo, hi) for lo, hi in zip(tests["ci_low"], tests["ci_high"], strict=True)],
-        "p": [_p(x) for x in tests["pvalue"]], "Holm p": [_p(x) for x in tests["p_holm"]],
-        "unit": tests["unit"], "n": [_int(x) for x in tests["n_units"]],
-    })
-    caption = ("Detection tests: paired t-tests (cellbg.stats) of b − a; recall paired by patient (each "
-               "patient's recall averaged over seeds), AP paired by seed and fold; Holm within each family.")
+        doc.figure(
+            "detection_ap",
+            "AP@0.5 and recall per class; colour: training condition; hatched: the "
+            "correlated structure removed from the test images.",
+            png,
+        )
+    rows = pd.DataFrame(
+        {
+            "family": tests["family"],
+            "condition": tests["condition"],
+            "class": tests["class"],
+            "measure": tests["measure"],
+            "a → b": tests["a"].astype(str) + " → " + tests["b"].astype(str),
+            "mean a": [_num(x) for x in tests["mean_a"]],
+            "mean b": [_num(x) for x in tests["mean_b"]],
+            "b − a": [_num(x) for x in tests["estimate"]],
+            "95% CI": [_ci(lo, hi) for lo, hi in zip(tests["ci_low"], tests["ci_high"], strict=True)],
+            "p": [_p(x) for x in tests["pvalue"]],
+            "Holm p": [_p(x) for x in tests["p_holm"]],
+            "unit": tests["unit"],
+            "n": [_int(x) for x in tests["n_units"]],
+        }
+    )
+    caption = (
+        "Detection tests: paired t-tests (cellbg.stats) of b − a; recall paired by patient (each "
+        "patient's recall averaged over seeds), AP paired by seed and fold; Holm within each family."
+    )
     doc.table(rows, caption, "detection_tests")
-    tex["detection_tests"] = latex_table(rows, caption=caption, label="tab:detection-tests", size="footnotesize",
-                                         wide=True)
+    tex["detection_tests"] = latex_table(
+        rows, caption=caption, label="tab:detection-tests", size="footnotesize", wide=True
+    )
     doc.para(
         "**How to read.** `annotation`: does annotating the structure change how well the target cells are "
         "found (their AP and recall), with the same weights at the start and the same fields in the same order. "

@@ -1,5 +1,4 @@
-"""The report as a list of blocks, written out as Markdown and as one self-contained HTML page.
-"""
+"""The report as a list of blocks, written out as Markdown and as one self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -143,5 +142,3 @@ p.note {{ font-size: .8em; color: #444; margin: .2em 0; }}
 </body>
 </html>
 """
-
-

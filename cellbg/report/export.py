@@ -59,8 +59,10 @@ def cell_predictions_wide(predictions: pd.DataFrame, cells: pd.DataFrame | None 
     twice = p.duplicated(["cell_id", "condition"], keep=False)
     if twice.any():
         r = p[twice].iloc[0]
-        raise CellbgError(f"predictions hold cell {r['cell_id']} twice under {r['condition']} (seed {r['seed']}); "
-                          "a cell is tested in one fold per seed")
+        raise CellbgError(
+            f"predictions hold cell {r['cell_id']} twice under {r['condition']} (seed {r['seed']}); "
+            "a cell is tested in one fold per seed"
+        )
     order = list(dict.fromkeys(p["condition"]))
     pred = p.pivot(index="cell_id", columns="condition", values="pred")
     right = p.pivot(index="cell_id", columns="condition", values="correct")

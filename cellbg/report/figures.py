@@ -1,5 +1,4 @@
-"""Figures: accuracy heatmap, forest plot, factor sweeps, bars, training curves.
-"""
+"""Figures: accuracy heatmap, forest plot, factor sweeps, bars, training curves."""
 
 from __future__ import annotations
 
@@ -20,10 +19,22 @@ DOUBLE_COLUMN = 7.2
 MIN_FONT_PT = 7.0
 #: Figure style at print size: nothing below 7 pt; TrueType fonts embedded in the PDF.
 PAPER_RC = {
-    "font.family": "DejaVu Sans", "font.size": 7.5, "axes.titlesize": 8.0, "axes.labelsize": 7.5,
-    "xtick.labelsize": 7.0, "ytick.labelsize": 7.0, "legend.fontsize": 7.0, "legend.title_fontsize": 7.0,
-    "figure.titlesize": 8.5, "axes.linewidth": 0.6, "xtick.major.width": 0.6, "ytick.major.width": 0.6,
-    "lines.linewidth": 1.0, "lines.markersize": 3.5, "pdf.fonttype": 42, "legend.frameon": False,
+    "font.family": "DejaVu Sans",
+    "font.size": 7.5,
+    "axes.titlesize": 8.0,
+    "axes.labelsize": 7.5,
+    "xtick.labelsize": 7.0,
+    "ytick.labelsize": 7.0,
+    "legend.fontsize": 7.0,
+    "legend.title_fontsize": 7.0,
+    "figure.titlesize": 8.5,
+    "axes.linewidth": 0.6,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "lines.linewidth": 1.0,
+    "lines.markersize": 3.5,
+    "pdf.fonttype": 42,
+    "legend.frameon": False,
 }
 
 
@@ -120,8 +131,15 @@ def _heatmap(figs: _Figures, acc: pd.DataFrame, models: list[str], trains: list[
         for i in range(mat.shape[0]):
             for j in range(mat.shape[1]):
                 if np.isfinite(mat[i, j]):
-                    ax.text(j, i, f"{mat[i, j]:.1f}", ha="center", va="center", fontsize=7,
-                            color="black" if mat[i, j] > 60 else "white")
+                    ax.text(
+                        j,
+                        i,
+                        f"{mat[i, j]:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="black" if mat[i, j] > 60 else "white",
+                    )
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         ax.set_yticks(range(len(rows)), [f"trained on {r}" for r in rows])
         ax.set_title(f"{model}: accuracy (%)", loc="left")
@@ -134,8 +152,7 @@ def _forest(figs: _Figures, tests: pd.DataFrame):
     models = list(dict.fromkeys(tests["model"].astype(str)))
     heights = [max(len(tests[tests["model"].astype(str) == m]), 1) for m in models]
     fig = figs.new(DOUBLE_COLUMN, 0.7 + 0.17 * sum(heights) + 0.35 * len(models))
-    axes = fig.subplots(len(models), 1, squeeze=False, sharex=True,
-                        gridspec_kw={"height_ratios": heights})[:, 0]
+    axes = fig.subplots(len(models), 1, squeeze=False, sharex=True, gridspec_kw={"height_ratios": heights})[:, 0]
     families = list(dict.fromkeys(tests["family"].astype(str)))
     markers = "osD^v"
     for ax, model in zip(axes, models, strict=True):
@@ -150,8 +167,17 @@ def _forest(figs: _Figures, tests: pd.DataFrame):
             hi = sub["ci_high"].to_numpy(float)[sel]
             err = np.vstack([est - lo, hi - est])
             err = np.where(np.isfinite(err), err, 0.0)
-            ax.errorbar(est, y[sel], xerr=err, fmt=markers[k % len(markers)], color=_series_colour(k),
-                        ecolor=_series_colour(k), capsize=2, label=fam, markersize=4)
+            ax.errorbar(
+                est,
+                y[sel],
+                xerr=err,
+                fmt=markers[k % len(markers)],
+                color=_series_colour(k),
+                ecolor=_series_colour(k),
+                capsize=2,
+                label=fam,
+                markersize=4,
+            )
         ax.axvline(0.0, color="0.4", lw=0.8, ls="--")
         names = sub["label"].astype(str) if "label" in sub.columns else sub["comparison"].astype(str)
         if names.duplicated(keep=False).any():  # the same pair under two tests: name the test
@@ -187,8 +213,15 @@ def _sweep_plot(figs: _Figures, series: list[dict], *, xlabel: str, title: str, 
     for ax, panel in zip(axes, panels, strict=True):
         for i, s in enumerate(x for x in series if x["panel"] == panel):
             colour = _series_colour(i)
-            ax.errorbar(s["x"], 100 * np.asarray(s["y"], float), yerr=100 * np.nan_to_num(np.asarray(s["sd"], float)),
-                        fmt="-o", color=colour, capsize=2, label=s["label"])
+            ax.errorbar(
+                s["x"],
+                100 * np.asarray(s["y"], float),
+                yerr=100 * np.nan_to_num(np.asarray(s["sd"], float)),
+                fmt="-o",
+                color=colour,
+                capsize=2,
+                label=s["label"],
+            )
             for ref in refs:
                 if ref["key"] == s["key"] and np.isfinite(ref["y"]):
                     ax.axhline(100 * ref["y"], color=colour, ls=ref["ls"], lw=1.0)
@@ -216,9 +249,15 @@ def _bars(figs: _Figures, panels: list[tuple[str, list[str]]], acc: pd.DataFrame
         for g, (model, train) in enumerate(groups):
             mean = [idx["mean"].get((model, train, v), np.nan) for v in variants]
             sd = [idx["sd"].get((model, train, v), np.nan) for v in variants]
-            ax.bar(x + (g - (len(groups) - 1) / 2) * width, 100 * np.asarray(mean, float), width,
-                   yerr=100 * np.nan_to_num(np.asarray(sd, float)), capsize=2, color=_series_colour(g),
-                   label=f"{model}, trained on {train}")
+            ax.bar(
+                x + (g - (len(groups) - 1) / 2) * width,
+                100 * np.asarray(mean, float),
+                width,
+                yerr=100 * np.nan_to_num(np.asarray(sd, float)),
+                capsize=2,
+                color=_series_colour(g),
+                label=f"{model}, trained on {train}",
+            )
         ax.set_xticks(x, variants, rotation=30, ha="right")
         ax.set_title(title, loc="left")
         ax.set_ylim(0, 105)
@@ -260,12 +299,12 @@ def _curves(figs: _Figures, histories: list[tuple[dict, pd.DataFrame]], order: l
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=_series_colour(i), label=f"{m}, trained on {t}") for i, (m, t) in enumerate(groups)]
-    handles += [Line2D([], [], color="0.3", ls=ls, label={"train": "training", "val": "validation"}[k])
-                for k, ls in styles.items()]
+    handles += [
+        Line2D([], [], color="0.3", ls=ls, label={"train": "training", "val": "validation"}[k])
+        for k, ls in styles.items()
+    ]
     fig.legend(handles=handles, loc="outside right upper")
     return fig
-
-
 
 
 def _validation_curves(figs: _Figures, histories: list[tuple[dict, pd.DataFrame]], order: list[tuple[str, str]]):
@@ -300,8 +339,12 @@ def _validation_curves(figs: _Figures, histories: list[tuple[dict, pd.DataFrame]
         for c, metric in enumerate(metrics):
             ax = axes[r, c]
             for i, train in enumerate(trains):
-                curve = sub[sub["train_variant"] == train].groupby("epoch")[metric].agg(["mean", "std"]).dropna(
-                    subset=["mean"])
+                curve = (
+                    sub[sub["train_variant"] == train]
+                    .groupby("epoch")[metric]
+                    .agg(["mean", "std"])
+                    .dropna(subset=["mean"])
+                )
                 if curve.empty:
                     continue
                 x = curve.index.to_numpy(float)

@@ -57,8 +57,10 @@ def confirmatory_sentence(tests: pd.DataFrame, *, alpha: float = 0.05) -> str | 
         ci = "" if _isnan(r.ci_low) else f" (95% CI {_pp(r.ci_low)} to {_pp(r.ci_high)})"
         n = getattr(r, "n_patients", float("nan"))
         how = f" ({r.method}" + ("" if _isnan(n) else f", {int(n)} patients") + ")"
-        parts.append(f"{r.model}, {label}, {_pp(r.estimate)} {unit}{ci}, p = {_p(r.pvalue)}, "
-                     f"Holm p = {_p(r.p_holm)}{how}: {verdict}")
+        parts.append(
+            f"{r.model}, {label}, {_pp(r.estimate)} {unit}{ci}, p = {_p(r.pvalue)}, "
+            f"Holm p = {_p(r.p_holm)}{how}: {verdict}"
+        )
     head = "Confirmatory result: " if len(parts) == 1 else "Confirmatory results: "
     return head + "; ".join(parts) + "."
 

@@ -1,5 +1,4 @@
-"""The methods paragraph (from the resolved protocol) and the provenance block.
-"""
+"""The methods paragraph (from the resolved protocol) and the provenance block."""
 
 from __future__ import annotations
 
@@ -19,8 +18,21 @@ from cellbg.report.tables import _isnan
 #: Libraries whose versions go into the provenance block (read with importlib.metadata,
 #: which does not import them).
 _LIBRARIES = (
-    "numpy", "pandas", "scipy", "statsmodels", "scikit-image", "matplotlib", "pyarrow", "zarr",
-    "pydantic", "torch", "torchvision", "monai", "cellpose", "dask", "distributed",
+    "numpy",
+    "pandas",
+    "scipy",
+    "statsmodels",
+    "scikit-image",
+    "matplotlib",
+    "pyarrow",
+    "zarr",
+    "pydantic",
+    "torch",
+    "torchvision",
+    "monai",
+    "cellpose",
+    "dask",
+    "distributed",
 )
 
 
@@ -39,8 +51,13 @@ def _git_commit() -> str | None:
     if shutil.which("git") is None:
         return None
     try:
-        res = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=10, check=False)
+        res = subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=12"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return res.stdout.strip() or None
@@ -68,70 +85,117 @@ def _methods(run: _Run) -> str:
     if seg.method == "masks":
         seg_text = "Cells were taken from the instance masks supplied with the images"
     elif seg.method == "cellpose":
-        seg_text = (f"Cells were segmented with Cellpose (model `{seg.model}`, diameter "
-                    f"{'estimated' if seg.diameter is None else f'{seg.diameter:g} px'}, flow threshold "
-                    f"{seg.flow_threshold:g}, cell-probability threshold {seg.cellprob_threshold:g})")
+        seg_text = (
+            f"Cells were segmented with Cellpose (model `{seg.model}`, diameter "
+            f"{'estimated' if seg.diameter is None else f'{seg.diameter:g} px'}, flow threshold "
+            f"{seg.flow_threshold:g}, cell-probability threshold {seg.cellprob_threshold:g})"
+        )
     else:
         th = seg.threshold
-        seg_text = (f"Cells were segmented by {th.method} thresholding after Gaussian smoothing "
-                    f"(sigma {th.sigma:g}) with a seeded watershed")
+        seg_text = (
+            f"Cells were segmented by {th.method} thresholding after Gaussian smoothing "
+            f"(sigma {th.sigma:g}) with a seeded watershed"
+        )
     if p.data.source == "synthetic":
         s = p.data.synthetic
-        data_text = (f"The data were synthetic Sezary-like cells made by cellbg ({s.patients} patients, planted "
-                     f"background signal {s.signal:g}, seed {s.seed}). ")
+        data_text = (
+            f"The data were synthetic Sezary-like cells made by cellbg ({s.patients} patients, planted "
+            f"background signal {s.signal:g}, seed {s.seed}). "
+        )
     else:
         data_text = ""
     counts = ""
     src = run.cells if run.cells is not None else run.predictions
     if src is not None and {"cell_id", "patient_id"} <= set(src.columns):
         n_cls = src["label"].nunique() if "label" in src.columns else None
-        counts = (f" This gave {src['cell_id'].nunique()} cells from {src['patient_id'].nunique()} patients"
-                  + (f" in {n_cls} classes" if n_cls else "") + ".")
-    scale = "at the image's pixel size" if p.crops.scale == "keep" else f"scaled so the cell spans {p.crops.fit_fraction:g} of the crop"
+        counts = (
+            f" This gave {src['cell_id'].nunique()} cells from {src['patient_id'].nunique()} patients"
+            + (f" in {n_cls} classes" if n_cls else "")
+            + "."
+        )
+    scale = (
+        "at the image's pixel size"
+        if p.crops.scale == "keep"
+        else f"scaled so the cell spans {p.crops.fit_fraction:g} of the crop"
+    )
     c = p.crops
-    crops_text = (f" Each cell was cut out as a {c.size} × {c.size} pixel crop centred on it, {scale}"
-                  f"{', excluding cells touching the image border' if c.exclude_border else ''}"
-                  f" (minimum area {c.min_area} px).")
+    crops_text = (
+        f" Each cell was cut out as a {c.size} × {c.size} pixel crop centred on it, {scale}"
+        f"{', excluding cells touching the image border' if c.exclude_border else ''}"
+        f" (minimum area {c.min_area} px)."
+    )
     v = p.variants
-    var_text = (f" Models were trained on the background variants {_join([f'`{x}`' for x in v.train])} and tested on "
-                f"{_join([f'`{x}`' for x in v.test])} (after Xiao et al., 2021; fill `{v.fill}`, pairing seed {v.seed}"
-                + ("; only_bg_b, only_bg_t and mixed_* exactly as the authors' generation code makes them"
-                   if getattr(v, "reference", "cellbg") == "xiao" else "") + ").")
+    var_text = (
+        f" Models were trained on the background variants {_join([f'`{x}`' for x in v.train])} and tested on "
+        f"{_join([f'`{x}`' for x in v.test])} (after Xiao et al., 2021; fill `{v.fill}`, pairing seed {v.seed}"
+        + (
+            "; only_bg_b, only_bg_t and mixed_* exactly as the authors' generation code makes them"
+            if getattr(v, "reference", "cellbg") == "xiao"
+            else ""
+        )
+        + ")."
+    )
     t = p.training
     sp = t.split
     if sp.kind == "kfold":
         used = f", of which the first {t.max_folds} were run" if t.max_folds and t.max_folds < sp.folds else ""
-        split_text = (f"{sp.folds}-fold cross-validation with folds grouped by patient (no patient in both "
-                      f"training and test) and stratified by class{used}")
+        split_text = (
+            f"{sp.folds}-fold cross-validation with folds grouped by patient (no patient in both "
+            f"training and test) and stratified by class{used}"
+        )
     else:
         split_text = f"a fixed split holding out patients {_join(sp.test_patients)}"
-    train_text = (f" The models were {_join([_arch_text(m) for m in p.models])}, trained from scratch for up to "
-                  f"{t.epochs} epochs (batch {t.batch_size}, learning rate {t.lr:g}, weight decay {t.weight_decay:g}, "
-                  f"early stopping after {t.patience} epochs without a better validation loss"
-                  f"{', with augmentation' if t.augment else ''}), with {len(t.seeds)} seed"
-                  f"{'s' if len(t.seeds) != 1 else ''} ({_join(t.seeds)}) and {split_text}; "
-                  f"{sp.val_fraction:.0%} of the training patients were held out for validation.")
+    train_text = (
+        f" The models were {_join([_arch_text(m) for m in p.models])}, trained from scratch for up to "
+        f"{t.epochs} epochs (batch {t.batch_size}, learning rate {t.lr:g}, weight decay {t.weight_decay:g}, "
+        f"early stopping after {t.patience} epochs without a better validation loss"
+        f"{', with augmentation' if t.augment else ''}), with {len(t.seeds)} seed"
+        f"{'s' if len(t.seeds) != 1 else ''} ({_join(t.seeds)}) and {split_text}; "
+        f"{sp.val_fraction:.0%} of the training patients were held out for validation."
+    )
     st = p.stats
-    primary = ("a paired t-test on per-patient accuracies" if st.primary == "patient_t"
-               else "a GEE logistic model of cell correctness clustered by patient")
+    primary = (
+        "a paired t-test on per-patient accuracies"
+        if st.primary == "patient_t"
+        else "a GEE logistic model of cell correctness clustered by patient"
+    )
     conf = _join([f"`{cmp.a}` vs `{cmp.b}`" + _bg_gap_label(cmp.a, cmp.b) for cmp in st.confirmatory])
     conf = f"Confirmatory comparisons were {conf}" if conf else "No confirmatory comparison was planned"
-    stats_text = (f" The unit of analysis was the patient: the primary test was {primary}, with cell-level "
-                  f"McNemar tests as a secondary, conditional result. {conf}"
-                  f"{'; every other condition was compared with original:original as exploratory' if st.exploratory else ''}. "
-                  f"{_ci_text(run)} p-values were adjusted within each family (Holm; Benjamini–Hochberg) "
-                  f"at alpha = {st.alpha:g}.")
+    stats_text = (
+        f" The unit of analysis was the patient: the primary test was {primary}, with cell-level "
+        f"McNemar tests as a secondary, conditional result. {conf}"
+        f"{'; every other condition was compared with original:original as exploratory' if st.exploratory else ''}. "
+        f"{_ci_text(run)} p-values were adjusted within each family (Holm; Benjamini–Hochberg) "
+        f"at alpha = {st.alpha:g}."
+    )
     if p.saliency.enabled:
-        sal_text = (f" Attribution maps ({_join(p.saliency.methods)}) were computed for {p.saliency.cells_per_job} "
-                    f"cells per job on the `{p.saliency.test_variant}` images, and the share of attribution falling "
-                    "outside the cell mask was reported.")
+        sal_text = (
+            f" Attribution maps ({_join(p.saliency.methods)}) were computed for {p.saliency.cells_per_job} "
+            f"cells per job on the `{p.saliency.test_variant}` images, and the share of attribution falling "
+            "outside the cell mask was reported."
+        )
     else:
         sal_text = ""
     vers = _versions()
-    soft = ", ".join(f"{k} {vers[k]}" for k in ("python", "numpy", "torch", "monai", "torchvision", "cellpose",
-                                                "scikit-image", "statsmodels", "scipy") if k in vers)
-    return (f"{data_text}{seg_text}.{counts}{crops_text}{var_text}{train_text}{stats_text}{sal_text}"
-            f" Analyses used cellbg {__version__} ({soft}).")
+    soft = ", ".join(
+        f"{k} {vers[k]}"
+        for k in (
+            "python",
+            "numpy",
+            "torch",
+            "monai",
+            "torchvision",
+            "cellpose",
+            "scikit-image",
+            "statsmodels",
+            "scipy",
+        )
+        if k in vers
+    )
+    return (
+        f"{data_text}{seg_text}.{counts}{crops_text}{var_text}{train_text}{stats_text}{sal_text}"
+        f" Analyses used cellbg {__version__} ({soft})."
+    )
 
 
 def _bg_gap_label(a: str, b: str) -> str:
@@ -147,8 +211,10 @@ def _bg_gap_label(a: str, b: str) -> str:
 def _ci_text(run: _Run) -> str:
     """How the CIs were made: the methods the stats stage reports, else the protocol's plan."""
     if run.tests is None:
-        return (f"Confidence intervals were to be 95% ({run.protocol.stats.bootstrap} bootstrap resamples, "
-                f"seed {run.protocol.stats.seed}); no tests were run.")
+        return (
+            f"Confidence intervals were to be 95% ({run.protocol.stats.bootstrap} bootstrap resamples, "
+            f"seed {run.protocol.stats.seed}); no tests were run."
+        )
     used = sorted({str(m) for m in run.tests["ci_method"] if not _isnan(m) and str(m)})
     tests = sorted({str(m) for m in run.tests["method"] if not _isnan(m) and str(m)})
     # The names hold commas themselves, so the lists are separated by semicolons.
@@ -184,7 +250,8 @@ def _devices(run: _Run) -> str | None:
 
     used = Counter(
         str(s["device"]) + (f" with {s['amp_dtype']} AMP" if s.get("amp_dtype") not in (None, "", "off") else "")
-        for s in run.job_specs if s.get("device")
+        for s in run.job_specs
+        if s.get("device")
     )
     if not used:
         return None
@@ -222,5 +289,3 @@ def _provenance(run: _Run, started: float) -> str:
         "libraries: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
     ]
     return "\n".join(lines)
-
-

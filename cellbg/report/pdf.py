@@ -34,8 +34,20 @@ _PREAMBLE = r"""\documentclass[10pt]{article}
 """
 
 #: Characters pdflatex does not set up by default, and their LaTeX.
-_UNICODE = {"→": r"$\rightarrow$", "’": "'", "‘": "`", "“": "``", "”": "''", "…": "...", "—": "---",
-            "·": r"$\cdot$", "\u2009": r"\,", "≈": r"$\approx$", "μ": r"$\mu$", "β": r"$\beta$"}
+_UNICODE = {
+    "→": r"$\rightarrow$",
+    "’": "'",
+    "‘": "`",
+    "“": "``",
+    "”": "''",
+    "…": "...",
+    "—": "---",
+    "·": r"$\cdot$",
+    "\u2009": r"\,",
+    "≈": r"$\approx$",
+    "μ": r"$\mu$",
+    "β": r"$\beta$",
+}
 
 
 def tex_text(text: str) -> str:
@@ -50,8 +62,11 @@ def tex_text(text: str) -> str:
 
 def _float_here(table_tex: str) -> str:
     """A table file's floats placed where they stand in the report (one column: no ``table*``)."""
-    return re.sub(r"\\(begin|end)\{table\*?\}(\[tbp\])?",
-                  lambda m: f"\\{m[1]}{{table}}" + ("[H]" if m[1] == "begin" else ""), table_tex)
+    return re.sub(
+        r"\\(begin|end)\{table\*?\}(\[tbp\])?",
+        lambda m: f"\\{m[1]}{{table}}" + ("[H]" if m[1] == "begin" else ""),
+        table_tex,
+    )
 
 
 def latex_document(title: str, blocks: list[tuple[str, object]], tables: dict[str, str]) -> str:
@@ -69,13 +84,20 @@ def latex_document(title: str, blocks: list[tuple[str, object]], tables: dict[st
             df, caption, name, notes = value
             tex = tables.get(name) if name else None
             if tex is None:
-                tex = latex_table(df, caption=caption, label=f"tab:{name or len(body)}", size="footnotesize",
-                                  notes=notes)
+                tex = latex_table(
+                    df, caption=caption, label=f"tab:{name or len(body)}", size="footnotesize", notes=notes
+                )
             body.append(_float_here(tex))
         elif kind == "figure":
             name, caption, _ = value
-            body += ["\\begin{figure}[H]", "\\centering", f"\\includegraphics{{figures/{name}.pdf}}",
-                     f"\\caption{{{tex_text(caption)}}}", "\\end{figure}", ""]
+            body += [
+                "\\begin{figure}[H]",
+                "\\centering",
+                f"\\includegraphics{{figures/{name}.pdf}}",
+                f"\\caption{{{tex_text(caption)}}}",
+                "\\end{figure}",
+                "",
+            ]
         elif kind == "code":
             lines = [w for line in str(value).splitlines() for w in (textwrap.wrap(line, 110) or [""])]
             body += ["{\\footnotesize", "\\begin{verbatim}", *lines, "\\end{verbatim}", "}"]
@@ -100,9 +122,15 @@ def compile_pdf(tex_path: Path, *, timeout: float = 300) -> tuple[Path | None, s
     env = {**os.environ, "SOURCE_DATE_EPOCH": "0", "FORCE_SOURCE_DATE": "1"}
     tex_path = Path(tex_path)
     try:
-        res = subprocess.run([exe, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape", tex_path.name],
-                             cwd=tex_path.parent, capture_output=True, text=True, timeout=timeout, env=env,
-                             check=False)
+        res = subprocess.run(
+            [exe, "-interaction=nonstopmode", "-halt-on-error", "-no-shell-escape", tex_path.name],
+            cwd=tex_path.parent,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"pdflatex did not run: {exc}"
     log_path = tex_path.with_suffix(".log")

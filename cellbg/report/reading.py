@@ -1,5 +1,4 @@
-"""Reading a run folder: the resolved protocol, predictions, tests and the other stages' outputs.
-"""
+"""Reading a run folder: the resolved protocol, predictions, tests and the other stages' outputs."""
 
 from __future__ import annotations
 
@@ -15,9 +14,26 @@ from cellbg.report.tables import _require_columns
 
 _PRED_COLUMNS = ("model", "train_variant", "test_variant", "seed", "fold", "cell_id", "patient_id", "label", "correct")
 _TEST_COLUMNS = (
-    "family", "model", "comparison", "a", "b", "estimate", "ci_low", "ci_high", "ci_method",
-    "statistic", "df", "pvalue", "p_holm", "p_bh", "method", "n_cells", "n_patients",
-    "n_seeds", "mcnemar_b", "mcnemar_c",
+    "family",
+    "model",
+    "comparison",
+    "a",
+    "b",
+    "estimate",
+    "ci_low",
+    "ci_high",
+    "ci_method",
+    "statistic",
+    "df",
+    "pvalue",
+    "p_holm",
+    "p_bh",
+    "method",
+    "n_cells",
+    "n_patients",
+    "n_seeds",
+    "mcnemar_b",
+    "mcnemar_c",
 )
 
 
@@ -56,7 +72,9 @@ def _read_run(run_dir: Path) -> _Run:
         _require_columns(run.predictions, _PRED_COLUMNS, what=str(run_dir / "predictions.parquet"))
     run.tests = _read_table(run_dir / "stats" / "tests.csv", "stats table")
     if run.tests is not None:
-        _require_columns(run.tests, ("family", "model", "comparison", "estimate"), what=str(run_dir / "stats/tests.csv"))
+        _require_columns(
+            run.tests, ("family", "model", "comparison", "estimate"), what=str(run_dir / "stats/tests.csv")
+        )
         for c in _TEST_COLUMNS:
             if c not in run.tests.columns:
                 run.tests[c] = np.nan
@@ -79,8 +97,12 @@ def _read_run(run_dir: Path) -> _Run:
         h = _read_table(job / "history.csv", "training history")
         if h is not None and len(h):
             run.histories.append((spec, h))
-    for name in ("segmentation/evaluation.csv", "segmentation/evaluation.parquet",
-                 "segmentation_evaluation.csv", "segmentation/eval.csv"):
+    for name in (
+        "segmentation/evaluation.csv",
+        "segmentation/evaluation.parquet",
+        "segmentation_evaluation.csv",
+        "segmentation/eval.csv",
+    ):
         t = _read_table(run_dir / name, "segmentation evaluation")
         if t is not None:
             run.segmentation, run.segmentation_path = t, run_dir / name
@@ -93,5 +115,3 @@ def _ordered(values: Iterable[str], preferred: Iterable[str]) -> list[str]:
     values = list(dict.fromkeys(map(str, values)))
     first = [v for v in preferred if v in values]
     return first + [v for v in values if v not in first]
-
-

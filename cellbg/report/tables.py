@@ -42,8 +42,20 @@ def bg_gap_table(predictions: pd.DataFrame, tests: pd.DataFrame | None = None) -
     0.5
     """
     _require_columns(predictions, ("model", "train_variant", "test_variant", "seed", "correct"), what="predictions")
-    cols = ["model", "train_variant", "acc_same", "acc_rand", "gap", "gap_sd", "n_seeds",
-            "ci_low", "ci_high", "ci_method", "pvalue", "method"]
+    cols = [
+        "model",
+        "train_variant",
+        "acc_same",
+        "acc_rand",
+        "gap",
+        "gap_sd",
+        "n_seeds",
+        "ci_low",
+        "ci_high",
+        "ci_method",
+        "pvalue",
+        "method",
+    ]
     sub = predictions[predictions["test_variant"].isin(["mixed_same", "mixed_rand"])]
     if sub.empty:
         return pd.DataFrame(columns=cols)
@@ -60,11 +72,18 @@ def bg_gap_table(predictions: pd.DataFrame, tests: pd.DataFrame | None = None) -
     rows = []
     for (model, train), g in per_seed.groupby(level=["model", "train_variant"], sort=False):
         row = {
-            "model": model, "train_variant": train,
-            "acc_same": g["mixed_same"].mean(), "acc_rand": g["mixed_rand"].mean(),
-            "gap": g["gap"].mean(), "gap_sd": g["gap"].std() if len(g) > 1 else np.nan,
-            "n_seeds": float(len(g)), "ci_low": np.nan, "ci_high": np.nan, "ci_method": "",
-            "pvalue": np.nan, "method": "",
+            "model": model,
+            "train_variant": train,
+            "acc_same": g["mixed_same"].mean(),
+            "acc_rand": g["mixed_rand"].mean(),
+            "gap": g["gap"].mean(),
+            "gap_sd": g["gap"].std() if len(g) > 1 else np.nan,
+            "n_seeds": float(len(g)),
+            "ci_low": np.nan,
+            "ci_high": np.nan,
+            "ci_method": "",
+            "pvalue": np.nan,
+            "method": "",
         }
         row.update(_gap_test(tests, model, train))
         rows.append(row)
@@ -84,8 +103,13 @@ def _gap_test(tests: pd.DataFrame | None, model: str, train: str) -> dict:
         if len(hit):
             r = hit.iloc[0]
             lo, hi = sign * float(r.get("ci_low", np.nan)), sign * float(r.get("ci_high", np.nan))
-            return {"ci_low": min(lo, hi), "ci_high": max(lo, hi), "ci_method": str(r.get("ci_method", "")),
-                    "pvalue": float(r.get("pvalue", np.nan)), "method": str(r.get("method", ""))}
+            return {
+                "ci_low": min(lo, hi),
+                "ci_high": max(lo, hi),
+                "ci_method": str(r.get("ci_method", "")),
+                "pvalue": float(r.get("pvalue", np.nan)),
+                "method": str(r.get("method", "")),
+            }
     return {}
 
 
@@ -206,8 +230,16 @@ def _ci(lo, hi) -> str:
 
 
 _TEX_ESCAPES = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
 }
 
 
@@ -227,8 +259,17 @@ def _tex_cell(text: str) -> str:
 
 
 #: The non-ASCII characters this module writes, in LaTeX that needs no extra package.
-_TEX_UNICODE = {"–": "--", "−": "$-$", "±": "$\\pm$", "Δ": "$\\Delta$", "×": "$\\times$", "≥": "$\\geq$",
-                "≤": "$\\leq$", "α": "$\\alpha$", "σ": "$\\sigma$"}
+_TEX_UNICODE = {
+    "–": "--",
+    "−": "$-$",
+    "±": "$\\pm$",
+    "Δ": "$\\Delta$",
+    "×": "$\\times$",
+    "≥": "$\\geq$",
+    "≤": "$\\leq$",
+    "α": "$\\alpha$",
+    "σ": "$\\sigma$",
+}
 
 
 def latex_table(
@@ -355,8 +396,6 @@ def _inline_html(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
 
 
-
-
 # =========================================================================== significance
 #: The adjustment that applies in each family (``stats/tests.csv`` gives Holm and BH for all).
 _FAMILY_ADJUSTMENT = {"confirmatory": ("p_holm", "Holm"), "exploratory": ("p_bh", "BH"), "saliency": ("p_holm", "Holm")}
@@ -388,12 +427,18 @@ def _split_saliency_method(text: str) -> tuple[str, str]:
 
 
 #: Short names of the stats stage's standardised effect sizes, and what they are.
-_EFFECT_SHORT = {"Cohen's d_z": "d_z", "matched-pairs rank-biserial r": "r_rb",
-                 "log conditional odds ratio log(c/b)": "log OR_c", "log odds ratio": "log OR"}
-_EFFECT_MEANING = {"Cohen's d_z": "Cohen's d_z, the mean of the per-patient differences over their SD",
-                   "matched-pairs rank-biserial r": "matched-pairs rank-biserial r (Kerby 2014)",
-                   "log conditional odds ratio log(c/b)": "log conditional odds ratio log(c/b) of the discordant cells",
-                   "log odds ratio": "log odds ratio of the GEE model (b against a)"}
+_EFFECT_SHORT = {
+    "Cohen's d_z": "d_z",
+    "matched-pairs rank-biserial r": "r_rb",
+    "log conditional odds ratio log(c/b)": "log OR_c",
+    "log odds ratio": "log OR",
+}
+_EFFECT_MEANING = {
+    "Cohen's d_z": "Cohen's d_z, the mean of the per-patient differences over their SD",
+    "matched-pairs rank-biserial r": "matched-pairs rank-biserial r (Kerby 2014)",
+    "log conditional odds ratio log(c/b)": "log conditional odds ratio log(c/b) of the discordant cells",
+    "log odds ratio": "log odds ratio of the GEE model (b against a)",
+}
 
 
 def _effect(value, name) -> str:
@@ -443,8 +488,22 @@ def significance_tables(tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
      'paired t (patients)', '6', '0.900', '0.900 (Holm)']
     """
     t = tests.copy()
-    for c in ("role", "name", "measure", "saliency_method", "method", "mcnemar_b", "mcnemar_c", "n_cells",
-              "n_patients", "p_holm", "p_bh", "ci_low", "ci_high", "pvalue"):
+    for c in (
+        "role",
+        "name",
+        "measure",
+        "saliency_method",
+        "method",
+        "mcnemar_b",
+        "mcnemar_c",
+        "n_cells",
+        "n_patients",
+        "p_holm",
+        "p_bh",
+        "ci_low",
+        "ci_high",
+        "pvalue",
+    ):
         if c not in t.columns:
             t[c] = np.nan
     t["role"] = t["role"].map(lambda v: _text(v) or "primary")
@@ -479,45 +538,74 @@ def significance_tables(tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     # standard error and standardised effect size, where the stats stage gives them
     with_se = "se" in t.columns and bool(np.isfinite(pd.to_numeric(t.loc[primary, "se"], errors="coerce")).any())
     with_effect = "effect_size" in t.columns and bool(
-        np.isfinite(pd.to_numeric(t["effect_size"], errors="coerce")).any())
+        np.isfinite(pd.to_numeric(t["effect_size"], errors="coerce")).any()
+    )
 
     def extra(r, se: bool) -> list[str]:
         out = [_pp(getattr(r, "se", np.nan))] if se else []
-        return out + ([_effect(getattr(r, "effect_size", np.nan), getattr(r, "effect_size_name", ""))]
-                      if with_effect else [])
+        return out + (
+            [_effect(getattr(r, "effect_size", np.nan), getattr(r, "effect_size_name", ""))] if with_effect else []
+        )
 
     extra_head = (["SE (pp)"] if with_se else []) + (["effect size"] if with_effect else [])
     main_rows = []
     for r, m, s in zip(t[primary].itertuples(index=False), measures[primary], saliency[primary], strict=True):
         col, how = _FAMILY_ADJUSTMENT.get(str(r.family), ("p_holm", "Holm"))
         adj = getattr(r, col)
-        main_rows.append(labels(r, m, s) + [_pp_ci(r.estimate, r.ci_low, r.ci_high), *extra(r, with_se),
-                                            _text(r.method), _int(r.n_patients), _p_test(r.pvalue),
-                                            _p_test(adj) if _isnan(adj) else f"{_p(adj)} ({how})"])
-    main = pd.DataFrame(main_rows, columns=head + ["Δ = b − a, pp [95% CI]", *extra_head, "test", "patients", "p",
-                                                   "p adj."])
+        main_rows.append(
+            labels(r, m, s)
+            + [
+                _pp_ci(r.estimate, r.ci_low, r.ci_high),
+                *extra(r, with_se),
+                _text(r.method),
+                _int(r.n_patients),
+                _p_test(r.pvalue),
+                _p_test(adj) if _isnan(adj) else f"{_p(adj)} ({how})",
+            ]
+        )
+    main = pd.DataFrame(
+        main_rows, columns=head + ["Δ = b − a, pp [95% CI]", *extra_head, "test", "patients", "p", "p adj."]
+    )
     sec_rows = []
     for r, m, s in zip(t[~primary].itertuples(index=False), measures[~primary], saliency[~primary], strict=True):
         bc = "–" if _isnan(r.mcnemar_b) else f"{_int(r.mcnemar_b)}/{_int(r.mcnemar_c)}"
-        sec_rows.append(labels(r, m, s) + [str(r.role), _text(r.method), _pp_ci(r.estimate, r.ci_low, r.ci_high),
-                                           *extra(r, False), _p_test(r.pvalue), bc, _int(r.n_cells)])
-    secondary = pd.DataFrame(sec_rows, columns=head + ["role", "test", "Δ, pp [95% CI]",
-                                                       *(["effect size"] if with_effect else []), "p",
-                                                       "McNemar b/c", "cells"])
+        sec_rows.append(
+            labels(r, m, s)
+            + [
+                str(r.role),
+                _text(r.method),
+                _pp_ci(r.estimate, r.ci_low, r.ci_high),
+                *extra(r, False),
+                _p_test(r.pvalue),
+                bc,
+                _int(r.n_cells),
+            ]
+        )
+    secondary = pd.DataFrame(
+        sec_rows,
+        columns=head
+        + ["role", "test", "Δ, pp [95% CI]", *(["effect size"] if with_effect else []), "p", "McNemar b/c", "cells"],
+    )
     if with_effect and "effect_size_name" in t.columns:
         for sel, notes in ((primary, main_notes), (~primary, secondary_notes)):
             shown = t[sel & np.isfinite(pd.to_numeric(t["effect_size"], errors="coerce"))]
             names = sorted({str(n) for n in shown["effect_size_name"] if _text(n)})
             if names:
-                notes.append("Effect size: " + "; ".join(
-                    f"{_EFFECT_SHORT.get(n, n)} = {_EFFECT_MEANING.get(n, n)}" for n in names) + ".")
+                notes.append(
+                    "Effect size: "
+                    + "; ".join(f"{_EFFECT_SHORT.get(n, n)} = {_EFFECT_MEANING.get(n, n)}" for n in names)
+                    + "."
+                )
     for rows, notes in ((main, main_notes), (secondary, secondary_notes)):
         if len(rows) and (rows["p"] == _NOT_COMPUTED).any():
-            notes.append(f"p {_NOT_COMPUTED}: the test could not be computed for these data (the row's note in "
-                         "stats/tests.csv says why, e.g. separation or no variation); it is not a negative result.")
+            notes.append(
+                f"p {_NOT_COMPUTED}: the test could not be computed for these data (the row's note in "
+                "stats/tests.csv says why, e.g. separation or no variation); it is not a negative result."
+            )
     if len(secondary):
         secondary_notes.append(
             "These p are not adjusted and are conditional: cell-level tests (McNemar) treat the cells as "
             "independent and hold for these trained models and these cells only; fold-level tests depend on the "
-            "split. Quote the patient-level primary tests of the main table for inference about patients.")
+            "split. Quote the patient-level primary tests of the main table for inference about patients."
+        )
     return main, secondary, main_notes, secondary_notes

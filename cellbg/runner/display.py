@@ -213,11 +213,17 @@ class Display:
                     continue
                 total = float(p.get("total") or 1)
                 if key not in self._job_tasks:
-                    self._job_tasks[key] = self.progress.add_task(f"  {p.get('job', key)}"[:24], total=total,
-                                                                  completed=0, info="", eta="")
+                    self._job_tasks[key] = self.progress.add_task(
+                        f"  {p.get('job', key)}"[:24], total=total, completed=0, info="", eta=""
+                    )
                 elapsed = time.time() - float(p.get("started", time.time()))
-                self.progress.update(self._job_tasks[key], total=total, completed=float(p.get("done") or 0),
-                                     info=text, eta=_eta(elapsed, job_fraction(p), 1.0))
+                self.progress.update(
+                    self._job_tasks[key],
+                    total=total,
+                    completed=float(p.get("done") or 0),
+                    info=text,
+                    eta=_eta(elapsed, job_fraction(p), 1.0),
+                )
             for key in [k for k in self._job_tasks if k not in current]:  # ended
                 if self.progress is not None:
                     self.progress.remove_task(self._job_tasks.pop(key))

@@ -40,15 +40,22 @@ class RunStatus:
 
     def summary(self) -> str:
         """Text for the terminal."""
-        detail = [d for d in (self.detail, f"log {self.log}" if self.log is not None and self.log.exists() else "")
-                  if d]
+        detail = [
+            d for d in (self.detail, f"log {self.log}" if self.log is not None and self.log.exists() else "") if d
+        ]
         lines = [f"run {self.run_dir}: {self.state}" + (f" ({'; '.join(detail)})" if detail else "")]
         if self.current:
             c = self.current
-            eta = ("time left not known yet" if self.eta_seconds is None
-                   else f"about {_duration(self.eta_seconds)} left in this stage (later stages not estimated)")
-            lines.append(f"now: stage {c['stage']}, {c.get('done', 0)} of {c.get('todo', 0)} jobs done"
-                         + (f", {c['failed']} failed" if c.get("failed") else "") + f"; {eta}")
+            eta = (
+                "time left not known yet"
+                if self.eta_seconds is None
+                else f"about {_duration(self.eta_seconds)} left in this stage (later stages not estimated)"
+            )
+            lines.append(
+                f"now: stage {c['stage']}, {c.get('done', 0)} of {c.get('todo', 0)} jobs done"
+                + (f", {c['failed']} failed" if c.get("failed") else "")
+                + f"; {eta}"
+            )
             for j in self.jobs:
                 running = _duration(time.time() - float(j.get("started", time.time())))
                 lines.append(f"  {j.get('job', '?')}: {describe(j) or 'started'} (running {running})")
