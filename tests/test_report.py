@@ -679,7 +679,7 @@ def test_figures_and_html_are_self_contained(full_run):
     assert "85.0 ± 7.1" in html
     # background share of the gallery's table: mean over the sampled cells, per model
     sal = full_run["saliency"]
-    for model, g in sal.groupby("model"):
+    for _model, g in sal.groupby("model"):
         assert f"{g['background_share'].mean():.3f} ± {g['background_share'].std():.3f}" in html
 
 

@@ -11,7 +11,7 @@ from cellbg import _progress
 from cellbg._checks import CellbgError
 from cellbg._io import atomic_dir
 from cellbg.report.detection import _section_detection
-from cellbg.report.document import _Doc
+from cellbg.report.document import Para, _Doc
 from cellbg.report.figures import _Figures
 from cellbg.report.methods import _methods, _provenance
 from cellbg.report.pdf import compile_pdf, first_error, latex_document, pdflatex
@@ -123,9 +123,8 @@ def _say_missing(doc: _Doc, shown: int) -> int:
     """Say up front what the report lacks (each item is repeated in its section); replaces the
     list already shown (``shown`` items) when more went missing since. Returns the count."""
     if doc.missing and len(doc.missing) != shown:
-        block = (
-            "para",
-            "**Parts not available in this run:** " + " ".join(f"({i}) {m}" for i, m in enumerate(doc.missing, 1)),
+        block = Para(
+            "**Parts not available in this run:** " + " ".join(f"({i}) {m}" for i, m in enumerate(doc.missing, 1))
         )
         if shown:
             doc.blocks[1] = block

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -11,83 +12,133 @@ import pandas as pd
 from cellbg.report.tables import _html_table, _inline_html, _md_table
 
 
+@dataclass(frozen=True)
+class Heading:
+    """A section heading (level 2 = section, 3 = subsection)."""
+
+    level: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Para:
+    """A paragraph of Markdown-ish text (``code``, **bold**)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Absent:
+    """A part that could not be made, and why."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class TableBlock:
+    """A table with its caption, the name of its LaTeX file (if any) and notes below it."""
+
+    df: pd.DataFrame
+    caption: str
+    tex_name: str | None
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class FigureBlock:
+    """A figure: its file stem under ``figures/``, caption and PNG bytes."""
+
+    name: str
+    caption: str
+    png: bytes
+
+
+@dataclass(frozen=True)
+class Code:
+    """Preformatted text."""
+
+    text: str
+
+
+Block = Heading | Para | Absent | TableBlock | FigureBlock | Code
+
+
 @dataclass
 class _Doc:
     """The report as a list of blocks, rendered to Markdown and to HTML alike."""
 
     title: str
-    blocks: list[tuple[str, object]] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
 
     def heading(self, text: str, level: int = 2) -> None:
-        self.blocks.append(("heading", (level, text)))
+        self.blocks.append(Heading(level, text))
 
     def para(self, text: str) -> None:
-        self.blocks.append(("para", text))
+        self.blocks.append(Para(text))
 
     def absent(self, text: str) -> None:
         """A part that could not be made, and why: stated in the text and listed up top."""
         self.missing.append(text)
-        self.blocks.append(("absent", text))
+        self.blocks.append(Absent(text))
 
-    def table(self, df: pd.DataFrame, caption: str, tex_name: str | None = None, notes: list[str] = ()) -> None:
-        self.blocks.append(("table", (df, caption, tex_name, list(notes))))
+    def table(self, df: pd.DataFrame, caption: str, tex_name: str | None = None, notes: Sequence[str] = ()) -> None:
+        self.blocks.append(TableBlock(df, caption, tex_name, list(notes)))
 
     def figure(self, name: str, caption: str, png: bytes) -> None:
-        self.blocks.append(("figure", (name, caption, png)))
+        self.blocks.append(FigureBlock(name, caption, png))
 
     def code(self, text: str) -> None:
-        self.blocks.append(("code", text))
+        self.blocks.append(Code(text))
 
     def markdown(self) -> str:
         out = [f"# {self.title}", ""]
-        for kind, value in self.blocks:
-            if kind == "heading":
-                level, text = value
-                out += ["#" * level + " " + text, ""]
-            elif kind == "para":
-                out += [value, ""]
-            elif kind == "absent":
-                out += [f"> **Not available:** {value}", ""]
-            elif kind == "table":
-                df, caption, tex, notes = value
+        for block in self.blocks:
+            if isinstance(block, Heading):
+                out += ["#" * block.level + " " + block.text, ""]
+            elif isinstance(block, Para):
+                out += [block.text, ""]
+            elif isinstance(block, Absent):
+                out += [f"> **Not available:** {block.text}", ""]
+            elif isinstance(block, TableBlock):
+                caption, tex = block.caption, block.tex_name
                 note = f" (LaTeX: `tables/{tex}.tex`)" if tex else ""
-                out += [f"*{caption}*{note}", "", _md_table(df), ""]
-                out += [f"Note: {n}" + "\n" for n in notes]
-            elif kind == "figure":
-                name, caption, _ = value
+                out += [f"*{caption}*{note}", "", _md_table(block.df), ""]
+                out += [f"Note: {n}" + "\n" for n in block.notes]
+            elif isinstance(block, FigureBlock):
+                name, caption = block.name, block.caption
                 out += [f"![{caption}](figures/{name}.png)", "", f"*{caption}* (vector: `figures/{name}.pdf`)", ""]
-            elif kind == "code":
-                out += ["```", value, "```", ""]
+            elif isinstance(block, Code):
+                out += ["```", block.text, "```", ""]
         return "\n".join(out).rstrip() + "\n"
 
     def html(self) -> str:
         body = [f"<h1>{html.escape(self.title)}</h1>"]
-        for kind, value in self.blocks:
-            if kind == "heading":
-                level, text = value
-                body.append(f"<h{level}>{_inline_html(text)}</h{level}>")
-            elif kind == "para":
-                body.append(f"<p>{_inline_html(value)}</p>")
-            elif kind == "absent":
-                body.append(f'<p class="absent"><strong>Not available:</strong> {_inline_html(value)}</p>')
-            elif kind == "table":
-                df, caption, tex, notes = value
+        for block in self.blocks:
+            if isinstance(block, Heading):
+                level = block.level
+                body.append(f"<h{level}>{_inline_html(block.text)}</h{level}>")
+            elif isinstance(block, Para):
+                body.append(f"<p>{_inline_html(block.text)}</p>")
+            elif isinstance(block, Absent):
+                body.append(f'<p class="absent"><strong>Not available:</strong> {_inline_html(block.text)}</p>')
+            elif isinstance(block, TableBlock):
+                df, caption, tex, notes = block.df, block.caption, block.tex_name, block.notes
                 note = f" <span class='file'>(LaTeX: tables/{html.escape(tex)}.tex)</span>" if tex else ""
                 below = "".join(f"<p class='note'>Note: {_inline_html(n)}</p>" for n in notes)
                 body.append(
                     f"<figure class='table'><figcaption>{_inline_html(caption)}{note}</figcaption>"
                     f"<div class='scroll'>{_html_table(df)}</div>{below}</figure>"
                 )
-            elif kind == "figure":
-                name, caption, png = value
+            elif isinstance(block, FigureBlock):
+                caption, png = block.caption, block.png
                 data = base64.b64encode(png).decode("ascii")
                 body.append(
                     f"<figure><img alt='{html.escape(caption, quote=True)}' src='data:image/png;base64,{data}'>"
                     f"<figcaption>{_inline_html(caption)}</figcaption></figure>"
                 )
-            elif kind == "code":
-                body.append(f"<pre>{html.escape(value)}</pre>")
+            elif isinstance(block, Code):
+                body.append(f"<pre>{html.escape(block.text)}</pre>")
         return _HTML_PAGE.format(title=html.escape(self.title), body="\n".join(body))
 
 

@@ -16,6 +16,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+from cellbg.report.document import Absent, Block, Code, FigureBlock, Heading, Para, TableBlock
 from cellbg.report.tables import _tex_cell, latex_table
 
 #: The preamble: Times (Type 1 fonts from TeX Live's fonts-recommended), a text width of
@@ -69,37 +70,39 @@ def _float_here(table_tex: str) -> str:
     )
 
 
-def latex_document(title: str, blocks: list[tuple[str, object]], tables: dict[str, str]) -> str:
+def latex_document(title: str, blocks: list[Block], tables: dict[str, str]) -> str:
     """The report's blocks as one LaTeX document (figures read from ``figures/<name>.pdf``)."""
     body = [_PREAMBLE, f"{{\\LARGE\\bfseries {tex_text(title)}\\par}}\\bigskip", ""]
-    for kind, value in blocks:
-        if kind == "heading":
-            level, text = value
-            body.append(("\\section*{" if level <= 2 else "\\subsection*{") + tex_text(text) + "}")
-        elif kind == "para":
-            body += [tex_text(value), ""]
-        elif kind == "absent":
-            body += [f"\\textbf{{Not available:}} {tex_text(value)}", ""]
-        elif kind == "table":
-            df, caption, name, notes = value
+    for block in blocks:
+        if isinstance(block, Heading):
+            body.append(("\\section*{" if block.level <= 2 else "\\subsection*{") + tex_text(block.text) + "}")
+        elif isinstance(block, Para):
+            body += [tex_text(block.text), ""]
+        elif isinstance(block, Absent):
+            body += [f"\\textbf{{Not available:}} {tex_text(block.text)}", ""]
+        elif isinstance(block, TableBlock):
+            name = block.tex_name
             tex = tables.get(name) if name else None
             if tex is None:
                 tex = latex_table(
-                    df, caption=caption, label=f"tab:{name or len(body)}", size="footnotesize", notes=notes
+                    block.df,
+                    caption=block.caption,
+                    label=f"tab:{name or len(body)}",
+                    size="footnotesize",
+                    notes=block.notes,
                 )
             body.append(_float_here(tex))
-        elif kind == "figure":
-            name, caption, _ = value
+        elif isinstance(block, FigureBlock):
             body += [
                 "\\begin{figure}[H]",
                 "\\centering",
-                f"\\includegraphics{{figures/{name}.pdf}}",
-                f"\\caption{{{tex_text(caption)}}}",
+                f"\\includegraphics{{figures/{block.name}.pdf}}",
+                f"\\caption{{{tex_text(block.caption)}}}",
                 "\\end{figure}",
                 "",
             ]
-        elif kind == "code":
-            lines = [w for line in str(value).splitlines() for w in (textwrap.wrap(line, 110) or [""])]
+        elif isinstance(block, Code):
+            lines = [w for line in block.text.splitlines() for w in (textwrap.wrap(line, 110) or [""])]
             body += ["{\\footnotesize", "\\begin{verbatim}", *lines, "\\end{verbatim}", "}"]
     body.append("\\end{document}\n")
     return "\n".join(body)

@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from cellbg._checks import CellbgError
 from cellbg.report.tables import _require_columns
+
+if TYPE_CHECKING:
+    from cellbg.protocol import Protocol
 
 _PRED_COLUMNS = ("model", "train_variant", "test_variant", "seed", "fold", "cell_id", "patient_id", "label", "correct")
 _TEST_COLUMNS = (
@@ -40,7 +44,7 @@ _TEST_COLUMNS = (
 @dataclass
 class _Run:
     run_dir: Path
-    protocol: object
+    protocol: Protocol
     predictions: pd.DataFrame | None = None
     tests: pd.DataFrame | None = None
     summary_md: str | None = None
