@@ -124,7 +124,7 @@ def _auto_stain(rgb01: np.ndarray) -> tuple[str, dict]:
     for name, m in pairs.items():
         conc = stained @ np.linalg.inv(m)  # OD = conc @ m
         residual[name] = float(np.abs(conc[:, 2]).sum() / (np.abs(conc).sum() + 1e-12))
-    best = min(residual, key=residual.get)
+    best = min(residual, key=residual.__getitem__)
     return ("giemsa" if best == "giemsa" else "hematoxylin"), residual
 
 

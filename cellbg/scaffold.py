@@ -84,8 +84,8 @@ class FolderScan:
 def _guess_pattern(names: list[str], by_class: dict[str, list[str]]) -> str | None:
     for pattern in _PATIENT_PATTERNS:
         rx = re.compile(pattern)
-        matches = [rx.search(n) for n in names]
-        if not all(matches):
+        matches = [m for n in names if (m := rx.search(n)) is not None]
+        if len(matches) != len(names):
             continue
         patients = {m.group("patient") for m in matches}
         if 2 <= len(patients) < len(names):
@@ -148,7 +148,11 @@ def scan_folder(
             if pattern is not None:
                 layout = "classes + patient_pattern"
                 rx = re.compile(pattern)
-                patients = {c: len({rx.search(n).group("patient") for n in ns}) for c, ns in by_class.items()}
+                # every name matches: _guess_pattern only returns a pattern that matches them all
+                patients = {
+                    c: len({m.group("patient") for n in ns if (m := rx.search(n)) is not None})
+                    for c, ns in by_class.items()
+                }
             else:
                 layout = "classes, no patients"
     masks = table["mask_path"][table["mask_path"] != ""]

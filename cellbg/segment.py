@@ -224,7 +224,7 @@ def segment_threshold(
     if invert:
         x = x.max() - x
     estimated = diameter is None
-    d = T.estimate_diameter(x) if estimated else float(diameter)
+    d = T.estimate_diameter(x) if diameter is None else float(diameter)
     if d <= 0:
         return empty(d, estimated, inverted=bool(invert))
     d = float(np.clip(d, 3.0, max(3.0, min(x.shape) / 2)))
@@ -888,7 +888,10 @@ def _image_hw(path: str) -> tuple[int, int]:
     from cellbg.data import _image_shape, read_image
 
     shape = _image_shape(Path(path), tifffile)
-    return tuple(shape) if shape is not None else tuple(read_image(path).shape[1:])
+    if shape is not None:
+        return shape
+    _, rows, columns = read_image(path).shape  # (C, M, N)
+    return rows, columns
 
 
 def _masks_job(args: tuple) -> str:
@@ -999,13 +1002,13 @@ def run_segmentation(protocol, table: pd.DataFrame | None = None) -> pd.DataFram
     channels = protocol.data.channels
 
     if cfg.method == "masks":
-        jobs = [(table["path"].iat[i], table["mask_path"].iat[i], outs[i]) for i in todo]
-        for _ in parallel_map(_masks_job, jobs, workers=cfg.workers, description="masks"):
+        mask_jobs = [(table["path"].iat[i], table["mask_path"].iat[i], outs[i]) for i in todo]
+        for _ in parallel_map(_masks_job, mask_jobs, workers=cfg.workers, description="masks"):
             pass
     elif cfg.method == "threshold":
         options = {**cfg.threshold.model_dump(), "diameter": cfg.diameter}
-        jobs = [(table["path"].iat[i], channels, options, outs[i]) for i in todo]
-        infos = list(parallel_map(_threshold_job, jobs, workers=cfg.workers, description="segmenting"))
+        threshold_jobs = [(table["path"].iat[i], channels, options, outs[i]) for i in todo]
+        infos = list(parallel_map(_threshold_job, threshold_jobs, workers=cfg.workers, description="segmenting"))
         _write_threshold_log(folder, [table["image_id"].iat[i] for i in todo], infos, fresh)
     else:
         n_batches = -(-len(todo) // cfg.batch_size)

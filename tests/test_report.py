@@ -795,6 +795,19 @@ def test_methods_and_provenance(full_run):
     assert "training time: 0.6 min summed over 8 jobs" in prov  # 8 jobs x 3 epochs x 1.5 s
 
 
+def test_methods_text_for_threshold_segmentation(tmp_path):
+    """The methods paragraph names the threshold rule and the smoothing (default: from the diameter)."""
+    from cellbg.report.methods import _methods
+    from cellbg.report.reading import _Run
+
+    default = _protocol(tmp_path, segmentation={"method": "threshold"})
+    text = _methods(_Run(run_dir=tmp_path, protocol=default))
+    assert "segmented by robust thresholding after Gaussian smoothing (sigma diameter / 16)" in text
+    otsu = _protocol(tmp_path, segmentation={"method": "threshold", "threshold": {"threshold": "otsu", "sigma": 1.5}})
+    text = _methods(_Run(run_dir=tmp_path, protocol=otsu))
+    assert "segmented by otsu thresholding after Gaussian smoothing (sigma 1.5)" in text
+
+
 # --------------------------------------------------------------------------- missing parts
 def test_missing_parts_are_stated(tmp_path):
     run_dir = tmp_path / "run"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from cellbg import _progress
 from cellbg._checks import CellbgError
@@ -71,7 +73,8 @@ def write_report(run_dir: str | Path, *, gallery_cells: int = 4) -> Path:
         if not cfg.figures:
             doc.absent("figures are switched off in the protocol (`report.figures: false`).")
         detection_only = run.protocol.detection.enabled and run.protocol.detection.only
-        sections = (
+        acc: pd.DataFrame | None = None  # the accuracy table, made by the first section and read by the factors one
+        sections: list[Callable[[], object]] = (
             []
             if detection_only
             else [
@@ -85,12 +88,12 @@ def write_report(run_dir: str | Path, *, gallery_cells: int = 4) -> Path:
             ]
         )
         sections.append(lambda: _section_detection(doc, run, figs, tex))
-        acc = None  # the accuracy table, made by the first section and read by the factors section
         with figs.style():  # figures at print size: fonts >= 7 pt
             for done, section in enumerate(sections):
                 _progress.report(done=done, total=len(sections) + 1, unit="report sections")
                 made = section()
-                acc = made if done == 0 and not detection_only else acc
+                if done == 0 and not detection_only and isinstance(made, pd.DataFrame):
+                    acc = made
         if not detection_only:
             doc.heading("Methods")
             doc.para(_methods(run))

@@ -8,6 +8,7 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -71,12 +72,12 @@ def _arch_text(m) -> str:
     return f"{m.key} (CellYolo, width {m.width:g}, depth {m.depth:g})"
 
 
-def _join(items: list[str]) -> str:
+def _join(items: Sequence[object]) -> str:
     """``a``, ``a and b``, ``a, b and c``; ``""`` for no items."""
-    items = [str(i) for i in items]
-    if len(items) <= 1:
-        return items[0] if items else ""
-    return ", ".join(items[:-1]) + " and " + items[-1]
+    words = [str(i) for i in items]
+    if len(words) <= 1:
+        return words[0] if words else ""
+    return ", ".join(words[:-1]) + " and " + words[-1]
 
 
 def _methods(run: _Run) -> str:
@@ -92,9 +93,10 @@ def _methods(run: _Run) -> str:
         )
     else:
         th = seg.threshold
+        sigma = "diameter / 16" if th.sigma is None else f"{th.sigma:g}"
         seg_text = (
-            f"Cells were segmented by {th.method} thresholding after Gaussian smoothing "
-            f"(sigma {th.sigma:g}) with a seeded watershed"
+            f"Cells were segmented by {th.threshold} thresholding after Gaussian smoothing "
+            f"(sigma {sigma}) with a seeded watershed"
         )
     if p.data.source == "synthetic":
         s = p.data.synthetic
@@ -159,7 +161,7 @@ def _methods(run: _Run) -> str:
         if st.primary == "patient_t"
         else "a GEE logistic model of cell correctness clustered by patient"
     )
-    conf = _join([f"`{cmp.a}` vs `{cmp.b}`" + _bg_gap_label(cmp.a, cmp.b) for cmp in st.confirmatory])
+    conf = _join([f"`{cmp.a}` vs `{cmp.b}`" + _bg_gap_label(cmp.a, cmp.b) for cmp in st.confirmatory or []])
     conf = f"Confirmatory comparisons were {conf}" if conf else "No confirmatory comparison was planned"
     stats_text = (
         f" The unit of analysis was the patient: the primary test was {primary}, with cell-level "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -236,7 +237,8 @@ def _significance_align(columns, n_label: int, *, test_width: str | None) -> str
 def _summary_prose(text: str) -> list[str]:
     """The sentences of ``stats/summary.md``: its paragraphs and bullets, not its tables
     or headings (the report shows the same numbers in its own tables)."""
-    out, block = [], []
+    out: list[str] = []
+    block: list[str] = []
     for line in text.splitlines() + [""]:
         stripped = line.strip()
         if not stripped or stripped.startswith(("#", "|")):
@@ -392,8 +394,10 @@ def _section_factors(doc: _Doc, run: _Run, acc: pd.DataFrame | None, figs: _Figu
         key=lambda v: float(parsed[v][2][0]) if parsed[v][2] else 0.0,
     )
     if colours or blurs:
-        refs = [v for v in ("original", "only_fg") if v in tested]
-        panels = [(t, refs + vs) for t, vs in (("background colour", colours), ("background blur", blurs)) if vs]
+        ref_variants = [v for v in ("original", "only_fg") if v in tested]
+        panels = [
+            (t, ref_variants + vs) for t, vs in (("background colour", colours), ("background blur", blurs)) if vs
+        ]
         png = figs.save(_bars(figs, panels, acc, groups), "colour_blur")
         doc.figure(
             "colour_blur",
@@ -678,14 +682,16 @@ def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tupl
         for c in by_class:
             if by_class[c] and len(chosen) < n_cells:
                 chosen.append(by_class[c].pop(0))
-    maps = zarr.open_group(str(run.run_dir / "saliency.zarr"), mode="r")["maps"]
+    # a group's member is typed Array | Group; these are arrays, as the saliency and crops stages write them
+    maps = cast("zarr.Array", zarr.open_group(str(run.run_dir / "saliency.zarr"), mode="r")["maps"])
     crop_of: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if run.cells is not None and (run.run_dir / "crops.zarr").exists():
         group = zarr.open_group(str(run.run_dir / "crops.zarr"), mode="r")
+        images, masks = cast("zarr.Array", group["images"]), cast("zarr.Array", group["masks"])
         row_of = dict(zip(run.cells["cell_id"].astype(str), range(len(run.cells)), strict=True))
         for cell in chosen:
             if cell in row_of:
-                crop_of[cell] = (_rgb(group["images"][row_of[cell]]), np.asarray(group["masks"][row_of[cell]], float))
+                crop_of[cell] = (_rgb(np.asarray(images[row_of[cell]])), np.asarray(masks[row_of[cell]], float))
     lead = 1 if crop_of else 0  # a first column with the plain crop, for context
     n_cols = len(columns) + lead
     width = SINGLE_COLUMN if n_cols <= 3 else DOUBLE_COLUMN
@@ -722,7 +728,7 @@ def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tupl
 def _section_segmentation(doc: _Doc, run: _Run, tex: dict[str, str]) -> None:
     doc.heading("Segmentation quality")
     seg = run.protocol.segmentation
-    if run.segmentation is None:
+    if run.segmentation is None or run.segmentation_path is None:  # the reader sets both or neither
         if seg.method == "masks":
             doc.absent(
                 "segmentation quality was not evaluated: the masks were supplied with the data "

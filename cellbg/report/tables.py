@@ -139,7 +139,7 @@ def parse_condition(spec: str) -> tuple[list[tuple[str, tuple[str, ...]]], str, 
     ([('mask_dilate', ('3',))], 'bg_ring', ('4',))
     """
     parts = [p.strip() for p in str(spec).split("+")]
-    parsed = []
+    parsed: list[tuple[str, tuple[str, ...]]] = []
     for p in parts:
         m = _CALL.match(p.replace(" ", ""))
         if m is None:
@@ -511,7 +511,8 @@ def significance_tables(tests: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     planned = set(pair[t["family"].astype(str) == "confirmatory"])
     duplicate = (t["family"].astype(str) == "exploratory") & pair.isin(planned)
     n_conf = int(((t["family"].astype(str) == "confirmatory") & (t["role"] == "primary")).sum())
-    main_notes, secondary_notes = [], []
+    main_notes: list[str] = []
+    secondary_notes: list[str] = []
     for r in t[duplicate & (t["role"] == "primary")].itertuples(index=False):
         main_notes.append(
             f"{_comparison_label(r)} ({r.model}) is a planned (confirmatory) comparison and also part of the "

@@ -145,7 +145,9 @@ def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None) -> Run
     else:
         ctx = RunContext(run_dir=run_dir)
     plan = run_stages(stages, run_dir, dry_run=True, progress=False, context=ctx)
-    current, jobs, eta = None, (), None
+    current: dict | None = None
+    jobs: tuple[dict, ...] = ()
+    eta: float | None = None
     if state == "running" and isinstance(record.get("current"), dict):
         current = record["current"]
         jobs = tuple(read_progress(run_dir, current.get("stage")))
