@@ -429,12 +429,22 @@ def run(
 
 
 @app.command(rich_help_panel="Run")
-def status(run_dir: RunDirArg) -> None:
+def status(
+    run_dir: RunDirArg,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="hash every output and name damaged files (exit 2 if any)")
+    ] = False,
+) -> None:
     """How far a run is: state of the last run, jobs done and to do per stage, failures."""
     with _handle():
         from cellbg.runner import status as run_status
 
-        typer.echo(run_status(run_dir).summary())
+        result = run_status(run_dir, verify=verify)
+        typer.echo(result.summary())
+        if verify and result.damaged:
+            stage, job, what = result.damaged[0]
+            raise CellbgError(f"{len(result.damaged)} damaged file(s) in {result.run_dir}, e.g. {what} "
+                              f"({stage} {job}); run again to redo their jobs")
 
 
 def main() -> None:

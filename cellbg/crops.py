@@ -511,6 +511,9 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
                 others_arr = group.create_array("others", shape=(0, size, size), chunks=(chunk, size, size),
                                                 dtype="bool")
             elif result.images.shape[1] != n_ch:
+                from cellbg.data import check_channels
+
+                check_channels(table, channels=protocol.data.channels)  # names the odd image(s) out
                 raise CellbgError(
                     f"image {row.path} has {result.images.shape[1]} channel(s) but earlier images have {n_ch}; "
                     "set data.channels to pick the same channels from every image"

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cellbg._checks import CellbgError, check_file
-from cellbg.ids import image_id
+from cellbg.ids import unique_image_ids
 
 __all__ = [
     "read_image",
@@ -36,6 +36,7 @@ __all__ = [
     "discover_manifest",
     "summarize",
     "check_masks",
+    "check_channels",
     "IMAGE_COLUMNS",
     "MASK_SUFFIXES",
     "find_mask",
@@ -47,6 +48,8 @@ __all__ = [
 
 IMAGE_COLUMNS = ["image_id", "path", "label", "patient_id", "mask_path", "objects_path"]
 _TIFF = (".tif", ".tiff")
+#: Axes in a TIFF's metadata that are never colour channels (tifffile's axis codes).
+_STACK_AXES = {"Z": "depth", "T": "time"}
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -65,6 +68,14 @@ def _read_tiff(path: Path) -> np.ndarray:
     other = [i for i, a in enumerate(axes) if a not in "CSYX"]
     if "Y" not in axes or "X" not in axes:
         raise CellbgError(f"cannot find image rows/columns in {path} (axes {series.axes})")
+    stack = [a for a in axes if a in _STACK_AXES]
+    if stack:
+        # A Z-stack or time series whose planes would otherwise be read as colour channels.
+        names = ", ".join(f"{a} ({_STACK_AXES[a]}, {data.shape[axes.index(a)]} planes)" for a in stack)
+        raise CellbgError(
+            f"{path} is a stack with axes {series.axes}: {names}; cellbg reads one plane per file (2-D, optional channels) "
+            "(save each plane as its own file, or a projection such as the maximum over Z)"
+        )
     if len(chan) + len(other) > 1:
         raise CellbgError(
             f"{path} has axes {series.axes} with shape {series.shape}; cellbg reads 2-D images "
@@ -94,7 +105,8 @@ def read_image(path: str | Path, *, channels: list[int] | None = None) -> np.nda
     Raises
     ------
     CellbgError
-        The file is missing, unreadable, or a channel index is out of range.
+        The file is missing or unreadable, a stack with Z or T axes (one plane per file),
+        has NaN or infinite pixels, or a channel index is out of range.
 
     Examples
     --------
@@ -120,6 +132,13 @@ def read_image(path: str | Path, *, channels: list[int] | None = None) -> np.nda
         raise CellbgError(f"cannot read image {path}: {reason}") from None
     if image.ndim != 3 or image.shape[1] < 2 or image.shape[2] < 2:
         raise CellbgError(f"{path} is not a 2-D image (shape {image.shape})")
+    if np.issubdtype(image.dtype, np.inexact):
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if bad:
+            raise CellbgError(
+                f"image {path} has {bad} non-finite pixel(s) (NaN or infinity); cellbg refuses them because "
+                "they would spread into crops, fills and predictions: replace them (e.g. with 0) in the file"
+            )
     if channels:
         bad = [c for c in channels if not 0 <= c < image.shape[0]]
         if bad:
@@ -131,14 +150,36 @@ def read_image(path: str | Path, *, channels: list[int] | None = None) -> np.nda
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read an instance-label mask as an (M, N) int32 array (0 = background)."""
+    """Read an instance-label mask as an (M, N) int32 array (0 = background).
+
+    Raises
+    ------
+    CellbgError
+        The mask has several channels, non-integer or negative values, or labels too large
+        for int32; the message names the file.
+    """
     mask = read_image(path)
     if mask.shape[0] != 1:
         raise CellbgError(f"mask {path} has {mask.shape[0]} channels; a mask is one label plane")
     mask = mask[0]
     if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        if not np.all(np.equal(np.mod(mask, 1), 0)):
-            raise CellbgError(f"mask {path} holds non-integer values; expected instance labels")
+        frac = np.mod(mask, 1) != 0
+        if frac.any():
+            r, c = np.argwhere(frac)[0]
+            raise CellbgError(
+                f"mask {path} holds non-integer values (e.g. {mask[r, c]!r} at row {r}, column {c}); "
+                "expected instance labels 0, 1, 2, ..."
+            )
+    if mask.dtype != bool and mask.size:
+        low, high = mask.min(), mask.max()
+        if low < 0:
+            r, c = np.argwhere(mask < 0)[0]
+            raise CellbgError(
+                f"mask {path} holds negative labels (e.g. {low} at row {r}, column {c}); "
+                "expected instance labels 0 (background), 1, 2, ..."
+            )
+        if high > np.iinfo(np.int32).max:
+            raise CellbgError(f"mask {path} holds label {high}, beyond the int32 range of instance labels")
     return mask.astype(np.int32)
 
 
@@ -313,7 +354,7 @@ def discover_folders(
                 raise CellbgError(f"mask not found for {f}: expected {Path(mask_dir) / rel}")
             rows.append(
                 {
-                    "image_id": image_id(str(rel)),
+                    "image_id": str(rel),  # made an id below, unique over the whole table
                     "path": str(f),
                     "label": label,
                     "patient_id": str(patient),
@@ -321,7 +362,9 @@ def discover_folders(
                     "objects_path": "",
                 }
             )
-    return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+    table = pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+    table["image_id"] = unique_image_ids(table["image_id"])
+    return table
 
 
 def discover_manifest(manifest: str | Path) -> pd.DataFrame:
@@ -365,7 +408,7 @@ def discover_manifest(manifest: str | Path) -> pd.DataFrame:
             objects_path = str(op)
         rows.append(
             {
-                "image_id": image_id(str(r["path"])),
+                "image_id": str(r["path"]),  # made an id below, unique over the whole table
                 "path": str(path),
                 "label": str(r["label"]).strip(),
                 "patient_id": str(r["patient"]).strip(),
@@ -374,9 +417,13 @@ def discover_manifest(manifest: str | Path) -> pd.DataFrame:
             }
         )
     out = pd.DataFrame(rows, columns=IMAGE_COLUMNS)
-    dup = out["image_id"][out["image_id"].duplicated()]
-    if len(dup):
-        raise CellbgError(f"manifest {manifest} lists image {dup.iloc[0]} twice")
+    resolved = out["path"].map(lambda p: str(Path(p).resolve()))
+    dup = resolved.duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        first = int(np.flatnonzero((resolved == resolved.iloc[i]).to_numpy())[0])
+        raise CellbgError(f"{manifest}:{i + 2}: image {out['path'].iloc[i]} is listed twice (also on line {first + 2})")
+    out["image_id"] = unique_image_ids(out["image_id"])
     return out
 
 
@@ -395,6 +442,33 @@ def check_masks(table: pd.DataFrame, *, channels: list[int] | None = None) -> No
             raise CellbgError(
                 f"mask {r.mask_path} has shape {tuple(mask.shape)} but image {r.path} is {tuple(shape)}"
             )
+
+
+def check_channels(table: pd.DataFrame, *, channels: list[int] | None = None) -> None:
+    """Raise when images have different channel counts, naming the odd ones out.
+
+    The count most images share is taken as the dataset's; the message names the images
+    that differ from it (the minority), not whichever image happened to be read first.
+
+    Raises
+    ------
+    CellbgError
+        Naming the first odd image, its channel count, and how many images share the
+        majority count.
+    """
+    counts = pd.Series([read_image(p, channels=channels).shape[0] for p in table["path"]], index=table.index)
+    if counts.nunique() <= 1:
+        return
+    tally = counts.value_counts()
+    usual = int(tally.index[0])  # most common; ties go to the larger count (value_counts is stable)
+    odd = table.loc[counts != usual, "path"]
+    first = odd.iloc[0]
+    more = f" and {len(odd) - 1} other image(s)" if len(odd) > 1 else ""
+    raise CellbgError(
+        f"image {first}{more} has {int(counts[odd.index[0]])} channel(s) but {int(tally.iloc[0])} of "
+        f"{len(table)} images have {usual}; convert the odd image(s) or set data.channels to pick the same "
+        "channels from every image"
+    )
 
 
 def _image_shape(path: Path, tifffile) -> tuple[int, int] | None:

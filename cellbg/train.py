@@ -72,6 +72,7 @@ __all__ = [
     "run_job",
     "run_training",
     "collect_predictions",
+    "check_probabilities",
     "load_job_model",
     "RandDihedral",
     "RandIntensityJitter",
@@ -682,6 +683,12 @@ def run_job(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed(seeds["init_seed"], epoch))  # for any layer that draws (dropout)
                 loss_sum, correct, seen = train_epoch(model, loader, optimizer, scaler=scaler, device=device, amp=amp)
+            if not math.isfinite(loss_sum):
+                raise CellbgError(
+                    f"training job {_job_label(spec)}: the training loss is {loss_sum / max(seen, 1)} at epoch {epoch}; "
+                    "check the crops for NaN or infinite pixels (cellbg refuses them when it reads images) "
+                    "or lower training.lr"
+                )
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             if val_x is not None:
@@ -715,13 +722,49 @@ def run_job(
             return JobResult(spec=spec, key=key, job_dir=job_dir, done=False, epochs=state["epoch"],
                              best_epoch=state["best_epoch"], best_val_loss=state["best_val_loss"],
                              seconds=time.perf_counter() - t0)
+        if state["best_model"] is None:  # every validation loss was NaN
+            raise CellbgError(
+                f"training job {_job_label(spec)}: no epoch gave a finite validation loss; check the crops for "
+                "NaN or infinite pixels or lower training.lr"
+            )
+        # history.csv again from the checkpoint: a job redone after its history was damaged
+        write_text_atomic(job_dir / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
         model.load_state_dict(state["best_model"])
         preds = _predict(model, crops, split, protocol, spec, device=device, amp=amp)
+        check_probabilities(preds, where=f"training job {_job_label(spec)} ({job_dir})")
         write_parquet_atomic(preds, job_dir / "predictions.parquet")
         with atomic_path(ckpt_path) as tmp:
             torch.save({"key": key, "model": model.state_dict(), "state": state, "finished": True}, tmp)
     write_text_atomic(job_dir / DONE, f"{key}\n")
     return _result_from_files(spec, key, job_dir, seconds=time.perf_counter() - t0)
+
+
+def _job_label(spec: JobSpec) -> str:
+    return f"{spec.model}/{spec.train_variant}/s{spec.seed}/f{spec.fold}"
+
+
+def check_probabilities(preds: pd.DataFrame, *, where: str) -> None:
+    """Raise unless every ``prob_*`` column of a prediction table is finite (written only then).
+
+    A NaN probability would be predicted as the first class and could be counted correct,
+    so no stage writes one.
+
+    Raises
+    ------
+    CellbgError
+        Naming ``where``, how many rows, and the first cell and test variant.
+    """
+    cols = [c for c in preds.columns if c.startswith("prob_")]
+    if not cols:
+        raise CellbgError(f"{where}: the predictions have no prob_<class> columns")
+    bad = ~np.isfinite(preds[cols].to_numpy(dtype=np.float64)).all(axis=1)
+    if bad.any():
+        row = preds.loc[bad].iloc[0]
+        raise CellbgError(
+            f"{where}: {int(bad.sum())} of {len(preds)} prediction rows have non-finite probabilities, e.g. cell "
+            f"{row.get('cell_id', '?')} (test variant {row.get('test_variant', '?')}); nothing was written: check "
+            "the images for NaN or infinite pixels"
+        )
 
 
 def _predict(model, crops: _Crops, split: Split, protocol, spec: JobSpec, *, device, amp: bool) -> pd.DataFrame:
@@ -816,7 +859,9 @@ def collect_predictions(run_dir: str | Path, *, protocol=None) -> Path:
         if not (job_dir / DONE).exists():
             missing.append(spec)
             continue
-        frames.append(pd.read_parquet(job_dir / "predictions.parquet"))
+        frame = pd.read_parquet(job_dir / "predictions.parquet")
+        check_probabilities(frame, where=f"{job_dir / 'predictions.parquet'}")
+        frames.append(frame)
     if missing:
         s = missing[0]
         raise CellbgError(

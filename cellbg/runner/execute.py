@@ -152,15 +152,11 @@ def execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> dic
                 progress({})
                 job.func(*job.args, **job.kwargs)
             marker = job.marker_path(run_dir)
-            if job.writes_marker:
-                if not marker.exists():
-                    raise RuntimeError(f"job finished without writing its done marker {marker}")
-            else:
-                write_json_atomic(
-                    marker,
-                    {"key": job.key, "stage": job.stage, "name": job.name, "finished": now(),
-                     "seconds": round(time.perf_counter() - t0, 3), "host": socket.gethostname()},
-                )
+            if job.writes_marker and not marker.exists():
+                raise RuntimeError(f"job finished without writing its done marker {marker}")
+            # last: the key and each output's size and digest (a damaged output is found later)
+            job.write_record(run_dir, finished=now(), seconds=round(time.perf_counter() - t0, 3),
+                             host=socket.gethostname())
         except CellbgError as exc:
             # bad input: a retry cannot help, so the error comes back as a result, not raised
             log.write(f"=== attempt failed {now()}: {type(exc).__name__}: {exc}\n")

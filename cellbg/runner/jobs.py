@@ -99,10 +99,13 @@ class Job:
         ``worker``: a Dask task; ``client``: run in this process (small stages).
     marker : Path, optional
         Written by the function itself when ``writes_marker`` (training jobs write
-        ``jobs/<key>/DONE``; the key is in the path); otherwise the runner writes
-        ``<run>/.cellbg/done/<stage>/<name>.json`` holding the key after the function returns.
+        ``jobs/<key>/DONE``; the key is in the path). In every case the runner writes
+        ``<run>/.cellbg/done/<stage>/<name>.json`` after the function returns: the key and
+        the size and BLAKE2b digest of every output file (every file inside an output folder).
     outputs : tuple of Path
-        Files the job makes; a job whose outputs are missing is not cached.
+        Files and folders the job makes. A job is cached only when each recorded output is
+        still there with its recorded size and digest; a missing, truncated or changed one
+        makes the job *damaged*: it is redone (see :meth:`check`).
     """
 
     stage: str
@@ -116,24 +119,176 @@ class Job:
     writes_marker: bool = False
     outputs: tuple[Path, ...] = ()
 
-    def marker_path(self, run_dir: Path) -> Path:
-        """Where the done marker of this job lives."""
-        if self.marker is not None:
-            return Path(self.marker)
+    def record_path(self, run_dir: Path) -> Path:
+        """The runner's record of this job: ``<run>/.cellbg/done/<stage>/<name>.json``."""
         return Path(run_dir) / STATE_DIR / "done" / self.stage / f"{safe_name(self.name)}.json"
 
+    def marker_path(self, run_dir: Path) -> Path:
+        """Where the done marker of this job lives (its own marker, else the runner's record)."""
+        if self.marker is not None:
+            return Path(self.marker)
+        return self.record_path(run_dir)
+
+    def _record(self, run_dir: Path) -> dict | None:
+        try:
+            record = json.loads(self.record_path(run_dir).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("key") == self.key else None
+
+    def check(self, run_dir: Path, *, full: bool = False) -> JobCheck:
+        """Whether the job is done, to do, or done with damaged outputs.
+
+        Parameters
+        ----------
+        run_dir : Path
+        full : bool
+            Hash every output file. By default a file whose size and modification time
+            match the record is taken as intact (as git does); any other is hashed.
+
+        Returns
+        -------
+        JobCheck
+            ``state`` is ``"done"``, ``"todo"`` (never finished, or with another key) or
+            ``"damaged"`` (finished, but an output is missing or differs from its record;
+            ``problems`` names each file).
+        """
+        run_dir = Path(run_dir)
+        record = self._record(run_dir)
+        if self.writes_marker:
+            if not self.marker_path(run_dir).exists():
+                return JobCheck("todo")
+            if record is None or "outputs" not in record:
+                # finished outside the runner (e.g. `cellbg train`): only existence is known
+                missing = [f"{p}: missing" for p in self.outputs if not Path(p).exists()]
+                return JobCheck("damaged", tuple(missing)) if missing else JobCheck("done")
+        elif record is None:
+            return JobCheck("todo")
+        elif "outputs" not in record:  # a record from before digests were kept
+            missing = [f"{p}: missing" for p in self.outputs if not Path(p).exists()]
+            return JobCheck("damaged", tuple(missing)) if missing else JobCheck("done")
+        problems = check_outputs(run_dir, record["outputs"], self.outputs, full=full)
+        return JobCheck("damaged", tuple(problems)) if problems else JobCheck("done", digest=output_digest(record))
+
     def is_cached(self, run_dir: Path) -> bool:
-        """True when the job's marker holds its key and its outputs exist."""
-        marker = self.marker_path(run_dir)
-        if not marker.exists():
-            return False
-        if not self.writes_marker:
-            try:
-                if json.loads(marker.read_text()).get("key") != self.key:
-                    return False
-            except (OSError, ValueError, AttributeError):
-                return False
-        return all(Path(p).exists() for p in self.outputs)
+        """True when the job finished with this key and its outputs are intact."""
+        return self.check(run_dir).state == "done"
+
+    def write_record(self, run_dir: Path, **extra) -> None:
+        """Record the job as done: its key and the size and digest of each output file."""
+        run_dir = Path(run_dir)
+        write_json_atomic(
+            self.record_path(run_dir),
+            {"key": self.key, "stage": self.stage, "name": self.name, **extra,
+             "outputs": describe_outputs(run_dir, self.outputs)},
+        )
+
+    def clear(self, run_dir: Path, problems: tuple[str, ...] = ()) -> None:
+        """Forget that a damaged job was done: its markers and its damaged output files go.
+
+        Intact outputs stay (a training job with an intact checkpoint only predicts again).
+        """
+        run_dir = Path(run_dir)
+        self.record_path(run_dir).unlink(missing_ok=True)
+        if self.marker is not None:
+            Path(self.marker).unlink(missing_ok=True)
+        for problem in problems:
+            path = Path(problem.split(": ", 1)[0])
+            path = path if path.is_absolute() else run_dir / path
+            if path.is_file():
+                path.unlink()
+
+
+@dataclass(frozen=True)
+class JobCheck:
+    """What :meth:`Job.check` finds: ``state`` ("done", "todo", "damaged"), the damaged
+    files with what is wrong with each, and the digest of the outputs when done."""
+
+    state: str
+    problems: tuple[str, ...] = ()
+    digest: str = ""
+
+
+# =========================================================================== output digests
+def digest_file(path: str | Path) -> str:
+    """BLAKE2b (128-bit, hex) of a file's bytes.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a"
+    >>> _ = p.write_bytes(b"abc")
+    >>> digest_file(p)
+    'cf4ab791c62b8d2b2109c90275287816'
+    """
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _output_files(outputs) -> list[Path]:
+    files = []
+    for out in outputs:
+        out = Path(out)
+        if out.is_dir():
+            files.extend(sorted(p for p in out.rglob("*") if p.is_file()))
+        else:
+            files.append(out)
+    return files
+
+
+def _rel(run_dir: Path, path: Path) -> str:
+    try:
+        return path.relative_to(run_dir).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def describe_outputs(run_dir: Path, outputs) -> dict[str, list]:
+    """``{path: [size, mtime_ns, digest]}`` for every file of ``outputs`` (paths relative to
+    ``run_dir`` when inside it; every file inside an output folder)."""
+    described = {}
+    for path in _output_files(outputs):
+        if not path.is_file():
+            raise RuntimeError(f"the job finished without writing its output {path}")
+        st = path.stat()
+        described[_rel(run_dir, path)] = [st.st_size, st.st_mtime_ns, digest_file(path)]
+    return described
+
+
+def check_outputs(run_dir: Path, recorded: dict[str, list], outputs=(), *, full: bool = False) -> list[str]:
+    """``"<path>: <what is wrong>"`` for each recorded output file that is missing, has
+    another size, or (hashed when its modification time changed, or always with ``full``)
+    another digest; also for an expected output the record does not list."""
+    problems = []
+    for rel, (size, mtime_ns, digest) in sorted(recorded.items()):
+        path = Path(rel) if Path(rel).is_absolute() else run_dir / rel
+        try:
+            st = path.stat()
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if st.st_size != size:
+            problems.append(f"{rel}: {st.st_size} bytes, {size} when written (truncated or replaced)")
+        elif (full or st.st_mtime_ns != mtime_ns) and digest_file(path) != digest:
+            problems.append(f"{rel}: content differs from when it was written (digest {digest[:8]}...)")
+    for out in outputs:
+        rel = _rel(run_dir, Path(out))
+        if not any(r == rel or r.startswith(rel + "/") for r in recorded):
+            if not Path(out).exists():
+                problems.append(f"{rel}: missing")
+            elif Path(out).is_file():
+                problems.append(f"{rel}: not in the job's record")
+    return problems
+
+
+def output_digest(record: dict | None) -> str:
+    """One digest of a job record's outputs (their paths, sizes and digests)."""
+    if not record or "outputs" not in record:
+        return ""
+    return hash_key(sorted((k, v[0], v[2]) for k, v in record["outputs"].items()))
 
 
 def safe_name(name: str) -> str:
@@ -206,12 +361,14 @@ class JobFailure:
 
 @dataclass(frozen=True)
 class JobRecord:
-    """One planned job in a summary: its name, key and whether it was cached."""
+    """One planned job in a summary: its name, key, whether it was cached, and the damaged
+    outputs that made a finished job run again (or, in a dry run, that will)."""
 
     name: str
     key: str
     cached: bool
     where: str
+    damaged: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

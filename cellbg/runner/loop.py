@@ -27,6 +27,7 @@ from cellbg.runner.jobs import (
     STATE_DIR,
     FileDigests,
     Job,
+    JobCheck,
     JobFailure,
     JobRecord,
     NotReady,
@@ -102,6 +103,7 @@ def run_stages(
     progress: bool | None = None,
     context: RunContext | None = None,
     on_start: Callable[[], Any] | None = None,
+    verify: bool = False,
 ) -> RunSummary:
     """Plan and run ``stages`` in order, skipping cached jobs.
 
@@ -122,6 +124,9 @@ def run_stages(
         Carries the protocol and file digests to the planners.
     on_start : callable, optional
         Called once the run folder is locked for this run (not in a dry run).
+    verify : bool
+        In a dry run, hash every output of every finished job (not only those whose size
+        or modification time changed); damaged files are listed in each job's record.
 
     Returns
     -------
@@ -170,13 +175,17 @@ def run_stages(
                 summaries.append(StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=f"planned after {exc}"))
                 blocked_by = blocked_by or str(exc)
                 continue
-            records = tuple(JobRecord(j.name, j.key, j.is_cached(run_dir), j.where) for j in jobs)
+            checks = [j.check(run_dir, full=verify) for j in jobs]
+            records = tuple(JobRecord(j.name, j.key, c.state == "done", j.where, c.problems)
+                            for j, c in zip(jobs, checks))
             n_cached = sum(r.cached for r in records)
-            summaries.append(StageSummary(stage.name, len(jobs), n_cached, 0, 0, 0.0, jobs=records))
-            if n_cached < len(jobs):
+            n_damaged = sum(c.state == "damaged" for c in checks)
+            note = f"{n_damaged} job(s) with damaged outputs to redo" if n_damaged else ""
+            summaries.append(StageSummary(stage.name, len(jobs), n_cached, 0, 0, 0.0, note=note, jobs=records))
+            if any(c.state == "todo" for c in checks):
                 blocked_by = stage.name
-            else:
-                ctx.keys[stage.name] = hash_key(sorted(j.key for j in jobs))
+            else:  # a damaged job is redone under the same key: later stages can be planned
+                ctx.keys[stage.name] = _stage_key(jobs, checks)
         ctx.digests.save()
         return RunSummary(run_dir, cfg.kind, True, time.perf_counter() - t_run, tuple(summaries), ())
 
@@ -201,8 +210,13 @@ def run_stages(
                 jobs = stage.plan(ctx)
                 ctx.digests.save()
                 _check_unique(stage, jobs)
-                is_cached = [j.is_cached(run_dir) for j in jobs]
+                checks = [j.check(run_dir) for j in jobs]
+                is_cached = [c.state == "done" for c in checks]
                 todo = [j for j, c in zip(jobs, is_cached) if not c]
+                damaged = {j.name: c.problems for j, c in zip(jobs, checks) if c.state == "damaged"}
+                for job in todo:
+                    if job.name in damaged:  # never used: its markers and damaged files go, it runs again
+                        job.clear(run_dir, damaged[job.name])
                 if todo and stage.prepare is not None:
                     stage.prepare(ctx, todo)
                 later = [m for st in stages[index:] for m in st.worker_modules]
@@ -251,7 +265,9 @@ def run_stages(
                     counts["done"],
                     counts["failed"],
                     time.perf_counter() - t0,
-                    jobs=tuple(JobRecord(j.name, j.key, c, j.where) for j, c in zip(jobs, is_cached)),
+                    note=f"{len(damaged)} job(s) redone: damaged outputs" if damaged else "",
+                    jobs=tuple(JobRecord(j.name, j.key, c, j.where, damaged.get(j.name, ()))
+                               for j, c in zip(jobs, is_cached)),
                 )
                 summaries.append(summary)
                 display.end(summary)
@@ -259,7 +275,7 @@ def run_stages(
                 if stage_failures:
                     blocked_by = stage.name
                 else:
-                    ctx.keys[stage.name] = hash_key(sorted(j.key for j in jobs))
+                    ctx.keys[stage.name] = _stage_key(jobs, [j.check(run_dir) for j in jobs])
                 _write_record(run_dir, "running", started, cfg.kind, summaries, failures)
         except KeyboardInterrupt:
             interrupted = True
@@ -280,6 +296,13 @@ def run_stages(
     return RunSummary(
         run_dir, cfg.kind, False, time.perf_counter() - t_run, tuple(summaries), tuple(failures), interrupted
     )
+
+
+def _stage_key(jobs: Sequence[Job], checks: Sequence[JobCheck]) -> str:
+    """A finished stage's key for the stages after it: its jobs' keys and the digests of
+    their outputs, so that a job redone with other bytes (a damaged output made again on a
+    GPU, say) also redoes what was built on it."""
+    return hash_key(sorted(j.key for j in jobs), sorted(c.digest for c in checks))
 
 
 def _check_unique(stage: Stage, jobs: Sequence[Job]) -> None:

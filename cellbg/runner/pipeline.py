@@ -210,7 +210,8 @@ def _plan_train(ctx: RunContext) -> list[Job]:
         jobs.append(
             Job("train", _spec_name(spec), key, _job_train, (p, spec, str(job_dir)),
                 marker=job_dir / "DONE", writes_marker=True,
-                outputs=(job_dir / "predictions.parquet",))
+                outputs=tuple(job_dir / f for f in ("predictions.parquet", "checkpoint.pt", "history.csv",
+                                                     "spec.json")))
         )
     return jobs
 

@@ -37,6 +37,14 @@ class RunStatus:
     #: Seconds left in the current stage (from its pace so far); None when not known yet.
     eta_seconds: float | None = None
     log: Path | None = None
+    verified: bool = False
+
+    @property
+    def damaged(self) -> tuple[tuple[str, str, str], ...]:
+        """``(stage, job, "<file>: <what is wrong>")`` for each damaged output found."""
+        if self.plan is None:
+            return ()
+        return tuple((s.name, j.name, d) for s in self.plan.stages for j in s.jobs for d in j.damaged)
 
     def summary(self) -> str:
         """Text for the terminal."""
@@ -66,6 +74,11 @@ class RunStatus:
                     lines.append(f"{s.name:<12}{'-':>6}{'-':>6}{'-':>7}  {s.note}")
                 else:
                     lines.append(f"{s.name:<12}{s.total:>6}{s.cached:>6}{s.total - s.cached:>7}")
+        lines.extend(f"DAMAGED: {stage} {job}: {what}" for stage, job, what in self.damaged)
+        if self.verified and self.plan is not None:
+            n = len(self.damaged)
+            lines.append(f"verified: {n} damaged file(s); run again to redo their jobs" if n
+                         else "verified: every output of every finished job matches its recorded digest")
         lines.extend(
             f"FAILED: {f['stage']} {f['name']} after {f['attempts']} attempt(s): {f['error']} (log: {f['log']})"
             for f in self.failures
@@ -110,7 +123,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None) -> RunStatus:
+def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None, verify: bool = False) -> RunStatus:
     """How far a run folder is: the last run's state and, per stage, jobs done and to do.
 
     Parameters
@@ -119,6 +132,9 @@ def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None) -> Run
         A run folder (it holds ``protocol.resolved.yaml``).
     stages : sequence of Stage, optional
         The stages to check; default the cellbg pipeline of the folder's protocol.
+    verify : bool
+        Hash every output of every finished job and compare it with the digest recorded
+        when the job finished; :attr:`RunStatus.damaged` names each damaged file.
     """
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
@@ -144,7 +160,7 @@ def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None) -> Run
         stages = pipeline_stages()
     else:
         ctx = RunContext(run_dir=run_dir)
-    plan = run_stages(stages, run_dir, dry_run=True, progress=False, context=ctx)
+    plan = run_stages(stages, run_dir, dry_run=True, progress=False, context=ctx, verify=verify)
     current: dict | None = None
     jobs: tuple[dict, ...] = ()
     eta: float | None = None
@@ -153,4 +169,5 @@ def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None) -> Run
         jobs = tuple(read_progress(run_dir, current.get("stage")))
         eta = stage_eta(current, jobs)
     log = Path(record["log"]) if record.get("log") else None
-    return RunStatus(run_dir, state, detail, plan, tuple(record.get("failures", [])), current, jobs, eta, log)
+    return RunStatus(run_dir, state, detail, plan, tuple(record.get("failures", [])), current, jobs, eta, log,
+                     verified=verify)
