@@ -167,7 +167,7 @@ def read_mask(path: str | Path) -> np.ndarray:
         if frac.any():
             r, c = np.argwhere(frac)[0]
             raise CellbgError(
-                f"mask {path} holds non-integer values (e.g. {mask[r, c]!r} at row {r}, column {c}); "
+                f"mask {path} holds non-integer values (e.g. {mask[r, c].item()!r} at row {r}, column {c}); "
                 "expected instance labels 0, 1, 2, ..."
             )
     if mask.dtype != bool and mask.size:
@@ -175,7 +175,7 @@ def read_mask(path: str | Path) -> np.ndarray:
         if low < 0:
             r, c = np.argwhere(mask < 0)[0]
             raise CellbgError(
-                f"mask {path} holds negative labels (e.g. {low} at row {r}, column {c}); "
+                f"mask {path} holds negative labels (e.g. {low.item()} at row {r}, column {c}); "
                 "expected instance labels 0 (background), 1, 2, ..."
             )
         if high > np.iinfo(np.int32).max:

@@ -1,0 +1,187 @@
+"""No silent wrong results: bad input, damaged run folders and file-system failures.
+
+Each test reproduces one mistake or fault and checks the exit code, the one-line message
+(what and where) and that finished work is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from cellbg._checks import CellbgError
+from cellbg.cli import app
+from cellbg.data import discover_folders, discover_manifest, read_image, read_mask
+
+runner = CliRunner()
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def one_error_line(result) -> str:
+    """The single red line a user error prints (and nothing else on stderr)."""
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (the runner's bookkeeping and logs aside) -> its SHA-256."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".cellbg" not in p.parts and "logs" not in p.parts
+    }
+
+
+# --------------------------------------------------------------------------- a small masked dataset
+def _cells_image(rng, *, channels: int = 3, dtype=np.uint8) -> tuple[np.ndarray, np.ndarray]:
+    """A 64 x 64 field with four square cells and their instance mask."""
+    mask = np.zeros((64, 64), np.int32)
+    for k, (r, c) in enumerate([(8, 8), (8, 36), (36, 8), (36, 36)], start=1):
+        mask[r : r + 16, c : c + 16] = k
+    image = (rng.random((64, 64, channels)) * 60 + 100 * (mask > 0)[..., None]).astype(dtype)
+    return (image[..., 0] if channels == 1 else image), mask
+
+
+def masked_dataset(folder: Path, *, gray_first: bool = False) -> Path:
+    """4 patients x 2 images, two classes, with masks; a protocol for it. Returns the protocol."""
+    rng = np.random.default_rng(0)
+    rows = []
+    (folder / "im").mkdir(parents=True)
+    (folder / "mk").mkdir()
+    for p in range(4):
+        for i in range(2):
+            name = f"p{p}_{i}"
+            channels = 1 if (gray_first and p == 0 and i == 0) else 3
+            image, mask = _cells_image(rng, channels=channels)
+            tifffile.imwrite(folder / "im" / f"{name}.tif", image, photometric="rgb" if channels == 3 else None)
+            tifffile.imwrite(folder / "mk" / f"{name}.tif", mask)
+            rows.append(f"im/{name}.tif,{'ab'[p % 2]},P{p},mk/{name}.tif")
+    (folder / "m.csv").write_text("path,label,patient,mask\n" + "\n".join(rows) + "\n")
+    proto = folder / "p.yaml"
+    proto.write_text(
+        "name: masked\noutput: run\ndata: {source: manifest, manifest: m.csv}\n"
+        "segmentation: {method: masks, workers: 1}\ncrops: {size: 24, workers: 1}\n"
+        "training: {split: {folds: 2}}\n"
+    )
+    return proto
+
+
+# =========================================================================== 1. input checks
+def test_nan_pixels_are_refused_naming_the_file(tmp_path):
+    image = np.ones((16, 16), np.float32)
+    image[3, 4] = np.nan
+    image[5, 6] = np.inf
+    tifffile.imwrite(tmp_path / "nan.tif", image)
+    with pytest.raises(CellbgError, match=r"nan\.tif has 2 non-finite pixel\(s\)"):
+        read_image(tmp_path / "nan.tif")
+    tifffile.imwrite(tmp_path / "ok.tif", np.ones((16, 16), np.float32))
+    assert read_image(tmp_path / "ok.tif").dtype == np.float32
+
+
+def test_nan_image_stops_crops_with_exit_2_and_keeps_earlier_crops(tmp_path):
+    proto = masked_dataset(tmp_path)
+    assert cli("crops", proto).exit_code == 0
+    before = digests(tmp_path / "run")
+    bad = tifffile.imread(tmp_path / "im" / "p1_1.tif").astype(np.float32)
+    bad[10, 10, 0] = np.nan
+    tifffile.imwrite(tmp_path / "im" / "p1_1.tif", bad, photometric="rgb")
+    result = cli("crops", proto)
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "p1_1.tif" in line and "non-finite" in line
+    assert digests(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize(("axes", "word"), [("ZYX", "depth"), ("TYX", "time")])
+def test_z_and_t_stacks_from_metadata_are_refused_with_advice(tmp_path, axes, word):
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((3, 16, 16), np.uint16), imagej=True, metadata={"axes": axes})
+    with tifffile.TiffFile(tmp_path / "s.tif") as tif:
+        assert tif.series[0].axes == axes  # the metadata really says so
+    with pytest.raises(CellbgError, match=rf"s\.tif is a stack with axes {axes}: .*{word}.*one plane per file"):
+        read_image(tmp_path / "s.tif")
+    # a plain multi-page TIFF (no axes in its metadata) still reads its pages as channels
+    tifffile.imwrite(tmp_path / "pages.tif", np.zeros((3, 16, 16), np.uint16))
+    assert read_image(tmp_path / "pages.tif").shape == (3, 16, 16)
+
+
+def test_negative_and_fractional_labels_name_the_mask(tmp_path):
+    mask = np.zeros((16, 16), np.int16)
+    mask[4, 5] = -3
+    tifffile.imwrite(tmp_path / "neg.tif", mask)
+    with pytest.raises(CellbgError, match=r"mask .*neg\.tif holds negative labels \(e\.g\. -3 at row 4, column 5\)"):
+        read_mask(tmp_path / "neg.tif")
+    frac = np.zeros((16, 16), np.float32)
+    frac[1, 2] = 1.5
+    tifffile.imwrite(tmp_path / "frac.tif", frac)
+    with pytest.raises(CellbgError, match=r"frac\.tif holds non-integer values \(e\.g\. 1\.5 at row 1, column 2\)"):
+        read_mask(tmp_path / "frac.tif")
+
+
+def test_negative_mask_label_in_a_run_is_named_and_not_retried(tmp_path):
+    proto = masked_dataset(tmp_path)
+    mask = tifffile.imread(tmp_path / "mk" / "p2_0.tif")
+    mask[0, 0] = -1
+    tifffile.imwrite(tmp_path / "mk" / "p2_0.tif", mask)
+    result = cli("run", proto)
+    assert result.exit_code == 2, result.output
+    assert "mk/p2_0.tif holds negative labels" in result.output
+    log = next((tmp_path / "run" / "logs").glob("segment-*.log")).read_text()
+    assert log.count("=== attempt started") == 1  # a deterministic input error is never retried
+    record = json.loads((tmp_path / "run" / ".cellbg" / "last-run.json").read_text())
+    assert record["state"] == "failed"
+
+
+def test_odd_channel_count_blames_the_odd_image(tmp_path):
+    proto = masked_dataset(tmp_path, gray_first=True)  # the gray image is the first one read
+    result = cli("crops", proto)
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "im/p0_0.tif has 1 channel(s) but 7 of 8 images have 3" in line
+    assert not (tmp_path / "run" / "cells.parquet").exists()
+
+
+def test_unicode_names_get_distinct_image_ids(tmp_path):
+    for label in ("a", "b"):
+        for name in ("Zelle ä.tif", "Zelle ö.tif", "x y.tif", "x_y.tif"):
+            (tmp_path / label / "P1").mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(tmp_path / label / "P1" / name, np.zeros((8, 8), np.uint8))
+    table = discover_folders(tmp_path)
+    ids = table["image_id"].tolist()
+    assert len(set(ids)) == len(ids) == 8
+    assert "a_P1_Zelle_ä" in ids and "a_P1_Zelle_ö" in ids
+    assert sum(i.startswith("a_P1_x_y-") for i in ids) == 2  # the pair that maps to one id gets suffixes
+    again = discover_folders(tmp_path)
+    assert again["image_id"].tolist() == ids  # stable
+
+
+def test_manifest_listing_one_image_twice_names_both_lines(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((8, 8), np.uint8))
+    (tmp_path / "m.csv").write_text("path,label,patient\na.tif,x,p1\n./a.tif,y,p2\n")
+    with pytest.raises(CellbgError, match=r"m\.csv:3: image \S*a\.tif is listed twice \(also on line 2\)"):
+        discover_manifest(tmp_path / "m.csv")
+
+
+def test_no_nan_probability_is_ever_written(tmp_path):
+    from cellbg.train import check_probabilities
+
+    preds = pd.DataFrame({"cell_id": ["c1", "c2"], "test_variant": ["original"] * 2,
+                          "prob_a": [0.2, np.nan], "prob_b": [0.8, np.nan]})
+    with pytest.raises(CellbgError, match=r"job X: 1 of 2 prediction rows have non-finite probabilities, e\.g\. cell c2"):
+        check_probabilities(preds, where="job X")
+    check_probabilities(preds.iloc[:1], where="job X")
