@@ -185,3 +185,72 @@ def test_no_nan_probability_is_ever_written(tmp_path):
     with pytest.raises(CellbgError, match=r"job X: 1 of 2 prediction rows have non-finite probabilities, e\.g\. cell c2"):
         check_probabilities(preds, where="job X")
     check_probabilities(preds.iloc[:1], where="job X")
+
+
+# =========================================================================== 2. run-folder integrity
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _damage(run: Path) -> dict[str, str]:
+    """Damage one file of every kind a finished run depends on; ``{path: how}``."""
+    jobs = sorted(p for p in (run / "jobs").iterdir() if (p / "DONE").exists())
+    chunk = next(p for p in sorted((run / "crops.zarr").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    label = sorted((run / "segmentation").glob("*.tif"))[0]
+    plan = {
+        label: "truncate",
+        run / "cells.parquet": "truncate",
+        chunk: "flip",  # same size, other bytes
+        jobs[0] / "predictions.parquet": "truncate",
+        jobs[1] / "checkpoint.pt": "delete",
+        jobs[2] / "history.csv": "truncate",
+        jobs[3] / "checkpoint.pt": "truncate",
+        run / "predictions.parquet": "delete",
+        run / "saliency.parquet": "truncate",
+        run / "stats" / "tests.csv": "delete",
+        run / "report" / "report.md": "truncate",
+    }
+    for path, how in plan.items():
+        {"truncate": _truncate, "flip": _flip_byte, "delete": Path.unlink}[how](path)
+    return {str(p.relative_to(run)): how for p, how in plan.items()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """The runner tests' tiny reference run (shared with them in one session)."""
+    from test_runner import reference_run
+
+    return reference_run(tmp_path_factory.getbasetemp())
+
+
+def test_damaged_run_folder_is_found_redone_and_gives_identical_results(finished_run, tmp_path):
+    from test_runner import assert_same_results
+
+    shutil.copytree(finished_run.parent, tmp_path / "copy")  # keeps modification times
+    run = tmp_path / "copy" / "run"
+    assert cli("status", "--verify", run).exit_code == 0
+    damaged = _damage(run)
+
+    result = cli("status", "--verify", run)
+    assert result.exit_code == 2
+    assert one_error_line(result).startswith(f"error: {len(damaged)} damaged file(s) in {run}")
+    for rel in damaged:
+        assert f": {rel}: " in result.stdout, rel  # every damaged file is named
+
+    result = cli("run", tmp_path / "copy" / "protocol.yaml")
+    assert result.exit_code == 0, result.output
+    assert "redone: damaged outputs" in result.stdout
+    assert_same_results(run, finished_run)
+    for rel in damaged:  # every file is back, with the same bytes as the undamaged run
+        if not rel.endswith(("checkpoint.pt", ".md")):
+            assert (run / rel).read_bytes() == (finished_run / rel).read_bytes(), rel
+    assert cli("status", "--verify", run).exit_code == 0
+    again = cli("run", tmp_path / "copy" / "protocol.yaml")
+    assert again.exit_code == 0 and "(0 jobs ran" in again.stdout

@@ -168,7 +168,9 @@ class Job:
             missing = [f"{p}: missing" for p in self.outputs if not Path(p).exists()]
             return JobCheck("damaged", tuple(missing)) if missing else JobCheck("done")
         problems = check_outputs(run_dir, record["outputs"], self.outputs, full=full)
-        return JobCheck("damaged", tuple(problems)) if problems else JobCheck("done", digest=output_digest(record))
+        # a damaged job keeps the digest it was written with: a dry run plans later stages as
+        # they will be once it is redone (to the same bytes, on CPU)
+        return JobCheck("damaged" if problems else "done", tuple(problems), output_digest(record))
 
     def is_cached(self, run_dir: Path) -> bool:
         """True when the job finished with this key and its outputs are intact."""
@@ -202,7 +204,7 @@ class Job:
 @dataclass(frozen=True)
 class JobCheck:
     """What :meth:`Job.check` finds: ``state`` ("done", "todo", "damaged"), the damaged
-    files with what is wrong with each, and the digest of the outputs when done."""
+    files with what is wrong with each, and the digest of the outputs as recorded."""
 
     state: str
     problems: tuple[str, ...] = ()

@@ -5,6 +5,7 @@ estimate of the time left in that stage, and, per stage, jobs done and to do.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ from pathlib import Path
 from cellbg._checks import CellbgError
 from cellbg.runner.display import describe
 from cellbg.runner.execute import job_fraction, read_progress
-from cellbg.runner.jobs import RunContext, RunSummary, Stage
+from cellbg.runner.jobs import STATE_DIR, JobRecord, RunContext, RunSummary, Stage, check_outputs
 from cellbg.runner.loop import record_path, run_stages
 from cellbg.runner.pipeline import pipeline_stages
 
@@ -156,11 +157,15 @@ def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None, verify
         from cellbg.protocol import load_run
 
         protocol = load_run(run_dir)
+        # the folder as it is now: a copied or moved run folder is checked where it lies
+        protocol = protocol.model_copy(update={"output": run_dir})
         ctx = RunContext(run_dir=run_dir, protocol=protocol)
         stages = pipeline_stages()
     else:
         ctx = RunContext(run_dir=run_dir)
     plan = run_stages(stages, run_dir, dry_run=True, progress=False, context=ctx, verify=verify)
+    if verify:
+        plan = _verify_unplanned(run_dir, plan)
     current: dict | None = None
     jobs: tuple[dict, ...] = ()
     eta: float | None = None
@@ -171,3 +176,30 @@ def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None, verify
     log = Path(record["log"]) if record.get("log") else None
     return RunStatus(run_dir, state, detail, plan, tuple(record.get("failures", [])), current, jobs, eta, log,
                      verified=verify)
+
+
+def _verify_unplanned(run_dir: Path, plan: RunSummary) -> RunSummary:
+    """Also check the recorded outputs of jobs a dry run could not check: those of stages
+    it could not plan, and those whose key changes once damaged inputs are redone (every
+    job record in ``<run>/.cellbg/done/<stage>/`` that the plan did not find done)."""
+    stages = []
+    for s in plan.stages:
+        known = {j.name: j for j in s.jobs}
+        found = {}
+        for path in sorted((run_dir / STATE_DIR / "done" / s.name).glob("*.json")):
+            try:
+                rec = json.loads(path.read_text())
+                name, outputs = str(rec["name"]), rec["outputs"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            job = known.get(name)
+            if job is not None and (job.cached or job.damaged):
+                continue  # checked by the plan
+            problems = tuple(check_outputs(run_dir, outputs, full=True))
+            if problems:
+                found[name] = JobRecord(name, str(rec.get("key", "")), False, job.where if job else "", problems)
+        if found:
+            jobs = tuple(found.pop(j.name, j) for j in s.jobs) + tuple(found.values())
+            s = dataclasses.replace(s, jobs=jobs)
+        stages.append(s)
+    return dataclasses.replace(plan, stages=tuple(stages))
