@@ -94,15 +94,13 @@ def _df_table(df, title: str | None = None) -> Table:
 
 @app.command(rich_help_panel="Set-up")
 def validate(protocol: ProtocolArg) -> None:
-    """Check a protocol; print it with every default filled in."""
+    """Check a protocol, its data listing, weights and device; print it with every default filled in."""
     with _handle():
+        from cellbg.preflight import preflight
         from cellbg.protocol import resolved_yaml
-        from cellbg.segment import check_weights
 
         p = _load(protocol)
-        problems = check_weights(p)  # before any work starts: compute nodes cannot download
-        if problems:
-            raise CellbgError("\n".join(f"{protocol}: {line}" for line in problems))
+        preflight(p, source=str(protocol))  # data listing, weights, device: before any work
         typer.echo(resolved_yaml(p), nl=False)
 
 
@@ -408,9 +406,14 @@ def run(
 ) -> None:
     """Run the whole pipeline; skip every job whose inputs have not changed; resume after a kill."""
     with _handle():
+        from cellbg.preflight import preflight
         from cellbg.runner import run_protocol
 
-        summary = run_protocol(protocol, executor=executor.value if executor else None, dry_run=dry_run)
+        p = _load(protocol)
+        if not dry_run:  # before any work, for the executor the jobs will run on
+            kind = {"kind": executor.value} if executor else {}
+            preflight(p.model_copy(update={"executor": p.executor.model_copy(update=kind)}), source=str(protocol))
+        summary = run_protocol(p, executor=executor.value if executor else None, dry_run=dry_run)
         if dry_run:
             for s in summary.stages:
                 for j in s.jobs:

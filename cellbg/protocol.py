@@ -357,7 +357,7 @@ class TrainingConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(5, ge=1, description="early stopping on validation loss")
-    seeds: list[int] = [0]
+    seeds: list[int] = Field([0], min_length=1, description="one training job per seed (and fold)")
     split: SplitConfig = SplitConfig()
     augment: bool = True
     balanced_sampling: bool = False
@@ -768,13 +768,42 @@ def _model_in(ann):
     return None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"duplicate key '{key}' (first on line {first}); YAML would silently keep the last one")
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML 1.2 forbids it;
+    PyYAML keeps the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base loader reports it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_protocol(text: str, *, source: str = "<protocol>", base_dir: str | Path | None = None) -> Protocol:
     """Validate protocol YAML text; raise :class:`CellbgError` listing every problem.
 
-    Each problem is one line ``source:LINE: key.path: what was expected``.
+    Each problem is one line ``source:LINE: key.path: what was expected``. A key given twice
+    in one mapping is an error naming both lines.
     """
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise CellbgError(f"{source}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -788,9 +817,42 @@ def parse_protocol(text: str, *, source: str = "<protocol>", base_dir: str | Pat
         protocol = Protocol.model_validate(raw)
     except ValidationError as err:
         raise CellbgError("\n".join(_format_errors(err, _yaml_lines(text), source))) from None
+    problems = [
+        f"{source}:{line}: {key}: {msg}" if (line := _line_of(loc, _yaml_lines(text))) else f"{source}: {key}: {msg}"
+        for loc, key, msg in _untested_conditions(protocol)
+    ]
+    if problems:
+        raise CellbgError("\n".join(problems))
     if base_dir is not None:
         protocol = _resolve_paths(protocol, Path(base_dir))
     return protocol
+
+
+def _untested_conditions(protocol: Protocol) -> list[tuple[tuple, str, str]]:
+    """``(loc, key, message)`` for each confirmatory condition no job makes (its train
+    variant not trained or its test variant not tested); found here, not after training."""
+    from cellbg._variant_spec import parse_variant
+
+    def spec(v: str) -> str:
+        try:
+            return parse_variant(v).spec
+        except ValueError:
+            return v
+
+    pools = {"train": {spec(v) for v in protocol.variants.train}, "test": {spec(v) for v in protocol.variants.test}}
+    out = []
+    for i, comp in enumerate(protocol.stats.confirmatory or []):
+        for side in ("a", "b"):
+            condition = getattr(comp, side)
+            for part, kind in zip(condition.split(":"), ("train", "test")):
+                if spec(part) not in pools[kind]:
+                    out.append((
+                        ("stats", "confirmatory", i, side), f"stats.confirmatory.{i}.{side}",
+                        f"'{condition}' needs {kind} variant '{part}', which is not in variants.{kind} "
+                        f"({', '.join(getattr(protocol.variants, kind))}); add it there or compare conditions "
+                        "the protocol makes",
+                    ))
+    return out
 
 
 def _resolve_paths(protocol: Protocol, base: Path) -> Protocol:

@@ -254,3 +254,54 @@ def test_damaged_run_folder_is_found_redone_and_gives_identical_results(finished
     assert cli("status", "--verify", run).exit_code == 0
     again = cli("run", tmp_path / "copy" / "protocol.yaml")
     assert again.exit_code == 0 and "(0 jobs ran" in again.stdout
+
+
+# =========================================================================== 3. validate before any work
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: x\ntraining:\n  seeds: []\n", "p.yaml:3: training.seeds: List should have at least 1 item"),
+        ("name: x\ntraining:\n  epochs: 2\n  epochs: 3\n",
+         "p.yaml:4: duplicate key 'epochs' (first on line 3)"),
+        ("name: x\nstats:\n  confirmatory:\n  - a: original:original\n    b: original:blur\n",
+         "p.yaml:5: stats.confirmatory.0.b: 'original:blur' needs test variant 'blur', which is not in variants.test"),
+        ("name: x\nvariants: {train: [original]}\nstats:\n  confirmatory:\n  - a: only_fg:original\n"
+         "    b: original:original\n",
+         "p.yaml:5: stats.confirmatory.0.a: 'only_fg:original' needs train variant 'only_fg'"),
+        ("name: x\ndata: {synthetic: {patients: 3}}\ntraining: {split: {folds: 5}}\n",
+         "p.yaml: training.split.folds: 3 patients (data.synthetic.patients) cannot fill 5"),
+        ("name: x\nsegmentation: {method: cellpose, model: weights/missing.pth}\n",
+         "p.yaml: segmentation.model: Cellpose weights file not found"),
+    ],
+)
+def test_validate_finds_protocol_mistakes_before_any_work(tmp_path, text, expected):
+    (tmp_path / "p.yaml").write_text(text)
+    result = cli("validate", tmp_path / "p.yaml")
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert expected in line.replace(str(tmp_path) + "/", ""), line
+    assert not (tmp_path / "runs").exists()  # nothing was made
+
+
+def test_validate_counts_the_patients_of_the_data_listing(tmp_path):
+    proto = masked_dataset(tmp_path)  # 4 patients
+    assert cli("validate", proto).exit_code == 0
+    proto.write_text(proto.read_text().replace("folds: 2", "folds: 5"))
+    result = cli("validate", proto)
+    assert result.exit_code == 2
+    assert "p.yaml: training.split: 4 patients cannot fill 5 patient-grouped folds" in one_error_line(result)
+    result = cli("run", proto)  # and run stops before any work
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()
+
+
+def test_validate_refuses_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    (tmp_path / "p.yaml").write_text("name: x\ntraining: {device: cuda}\n")
+    result = cli("validate", tmp_path / "p.yaml")
+    assert result.exit_code == 2
+    assert "training.device: 'cuda' but this machine has no CUDA GPU" in one_error_line(result)
+    (tmp_path / "p.yaml").write_text("name: x\ntraining: {device: cuda}\nexecutor: {kind: slurm}\n")
+    assert cli("validate", tmp_path / "p.yaml").exit_code == 0  # batch jobs run on other nodes
