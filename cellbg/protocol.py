@@ -841,7 +841,10 @@ def _untested_conditions(protocol: Protocol) -> list[tuple[tuple, str, str]]:
 
     pools = {"train": {spec(v) for v in protocol.variants.train}, "test": {spec(v) for v in protocol.variants.test}}
     out = []
-    for i, comp in enumerate(protocol.stats.confirmatory or []):
+    comparisons = protocol.stats.confirmatory or []
+    if [(c.a, c.b) for c in comparisons] == [default_confirmatory(protocol.variants)]:
+        return out  # cellbg's own choice (written into resolved protocols), not the user's
+    for i, comp in enumerate(comparisons):
         for side in ("a", "b"):
             condition = getattr(comp, side)
             for part, kind in zip(condition.split(":"), ("train", "test")):
