@@ -8,6 +8,7 @@ inside a library. The CLI turns a :class:`CellbgError` into one red line and exi
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ __all__ = [
     "check_file",
     "check_nd",
     "check_same_shape",
+    "describe_os_error",
 ]
 
 
@@ -81,3 +83,46 @@ def check_same_shape(a, b, *, names: tuple[str, str] = ("image", "mask"), where:
             f"{names[1]} shape {tuple(np.shape(b))} does not match {names[0]} shape "
             f"{tuple(np.shape(a))}{loc}"
         )
+
+
+#: File-system failures that are the machine's or the user's to fix (space, permissions, a
+#: file where a folder should be), never cellbg's: reported as one line with the path, exit 2.
+_FS_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a file is in the way (a folder is needed there)",
+    errno.EEXIST: "a file is in the way",
+    errno.EISDIR: "a folder is in the way (a file is needed there)",
+}
+
+
+def describe_os_error(exc: BaseException, *, where: str | Path | None = None) -> str | None:
+    """One line for a file-system failure (disk full, read-only, a file in the way), naming
+    the path (or the folder ``where`` it was written, when the error does not say); None for
+    any other error.
+
+    Examples
+    --------
+    >>> import errno
+    >>> describe_os_error(OSError(errno.EROFS, "Read-only file system", "/runs/a/cells.parquet"))
+    'cannot write /runs/a/cells.parquet: read-only file system; choose a writable output folder'
+    >>> describe_os_error(ValueError("x")) is None
+    True
+    """
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and "No space left on device" in str(exc):
+        code = errno.ENOSPC  # a library's own writer (pyarrow, torch.save) wraps the OS error
+    if code not in _FS_ERRNOS:
+        return None
+    path = getattr(exc, "filename", None) or (f"a file in {where}" if where is not None else "a file")
+    reason = _FS_ERRNOS[code]
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        advice = "free space or choose another output folder (finished work is kept: run again to resume)"
+    elif code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        advice = "move it away or choose another output folder"
+    else:
+        advice = "choose a writable output folder"
+    return f"cannot write {path}: {reason}; {advice}"

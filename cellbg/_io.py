@@ -8,6 +8,7 @@ every stage writes to a temporary name beside the target and renames it into pla
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -24,6 +25,17 @@ __all__ = [
 ]
 
 
+def _named(exc: BaseException, target: Path) -> BaseException:
+    """A write failure that names the file it was writing: an ``OSError`` without a file
+    name (a failed ``write()``), or a library's wrapper of "No space left on device"
+    (pyarrow, ``torch.save``), becomes an ``OSError`` naming ``target``."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+        return OSError(exc.errno, exc.strerror, str(target))
+    if not isinstance(exc, OSError | KeyboardInterrupt) and "No space left on device" in str(exc):
+        return OSError(errno.ENOSPC, "No space left on device", str(target))
+    return exc
+
+
 def _umask() -> int:
     """The process umask (read by setting and restoring it; there is no getter)."""
     mask = os.umask(0)
@@ -35,7 +47,9 @@ def _umask() -> int:
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary file path beside ``target``; rename it to ``target`` on success.
 
-    On an exception the temporary file is removed and ``target`` is left untouched.
+    On an exception the temporary file is removed and ``target`` is left untouched; a
+    failed write that does not name its file (disk full) is raised as an ``OSError``
+    naming ``target``.
 
     Examples
     --------
@@ -57,10 +71,13 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         # so that the rest of a lab's group can read a run folder on a shared filesystem.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        raise
+        named = _named(exc, target)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 @contextlib.contextmanager
@@ -85,9 +102,12 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        named = _named(exc, target)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

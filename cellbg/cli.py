@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cellbg import __version__
-from cellbg._checks import CellbgError
+from cellbg._checks import CellbgError, describe_os_error
 
 app = typer.Typer(
     name="cellbg",
@@ -40,6 +40,9 @@ def _handle():
         yield
     except typer.Exit:
         raise
+    except BrokenPipeError:  # `cellbg ... | head`: the reader has what it wanted
+        _stdout_to_devnull()
+        raise typer.Exit(code=0) from None
     except CellbgError as exc:
         if _state["debug"]:
             raise
@@ -52,6 +55,10 @@ def _handle():
     except Exception as exc:
         if _state["debug"]:
             raise
+        fs_error = describe_os_error(exc)  # disk full, read-only, a file in the way: the user's to fix
+        if fs_error is not None:
+            err.print(f"[red]error:[/red] {fs_error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
         msg = str(exc).splitlines()[0] if str(exc) else ""
         err.print(
             f"[red]internal error:[/red] {type(exc).__name__}: {msg} (run with --debug for the traceback)",
@@ -59,6 +66,17 @@ def _handle():
             soft_wrap=True,
         )
         raise typer.Exit(code=1) from None
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not fail again
+    (the recipe of the Python docs, "Note on SIGPIPE")."""
+    import os
+    import sys
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _load(protocol: Path, *, check_paths: bool = True):
@@ -452,7 +470,11 @@ def status(
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # raised outside a command (help, usage): end as quietly
+        _stdout_to_devnull()
+        raise SystemExit(0) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -73,8 +73,8 @@ def _read_tiff(path: Path) -> np.ndarray:
         # A Z-stack or time series whose planes would otherwise be read as colour channels.
         names = ", ".join(f"{a} ({_STACK_AXES[a]}, {data.shape[axes.index(a)]} planes)" for a in stack)
         raise CellbgError(
-            f"{path} is a stack with axes {series.axes}: {names}; cellbg reads one plane per file (2-D, optional channels) "
-            "(save each plane as its own file, or a projection such as the maximum over Z)"
+            f"{path} is a stack with axes {series.axes}: {names}; cellbg reads one plane per file "
+            "(2-D, optional channels): save each plane as its own file, or a projection such as the maximum over Z"
         )
     if len(chan) + len(other) > 1:
         raise CellbgError(

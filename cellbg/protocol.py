@@ -847,7 +847,7 @@ def _untested_conditions(protocol: Protocol) -> list[tuple[tuple, str, str]]:
     for i, comp in enumerate(comparisons):
         for side in ("a", "b"):
             condition = getattr(comp, side)
-            for part, kind in zip(condition.split(":"), ("train", "test")):
+            for part, kind in zip(condition.split(":"), ("train", "test"), strict=True):
                 if spec(part) not in pools[kind]:
                     out.append((
                         ("stats", "confirmatory", i, side), f"stats.confirmatory.{i}.{side}",

@@ -685,7 +685,8 @@ def run_job(
                 loss_sum, correct, seen = train_epoch(model, loader, optimizer, scaler=scaler, device=device, amp=amp)
             if not math.isfinite(loss_sum):
                 raise CellbgError(
-                    f"training job {_job_label(spec)}: the training loss is {loss_sum / max(seen, 1)} at epoch {epoch}; "
+                    f"training job {_job_label(spec)}: the training loss is {loss_sum / max(seen, 1)} "
+                    f"at epoch {epoch}; "
                     "check the crops for NaN or infinite pixels (cellbg refuses them when it reads images) "
                     "or lower training.lr"
                 )

@@ -182,7 +182,7 @@ def test_no_nan_probability_is_ever_written(tmp_path):
 
     preds = pd.DataFrame({"cell_id": ["c1", "c2"], "test_variant": ["original"] * 2,
                           "prob_a": [0.2, np.nan], "prob_b": [0.8, np.nan]})
-    with pytest.raises(CellbgError, match=r"job X: 1 of 2 prediction rows have non-finite probabilities, e\.g\. cell c2"):
+    with pytest.raises(CellbgError, match=r"job X: 1 of 2 prediction rows have non-finite probabilities, e\.g\. c"):
         check_probabilities(preds, where="job X")
     check_probabilities(preds.iloc[:1], where="job X")
 
@@ -305,3 +305,125 @@ def test_validate_refuses_cuda_without_a_gpu(tmp_path):
     assert "training.device: 'cuda' but this machine has no CUDA GPU" in one_error_line(result)
     (tmp_path / "p.yaml").write_text("name: x\ntraining: {device: cuda}\nexecutor: {kind: slurm}\n")
     assert cli("validate", tmp_path / "p.yaml").exit_code == 0  # batch jobs run on other nodes
+
+
+# =========================================================================== 4. file-system failures
+def _write_bytes(run_dir: str, name: str, size: int) -> None:
+    """A job that writes ``size`` bytes to ``<run>/<name>`` atomically."""
+    from cellbg._io import atomic_path
+
+    with atomic_path(Path(run_dir) / name) as tmp:
+        tmp.write_bytes(b"x" * size)
+
+
+def _fill_disk(run_dir: str, name: str) -> None:
+    """A job that fills the disk with a file it leaves behind (as a foreign program would)."""
+    with open(Path(run_dir) / name, "wb") as f:
+        while True:
+            f.write(b"x" * 65536)
+            f.flush()
+
+
+def _two_stages(second):
+    from cellbg.runner import Job, Stage, hash_key
+
+    def plan_first(ctx):
+        return [Job("first", "first", hash_key("first"), _write_bytes, (str(ctx.run_dir), "first.bin", 1000),
+                    where="client", outputs=(ctx.run_dir / "first.bin",))]
+
+    def plan_second(ctx):
+        return [Job("second", "second", hash_key("second", ctx.key("first")), second,
+                    (str(ctx.run_dir), "second.bin", *((1 << 20,) if second is _write_bytes else ())),
+                    where="client", outputs=(ctx.run_dir / "second.bin",))]
+
+    return [Stage("first", plan_first), Stage("second", plan_second)]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs (root only): a real full disk, no mocks."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("second", [_write_bytes, _fill_disk], ids=["write", "fill"])
+def test_disk_full_is_a_listed_user_error_and_the_run_record_is_closed(tiny_disk, second):
+    from cellbg.protocol import ExecutorConfig
+    from cellbg.runner import run_stages
+
+    run = tiny_disk / "run"
+    summary = run_stages(_two_stages(second), run, executor=ExecutorConfig(retries=2), progress=False)
+    assert not summary.ok and [s.name for s in summary.stages] == ["first", "second"]
+    failure = summary.failures[0]
+    assert (failure.stage, failure.user_error, failure.attempts) == ("second", True, 1)  # listed, not retried
+    assert failure.error.startswith((f"cannot write {run}/", f"cannot write a file in {run}:")), failure.error
+    assert "no space left on the device" in failure.error
+    record = json.loads((run / ".cellbg" / "last-run.json").read_text())
+    assert record["state"] == "failed"  # closed, even with the disk full
+    assert (run / "first.bin").read_bytes() == b"x" * 1000  # earlier work unchanged
+    assert not (run / ".cellbg" / "done" / "second").exists()  # never taken as done
+
+
+def test_disk_full_in_the_cli_exits_2_naming_the_path(tiny_disk, tmp_path):
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,size=64k", str(tiny_disk)], check=True)
+    proto = masked_dataset(tmp_path / "data")
+    proto.write_text(proto.read_text().replace("output: run", f"output: {tiny_disk / 'run'}")
+                     .replace("crops: {size: 24", "crops: {size: 128"))
+    result = cli("crops", proto)
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert f"cannot write {tiny_disk}/run/crops.zarr: no space left on the device" in line
+    assert not (tiny_disk / "run" / "cells.parquet").exists()
+    assert len(list((tiny_disk / "run" / "segmentation").glob("*.tif"))) == 8  # the earlier stage's work
+
+
+def test_output_path_that_is_a_file_exits_2_naming_it(tmp_path):
+    proto = masked_dataset(tmp_path)
+    (tmp_path / "run").write_text("not a folder")
+    result = cli("run", proto)
+    assert result.exit_code == 2
+    assert one_error_line(result) == (f"error: cannot write {tmp_path / 'run'}: a file is in the way; "
+                                      "move it away or choose another output folder")
+    assert (tmp_path / "run").read_text() == "not a folder"
+    proto.write_text(proto.read_text().replace("output: run", "output: run/inner"))
+    result = cli("run", proto)
+    assert result.exit_code == 2 and "a file is in the way (a folder is needed there)" in one_error_line(result)
+
+
+def test_read_only_output_exits_2_naming_it(tiny_disk, tmp_path):
+    import subprocess
+
+    proto = masked_dataset(tmp_path)
+    proto.write_text(proto.read_text().replace("output: run", f"output: {tiny_disk / 'run'}"))
+    (tiny_disk / "kept.txt").write_text("earlier work")
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    result = cli("run", proto)
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert f"cannot write {tiny_disk / 'run'}: read-only file system" in line
+    assert (tiny_disk / "kept.txt").read_text() == "earlier work"
+
+
+def test_dry_run_into_a_closed_pipe_ends_cleanly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "p.yaml").write_text("name: x\n")
+    read, write = os.pipe()
+    os.close(read)  # like `| head -1` after its line: every write fails with EPIPE
+    result = subprocess.run([sys.executable, "-m", "cellbg.cli", "run", "--dry-run", str(tmp_path / "p.yaml")],
+                            stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert result.returncode == 0, result.stderr
+    assert "BrokenPipe" not in result.stderr and "Traceback" not in result.stderr

@@ -9,6 +9,7 @@ second, wherever the jobs run (this process, Dask workers, batch nodes).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import threading
 import time
@@ -34,7 +35,7 @@ class RunLog:
         if self.path is None:
             return
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
-        with self._lock:
+        with self._lock, contextlib.suppress(OSError):  # a log line never stops a run (disk full)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 for line in str(text).splitlines() or [""]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cellbg import _progress
-from cellbg._checks import CellbgError
+from cellbg._checks import CellbgError, describe_os_error
 from cellbg._io import write_json_atomic
 from cellbg.runner.jobs import STATE_DIR, Job, job_log_path
 
@@ -123,8 +123,20 @@ def execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> dic
 
     Appends an ``=== attempt`` header to ``<run>/logs/<stage>-<key>.log``, runs the job with
     its output captured there, writes the done marker last, and re-raises any error (after
-    writing its traceback to the log) so that Dask retries it.
+    writing its traceback to the log) so that Dask retries it. Bad input (a
+    :class:`CellbgError`) and file-system failures (disk full, read-only, a file in the
+    way) come back as ``{"user_error": message}`` instead: a retry cannot help.
     """
+    try:
+        return _execute_job(job, run_dir, torch_threads)
+    except Exception as exc:
+        message = describe_os_error(exc, where=run_dir)
+        if message is None:
+            raise
+        return {"user_error": message}
+
+
+def _execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> dict:
     run_dir = Path(run_dir)
     if job.is_cached(run_dir):
         # Dask recomputes a finished task whose result was held by a worker that died since;
@@ -159,17 +171,20 @@ def execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> dic
                              host=socket.gethostname())
         except CellbgError as exc:
             # bad input: a retry cannot help, so the error comes back as a result, not raised
-            log.write(f"=== attempt failed {now()}: {type(exc).__name__}: {exc}\n")
-            traceback.print_exc(file=log)
+            with contextlib.suppress(OSError):
+                log.write(f"=== attempt failed {now()}: {type(exc).__name__}: {exc}\n")
+                traceback.print_exc(file=log)
             return {"user_error": str(exc)}
         except BaseException as exc:
-            log.write(f"=== attempt failed {now()}: {type(exc).__name__}: {exc}\n")
-            traceback.print_exc(file=log)
+            with contextlib.suppress(OSError):  # the log's disk may be the one that is full
+                log.write(f"=== attempt failed {now()}: {type(exc).__name__}: {exc}\n")
+                traceback.print_exc(file=log)
             raise
         finally:
             progress.close()
         seconds = time.perf_counter() - t0
-        log.write(f"=== attempt done {now()} in {seconds:.1f} s\n")
+        with contextlib.suppress(OSError):
+            log.write(f"=== attempt done {now()} in {seconds:.1f} s\n")
     return {"seconds": seconds, "host": socket.gethostname()}
 
 
@@ -256,5 +271,7 @@ def describe_error(exc: BaseException, attempts: int, batch_logs: Path | None = 
         when = "while running it" if attempts else "before the job started"
         return f"its worker process died {when} (killed, out of memory or past walltime?{where})"
     msg = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, CellbgError) and msg:  # bad input: the message says what and where
+        return msg
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 

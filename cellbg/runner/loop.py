@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import time
@@ -66,32 +67,65 @@ def record_path(run_dir: Path) -> Path:
     return Path(run_dir) / STATE_DIR / "last-run.json"
 
 
+def _close_record(run_dir: Path, state: str, started: str, executor: str, stages, failures) -> None:
+    """Write the run record's final state, whatever the disk says.
+
+    On a full disk the atomic write (a new file) fails; the record is then overwritten in
+    place (its old blocks are freed first), and failing that replaced by a minimal one, so
+    that it never stays "running" after the run has ended.
+    """
+    try:
+        _write_record(run_dir, state, started, executor, stages, failures)
+        return
+    except OSError:
+        pass
+    full = _record(run_dir, state, started, executor, stages, failures)
+    small = {"state": state, "started": started, "updated": now(), "pid": os.getpid(),
+             "host": socket.gethostname(), "failures": full["failures"][:3], "note": "record cut short: disk full?"}
+    for obj in (full, small, {"state": state, "pid": os.getpid()}):
+        try:
+            with open(record_path(run_dir), "w", encoding="utf-8") as f:
+                f.write(json.dumps(obj, sort_keys=True, default=str))
+            return
+        except OSError:
+            continue
+
+
 def _write_record(run_dir: Path, state: str, started: str, executor: str, stages, failures,
                   current: dict | None = None) -> None:
-    write_json_atomic(
-        record_path(run_dir),
-        {
-            "state": state,
-            "started": started,
-            "updated": now(),
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "executor": executor,
-            "cellbg": __version__,
-            "log": str(run_log_path(run_dir)),
-            # the stage running now: its start (epoch seconds) and job counts, for `cellbg status`
-            "current": current,
-            "stages": [
-                {k: getattr(s, k) for k in ("name", "total", "cached", "ran", "failed", "seconds", "planned", "note")}
-                for s in stages
-            ],
-            "failures": [
-                {"stage": f.stage, "name": f.name, "key": f.key, "error": f.error, "log": str(f.log),
-                 "attempts": f.attempts}
-                for f in failures
-            ],
-        },
-    )
+    write_json_atomic(record_path(run_dir), _record(run_dir, state, started, executor, stages, failures, current))
+
+
+def _write_progress(run_dir: Path, started: str, executor: str, stages, failures, current: dict | None = None) -> None:
+    """The running record, updated as jobs end: progress only (a full disk must not stop the
+    run for it; :func:`_close_record` writes the final state)."""
+    with contextlib.suppress(OSError):
+        _write_record(run_dir, "running", started, executor, stages, failures, current)
+
+
+def _record(run_dir: Path, state: str, started: str, executor: str, stages, failures,
+            current: dict | None = None) -> dict:
+    return {
+        "state": state,
+        "started": started,
+        "updated": now(),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "executor": executor,
+        "cellbg": __version__,
+        "log": str(run_log_path(run_dir)),
+        # the stage running now: its start (epoch seconds) and job counts, for `cellbg status`
+        "current": current,
+        "stages": [
+            {k: getattr(s, k) for k in ("name", "total", "cached", "ran", "failed", "seconds", "planned", "note")}
+            for s in stages
+        ],
+        "failures": [
+            {"stage": f.stage, "name": f.name, "key": f.key, "error": f.error, "log": str(f.log),
+             "attempts": f.attempts}
+            for f in failures
+        ],
+    }
 
 
 def run_stages(
@@ -177,7 +211,7 @@ def run_stages(
                 continue
             checks = [j.check(run_dir, full=verify) for j in jobs]
             records = tuple(JobRecord(j.name, j.key, c.state == "done", j.where, c.problems)
-                            for j, c in zip(jobs, checks))
+                            for j, c in zip(jobs, checks, strict=True))
             n_cached = sum(r.cached for r in records)
             n_damaged = sum(c.state == "damaged" for c in checks)
             note = f"{n_damaged} job(s) with damaged outputs to redo" if n_damaged else ""
@@ -213,7 +247,7 @@ def run_stages(
                 checks = [j.check(run_dir) for j in jobs]
                 is_cached = [c.state == "done" for c in checks]
                 todo = [j for j, c in zip(jobs, is_cached) if not c]
-                damaged = {j.name: c.problems for j, c in zip(jobs, checks) if c.state == "damaged"}
+                damaged = {j.name: c.problems for j, c in zip(jobs, checks, strict=True) if c.state == "damaged"}
                 for job in todo:
                     if job.name in damaged:  # never used: its markers and damaged files go, it runs again
                         job.clear(run_dir, damaged[job.name])
@@ -228,7 +262,7 @@ def run_stages(
                 current = {"stage": stage.name, "started": time.time(), "todo": len(todo),
                            "cached": sum(is_cached), "done": 0, "failed": 0}
                 if todo:
-                    _write_record(run_dir, "running", started, cfg.kind, summaries, failures, current)
+                    _write_progress(run_dir, started, cfg.kind, summaries, failures, current)
 
                 def record(job: Job, exc: BaseException | None, seconds: float | None = None) -> None:
                     if exc is None:
@@ -243,7 +277,7 @@ def run_stages(
                         stage_failures.append(failure)
                         display.job_finished(job.stage, job.name, seconds, f"{failure.error} (log: {log})")
                     current.update(counts)
-                    _write_record(run_dir, "running", started, cfg.kind, summaries, failures, current)
+                    _write_progress(run_dir, started, cfg.kind, summaries, failures, current)
 
                 for job in (j for j in todo if j.where == "client"):
                     t_job = time.perf_counter()
@@ -267,7 +301,7 @@ def run_stages(
                     time.perf_counter() - t0,
                     note=f"{len(damaged)} job(s) redone: damaged outputs" if damaged else "",
                     jobs=tuple(JobRecord(j.name, j.key, c, j.where, damaged.get(j.name, ()))
-                               for j, c in zip(jobs, is_cached)),
+                               for j, c in zip(jobs, is_cached, strict=True)),
                 )
                 summaries.append(summary)
                 display.end(summary)
@@ -276,23 +310,27 @@ def run_stages(
                     blocked_by = stage.name
                 else:
                     ctx.keys[stage.name] = _stage_key(jobs, [j.check(run_dir) for j in jobs])
-                _write_record(run_dir, "running", started, cfg.kind, summaries, failures)
+                _write_progress(run_dir, started, cfg.kind, summaries, failures)
         except KeyboardInterrupt:
             interrupted = True
-            _write_record(run_dir, "interrupted", started, cfg.kind, summaries, failures)
-            display.say("=== run interrupted; finished jobs are kept, run again to resume")
+            _close_record(run_dir, "interrupted", started, cfg.kind, summaries, failures)
+            with contextlib.suppress(OSError):
+                display.say("=== run interrupted; finished jobs are kept, run again to resume")
             raise
         except BaseException as exc:
-            _write_record(run_dir, "failed", started, cfg.kind, summaries, failures)
-            display.say(f"=== run failed: {type(exc).__name__}: {exc}")
+            _close_record(run_dir, "failed", started, cfg.kind, summaries, failures)
+            with contextlib.suppress(OSError):  # the run log's disk may be the one that is full
+                display.say(f"=== run failed: {type(exc).__name__}: {exc}")
             raise
         finally:
-            ctx.digests.save()
+            with contextlib.suppress(OSError):  # a cache: on a full disk it is only lost
+                ctx.digests.save()
         state = "failed" if failures else "finished"
-        _write_record(run_dir, state, started, cfg.kind, summaries, failures)
+        _close_record(run_dir, state, started, cfg.kind, summaries, failures)
         ran = sum(s.ran for s in summaries)
-        display.say(f"=== run {state}: {ran} jobs ran in {time.perf_counter() - t_run:.1f} s"
-                    + "".join(f"\nFAILED: {f}" for f in failures))
+        with contextlib.suppress(OSError):
+            display.say(f"=== run {state}: {ran} jobs ran in {time.perf_counter() - t_run:.1f} s"
+                        + "".join(f"\nFAILED: {f}" for f in failures))
     return RunSummary(
         run_dir, cfg.kind, False, time.perf_counter() - t_run, tuple(summaries), tuple(failures), interrupted
     )
