@@ -427,3 +427,40 @@ def test_dry_run_into_a_closed_pipe_ends_cleanly(tmp_path):
     os.close(write)
     assert result.returncode == 0, result.stderr
     assert "BrokenPipe" not in result.stderr and "Traceback" not in result.stderr
+
+
+def _one_file(run: Path, kind: str) -> Path:
+    jobs = sorted(p for p in (run / "jobs").iterdir() if (p / "DONE").exists())
+    return {
+        "label": lambda: sorted((run / "segmentation").glob("*.tif"))[0],
+        "cells": lambda: run / "cells.parquet",
+        "crops": lambda: next(p for p in sorted((run / "crops.zarr").rglob("*")) if p.is_file()),
+        "job_predictions": lambda: jobs[0] / "predictions.parquet",
+        "checkpoint": lambda: jobs[0] / "checkpoint.pt",
+        "history": lambda: jobs[0] / "history.csv",
+        "spec": lambda: jobs[0] / "spec.json",
+        "predictions": lambda: run / "predictions.parquet",
+        "saliency": lambda: run / "saliency.parquet",
+        "saliency_maps": lambda: next(p for p in sorted((run / "saliency.zarr").rglob("*")) if p.is_file()),
+        "tests": lambda: run / "stats" / "tests.csv",
+        "report": lambda: run / "report" / "report.md",
+    }[kind]()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+@pytest.mark.parametrize("kind", ["label", "cells", "crops", "job_predictions", "checkpoint", "history", "spec",
+                                  "predictions", "saliency", "saliency_maps", "tests", "report"])
+def test_each_damaged_file_alone_is_redone(finished_run, tmp_path, kind, how):
+    from test_runner import assert_same_results
+
+    shutil.copytree(finished_run.parent, tmp_path / "copy")
+    run = tmp_path / "copy" / "run"
+    target = _one_file(run, kind)
+    _truncate(target) if how == "truncate" else target.unlink()
+    result = cli("status", "--verify", run)
+    assert result.exit_code == 2 and str(target.relative_to(run)) in result.stdout
+    result = cli("run", tmp_path / "copy" / "protocol.yaml")
+    assert result.exit_code == 0, result.output
+    assert_same_results(run, finished_run)
+    assert cli("status", "--verify", run).exit_code == 0
