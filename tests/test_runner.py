@@ -539,7 +539,7 @@ def test_bad_input_inside_a_job_exits_2_with_the_file_named(tmp_path):
     (tmp_path / "m.csv").write_text("path,label,patient\nim/a.tif,x,p1\nim/b.tif,y,p2\nim/c.tif,y,p1\n")
     (tmp_path / "p.yaml").write_text(
         "name: bad\noutput: run\ndata: {source: manifest, manifest: m.csv}\n"
-        "segmentation: {method: threshold}\nexecutor: {workers: 1}\n"
+        "segmentation: {method: threshold}\nexecutor: {workers: 1}\ntraining: {split: {folds: 2}}\n"
     )
     res = CliRunner().invoke(app, ["run", str(tmp_path / "p.yaml")])
     assert res.exit_code == 2, res.output

@@ -271,7 +271,5 @@ def describe_error(exc: BaseException, attempts: int, batch_logs: Path | None = 
         when = "while running it" if attempts else "before the job started"
         return f"its worker process died {when} (killed, out of memory or past walltime?{where})"
     msg = str(exc).splitlines()[0] if str(exc) else ""
-    if isinstance(exc, CellbgError) and msg:  # bad input: the message says what and where
-        return msg
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
