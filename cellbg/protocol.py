@@ -786,11 +786,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     continue
                 key = self.construct_object(key_node, deep=True)
                 try:
-                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                    if key in seen:
+                        raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
+                    seen[key] = key_node.start_mark.line + 1
                 except TypeError:  # an unhashable key: the base loader reports it
                     continue
-                if first != key_node.start_mark.line + 1:
-                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -817,45 +817,9 @@ def parse_protocol(text: str, *, source: str = "<protocol>", base_dir: str | Pat
         protocol = Protocol.model_validate(raw)
     except ValidationError as err:
         raise CellbgError("\n".join(_format_errors(err, _yaml_lines(text), source))) from None
-    problems = [
-        f"{source}:{line}: {key}: {msg}" if (line := _line_of(loc, _yaml_lines(text))) else f"{source}: {key}: {msg}"
-        for loc, key, msg in _untested_conditions(protocol)
-    ]
-    if problems:
-        raise CellbgError("\n".join(problems))
     if base_dir is not None:
         protocol = _resolve_paths(protocol, Path(base_dir))
     return protocol
-
-
-def _untested_conditions(protocol: Protocol) -> list[tuple[tuple, str, str]]:
-    """``(loc, key, message)`` for each confirmatory condition no job makes (its train
-    variant not trained or its test variant not tested); found here, not after training."""
-    from cellbg._variant_spec import parse_variant
-
-    def spec(v: str) -> str:
-        try:
-            return parse_variant(v).spec
-        except ValueError:
-            return v
-
-    pools = {"train": {spec(v) for v in protocol.variants.train}, "test": {spec(v) for v in protocol.variants.test}}
-    out = []
-    comparisons = protocol.stats.confirmatory or []
-    if [(c.a, c.b) for c in comparisons] == [default_confirmatory(protocol.variants)]:
-        return out  # cellbg's own choice (written into resolved protocols), not the user's
-    for i, comp in enumerate(comparisons):
-        for side in ("a", "b"):
-            condition = getattr(comp, side)
-            for part, kind in zip(condition.split(":"), ("train", "test"), strict=True):
-                if spec(part) not in pools[kind]:
-                    out.append((
-                        ("stats", "confirmatory", i, side), f"stats.confirmatory.{i}.{side}",
-                        f"'{condition}' needs {kind} variant '{part}', which is not in variants.{kind} "
-                        f"({', '.join(getattr(protocol.variants, kind))}); add it there or compare conditions "
-                        "the protocol makes",
-                    ))
-    return out
 
 
 def _resolve_paths(protocol: Protocol, base: Path) -> Protocol:
