@@ -465,3 +465,20 @@ def test_each_damaged_file_alone_is_redone(finished_run, tmp_path, kind, how):
     assert result.exit_code == 0, result.output
     assert_same_results(run, finished_run)
     assert cli("status", "--verify", run).exit_code == 0
+
+
+def test_training_on_nan_crops_stops_with_a_clear_error(finished_run, tmp_path):
+    import zarr
+
+    from cellbg.planning import plan_jobs
+    from cellbg.protocol import load_run
+    from cellbg.train import run_job
+
+    shutil.copytree(finished_run, tmp_path / "run", ignore=shutil.ignore_patterns("jobs", "saliency*", "logs"))
+    protocol = load_run(tmp_path / "run").model_copy(update={"output": tmp_path / "run"})
+    images = zarr.open_group(str(tmp_path / "run" / "crops.zarr"), mode="r+")["images"]
+    images[:] = np.full(images.shape, np.nan, np.float32)  # as crops of NaN images would be
+    spec = plan_jobs(protocol)[0]
+    with pytest.raises(CellbgError, match=r"training job .*: the training loss is nan at epoch 1; check the crops"):
+        run_job(protocol, spec, job_dir=tmp_path / "job")
+    assert not (tmp_path / "job" / "predictions.parquet").exists()
