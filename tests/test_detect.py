@@ -297,3 +297,60 @@ def test_report_states_missing_detection_results(tmp_path):
     _section_detection(doc, run, _Figures(tmp_path / "f", enabled=False), {})
     assert doc.missing and "cellbg detect" in doc.missing[0]
     assert Path(tmp_path).exists()
+
+
+# ---------------------------------------------------------------------------- known answer (slow)
+
+
+def _paint_clumps(root: Path, *, cls: str = "sezary", seed: int = 0) -> None:
+    """A dark clump (radius 5.5 px) beside every cell of ``cls``; its instance masks in ``root/clumps``."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    truth = pd.read_csv(root / "cells_truth.csv")
+    (root / "clumps").mkdir(exist_ok=True)
+    for path, cells in truth.groupby("path"):
+        img = tifffile.imread(root / path).astype(np.float32)
+        mask = tifffile.imread(root / cells["mask"].iloc[0])
+        lab = np.zeros(mask.shape, np.uint16)
+        yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+        k = 0
+        for c in cells.itertuples():
+            if rng.random() >= (1.0 if c.label == cls else 0.0):  # as benchmarks/validate_detect.py
+                continue
+            a = rng.uniform(0, 2 * np.pi)
+            r0 = c.centre_r + (c.cell_radius + 7) * np.sin(a)
+            c0 = c.centre_c + (c.cell_radius + 7) * np.cos(a)
+            disc = ((yy - r0) ** 2 + (xx - c0) ** 2 <= 5.5**2) & (mask == 0)
+            k += 1
+            lab[disc] = k
+            img[disc] = img[disc] * np.array([0.35, 0.2, 0.45])
+        tifffile.imwrite(root / path, np.clip(img, 0, 255).astype(np.uint8), photometric="rgb")
+        tifffile.imwrite(root / "clumps" / Path(path).name, lab)
+
+
+@pytest.mark.slow
+def test_strong_cooccurrence_is_relied_on(tmp_path, monkeypatch):
+    """Every Sezary cell has a dark clump beside it: a detector trained with the clump annotated finds
+    Sezary cells partly through it (recall drops when the clumps are removed), healthy cells not."""
+    from cellbg.detect.train import run_detection
+    from cellbg.synth import make_dataset
+
+    monkeypatch.setenv("CELLBG_NUM_THREADS", "1")  # the figures below were measured with one thread
+    data = tmp_path / "data"
+    make_dataset(data, patients=8, cells_per_patient=16, cells_per_image=4, image_size=128, signal=0.0, seed=0)
+    _paint_clumps(data)
+    raw = {"name": "strong", "output": str(tmp_path / "run"),
+           "data": {"source": "manifest", "manifest": str(data / "manifest.csv")},
+           "training": {"split": {"folds": 2, "val_fraction": 0.0}},
+           "detection": {"enabled": True, "correlated": {"source": "masks", "mask_dir": str(data / "clumps")},
+                         "detector": {"depth": 10, "fpn_channels": 32, "representation_size": 128},
+                         "epochs": 20, "batch_size": 4, "device": "cpu"}}
+    tests = run_detection(Protocol.model_validate(raw)).set_index(["family", "condition", "class", "measure"])
+    ap = pd.read_csv(tmp_path / "run" / "detect" / "ap.csv")
+    original = ap[(ap["test_variant"] == "original") & ap["class"].isin(["healthy", "sezary"])]
+    assert original["ap50"].min() > 0.9  # the detector works
+    drop = tests.loc[("reliance", "with", "sezary", "recall")]
+    assert drop["estimate"] < -0.2 and drop["pvalue"] < 0.05
+    healthy = tests.loc[("reliance", "with", "healthy", "recall")]
+    assert abs(healthy["estimate"]) < 0.05 and not healthy["pvalue"] < 0.05

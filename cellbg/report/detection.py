@@ -15,7 +15,7 @@ from cellbg.report.tables import _ci, _int, _isnan, _num, _p, latex_table
 
 #: torchvision's Faster R-CNN loss parts (the order of the study's Figs. 3.13-3.14), then their sum.
 LOSS_PARTS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss")
-_LABELS = {"with": "with the correlated class", "without": "without it"}
+_LABELS = {"with": "with the correlated class", "without": "target classes only"}
 
 
 def _read(run: _Run) -> dict[str, pd.DataFrame | None]:
