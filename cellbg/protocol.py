@@ -381,7 +381,11 @@ class SaliencyConfig(_Section):
     target: Literal["predicted", "true", "both"] = Field(
         "both", description="class each map explains; 'both' = one map for each (shared when they agree)"
     )
-    test_variant: str = Field("original", description="the variant of the crops the maps are computed on")
+    test_variants: list[str] = Field(
+        ["original"],
+        description="the test variants whose images the maps are computed on (each one of variants.test); "
+        "'test_variant: X' is read as [X]",
+    )
     sanity_check: bool = Field(True, description="also map a re-randomised copy; record the rank correlation")
     occlusion_window: int = Field(8, ge=1, description="side of the occluding square, pixels")
     occlusion_overlap: float = Field(0.0, ge=0, lt=1, description="overlap of occlusion windows; 0 tiles the crop")
@@ -393,6 +397,36 @@ class SaliencyConfig(_Section):
         "black", description="occluding colour: black (as only_fg), the run's median background colour, or white"
     )
     batch_size: int = Field(64, ge=1, description="images per forward/backward pass")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_test_variant(cls, data):
+        # The older key `test_variant: X` (one variant) stays accepted as `test_variants: [X]`.
+        if isinstance(data, dict) and "test_variant" in data:
+            data = dict(data)
+            one = data.pop("test_variant")
+            if "test_variants" in data:
+                raise ValueError("give either test_variants (a list) or test_variant (one variant), not both")
+            data["test_variants"] = [one] if isinstance(one, str) else one
+        return data
+
+    @field_validator("test_variants")
+    @classmethod
+    def _test_variants(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one test variant")
+        if len(set(v)) != len(v):
+            raise ValueError(f"test variants listed twice: {sorted({x for x in v if v.count(x) > 1})}")
+        from cellbg._variant_spec import parse_variant
+
+        for spec in v:
+            parse_variant(spec)
+        return v
+
+    @property
+    def test_variant(self) -> str:
+        """The first of :attr:`test_variants` (the older single-variant key)."""
+        return self.test_variants[0]
 
     @field_validator("target", mode="before")
     @classmethod
@@ -654,6 +688,22 @@ class Protocol(_Section):
             raise ValueError(f"models share the name {dup}; give each a distinct 'label'")
         if not self.models:
             raise ValueError("list at least one model")
+        return self
+
+    @model_validator(mode="after")
+    def _saliency_on_tested_variants(self) -> Protocol:
+        # A map explains a prediction: it is computed on an image the model was tested on.
+        if self.saliency.enabled:
+            if "test_variants" not in self.saliency.model_fields_set and "original" not in self.variants.test:
+                # the default ['original'] when original is not tested: the first tested variant
+                sal = self.saliency.model_copy(update={"test_variants": [self.variants.test[0]]})
+                object.__setattr__(self, "saliency", sal)
+            extra = [v for v in self.saliency.test_variants if v not in self.variants.test]
+            if extra:
+                raise ValueError(
+                    f"saliency.test_variants {extra} are not in variants.test {self.variants.test}; "
+                    "maps are computed on the test variants the models predicted (add them to variants.test)"
+                )
         return self
 
     @model_validator(mode="after")

@@ -42,6 +42,7 @@ Examples
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ __all__ = [
     "randomize_weights",
     "rank_correlation",
     "sample_cells",
+    "held_out_variant",
     "run_saliency",
     "load_saliency",
     "montage",
@@ -736,7 +738,7 @@ def sample_cells(cells, n: int, *, seed: int = 0) -> np.ndarray:
 _COLUMNS = [
     "cell_id", "patient_id", "label", "label_index", "model", "train_variant", "test_variant", "seed", "fold",
     "method", "target", "target_index", "pred_index", "correct", "background_share", "background_ratio",
-    "background_fraction", "sanity_rank_corr", "map_index", "job_key",
+    "background_fraction", "sanity_rank_corr", "map_index", "job_key", "partner_cell_id", "shown_index",
 ]
 
 
@@ -798,13 +800,75 @@ def _job_maps(model, images, masks, rows, pred, *, cfg, layer: str, random_model
     return out
 
 
+def held_out_variant(protocol, job_dir, variant: str, *, images=None, masks=None, cells=None, others=None,
+                     backgrounds=None):
+    """A trained job's held-out cells in one test variant, exactly as the job predicted them.
+
+    The variant is applied to the job's whole held-out set in the order its predictions
+    were made, with the protocol's fill and seed, as :func:`cellbg.train.run_job` does: the
+    ``mixed_*`` variants draw their partners from that set, so the images (and partners) are
+    the ones the model saw.
+
+    Parameters
+    ----------
+    protocol : Protocol
+        The run's protocol (its ``variants.fill`` and ``variants.seed`` are used).
+    job_dir : str or Path
+        A finished training job folder (``<run>/jobs/<key>``).
+    variant : str
+        A test variant, e.g. ``"mixed_rand"``.
+    images, masks, cells : optional
+        The run's crops (:func:`cellbg.crops.load_crops`); read from the run when omitted.
+    others : (n, S, S) bool, optional
+        The run's other-object masks (:func:`cellbg.crops.load_others`); read when the crops are.
+    backgrounds : dict, optional
+        Background pools for ``bg_image`` (:func:`cellbg.variants.protocol_backgrounds`);
+        drawn from the protocol when omitted.
+
+    Returns
+    -------
+    rows : (h,) ndarray of int
+        Crop rows of the held-out cells, in prediction order.
+    shown : VariantResult
+        ``images`` (h, C, S, S) float32, ``masks`` (h, S, S) and ``partner`` (h,) (an index into
+        ``rows``; -1 unless the variant is a ``mixed_*`` one).
+    """
+    from cellbg.crops import load_crops, load_others
+    from cellbg.variants import apply_variant, protocol_backgrounds
+
+    job_dir = Path(job_dir)
+    if images is None or masks is None or cells is None:
+        images, masks, cells = load_crops(job_dir.parent.parent, lazy=True)
+        others = load_others(job_dir.parent.parent)
+    if backgrounds is None:
+        backgrounds = protocol_backgrounds(protocol, [variant], size=int(images.shape[-1]),
+                                           channels=int(images.shape[1]))
+    rows = _job_cells(job_dir, cells)
+    order = np.argsort(rows, kind="stable")
+    x = np.empty((len(rows), *images.shape[1:]), np.float32)
+    m = np.empty((len(rows), *masks.shape[1:]), bool)
+    # one sorted read (zarr arrays read rows in order fastest), put back in prediction order
+    x[order] = np.asarray(images[rows[order]] if isinstance(images, np.ndarray) else images.oindex[rows[order]],
+                          dtype=np.float32)
+    m[order] = np.asarray(masks[rows[order]] if isinstance(masks, np.ndarray) else masks.oindex[rows[order]], bool)
+    bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)[rows]
+    labels = cells["label_index"].to_numpy(np.int64)[rows]
+    shown = apply_variant(variant, x, m, bboxes=bboxes, labels=labels, fill=protocol.variants.fill,
+                          seed=protocol.variants.seed, reference=protocol.variants.reference,
+                          others=np.asarray(others)[rows] if others is not None else None,
+                          backgrounds=backgrounds or None, others_fill=protocol.variants.others_fill)
+    return rows, shown
+
+
 def run_saliency(protocol, *, progress=None):
     """Attribution maps and background shares for a sample of cells of every trained job.
 
     For each job of the protocol (model x train variant x seed x fold, all finished), the
     same ``saliency.cells_per_job`` held-out cells of the fold (spread over patients, seeded
     by ``protocol.seed`` and the fold, so that train variants are compared on the same
-    cells) are shown in ``saliency.test_variant`` to the trained model, and each method in
+    cells) are shown to the trained model in each of ``saliency.test_variants``, as the very
+    image the model was tested on (:func:`held_out_variant`: a ``mixed_*`` cell on the same
+    partner's background, recorded as ``partner_cell_id``), and each method in
     ``saliency.methods`` explains the predicted and/or the true class. With
     ``saliency.sanity_check`` every map is also computed with a re-randomised copy of the
     model (seeded by the job's seed) and the rank correlation of the two is recorded.
@@ -825,12 +889,17 @@ def run_saliency(protocol, *, progress=None):
         The rows of ``<run>/saliency.parquet``: ``cell_id, patient_id, label, label_index,
         model, train_variant, test_variant, seed, fold, method, target ('predicted' or
         'true'), target_index, pred_index, correct, background_share, background_ratio,
-        background_fraction, sanity_rank_corr, map_index, job_key``.
+        background_fraction, sanity_rank_corr, map_index, job_key, partner_cell_id ('' unless
+        mixed), shown_index``. A map is identified by (cell, model, train variant, test
+        variant, seed, fold, method, target).
 
     Writes ``<run>/saliency.zarr``: arrays ``maps`` float32 ``(k, S, S)``, ``masks`` bool
     ``(k, S, S)`` (the cell mask the share is computed with) and, with the sanity check,
     ``random_maps``; row j belongs to row j of ``saliency.parquet`` (``map_index`` = j).
-    Both files are replaced atomically.
+    ``shown`` float32 ``(m, C, S, S)`` holds the images the maps were computed on, once per
+    (test variant, held-out set, cell): jobs of one fold share them; a row's image is
+    ``shown[shown_index]``. Both files are
+    replaced atomically.
 
     Raises
     ------
@@ -846,14 +915,15 @@ def run_saliency(protocol, *, progress=None):
     from cellbg.models import target_layer
     from cellbg.planning import DONE, crops_fingerprint, job_key, plan_jobs
     from cellbg.train import load_job_model, select_device
-    from cellbg.variants import apply_variant, parse_variant, protocol_backgrounds
+    from cellbg.variants import parse_variant, protocol_backgrounds
 
     cfg = protocol.saliency
     run_dir = Path(protocol.run_dir)
-    parse_variant(cfg.test_variant)
+    for variant in cfg.test_variants:
+        parse_variant(variant)
     images, masks, cells = load_crops(run_dir)
     others = load_others(run_dir)
-    pools = protocol_backgrounds(protocol, [cfg.test_variant], size=images.shape[-1], channels=images.shape[1])
+    pools = protocol_backgrounds(protocol, list(cfg.test_variants), size=images.shape[-1], channels=images.shape[1])
     crops_hash = crops_fingerprint(run_dir)
     specs = plan_jobs(protocol)
     job_dirs = [run_dir / "jobs" / job_key(protocol, s, crops_hash=crops_hash) for s in specs]
@@ -865,62 +935,68 @@ def run_saliency(protocol, *, progress=None):
             f"'{s.train_variant}', seed {s.seed}, fold {s.fold}; run 'cellbg train' first"
         )
     device = select_device(protocol.training.device)
-    bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)
-    labels = cells["label_index"].to_numpy(np.int64)
     colour = background_colour(images, masks)
-    frames, all_maps, all_random, all_masks = [], [], [], []
+    cell_ids = cells["cell_id"].astype(str).to_numpy()
+    frames, all_maps, all_random, all_masks, all_shown = [], [], [], [], []
+    n_maps = n_shown = 0
+    shown_at: dict[tuple, int] = {}  # (variant, held-out set and sample) -> first row in `shown`
     for number, (spec, job_dir) in enumerate(zip(specs, job_dirs), start=1):
         model, meta = load_job_model(job_dir, device=device)
-        held_out = _job_cells(job_dir, cells)
-        # The variant sees the whole held-out set, as in training's predictions (the
-        # mixed_* pairing pool), and the sample is taken from its output.
-        shown = apply_variant(
-            cfg.test_variant, images[held_out], masks[held_out], bboxes=bboxes[held_out], labels=labels[held_out],
-            fill=protocol.variants.fill, seed=protocol.variants.seed, reference=protocol.variants.reference,
-            others=others[held_out] if others is not None else None, backgrounds=pools or None,
-            others_fill=protocol.variants.others_fill,
-        )
-        pick = sample_cells(cells.iloc[held_out], cfg.cells_per_job, seed=int(np.random.SeedSequence(
-            [protocol.seed, spec.fold]).generate_state(1)[0]))
-        x = torch.as_tensor(np.asarray(shown.images)[pick], dtype=torch.float32)
-        fg = np.asarray(shown.masks)[pick].astype(bool)
-        rows = cells.iloc[held_out[pick]].reset_index(drop=True)
-        with torch.no_grad():
-            logits = torch.cat([model(c.to(device)).cpu() for c in x.split(cfg.batch_size)]) if len(x) else torch.zeros(0, 2)
-        pred = logits.argmax(1).numpy().astype(np.int64) if logits.shape[1] > 1 else (logits[:, 0] > 0).long().numpy()
         random_model = randomize_weights(model, seed=spec.seed) if cfg.sanity_check else None
-        results = _job_maps(model, x, fg, rows, pred, cfg=cfg, layer=target_layer(model), random_model=random_model,
-                           colour=colour)
-        for method, r in results.items():
-            n_rows = len(r["cell"])
-            start = sum(len(m) for m in all_maps)
-            frame = pd.DataFrame({
-                "cell_id": rows["cell_id"].astype(str).to_numpy()[r["cell"]],
-                "patient_id": rows["patient_id"].astype(str).to_numpy()[r["cell"]],
-                "label": rows["label"].astype(str).to_numpy()[r["cell"]],
-                "label_index": rows["label_index"].to_numpy(np.int64)[r["cell"]],
-                "model": spec.model,
-                "train_variant": spec.train_variant,
-                "test_variant": cfg.test_variant,
-                "seed": spec.seed,
-                "fold": spec.fold,
-                "method": method,
-                "target": np.repeat(r["kinds"], len(rows)),
-                "target_index": r["cls"],
-                "pred_index": pred[r["cell"]],
-                "correct": pred[r["cell"]] == rows["label_index"].to_numpy(np.int64)[r["cell"]],
-                "background_share": r["share"][r["inverse"]],
-                "background_ratio": r["ratio"][r["inverse"]],
-                "background_fraction": r["fraction"][r["inverse"]],
-                "sanity_rank_corr": r["corr"][r["inverse"]],
-                "map_index": np.arange(start, start + n_rows),
-                "job_key": job_dir.name,
-            })
-            frames.append(frame)
-            all_maps.append(r["maps"][r["inverse"]])
-            all_masks.append(fg[r["cell"]])
-            if r["random_maps"] is not None:
-                all_random.append(r["random_maps"][r["inverse"]])
+        for variant in cfg.test_variants:
+            held_out, shown = held_out_variant(protocol, job_dir, variant, images=images, masks=masks, cells=cells,
+                                               others=others, backgrounds=pools)
+            pick = sample_cells(cells.iloc[held_out], cfg.cells_per_job, seed=int(np.random.SeedSequence(
+                [protocol.seed, spec.fold]).generate_state(1)[0]))
+            x = torch.as_tensor(np.asarray(shown.images)[pick], dtype=torch.float32)
+            fg = np.asarray(shown.masks)[pick].astype(bool)
+            partner = np.asarray(shown.partner)[pick]
+            partner_ids = np.where(partner >= 0, cell_ids[held_out[np.clip(partner, 0, None)]], "")
+            rows = cells.iloc[held_out[pick]].reset_index(drop=True)
+            shown_key = (variant, hashlib.sha1(held_out[pick].tobytes() + held_out.tobytes()).hexdigest())
+            with torch.no_grad():
+                logits = (torch.cat([model(c.to(device)).cpu() for c in x.split(cfg.batch_size)]) if len(x)
+                          else torch.zeros(0, 2))
+            pred = (logits.argmax(1).numpy().astype(np.int64) if logits.shape[1] > 1
+                    else (logits[:, 0] > 0).long().numpy())
+            results = _job_maps(model, x, fg, rows, pred, cfg=cfg, layer=target_layer(model),
+                                random_model=random_model, colour=colour)
+            for method, r in results.items():
+                n_rows = len(r["cell"])
+                frame = pd.DataFrame({
+                    "cell_id": rows["cell_id"].astype(str).to_numpy()[r["cell"]],
+                    "patient_id": rows["patient_id"].astype(str).to_numpy()[r["cell"]],
+                    "label": rows["label"].astype(str).to_numpy()[r["cell"]],
+                    "label_index": rows["label_index"].to_numpy(np.int64)[r["cell"]],
+                    "model": spec.model,
+                    "train_variant": spec.train_variant,
+                    "test_variant": variant,
+                    "seed": spec.seed,
+                    "fold": spec.fold,
+                    "method": method,
+                    "target": np.repeat(r["kinds"], len(rows)),
+                    "target_index": r["cls"],
+                    "pred_index": pred[r["cell"]],
+                    "correct": pred[r["cell"]] == rows["label_index"].to_numpy(np.int64)[r["cell"]],
+                    "background_share": r["share"][r["inverse"]],
+                    "background_ratio": r["ratio"][r["inverse"]],
+                    "background_fraction": r["fraction"][r["inverse"]],
+                    "sanity_rank_corr": r["corr"][r["inverse"]],
+                    "map_index": np.arange(n_maps, n_maps + n_rows),
+                    "job_key": job_dir.name,
+                    "partner_cell_id": partner_ids[r["cell"]],
+                    "shown_index": shown_at.get(shown_key, n_shown) + r["cell"],
+                })
+                n_maps += n_rows
+                frames.append(frame)
+                all_maps.append(r["maps"][r["inverse"]])
+                all_masks.append(fg[r["cell"]])
+                if r["random_maps"] is not None:
+                    all_random.append(r["random_maps"][r["inverse"]])
+            if shown_key not in shown_at:  # the image depends on the held-out set, not on the model
+                shown_at[shown_key] = n_shown
+                all_shown.append(x.numpy())
+                n_shown += len(x)
         if progress is not None:
             progress(number, len(specs))
     size = images.shape[-2:]
@@ -929,6 +1005,8 @@ def run_saliency(protocol, *, progress=None):
     stacked = {
         "maps": np.concatenate(all_maps).astype(np.float32) if all_maps else np.zeros((0, *size), np.float32),
         "masks": np.concatenate(all_masks) if all_masks else np.zeros((0, *size), bool),
+        "shown": (np.concatenate(all_shown).astype(np.float32) if all_shown
+                  else np.zeros((0, images.shape[1], *size), np.float32)),
     }
     if cfg.sanity_check:
         stacked["random_maps"] = (
@@ -943,11 +1021,12 @@ def run_saliency(protocol, *, progress=None):
         group.attrs.update({
             "methods": list(cfg.methods),
             "target": cfg.target,
-            "test_variant": cfg.test_variant,
+            "test_variants": list(cfg.test_variants),
             "background_colour": colour.astype(float).tolist(),
             "ig_baseline": cfg.ig_baseline,
             "occlusion_fill": cfg.occlusion_fill,
-            "rows": "row j of each array belongs to row j of saliency.parquet (map_index = j)",
+            "rows": "row j of maps, masks, random_maps belongs to row j of saliency.parquet (map_index = j); "
+                    "shown[shown_index] is the image a row's map was computed on",
         })
     write_parquet_atomic(table, run_dir / "saliency.parquet")
     return table

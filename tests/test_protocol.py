@@ -213,3 +213,19 @@ def test_a_run_folder_written_before_the_threshold_rename_still_loads(tmp_path):
     # a user's own protocol with the old key is still refused with the new name
     with pytest.raises(CellbgError, match="renamed segmentation.threshold.threshold"):
         parse_protocol(yaml.safe_dump(resolved))
+
+
+def test_saliency_test_variants_list_and_the_one_variant_alias():
+    p = parse_protocol("name: x\nsaliency:\n  test_variants: [original, mixed_rand]\n")
+    assert p.saliency.test_variants == ["original", "mixed_rand"]
+    old = parse_protocol("name: x\nsaliency:\n  test_variant: mixed_rand\n")  # the older single key
+    assert old.saliency.test_variants == ["mixed_rand"] and old.saliency.test_variant == "mixed_rand"
+    assert "test_variant:" not in resolved_yaml(old).replace("test_variants:", "")  # written as the list
+    with pytest.raises(CellbgError, match="either test_variants"):
+        parse_protocol("name: x\nsaliency:\n  test_variant: original\n  test_variants: [original]\n")
+    with pytest.raises(CellbgError, match=r"saliency.test_variants.*did you mean 'mixed_rand'"):
+        parse_protocol("name: x\nsaliency:\n  test_variants: [mixed_rnd]\n")
+    with pytest.raises(CellbgError, match=r"\['mixed_rand'\] are not in variants.test"):
+        parse_protocol("name: x\nvariants: {test: [original]}\nsaliency:\n  test_variants: [original, mixed_rand]\n")
+    # the default ['original'] becomes the first tested variant when original is not tested
+    assert parse_protocol("name: x\nvariants: {test: [only_fg]}\n").saliency.test_variants == ["only_fg"]

@@ -436,8 +436,8 @@ def test_failed_jobs_are_reported_with_their_logs(reference, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("saliency.*", "logs"))
-    # 1. a job that raises: a typo in the saliency test variant, found on the worker
-    path = write_protocol(tmp_path, saliency={"test_variant": "only_fgg"})
+    # 1. a job that raises: an occlusion window larger than the crops, found on the worker
+    path = write_protocol(tmp_path, saliency={"occlusion_window": 99})
     first = cellbg("run", str(path))
     assert first.returncode == 2  # bad input, as every user error; a killed worker below is 1
     key = json.loads((run_dir / ".cellbg" / "last-run.json").read_text())["failures"][0]["key"]
@@ -445,7 +445,7 @@ def test_failed_jobs_are_reported_with_their_logs(reference, tmp_path):
     # a user error is not retried: one attempt, reported with the job's log
     assert "saliency saliency failed after 1 attempt(s): CellbgError" in first.stdout
     assert str(log) in first.stdout
-    assert "only_fgg" in log.read_text() and "Traceback" in log.read_text()
+    assert "occlusion window 99" in log.read_text() and "Traceback" in log.read_text()
     table = {line.split()[0]: line.split()[1:] for line in first.stdout.splitlines() if line.strip()}
     assert table["train"][:3] == ["8", "8", "0"]  # finished training kept: 8 jobs, 8 cached, 0 ran
     assert "not run: saliency failed" in first.stdout

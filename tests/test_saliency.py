@@ -453,6 +453,70 @@ def test_cli_saliency_with_montage(tiny_run):
     assert bad.exit_code == 2 and "protocol file not found" in bad.output
 
 
+_MIXED = _TINY.replace("test: [original]}", "test: [original, only_fg, mixed_rand]}").replace(
+    "saliency: {cells_per_job: 4, ig_steps: 2, occlusion_window: 16, target: both}",
+    "saliency: {cells_per_job: 4, methods: [gradcam], target: predicted, sanity_check: false, "
+    "test_variants: [original, mixed_rand]}",
+)
+
+
+def test_run_saliency_maps_each_test_variant_on_the_image_the_model_saw(tmp_path):
+    """Issue 17: with several test variants, each map is computed on the variant image the
+    model was tested on; for mixed_rand the cell on the same partner's background as in its
+    predictions (recorded), stored with the variant in the map's key."""
+    import pandas as pd
+    import zarr
+
+    from cellbg.crops import load_crops
+    from cellbg.saliency import load_saliency, run_saliency
+    from cellbg.train import load_job_model
+    from cellbg.variants import apply_variant
+
+    p = _build_run(_protocol(tmp_path, _MIXED))
+    table = run_saliency(p)
+    assert set(table["test_variant"]) == {"original", "mixed_rand"}
+    key = ["cell_id", "model", "train_variant", "test_variant", "seed", "fold", "method", "target"]
+    assert not table.duplicated(key).any()  # the variant is part of each map's key
+    per = table.groupby(["train_variant", "test_variant"])["cell_id"].apply(lambda s: sorted(s))
+    assert per["original", "original"] == per["original", "mixed_rand"]  # the same cells in both
+    _, maps, _ = load_saliency(p.run_dir)
+    shown = zarr.open_group(str(p.run_dir / "saliency.zarr"), mode="r")["shown"][:]
+    images, masks, cells = load_crops(p.run_dir)
+    preds = pd.read_parquet(p.run_dir / "predictions.parquet")
+
+    row = table[(table["test_variant"] == "mixed_rand") & (table["train_variant"] == "original")].iloc[0]
+    job_preds = pd.read_parquet(p.run_dir / "jobs" / row["job_key"] / "predictions.parquet")
+    mine = preds[(preds["cell_id"] == row["cell_id"]) & (preds["test_variant"] == "mixed_rand")
+                 & (preds["train_variant"] == "original")].iloc[0]
+    # the partner is the one the model's prediction used, and the prediction is the same
+    assert row["partner_cell_id"] == mine["partner_cell_id"] != ""
+    assert row["pred_index"] == mine["pred_index"]
+    # the stored image is the mixed_rand image of the held-out pool, pixel for pixel ...
+    held = job_preds["cell_id"].drop_duplicates().to_numpy()
+    idx = np.array([int(np.flatnonzero(cells["cell_id"] == c)[0]) for c in held])
+    bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy()[idx]
+    pool = apply_variant("mixed_rand", images[idx], masks[idx], bboxes=bboxes,
+                         labels=cells["label_index"].to_numpy()[idx], fill=p.variants.fill, seed=p.variants.seed)
+    pos = int(np.flatnonzero(held == row["cell_id"])[0])
+    image = shown[int(row["shown_index"])]
+    np.testing.assert_array_equal(image, pool.images[pos])
+    assert held[pool.partner[pos]] == row["partner_cell_id"]
+    # ... the cell's own pixels on another background: not the original crop
+    crop, mask = images[idx[pos]], masks[idx[pos]]
+    np.testing.assert_array_equal(image[:, mask], crop[:, mask])
+    assert np.abs(image[:, ~mask] - crop[:, ~mask]).max() > 0.05
+    # and the stored map is the model's map of that image
+    model, _ = load_job_model(p.run_dir / "jobs" / row["job_key"])
+    fresh = attribute(model, image[None], [int(row["target_index"])], method="gradcam")
+    np.testing.assert_allclose(maps[int(row["map_index"])], fresh[0], rtol=1e-4, atol=1e-6)
+    same_cell = table[(table["cell_id"] == row["cell_id"]) & (table["job_key"] == row["job_key"])]
+    original = same_cell[same_cell["test_variant"] == "original"].iloc[0]
+    np.testing.assert_array_equal(shown[int(original["shown_index"])], crop)
+    assert original["partner_cell_id"] == ""
+    # train variants of one fold share the stored images
+    assert shown.shape[0] == table.drop_duplicates(["cell_id", "fold", "test_variant"]).shape[0]
+
+
 def test_montage_layout():
     from cellbg.saliency import montage
 

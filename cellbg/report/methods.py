@@ -173,8 +173,8 @@ def _methods(run: _Run) -> str:
     if p.saliency.enabled:
         sal_text = (
             f" Attribution maps ({_join(p.saliency.methods)}) were computed for {p.saliency.cells_per_job} "
-            f"cells per job on the `{p.saliency.test_variant}` images, and the share of attribution falling "
-            "outside the cell mask was reported."
+            f"cells per job on the {_join([f'`{v}`' for v in p.saliency.test_variants])} images (each the image "
+            "the model was tested on), and the share of attribution falling outside the cell mask was reported."
         )
     else:
         sal_text = ""

@@ -54,13 +54,20 @@ def _saliency_rows(run_dir: Path, protocol, alpha: float) -> list[dict]:
     _check_columns(sal, _SAL_COLUMNS, str(path))
     sal = sal[np.isfinite(sal["background_share"].astype(float))]
     rows = []
-    test_variant = protocol.saliency.test_variant
     order = list(protocol.variants.train)
     # With saliency.target 'both' every cell has a map for the predicted and one for the true
-    # class; they are separate analyses, never pooled (a correct cell would count twice).
+    # class; they are separate analyses, never pooled (a correct cell would count twice). So
+    # are the test variants the maps were computed on.
     if "target" not in sal.columns:
         sal = sal.assign(target="")
-    for (model, method, target), sub in sal.groupby(["model", "method", "target"], sort=True):
+    if "test_variant" not in sal.columns:
+        sal = sal.assign(test_variant=protocol.saliency.test_variants[0])
+    tested = list(protocol.saliency.test_variants)
+    sal = sal.assign(_order=sal["test_variant"].map({v: i for i, v in enumerate(tested)}).fillna(len(tested)))
+    groups = sal.sort_values("_order", kind="stable").groupby(
+        ["model", "_order", "test_variant", "method", "target"], sort=True
+    )
+    for (model, _, test_variant, method, target), sub in groups:
         present = [v for v in order if v in set(sub["train_variant"])]
         present += sorted(set(sub["train_variant"]) - set(present))
         if len(present) < 2:
