@@ -14,12 +14,13 @@ data:
 segmentation: {method: masks}
 crops: {size: 32, workers: 1}
 variants:
-  train: [original]
+  train: [original, only_fg]
   test: [original, only_fg, mixed_rand]
 models:
   - {arch: resnet, depth: 10, width: 0.0625}
 training: {epochs: 1, batch_size: 32, seeds: [0], split: {kind: kfold, folds: 2}, max_folds: 1}
-saliency: {cells_per_job: 6, methods: [gradcam], target: both}
+saliency: {cells_per_job: 6, methods: [gradcam, occlusion], target: predicted, sanity_check: false,
+           test_variants: [original, mixed_rand], occlusion_window: 8}
 stats: {bootstrap: 50}
 """
 

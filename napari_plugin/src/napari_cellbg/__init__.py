@@ -16,6 +16,7 @@ if "triton" not in sys.modules:
     sys.modules["triton"] = None  # type: ignore[assignment]
 
 from napari_cellbg._reader import napari_get_reader, read_run
-from napari_cellbg._widgets import CellBrowser, SaliencyWidget, segment_widget
+from napari_cellbg._sample import quickstart_run
+from napari_cellbg._widgets import CellView, segment_widget
 
-__all__ = ["napari_get_reader", "read_run", "CellBrowser", "SaliencyWidget", "segment_widget"]
+__all__ = ["napari_get_reader", "read_run", "quickstart_run", "CellView", "segment_widget"]

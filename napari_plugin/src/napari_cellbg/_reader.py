@@ -1,4 +1,9 @@
-"""npe2 reader: open a cellbg run folder (or its protocol.resolved.yaml) in napari."""
+"""npe2 reader: open a cellbg run folder (or its protocol.resolved.yaml) in napari.
+
+The reader claims nothing else: the manifest names only ``protocol.resolved.yaml`` (and
+folders, which napari offers to every reader that accepts folders), and
+:func:`napari_get_reader` returns None for any folder that is not a run.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ __all__ = ["napari_get_reader", "read_run", "run_layers", "global_labels"]
 
 
 def napari_get_reader(path):
-    """Return :func:`read_run` when ``path`` is a run folder, else None (not ours)."""
+    """Return :func:`read_run` when ``path`` is a run folder or its protocol file, else None."""
     if isinstance(path, list):
         if len(path) != 1:
             return None
@@ -33,49 +38,38 @@ def global_labels(labels: np.ndarray, cells: pd.DataFrame | None) -> tuple[np.nd
 
 
 def labels_features(run: RunFolder, offsets: np.ndarray) -> pd.DataFrame | None:
-    """The cell table keyed by global label id (napari's ``index`` column)."""
+    """Each labelled cell's id, image and place, keyed by global label id (napari's ``index``)."""
     if run.cells is None:
         return None
-    table = run.cell_table()
-    inst = run.cells["instance"].to_numpy()
-    table.insert(0, "index", offsets[run.cells["image_index"].to_numpy()] + inst)
-    return table
+    cells = run.cells
+    return pd.DataFrame({
+        "index": offsets[cells["image_index"].to_numpy()] + cells["instance"].to_numpy(),
+        "cell_id": cells["cell_id"].astype(str).to_numpy(),
+        "image_index": cells["image_index"].to_numpy(),
+        "centroid_r": cells["centroid_r"].to_numpy(),
+        "centroid_c": cells["centroid_c"].to_numpy(),
+    })
 
 
 def run_layers(run: RunFolder) -> list[tuple]:
-    """Layer data tuples for a run: images, segmentation (with features), saliency."""
-    layers: list[tuple] = [
-        (run.images, {"name": "images", "rgb": run.rgb, "metadata": {"cellbg_run": str(run.run_dir)}}, "image")
-    ]
+    """Layer data tuples for a run: the fields of view and their segmentation.
+
+    Saliency maps are not pasted into the fields of view: a map is computed on the test
+    variant the model saw (for ``mixed_*`` another cell's background), so it is drawn over
+    that image in the Cell view.
+    """
+    axis_labels = ("image", "row", "column")
+    meta = {"cellbg_run": str(run.run_dir)}
+    layers: list[tuple] = [(run.images, {"name": "images", "rgb": run.rgb, "metadata": meta,
+                                         "axis_labels": axis_labels}, "image")]
     if run.labels is not None:
         shifted, offsets = global_labels(run.labels, run.cells)
-        meta = {"cellbg_run": str(run.run_dir), "offsets": offsets}
-        kwargs = {"name": "segmentation", "opacity": 0.4, "metadata": meta}
+        kwargs = {"name": "segmentation", "opacity": 0.35, "metadata": {**meta, "offsets": offsets},
+                  "axis_labels": axis_labels}
         features = labels_features(run, offsets)
         if features is not None:
             kwargs["features"] = features
         layers.append((shifted, kwargs, "labels"))
-    maps = run.saliency_maps()
-    if maps is not None and run.cells is not None:
-        # One field-of-view layer per analysis (model, training variant, method): maps of the
-        # predicted class, pasted at their cells' places, so they overlay the images directly.
-        sal = run.saliency_choices()
-        groups = sal.groupby(["model", "train_variant", "method"], sort=True)
-        for i, ((model, train_variant, method), rows) in enumerate(groups):
-            layers.append(
-                (
-                    run.saliency_fov(rows, maps),
-                    {
-                        "name": f"saliency {method} | {model} | {train_variant}",
-                        "colormap": "inferno",
-                        "blending": "additive",
-                        "opacity": 0.7,
-                        "visible": i == 0,
-                        "metadata": {"table": rows.reset_index(drop=True), "cellbg_run": str(run.run_dir)},
-                    },
-                    "image",
-                )
-            )
     return layers
 
 

@@ -1,10 +1,10 @@
 """Read a cellbg run folder into arrays and tables for napari (no science here).
 
 Everything comes from cellbg's own files and loaders: the resolved protocol
-(:func:`cellbg.protocol.load_run`), the image table (:func:`cellbg.data.discover_manifest` /
-``discover``), the segmentation label images, ``cells.parquet``, ``crops.zarr``
-(:func:`cellbg.crops.load_crops`), ``predictions.parquet`` and ``saliency.parquet`` /
-``saliency.zarr``.
+(:func:`cellbg.protocol.load_run`), the image table (:func:`cellbg.data.discover`), the
+segmentation label images and ``cells.parquet``. One cell's variants, predictions and
+saliency come from :func:`cellbg.cellview.load_cell`, the table of cells from
+:func:`cellbg.cellview.cell_table`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["RunFolder", "find_run_dir", "montage"]
+__all__ = ["RunFolder", "find_run_dir"]
 
 
 def find_run_dir(path: str | Path) -> Path | None:
@@ -28,20 +28,8 @@ def find_run_dir(path: str | Path) -> Path | None:
     return None
 
 
-def montage(tiles: np.ndarray, *, columns: int | None = None, gap: int = 2) -> np.ndarray:
-    """Arrange tiles (k, S, S[, C]) in a grid with ``gap`` pixels between them (row-major)."""
-    k, h, w = tiles.shape[:3]
-    columns = columns or int(np.ceil(np.sqrt(k)))
-    rows = int(np.ceil(k / columns))
-    out = np.zeros((rows * (h + gap) - gap, columns * (w + gap) - gap, *tiles.shape[3:]), tiles.dtype)
-    for i, tile in enumerate(tiles):  # one slice assignment per tile, not per pixel
-        r, c = divmod(i, columns)
-        out[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = tile
-    return out
-
-
 class RunFolder:
-    """Lazy view of one run folder: images, labels, cells, predictions, saliency."""
+    """Lazy view of one run folder: its fields of view, segmentation and cells."""
 
     def __init__(self, run_dir: str | Path):
         from cellbg.protocol import load_run
@@ -79,6 +67,11 @@ class RunFolder:
         return self._stack(arrays)
 
     @property
+    def crop_size(self) -> int:
+        """Side of the crops in pixels (``crops.size`` of the protocol)."""
+        return int(self.protocol.crops.size)
+
+    @property
     def rgb(self) -> bool:
         return self.images.ndim == 4 and self.images.shape[-1] == 3
 
@@ -105,101 +98,3 @@ class RunFolder:
         cells["image_index"] = cells["image_id"].map(index_of).astype(int)
         cells["store_index"] = np.arange(len(cells))
         return cells
-
-    @cached_property
-    def predictions(self) -> pd.DataFrame | None:
-        path = self.run_dir / "predictions.parquet"
-        return pd.read_parquet(path) if path.exists() else None
-
-    @cached_property
-    def saliency(self) -> pd.DataFrame | None:
-        path = self.run_dir / "saliency.parquet"
-        return pd.read_parquet(path) if path.exists() else None
-
-    def saliency_maps(self) -> np.ndarray | None:
-        """The saliency maps (k, H, W), row j described by row j of :attr:`saliency`."""
-        path = self.run_dir / "saliency.zarr"
-        if self.saliency is None or not path.exists():
-            return None
-        import zarr
-
-        return np.asarray(zarr.open_group(str(path), mode="r")["maps"][:])
-
-    def saliency_fov(self, rows: pd.DataFrame, maps: np.ndarray) -> np.ndarray:
-        """Paste the maps of saliency ``rows`` into field-of-view coordinates: (N, H, W).
-
-        Each map covers its cell's crop (origin ``crop_r0, crop_c0``, ``scale`` crop pixels
-        per image pixel); where crops of neighbouring cells overlap the larger value is kept;
-        pixels outside every sampled crop are 0.
-        """
-        from skimage.transform import resize
-
-        n, h, w = self.images.shape[:3]
-        out = np.zeros((n, h, w), np.float32)
-        cells = self.cells.set_index("cell_id")
-        for j, row in zip(rows["map_index"].to_numpy(), rows.itertuples()):
-            c = cells.loc[row.cell_id]
-            m = maps[j]
-            scale = float(c["scale"])
-            if scale != 1.0:
-                size = max(1, int(round(m.shape[0] / scale)))
-                m = resize(m, (size, size), order=1, preserve_range=True, anti_aliasing=scale > 1)
-            r0, c0 = int(round(c["crop_r0"])), int(round(c["crop_c0"]))
-            rr0, cc0 = max(r0, 0), max(c0, 0)
-            rr1, cc1 = min(r0 + m.shape[0], h), min(c0 + m.shape[1], w)
-            if rr1 <= rr0 or cc1 <= cc0:
-                continue
-            plane = out[int(c["image_index"])]
-            patch = m[rr0 - r0: rr1 - r0, cc0 - c0: cc1 - c0]
-            np.maximum(plane[rr0:rr1, cc0:cc1], patch, out=plane[rr0:rr1, cc0:cc1])
-        return out
-
-    def saliency_choices(self) -> pd.DataFrame:
-        """One row per (model, train_variant, method) with maps for the predicted class of the
-        first seed: the analyses the reader shows as field-of-view layers."""
-        sal = self.saliency
-        if "target" in sal and (sal["target"] == "predicted").any():
-            sal = sal[sal["target"] == "predicted"]
-        sal = sal[sal["seed"] == sal["seed"].min()]
-        return sal
-
-    def crops(self):
-        """(images (n, C, S, S), masks (n, S, S), cells) from the crop store."""
-        from cellbg.crops import load_crops
-
-        return load_crops(self.run_dir)
-
-    def cell_table(self) -> pd.DataFrame:
-        """One row per cell: label, patient, and per (model, train, test) the prediction,
-        whether it is correct, and the mean background share per model where computed (of
-        the maps for the predicted class when both predicted and true were computed).
-
-        Columns of the per-condition parts are named ``pred|model|train|test`` and
-        ``correct|model|train|test`` (first seed and fold that predicted the cell).
-        """
-        cells = self.cells
-        if cells is None:
-            raise FileNotFoundError(f"{self.run_dir} has no cells.parquet (run `cellbg crops` first)")
-        table = cells[
-            ["cell_id", "image_id", "patient_id", "label", "fold", "area", "image_index",
-             "store_index", "centroid_r", "centroid_c"]
-        ].copy()
-        preds = self.predictions
-        if preds is not None and len(preds):
-            first = preds.sort_values(["seed", "fold"]).drop_duplicates(
-                ["cell_id", "model", "train_variant", "test_variant"]
-            )
-            key = first["model"] + "|" + first["train_variant"] + "|" + first["test_variant"]
-            wide_pred = first.assign(key="pred|" + key).pivot(index="cell_id", columns="key", values="pred")
-            wide_ok = first.assign(key="correct|" + key).pivot(index="cell_id", columns="key", values="correct")
-            table = table.merge(wide_pred, left_on="cell_id", right_index=True, how="left")
-            table = table.merge(wide_ok, left_on="cell_id", right_index=True, how="left")
-        sal = self.saliency
-        if sal is not None and "target" in sal and (sal["target"] == "predicted").any():
-            sal = sal[sal["target"] == "predicted"]  # one map per cell: the predicted class's
-        if sal is not None and len(sal):
-            share = sal.groupby(["cell_id", "model", "train_variant"])["background_share"].mean().reset_index()
-            share["key"] = "bg_share|" + share["model"] + "|" + share["train_variant"]
-            wide = share.pivot(index="cell_id", columns="key", values="background_share")
-            table = table.merge(wide, left_on="cell_id", right_index=True, how="left")
-        return table
