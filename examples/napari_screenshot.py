@@ -13,6 +13,7 @@ import sys
 import imageio.v3 as iio
 import napari
 import numpy as np
+
 from napari_cellbg import CellView
 
 

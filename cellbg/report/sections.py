@@ -612,9 +612,9 @@ def _section_saliency(doc: _Doc, run: _Run, figs: _Figures, n_cells: int) -> Non
     if sal.empty:
         doc.absent("no saliency was computed: `saliency.parquet` holds no maps.")
         return
-    keys = [k for k in ("model", "train_variant", "method") if k in sal.columns]
+    keys = [k for k in ("model", "train_variant", "test_variant", "method") if k in sal.columns]
     summary = sal.groupby(keys, sort=False)["background_share"].agg(["mean", "std", "size"]).reset_index()
-    table = summary[keys].astype(str).rename(columns={"train_variant": "train variant"})
+    table = summary[keys].astype(str).rename(columns={"train_variant": "train variant", "test_variant": "test variant"})
     table["background share"] = [
         f"{m:.3f}" + ("" if _isnan(sd) else f" ± {sd:.3f}")
         for m, sd in zip(summary["mean"], summary["std"], strict=True)
@@ -635,12 +635,13 @@ def _section_saliency(doc: _Doc, run: _Run, figs: _Figures, n_cells: int) -> Non
     if made is None:
         doc.absent("no saliency gallery: no cell has maps from every model.")
         return
-    png, train, seed = made
+    png, train, seed, test = made
     doc.figure(
         "saliency_gallery",
         f"Saliency maps (absolute, scaled to their maximum; inferno) of models trained on "
-        f"`{train}` (seed {seed}) for sampled cells (rows), one column per model and method, over the crop "
-        "(first column); white line: the cell mask; under each map, its background share.",
+        f"`{train}` (seed {seed}) and tested on `{test}`, for sampled cells (rows), one column per model and "
+        "method, over the image the map was computed on (the crop in the first column); white line: the cell "
+        "mask; under each map, its background share.",
         png,
     )
 
@@ -651,13 +652,17 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return image[0] if image.shape[0] != 3 else np.moveaxis(image, 0, -1)
 
 
-def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tuple[bytes, str, int] | None:
-    """Cells (rows) x (model, method) (columns) over the crop; None when no cell has them all."""
+def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tuple[bytes, str, int, str] | None:
+    """Cells (rows) x (model, method) (columns) over the image each map was computed on (the
+    first saliency test variant); None when no cell has them all."""
     import zarr
 
     p = run.protocol
     train = _ordered(sal["train_variant"], p.variants.train)[0]
     sal = sal[sal["train_variant"] == train]
+    test = _ordered(sal["test_variant"], p.saliency.test_variants)[0] if "test_variant" in sal else ""
+    if test:
+        sal = sal[sal["test_variant"] == test]
     seed = int(sal["seed"].min())
     sal = sal[sal["seed"] == seed]
     models = _ordered(sal["model"], [m.key for m in p.models])
@@ -683,7 +688,9 @@ def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tupl
             if by_class[c] and len(chosen) < n_cells:
                 chosen.append(by_class[c].pop(0))
     # a group's member is typed Array | Group; these are arrays, as the saliency and crops stages write them
-    maps = cast("zarr.Array", zarr.open_group(str(run.run_dir / "saliency.zarr"), mode="r")["maps"])
+    store = zarr.open_group(str(run.run_dir / "saliency.zarr"), mode="r")
+    maps = cast("zarr.Array", store["maps"])
+    shown = cast("zarr.Array", store["shown"]) if "shown" in store and "shown_index" in sal.columns else None
     crop_of: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if run.cells is not None and (run.run_dir / "crops.zarr").exists():
         group = zarr.open_group(str(run.run_dir / "crops.zarr"), mode="r")
@@ -713,16 +720,20 @@ def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tupl
             r = sal[(sal["cell_id"] == cell) & (sal["model"] == model) & (sal["method"] == method)].iloc[0]
             heat = np.abs(np.asarray(maps[int(r["map_index"])], dtype=float))
             heat = heat / heat.max() if heat.max() > 0 else heat
-            if crop is not None:
-                ax.imshow(crop[0], cmap="gray" if crop[0].ndim == 2 else None)
+            under = _rgb(np.asarray(shown[int(r["shown_index"])])) if shown is not None else None
+            if under is None and crop is not None:
+                under = crop[0]
+            if under is not None:
+                ax.imshow(under, cmap="gray" if under.ndim == 2 else None)
                 ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0, vmax=1)
-                ax.contour(crop[1], levels=[0.5], colors="white", linewidths=0.8)
+                if crop is not None:
+                    ax.contour(crop[1], levels=[0.5], colors="white", linewidths=0.8)
             else:
                 ax.imshow(heat, cmap="inferno", vmin=0, vmax=1)
             ax.set_xlabel(f"background\nshare {float(r['background_share']):.2f}")
             if i == 0:
                 ax.set_title(f"{model}\n{method}" if len(methods) > 1 else model)
-    return figs.save(fig, "saliency_gallery"), train, seed
+    return figs.save(fig, "saliency_gallery"), train, seed, test
 
 
 def _section_segmentation(doc: _Doc, run: _Run, tex: dict[str, str]) -> None:

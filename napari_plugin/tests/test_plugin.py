@@ -102,9 +102,8 @@ def test_reader_layers_match_the_run_files(plugin_run):
 
 
 def test_sample_data_opens_the_quickstart_run(make_napari_viewer, plugin_run, monkeypatch, tmp_path):
-    from napari_cellbg._sample import quickstart_run
-
     from cellbg._checks import CellbgError
+    from napari_cellbg._sample import quickstart_run
 
     monkeypatch.setenv("CELLBG_QUICKSTART_RUN", str(tmp_path / "missing"))
     with pytest.raises(CellbgError, match="make demo"):

@@ -5,8 +5,6 @@ No science lives here: segmentation is :func:`cellbg.segment.segment`; the table
 background shares come from :func:`cellbg.cellview.load_cell`. This module only lays them out.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import napari
