@@ -236,6 +236,8 @@ def _variant_pool(run_dir: str, job: str, variant: str, stamp: tuple):
 
 
 def _job_dir(run_dir: Path, protocol, model: str, train_variant: str, seed: int, fold: int) -> Path:
+    import json
+
     from cellbg.planning import DONE, crops_fingerprint, job_key, plan_jobs
 
     crops_hash = crops_fingerprint(run_dir)
@@ -244,6 +246,16 @@ def _job_dir(run_dir: Path, protocol, model: str, train_variant: str, seed: int,
             path = run_dir / "jobs" / job_key(protocol, spec, crops_hash=crops_hash)
             if (path / DONE).exists():
                 return path
+    # A run made by another cellbg version names its jobs by other keys: the finished job whose
+    # spec.json names this model, training variant, seed and fold (the newest, if several).
+    found = []
+    for spec_file in (run_dir / "jobs").glob("*/spec.json"):
+        job = json.loads(spec_file.read_text()).get("job", {})
+        if ((job.get("model"), job.get("train_variant"), job.get("seed"), job.get("fold"))
+                == (model, train_variant, seed, fold) and (spec_file.parent / DONE).exists()):
+            found.append(spec_file.parent)
+    if found:
+        return max(found, key=lambda d: (d / DONE).stat().st_mtime_ns)
     raise CellbgError(
         f"no finished training job for model '{model}', training variant '{train_variant}', seed {seed}, "
         f"fold {fold} in {run_dir}; run 'cellbg train' first"
