@@ -25,7 +25,7 @@ tests as ``cellbg stats`` makes them; alpha 0.05). Prints one line per run and, 
 the rejection rates with exact (Clopper-Pearson) 95% intervals, the mean estimates and their
 standard errors.
 
-Run (about 2 minutes per seed and scenario on 2 shared cores)::
+Run (2 to 14 minutes per seed and scenario on 2 heavily shared cores)::
 
     .venv/bin/python benchmarks/validate_cooccurrence.py --seeds 5 --out /tmp/cooc
 
