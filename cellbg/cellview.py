@@ -330,7 +330,7 @@ def load_cell(run_dir, cell_id: str, *, model: str, train_variant: str, seed: in
         **{c: table[c] for c in table.columns if c.startswith("prob_")},
     })
     job = _job_dir(run_dir, protocol, model, train_variant, seed, fold)
-    stamp = tuple((p.name, p.stat().st_mtime_ns) for p in (run_dir / "cells.parquet", job / "predictions.parquet"))
+    stamp = tuple((p.name, p.stat().st_mtime_ns) for p in (run_dir / "cells.parquet", job / "checkpoint.pt"))
     variants, partners = {}, {}
     for variant in order:
         rows, shown, partner = _variant_pool(str(run_dir), job.name, variant, stamp)

@@ -270,6 +270,10 @@ def crops_command(protocol: ProtocolArg) -> None:
         per_class = ", ".join(f"{k}: {v}" for k, v in s["cells_per_class"].items())
         out.print(f"{s['cells']} cells from {s['images']} images ({per_class}) in {p.run_dir}")
         out.print(f"removed by filter: {removed}")
+        if "store_bytes" in s:
+            ratio = s["store_bytes"] / s["source_pixel_bytes"] if s["source_pixel_bytes"] else float("nan")
+            out.print(f"store: {s['store_bytes'] / 1e6:.1f} MB ({s['store_bytes_per_cell']:.0f} bytes per cell, "
+                      f"{ratio:.2f}x the source pixels' {s['store_dtype']} bytes)", highlight=False)
         if s["images_without_cells"]:
             out.print(f"[yellow]{len(s['images_without_cells'])} image(s) without cells[/yellow]")
 

@@ -13,11 +13,16 @@ mask, which the ``no_others`` variant replaces by the fill.
 images, and writes the cell table and the crop store (layout in ``docs/contracts.md``)::
 
     <run>/cells.parquet   one row per cell, in store order
-    <run>/crops.zarr      images float32 (n, C, S, S) in [0, 1], masks bool (n, S, S),
+    <run>/crops.zarr      images (n, C, S, S) in the source dtype, masks bool (n, S, S),
                           others bool (n, S, S)
-    <run>/crops.json      cell counts and what each filter removed
+    <run>/crops.json      cell counts, what each filter removed, the store's bytes
 
-:func:`load_crops` reads them back, :func:`load_others` the ``others`` masks.
+The store keeps the source pixels (uint8 / uint16 as read; float sources as float32) and
+their divisor (``attrs["divisor"]``, the dtype's maximum): readers get float32 in [0, 1],
+scaled on the fly. Rows are chunked in blocks of about 1 MiB of source pixels, compressed
+with Blosc (zstd, byte shuffle), so a mini-batch reads a few chunks (see
+:class:`CropStore`). :func:`load_crops` and :func:`open_store` read them back,
+:func:`load_others` the ``others`` masks.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ __all__ = [
     "run_crops",
     "load_crops",
     "load_others",
+    "open_store",
+    "CropStore",
     "CELL_COLUMNS",
     "FILTERS",
 ]
@@ -179,6 +186,7 @@ def crop_cells(
     exclude_border: bool = True,
     min_solidity: float = 0.0,
     objects: np.ndarray | None = None,
+    raw: bool = False,
 ) -> CellCrops:
     """Cut one fixed-size crop and mask per cell of a labelled image.
 
@@ -206,6 +214,10 @@ def crop_cells(
     objects : (M, N) ndarray of int, optional
         Labels of non-target objects (platelets, debris...); they are never cropped, and
         their pixels join each crop's ``others`` mask.
+    raw : bool
+        Keep the source dtype (integer images: ``fit`` crops rounded back to it; boolean:
+        uint8; float: float32) instead of float32 in [0, 1]; divide by
+        :func:`source_divisor` to scale. The crop store keeps these.
 
     Returns
     -------
@@ -250,8 +262,9 @@ def crop_cells(
     labels = labels.astype(np.int32, copy=False)
     n_ch, h, w = image.shape
 
+    empty_dtype = _store_dtype(image.dtype) if raw else np.float32
     if not labels.any():
-        return _empty(n_ch, size, {k: 0 for k in FILTERS})
+        return _empty(n_ch, size, {k: 0 for k in FILTERS}, empty_dtype)
     props = _properties(labels)
     props, removed = _filter(
         props, (h, w), min_area=min_area, max_area=max_area,
@@ -259,11 +272,11 @@ def crop_cells(
     )  # fmt: skip
     k = len(props["instance"])
     if k == 0:
-        return _empty(n_ch, size, removed)
+        return _empty(n_ch, size, removed, empty_dtype)
     r0, c0, r1, c1 = props["r0"], props["c0"], props["r1"], props["c1"]
     inst = props["instance"].astype(np.int32)
     offs = np.arange(size)
-    raw, divisor = _to_unit(image)
+    source, divisor = _to_unit(image)
     if scale == "keep":
         s = np.ones(k)
         origin_r = (r0 + r1 - size) // 2  # box centred (rounded down) in the crop
@@ -271,7 +284,7 @@ def crop_cells(
         rows = origin_r[:, None] + offs  # (k, S) image row of each crop row
         cols = origin_c[:, None] + offs
         pad = size  # enough: a crop starts at most size/2 outside the image
-        padded_img = np.pad(raw, ((0, 0), (pad, pad), (pad, pad)))
+        padded_img = np.pad(source, ((0, 0), (pad, pad), (pad, pad)))
         padded_lab = np.pad(labels, pad)
         ri, ci = rows[:, :, None] + pad, cols[:, None, :] + pad
         crops = padded_img[:, ri, ci]  # (C, k, S, S)
@@ -290,7 +303,9 @@ def crop_cells(
         rows = (r0 + r1)[:, None] / 2 - 0.5 + (offs + 0.5 - size / 2) / s[:, None]
         cols = (c0 + c1)[:, None] / 2 - 0.5 + (offs + 0.5 - size / 2) / s[:, None]
         grid = np.stack(np.broadcast_arrays(rows[:, :, None], cols[:, None, :]))  # (2, k, S, S)
-        crops = np.stack([map_coordinates(p.astype(np.float32), grid, order=1, mode="constant", cval=0.0) for p in raw])
+        crops = np.stack(
+            [map_coordinates(p.astype(np.float32), grid, order=1, mode="constant", cval=0.0) for p in source]
+        )
         lab_crops = map_coordinates(labels, grid, order=0, mode="constant", cval=0)
         obj_crops = (map_coordinates(objects.astype(np.uint8), grid, order=0, mode="constant", cval=0) > 0
                      if objects is not None else None)
@@ -299,9 +314,16 @@ def crop_cells(
         out_r = (rows < -0.5) | (rows > h - 0.5)
         out_c = (cols < -0.5) | (cols > w - 0.5)
 
-    images = np.moveaxis(crops, 0, 1).astype(np.float32)
-    if divisor != 1.0:
-        images /= np.float32(divisor)
+    if raw:
+        images = np.moveaxis(crops, 0, 1)
+        dtype = _store_dtype(image.dtype)
+        if np.issubdtype(dtype, np.integer) and images.dtype != dtype:  # 'fit' resampled in float
+            images = np.clip(np.rint(images), 0, np.iinfo(dtype).max)
+        images = np.ascontiguousarray(images, dtype=dtype)
+    else:
+        images = np.moveaxis(crops, 0, 1).astype(np.float32)
+        if divisor != 1.0:
+            images /= np.float32(divisor)
     masks = lab_crops == inst[:, None, None]
     others = (lab_crops != 0) & ~masks
     other = others.any(axis=(1, 2))
@@ -348,10 +370,34 @@ def crop_cells(
     return CellCrops(images=images, masks=masks, table=table, removed=removed, others=others)
 
 
-def _empty(n_ch: int, size: int, removed: dict) -> CellCrops:
+def _store_dtype(dtype) -> np.dtype:
+    """The dtype crops of an image of ``dtype`` are stored in."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b":
+        return np.dtype(np.uint8)
+    if np.issubdtype(dtype, np.integer):
+        return dtype
+    return np.dtype(np.float32)
+
+
+def source_divisor(dtype) -> float:
+    """What stored crops of ``dtype`` are divided by to lie in [0, 1] (1 for floats and bool).
+
+    Examples
+    --------
+    >>> source_divisor(np.uint8), source_divisor(np.uint16), source_divisor(np.float32)
+    (255.0, 65535.0, 1.0)
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b":
+        return 1.0
+    return _to_unit(np.zeros(0, dtype))[1]
+
+
+def _empty(n_ch: int, size: int, removed: dict, dtype=np.float32) -> CellCrops:
     table = pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in _GEOMETRY})
     return CellCrops(
-        images=np.zeros((0, n_ch, size, size), np.float32),
+        images=np.zeros((0, n_ch, size, size), dtype),
         masks=np.zeros((0, size, size), bool),
         table=table,
         removed=removed,
@@ -415,10 +461,25 @@ def _crop_job(args: tuple):
     return crop_cells(image, labels, objects=objects, **options)
 
 
-def _chunk_rows(n_ch: int, size: int) -> int:
-    """Rows per zarr chunk: about 4 MiB of float32 crops, a power of two."""
-    rows = max(1, 2**22 // (4 * n_ch * size * size))
+def _chunk_rows(n_ch: int, size: int, itemsize: int = 1) -> int:
+    """Rows per store chunk: about 1 MiB of source pixels (at least 16 rows), a power of two.
+
+    Small enough that a shuffled mini-batch drawn from a window of chunks decodes little it
+    does not use, large enough that Blosc compresses well and the file count stays low.
+    """
+    rows = max(16, 2**20 // max(1, itemsize * n_ch * size * size))
     return 1 << (rows.bit_length() - 1)
+
+
+def _compressors():
+    from zarr.codecs import BloscCodec
+
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
+
+
+def store_bytes(path: str | Path) -> int:
+    """Bytes on disk of every file under ``path`` (a crop store)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -470,7 +531,7 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
     classes = sorted(table["label"].unique())
     options = dict(
         size=cfg.size, scale=cfg.scale, fit_fraction=cfg.fit_fraction, min_area=cfg.min_area,
-        max_area=cfg.max_area, exclude_border=cfg.exclude_border, min_solidity=cfg.min_solidity,
+        max_area=cfg.max_area, exclude_border=cfg.exclude_border, min_solidity=cfg.min_solidity, raw=True,
     )  # fmt: skip
     objects = table["objects_path"] if "objects_path" in table.columns else [""] * len(table)
     jobs = [(r.path, r.seg_path, o, protocol.data.channels, options) for r, o in zip(table.itertuples(), objects,
@@ -479,7 +540,7 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
     size = cfg.size
 
     tables, removed, empty_images = [], {k: 0 for k in FILTERS}, []
-    n_written, n_ch = 0, None
+    n_written, n_ch, dtype = 0, None, None
     with atomic_dir(run_dir / "crops.zarr") as tmp:
         group = zarr.open_group(str(tmp), mode="w")
         images_arr = masks_arr = others_arr = None
@@ -502,14 +563,16 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
         for i, result in enumerate(parallel_map(_crop_job, jobs, workers=cfg.workers, description="cropping")):
             row = table.iloc[i]
             if n_ch is None:
-                n_ch = result.images.shape[1]
-                chunk = _chunk_rows(n_ch, size)
+                n_ch, dtype = result.images.shape[1], result.images.dtype
+                chunk = _chunk_rows(n_ch, size, dtype.itemsize)
                 images_arr = group.create_array(
-                    "images", shape=(0, n_ch, size, size), chunks=(chunk, n_ch, size, size), dtype="float32"
+                    "images", shape=(0, n_ch, size, size), chunks=(chunk, n_ch, size, size), dtype=dtype,
+                    compressors=_compressors(),
                 )
-                masks_arr = group.create_array("masks", shape=(0, size, size), chunks=(chunk, size, size), dtype="bool")
+                masks_arr = group.create_array("masks", shape=(0, size, size), chunks=(chunk, size, size), dtype="bool",
+                                               compressors=_compressors())
                 others_arr = group.create_array("others", shape=(0, size, size), chunks=(chunk, size, size),
-                                                dtype="bool")
+                                                dtype="bool", compressors=_compressors())
             elif result.images.shape[1] != n_ch:
                 from cellbg.data import check_channels
 
@@ -517,6 +580,11 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
                 raise CellbgError(
                     f"image {row.path} has {result.images.shape[1]} channel(s) but earlier images have {n_ch}; "
                     "set data.channels to pick the same channels from every image"
+                )
+            elif result.images.dtype != dtype:
+                raise CellbgError(
+                    f"image {row.path} holds {result.images.dtype} pixels but earlier images hold {dtype}; "
+                    "convert the images to one pixel type"
                 )
             for k, v in result.removed.items():
                 removed[k] += v
@@ -545,6 +613,7 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
         cells = cells[CELL_COLUMNS]
         group.attrs["classes"] = classes
         group.attrs["size"] = size
+        group.attrs["divisor"] = source_divisor(dtype) if n_ch is not None else 1.0
         group.attrs["scale"] = cfg.scale
         # Ties the store to its table: a run killed between the two renames is detected.
         group.attrs["cell_ids_sha256"] = _ids_hash(cells["cell_id"])
@@ -552,6 +621,8 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
     for image_id in empty_images:
         warnings.warn(f"image {image_id} has no cells after segmentation and filters; it adds no rows", UserWarning, stacklevel=2)
     write_parquet_atomic(cells, run_dir / "cells.parquet")
+    n_bytes = store_bytes(run_dir / "crops.zarr")
+    source = len(cells) * (n_ch or 0) * size * size * (dtype.itemsize if n_ch is not None else 0)
     summary = {
         "images": len(table),
         "images_without_cells": empty_images,
@@ -560,6 +631,10 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
         "cells_per_class": {c: int((cells["label"] == c).sum()) for c in classes},
         "size": size,
         "scale": cfg.scale,
+        "store_bytes": n_bytes,
+        "store_bytes_per_cell": n_bytes / max(len(cells), 1),
+        "source_pixel_bytes": source,
+        "store_dtype": str(dtype) if n_ch is not None else "float32",
     }
     write_json_atomic(run_dir / "crops.json", summary)
     write_resolved(protocol)
@@ -573,6 +648,190 @@ def _ids_hash(cell_ids) -> str:
     return hashlib.sha256("\n".join(map(str, cell_ids)).encode()).hexdigest()
 
 
+class ScaledImages:
+    """The store's images read as float32 in [0, 1]: ``stored / divisor``, on the fly.
+
+    Supports what readers need of an array: ``shape``, ``ndim``, ``dtype`` (float32),
+    ``nbytes`` (of the float32 view), ``chunks``, slicing and ``oindex`` (both return numpy).
+    """
+
+    def __init__(self, array, divisor: float):
+        self.array, self.divisor = array, float(divisor)
+        self.shape, self.ndim, self.chunks = tuple(array.shape), array.ndim, tuple(array.chunks)
+        self.dtype = np.dtype(np.float32)
+        self.nbytes = int(np.prod(self.shape)) * 4
+        self.oindex = _OIndex(self)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def scale(self, raw: np.ndarray) -> np.ndarray:
+        return scale_pixels(raw, self.divisor)
+
+    def __getitem__(self, item) -> np.ndarray:
+        return self.scale(self.array[item])
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+class _OIndex:
+    def __init__(self, parent: ScaledImages):
+        self.parent = parent
+
+    def __getitem__(self, item) -> np.ndarray:
+        return self.parent.scale(self.parent.array.oindex[item])
+
+
+class CropStore:
+    """Random row reads from a run's crop store, decoding each chunk once.
+
+    :meth:`read` returns the images (float32 in [0, 1]) and masks of any rows in the order
+    asked. Rows are read chunk by chunk (a whole chunk decodes in one call, far faster than
+    a gather), and the last ``cache_chunks`` decoded chunks are kept, so reading the
+    mini-batches of a shuffled window of chunks decodes each chunk once.
+
+    Parameters
+    ----------
+    run_dir : path
+    cache_chunks : int
+        Decoded chunks kept (source dtype: about 1 MiB each).
+
+    Attributes
+    ----------
+    n, channels, size : int
+    chunk_rows : int
+    divisor : float
+    dtype : numpy dtype
+        Of the stored pixels.
+    """
+
+    def __init__(self, run_dir: str | Path, *, cache_chunks: int = 64):
+        images, masks, cells = load_crops(run_dir, lazy=True)
+        self.cells = cells
+        self.images, self.masks = images.array, masks
+        self.others = load_others(run_dir, lazy=True)  # None for stores written before them
+        self.divisor = images.divisor
+        self.dtype = np.dtype(self.images.dtype)
+        self.n, self.channels, self.size = int(images.shape[0]), int(images.shape[1]), int(images.shape[-1])
+        self.chunk_rows = int(self.images.chunks[0])
+        self.cache_chunks = int(cache_chunks)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.path = Path(run_dir) / "crops.zarr"
+
+    @property
+    def source_nbytes(self) -> int:
+        """Bytes of the stored pixels and masks decoded (what an in-memory copy holds)."""
+        masks = 1 + (self.others is not None)
+        return self.n * (self.channels * self.dtype.itemsize + masks) * self.size * self.size
+
+    def __getstate__(self):  # pickled to loader workers without the decoded chunks
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    def _chunk(self, c: int) -> tuple:
+        hit = self._cache.pop(c, None)
+        if hit is None:
+            lo, hi = c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n)
+            hit = (np.asarray(self.images[lo:hi]), np.asarray(self.masks[lo:hi]),
+                   np.asarray(self.others[lo:hi]) if self.others is not None else None)
+            while len(self._cache) >= max(self.cache_chunks, 1):
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[c] = hit  # most recently used last
+        return hit
+
+    def read_raw(self, idx, *, others: bool = False) -> tuple:
+        """Stored pixels (source dtype) and masks of rows ``idx``, in that order (and, with
+        ``others``, the ``others`` masks: None for a store without them)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out_i = np.empty((len(idx), self.channels, self.size, self.size), self.dtype)
+        out_m = np.empty((len(idx), self.size, self.size), bool)
+        want_o = others and self.others is not None
+        out_o = np.empty((len(idx), self.size, self.size), bool) if want_o else None
+        chunk = idx // self.chunk_rows
+        order = np.argsort(chunk, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk[order])) + 1
+        for group in np.split(order, bounds) if len(idx) else []:
+            c = int(chunk[group[0]])
+            imgs, msks, oths = self._chunk(c)
+            local = idx[group] - c * self.chunk_rows
+            out_i[group] = imgs[local]
+            out_m[group] = msks[local]
+            if want_o:
+                out_o[group] = oths[local]
+        return (out_i, out_m, out_o) if others else (out_i, out_m)
+
+    def read(self, idx) -> tuple[np.ndarray, np.ndarray]:
+        """Images (float32 in [0, 1]) and masks of rows ``idx``, in that order."""
+        raw, masks = self.read_raw(idx)
+        return scale_pixels(raw, self.divisor), masks
+
+
+def scale_pixels(raw: np.ndarray, divisor: float) -> np.ndarray:
+    """Stored pixels as float32 in [0, 1] (``raw / divisor``)."""
+    out = np.asarray(raw, dtype=np.float32)
+    if divisor != 1.0:
+        out = np.multiply(out, np.float32(1.0 / divisor), out=out if out is not raw else None)
+    return out
+
+
+#: Environment variable naming a node-local folder (e.g. ``$TMPDIR`` on a cluster node) that
+#: :func:`open_store` copies the crop store to, once per node, and reads from. The runner sets
+#: it on its workers from ``executor.scratch``.
+SCRATCH_ENV = "CELLBG_SCRATCH"
+
+
+def stage_to_scratch(run_dir: str | Path, scratch: str | Path) -> Path:
+    """Copy a run's ``cells.parquet`` and ``crops.zarr`` into ``scratch`` once; return the copy's folder.
+
+    The copy is named by the run folder and the files' sizes and modification times, made
+    in a temporary folder and renamed into place, so processes of one node share it and a
+    changed store is copied again.
+    """
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    run_dir = Path(run_dir).resolve()
+    files = [run_dir / "cells.parquet", *sorted((run_dir / "crops.zarr").glob("*.json"))]
+    stamp = [str(run_dir)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()]
+    name = "cellbg-crops-" + hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    scratch = Path(os.path.expandvars(str(scratch)))
+    target = scratch / name
+    if (target / "crops.zarr").is_dir():
+        return target
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=scratch))
+    try:
+        shutil.copy2(run_dir / "cells.parquet", tmp / "cells.parquet")
+        shutil.copytree(run_dir / "crops.zarr", tmp / "crops.zarr")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process of this node was first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def open_store(run_dir: str | Path, *, scratch: str | Path | None = None, **kwargs) -> CropStore:
+    """A :class:`CropStore` on ``<run>/crops.zarr`` (checked against ``cells.parquet``).
+
+    With ``scratch`` (default: the ``CELLBG_SCRATCH`` environment variable), the store is
+    read from a node-local copy (:func:`stage_to_scratch`).
+    """
+    import os
+
+    scratch = scratch if scratch is not None else os.environ.get(SCRATCH_ENV) or None
+    if scratch:
+        run_dir = stage_to_scratch(run_dir, scratch)
+    return CropStore(run_dir, **kwargs)
+
+
 def load_crops(run_dir: str | Path, *, lazy: bool = False):
     """Read a run's crops, masks and cell table (row i of each belongs together).
 
@@ -581,11 +840,13 @@ def load_crops(run_dir: str | Path, *, lazy: bool = False):
     run_dir : str or Path
         The run folder.
     lazy : bool
-        Return the zarr arrays (read on indexing) instead of numpy arrays in memory.
+        Return arrays read on indexing (images as :class:`ScaledImages`, masks as the zarr
+        array) instead of numpy arrays in memory.
 
     Returns
     -------
     images : (n, C, S, S) float32 array
+        In [0, 1], whatever the stored dtype.
     masks : (n, S, S) bool array
     cells : DataFrame
         ``cells.parquet``; ``cells.attrs["classes"]`` holds the sorted class names.
@@ -606,6 +867,7 @@ def load_crops(run_dir: str | Path, *, lazy: bool = False):
         group = zarr.open_group(str(store), mode="r")
         images, masks = group["images"], group["masks"]
         classes = list(group.attrs.get("classes", []))
+        divisor = float(group.attrs.get("divisor", 1.0))  # stores before the source dtype were float32
     except Exception as exc:
         raise CellbgError(f"cannot read {store}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     cells = pd.read_parquet(table)
@@ -617,8 +879,9 @@ def load_crops(run_dir: str | Path, *, lazy: bool = False):
     if stamp is not None and stamp != _ids_hash(cells["cell_id"]):
         raise CellbgError(f"{store} and {table} come from different runs; run `cellbg crops` again")
     cells.attrs["classes"] = classes
+    images = ScaledImages(images, divisor)
     if not lazy:
-        images, masks = np.asarray(images[:]), np.asarray(masks[:])
+        images, masks = images[...], np.asarray(masks[:])
     return images, masks, cells
 
 

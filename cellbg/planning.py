@@ -14,7 +14,18 @@ from pathlib import Path
 from cellbg import __version__
 from cellbg._checks import CellbgError, look_up_option
 
-__all__ = ["DONE", "JobSpec", "JobResult", "plan_jobs", "crops_fingerprint", "job_key"]
+__all__ = [
+    "DONE",
+    "JobSpec",
+    "PredictSpec",
+    "JobResult",
+    "plan_jobs",
+    "plan_predictions",
+    "crops_fingerprint",
+    "job_key",
+    "predict_key",
+    "PREDICT_BLOCK",
+]
 
 DONE = "DONE"
 
@@ -48,6 +59,35 @@ class JobSpec:
     def from_dict(cls, d: dict) -> JobSpec:
         return cls(model=str(d["model"]), train_variant=str(d["train_variant"]), seed=int(d["seed"]),
                    fold=int(d["fold"]))
+
+
+@dataclass(frozen=True)
+class PredictSpec:
+    """One prediction job: a trained model (its :class:`JobSpec`) shown one test variant.
+
+    Attributes
+    ----------
+    train : JobSpec
+        The training job whose checkpoint predicts.
+    test_variant : str
+        Variant spec applied to the held-out crops.
+    """
+
+    train: JobSpec
+    test_variant: str
+
+    def to_dict(self) -> dict:
+        return {"train": self.train.to_dict(), "test_variant": self.test_variant}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PredictSpec:
+        return cls(train=JobSpec.from_dict(d["train"]), test_variant=str(d["test_variant"]))
+
+
+#: Held-out cells shown to a model per block: the variant (its ``mixed_*`` pairing pool, its
+#: ``mean`` fill and noise) is applied per block of this many cells, in store order, with
+#: seed ``variants.seed + block``. Fixed, so predictions never depend on the memory at hand.
+PREDICT_BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -119,6 +159,20 @@ def plan_jobs(protocol) -> list[JobSpec]:
     ]
 
 
+def plan_predictions(protocol) -> list[PredictSpec]:
+    """Every prediction job: each training job of :func:`plan_jobs` x each test variant.
+
+    Examples
+    --------
+    >>> from cellbg.protocol import Protocol
+    >>> p = Protocol.model_validate({"name": "demo", "variants": {"train": ["original"],
+    ...     "test": ["original", "only_fg"]}, "training": {"max_folds": 1}})
+    >>> [(s.train.fold, s.test_variant) for s in plan_predictions(p)]
+    [(0, 'original'), (0, 'only_fg')]
+    """
+    return [PredictSpec(train=j, test_variant=v) for j in plan_jobs(protocol) for v in protocol.variants.test]
+
+
 _FINGERPRINTS: dict[tuple, str] = {}
 
 
@@ -149,12 +203,17 @@ def crops_fingerprint(run_dir: str | Path) -> str:
     return _FINGERPRINTS[stats]
 
 
+_NOT_IN_KEY = {"seeds", "max_folds", "num_workers", "memory_budget"}
+
+
 def _key_payload(protocol, spec: JobSpec, crops_hash: str) -> dict:
     model = _model_spec(protocol, spec.model)
-    # seeds/max_folds only choose which jobs exist; num_workers cannot change the numbers
-    # (batches are seeded by index); so none of them belongs in a job's key.
-    training = protocol.training.model_dump(mode="json", exclude={"seeds", "max_folds", "num_workers"})
-    variants = protocol.variants.model_dump(mode="json", exclude={"train"})
+    # seeds/max_folds only choose which jobs exist; num_workers and memory_budget cannot
+    # change the numbers (batches are seeded by index and read in the same order from memory
+    # or from the store); so none of them belongs in a job's key. The test variants are the
+    # prediction jobs' business (predict_key): adding one never retrains.
+    training = protocol.training.model_dump(mode="json", exclude=_NOT_IN_KEY)
+    variants = protocol.variants.model_dump(mode="json", exclude={"train", "test"})
     return {
         "cellbg": __version__,
         "crops": crops_hash,
@@ -170,9 +229,9 @@ def job_key(protocol, spec: JobSpec, *, crops_hash: str | None = None) -> str:
     """The content hash naming a job's folder (hex, 16 chars).
 
     It changes when the crops (their bytes), the job's model spec, the training settings,
-    the variant settings (test variants, fill, seed), the protocol seed, the job spec or the
-    cellbg version change, and not when another model's settings, the list of seeds, other
-    train variants or ``num_workers`` change.
+    the variant settings (fill, seed), the protocol seed, the job spec or the cellbg version
+    change, and not when another model's settings, the list of seeds, other train variants,
+    the test variants, ``num_workers`` or ``memory_budget`` change.
 
     Parameters
     ----------
@@ -186,3 +245,33 @@ def job_key(protocol, spec: JobSpec, *, crops_hash: str | None = None) -> str:
         crops_hash = crops_fingerprint(protocol.run_dir)
     blob = json.dumps(_key_payload(protocol, spec, crops_hash), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def predict_key(protocol, spec: PredictSpec, *, train_key: str | None = None, crops_hash: str | None = None) -> str:
+    """The content hash naming a prediction job's folder (hex, 16 chars).
+
+    The trained model's :func:`job_key`, the test variant, the variant settings (fill,
+    seed), :data:`PREDICT_BLOCK` and the cellbg version: adding a test variant adds jobs and
+    changes none.
+
+    Parameters
+    ----------
+    protocol : Protocol
+    spec : PredictSpec
+    train_key : str, optional
+        ``job_key(protocol, spec.train)`` when the caller has it.
+    crops_hash : str, optional
+        As for :func:`job_key`.
+    """
+    if train_key is None:
+        train_key = job_key(protocol, spec.train, crops_hash=crops_hash)
+    payload = {
+        "cellbg": __version__,
+        "train_key": train_key,
+        "test_variant": spec.test_variant,
+        "variants": protocol.variants.model_dump(mode="json", exclude={"train", "test"}),
+        "block": PREDICT_BLOCK,
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+

@@ -341,6 +341,26 @@ ModelSpec = Annotated[ResNetSpec | ShuffleNetSpec | CellYoloSpec | EfficientNetS
 
 
 # --------------------------------------------------------------------------- training
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text, *, what: str = "size") -> int:
+    """Bytes of a size written like ``'4GB'``, ``'512 MiB'`` or ``0``.
+
+    Examples
+    --------
+    >>> parse_size("4GB"), parse_size("1.5 KiB"), parse_size(0)
+    (4000000000, 1536, 0)
+    """
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{what}: cannot read {text!r} as a size (e.g. '8GB', '512MiB', 0)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 class SplitConfig(_Section):
     """How patients are split. Splits are always by patient."""
 
@@ -365,6 +385,18 @@ class TrainingConfig(_Section):
     amp: bool = True
     num_workers: int = Field(0, ge=0)
     max_folds: int | None = Field(None, ge=1, description="run only the first N folds (quick runs)")
+    memory_budget: str = Field(
+        "auto",
+        description="crops held in memory only when they fit in this (e.g. '8GB'; 0 = always stream); "
+        "'auto' = a quarter of the free memory. Never changes the numbers, only where they are read from",
+    )
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: str) -> str:
+        if str(v).strip().lower() != "auto":
+            parse_size(v, what="training.memory_budget")
+        return str(v).strip()
 
 
 # --------------------------------------------------------------------------- saliency
@@ -565,6 +597,9 @@ class ExecutorConfig(_Section):
     job_script_prologue: list[str] = Field([], description="environment set-up lines (module load ...)")
     interface: str | None = Field(None, description="network interface the scheduler listens on, e.g. ib0")
     local_directory: str | None = Field(None, description="worker scratch on node-local disk, e.g. $TMPDIR")
+    scratch: str | None = Field(
+        None, description="node-local folder the crop store is copied to once per node and read from, e.g. $TMPDIR"
+    )
     worker_lifetime: str | None = Field(
         None, description="recycle workers before walltime, e.g. '55m'; None = walltime minus 5 minutes"
     )

@@ -757,19 +757,15 @@ def _method_options(cfg, method: str, *, colour=0.0) -> dict:
 
 
 def _job_cells(job_dir: Path, cells) -> np.ndarray:
-    """Crop rows of a job's held-out cells, in the order its predictions were made."""
-    import pandas as pd
+    """Crop rows of a training job's held-out cells (its test fold, from ``spec.json``), in
+    store order: the order its prediction jobs predicted them (:func:`cellbg.train.run_prediction`)."""
+    import json
 
-    held_out = pd.read_parquet(job_dir / "predictions.parquet", columns=["cell_id"])["cell_id"].astype(str)
-    held_out = held_out.drop_duplicates().to_numpy()
-    position = pd.Series(np.arange(len(cells)), index=cells["cell_id"].astype(str).to_numpy())
-    missing = ~np.isin(held_out, position.index)
-    if missing.any():
-        raise CellbgError(
-            f"{job_dir}: {int(missing.sum())} predicted cell(s) are not in cells.parquet (e.g. '{held_out[missing][0]}'); "
-            "the crops changed after training, run 'cellbg train' again"
-        )
-    return position.loc[held_out].to_numpy()
+    try:
+        fold = int(json.loads((Path(job_dir) / "spec.json").read_text(encoding="utf-8"))["job"]["fold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CellbgError(f"{job_dir}: no readable spec.json naming the job's fold; run 'cellbg train' again") from None
+    return np.flatnonzero(cells["fold"].to_numpy() == fold)
 
 
 def _job_maps(model, images, masks, rows, pred, *, cfg, layer: str, random_model, colour) -> dict:
@@ -804,10 +800,11 @@ def held_out_variant(protocol, job_dir, variant: str, *, images=None, masks=None
                      backgrounds=None):
     """A trained job's held-out cells in one test variant, exactly as the job predicted them.
 
-    The variant is applied to the job's whole held-out set in the order its predictions
-    were made, with the protocol's fill and seed, as :func:`cellbg.train.run_job` does: the
-    ``mixed_*`` variants draw their partners from that set, so the images (and partners) are
-    the ones the model saw.
+    The variant is applied to the job's held-out set in the order its predictions were made,
+    block by block (:data:`cellbg.planning.PREDICT_BLOCK` cells, block ``j`` with seed
+    ``variants.seed + j``), with the protocol's fill, as :func:`cellbg.train.run_prediction`
+    does: the ``mixed_*`` variants draw their partners from the block, so the images (and
+    partners) are the ones the model saw.
 
     Parameters
     ----------
@@ -853,10 +850,27 @@ def held_out_variant(protocol, job_dir, variant: str, *, images=None, masks=None
     m[order] = np.asarray(masks[rows[order]] if isinstance(masks, np.ndarray) else masks.oindex[rows[order]], bool)
     bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)[rows]
     labels = cells["label_index"].to_numpy(np.int64)[rows]
-    shown = apply_variant(variant, x, m, bboxes=bboxes, labels=labels, fill=protocol.variants.fill,
-                          seed=protocol.variants.seed, reference=protocol.variants.reference,
-                          others=np.asarray(others)[rows] if others is not None else None,
-                          backgrounds=backgrounds or None, others_fill=protocol.variants.others_fill)
+    from cellbg.planning import PREDICT_BLOCK
+    from cellbg.variants import VariantResult
+
+    oth = np.asarray(others[rows] if isinstance(others, np.ndarray) else others.oindex[rows], bool) \
+        if others is not None else None
+    parts = []
+    for j, lo in enumerate(range(0, max(len(rows), 1), PREDICT_BLOCK)):
+        sl = slice(lo, lo + PREDICT_BLOCK)
+        parts.append(apply_variant(variant, x[sl], m[sl], bboxes=bboxes[sl], labels=labels[sl],
+                                   fill=protocol.variants.fill, seed=protocol.variants.seed + j,
+                                   reference=protocol.variants.reference,
+                                   others=oth[sl] if oth is not None else None,
+                                   backgrounds=backgrounds or None, others_fill=protocol.variants.others_fill))
+    if len(parts) == 1:
+        return rows, parts[0]
+    partner = np.concatenate([np.where(np.asarray(r.partner) >= 0, np.asarray(r.partner) + j * PREDICT_BLOCK, -1)
+                              for j, r in enumerate(parts)])
+    shown = VariantResult(np.concatenate([np.asarray(r.images) for r in parts]),
+                          np.concatenate([np.asarray(r.masks) for r in parts]), partner, parts[0].spec,
+                          background=None if parts[0].background is None
+                          else np.concatenate([np.asarray(r.background) for r in parts]))
     return rows, shown
 
 

@@ -55,24 +55,33 @@ from torch import nn
 from cellbg import __version__
 from cellbg._checks import CellbgError
 from cellbg._io import atomic_path, write_json_atomic, write_parquet_atomic, write_text_atomic
+from cellbg.models import get_model
 from cellbg.planning import (
     DONE,
+    PREDICT_BLOCK,
     JobResult,
     JobSpec,
+    PredictSpec,
     _model_spec,
     crops_fingerprint,
     job_key,
     plan_jobs,
+    plan_predictions,
+    predict_key,
 )
-from cellbg.models import get_model
 
 __all__ = [
     "Split",
     "patient_split",
     "run_job",
+    "run_prediction",
+    "test_job",
     "run_training",
     "collect_predictions",
     "check_probabilities",
+    "prediction_files",
+    "memory_budget",
+    "window_order",
     "load_job_model",
     "RandDihedral",
     "RandIntensityJitter",
@@ -298,30 +307,54 @@ def _text_seed(text: str) -> int:
 
 @dataclass
 class _Crops:
-    images: object  # torch.Tensor in memory, or a zarr array streamed per batch
-    masks: torch.Tensor
+    """A run's crops for training and prediction: the store, and its pixels in memory when
+    they fit the memory budget (:func:`_read_crops`). :meth:`take` gives the same numbers
+    either way."""
+
+    store: object  # cellbg.crops.CropStore
     cells: pd.DataFrame
     classes: list[str]
     bboxes: np.ndarray
     labels: np.ndarray
-    others: torch.Tensor | None = None
+    memory: tuple | None = None  # stored pixels (source dtype), masks, others masks (or None)
     options: dict | None = None  # apply_variant's reference and background pools
+
+    @property
+    def in_memory(self) -> bool:
+        return self.memory is not None
+
+    @property
+    def channels(self) -> int:
+        return self.store.channels
+
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    def take(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (float32 in [0, 1]) and masks of rows ``idx`` (in that order)."""
+        from cellbg.crops import scale_pixels
+
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.memory is not None:
+            raw, masks = self.memory[0][idx], self.memory[1][idx]
+        else:
+            raw, masks = self.store.read_raw(idx)
+        return torch.from_numpy(scale_pixels(raw, self.store.divisor)), torch.from_numpy(masks)
+
+    def others(self, idx: np.ndarray) -> torch.Tensor | None:
+        """The ``others`` masks of rows ``idx`` (None for a store without them)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.memory is not None:
+            return torch.from_numpy(self.memory[2][idx]) if self.memory[2] is not None else None
+        if self.store.others is None:
+            return None
+        return torch.from_numpy(self.store.read_raw(idx, others=True)[2])
 
     def variant(self, spec: str, idx: np.ndarray, images, masks, *, fill: str, seed: int):
         """``apply_variant`` on rows ``idx`` (given their images and masks), with the run's options."""
-        others = self.others[torch.as_tensor(idx)] if self.others is not None else None
         return _apply_variant(spec, images, masks, bboxes=self.bboxes[idx], labels=self.labels[idx], fill=fill,
-                              seed=seed, others=others, **(self.options or {}))
-
-    def take(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images and masks of rows ``idx`` (in that order)."""
-        if isinstance(self.images, torch.Tensor):
-            return self.images[torch.as_tensor(idx)], self.masks[torch.as_tensor(idx)]
-        order = np.argsort(idx, kind="stable")
-        data = np.asarray(self.images.oindex[np.asarray(idx)[order]], dtype=np.float32)
-        out = np.empty_like(data)
-        out[order] = data
-        return torch.from_numpy(out), self.masks[torch.as_tensor(idx)]
+                              seed=seed, others=self.others(idx), **(self.options or {}))
 
 
 def _available_memory() -> int:
@@ -331,12 +364,36 @@ def _available_memory() -> int:
         return 4 << 30
 
 
-def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto") -> _Crops:
-    """The run's crops (:func:`cellbg.crops.load_crops`), in memory when they fit."""
-    from cellbg.crops import load_crops, load_others
+def memory_budget(setting: str = "auto") -> int:
+    """Bytes of crops a job may hold in memory: ``training.memory_budget``.
 
-    images, masks, cells = load_crops(run_dir, lazy=True)
-    others = load_others(run_dir, lazy=True)
+    ``"auto"`` is a quarter of the memory free now (several jobs may share the machine);
+    otherwise the size given (``"8GB"``, ``0`` = always stream).
+    """
+    from cellbg.protocol import parse_size
+
+    if str(setting).strip().lower() == "auto":
+        return _available_memory() // 4
+    return parse_size(setting, what="training.memory_budget")
+
+
+#: Cells per shuffle window: an epoch visits the store's chunks in a random order, a window
+#: of chunks at a time, and shuffles the cells within each window; a mini-batch thus decodes
+#: a few chunks, each once per epoch (see :func:`window_order`).
+SHUFFLE_WINDOW = 4096
+
+
+def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto", budget: str = "auto", log: bool = False,
+                cache_chunks: int | None = None) -> _Crops:
+    """The run's crops (:class:`cellbg.crops.CropStore`), held in memory when they fit ``budget``.
+
+    The stored pixels (source dtype) and masks are what an in-memory copy holds; the choice
+    is printed (to the job's log) when ``log``.
+    """
+    from cellbg.crops import open_store
+
+    store = open_store(run_dir)
+    cells = store.cells
     table = Path(run_dir) / "cells.parquet"
     missing = [c for c in _CELL_COLUMNS if c not in cells.columns]
     if missing:
@@ -344,32 +401,75 @@ def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto") -> _Crops:
     classes = [str(c) for c in cells.attrs.get("classes", [])]
     if len(classes) < 2:
         raise CellbgError(f"{Path(run_dir) / 'crops.zarr'}: needs at least two classes; got {classes}")
-    if images.ndim != 4 or tuple(masks.shape) != (images.shape[0], *images.shape[2:]):
+    if tuple(store.masks.shape) != (store.n, store.size, store.size) or store.images.ndim != 4:
         raise CellbgError(
-            f"{Path(run_dir) / 'crops.zarr'}: images {tuple(images.shape)} and masks {tuple(masks.shape)} "
+            f"{Path(run_dir) / 'crops.zarr'}: images {tuple(store.images.shape)} and masks {tuple(store.masks.shape)} "
             "are not (n, C, S, S) and (n, S, S)"
         )
-    fit = images.nbytes < 0.5 * _available_memory()
-    if in_memory is True or (in_memory == "auto" and fit):
-        images = torch.from_numpy(np.ascontiguousarray(images[...], dtype=np.float32))
-    bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)
+    store.cache_chunks = cache_chunks or 2 * max(1, SHUFFLE_WINDOW // store.chunk_rows) + 2
+    need, limit = store.source_nbytes, memory_budget(budget) if in_memory == "auto" else 0
+    hold = in_memory is True or (in_memory == "auto" and need <= limit)
+    memory = None
+    if hold:
+        others = np.asarray(store.others[...], dtype=bool) if store.others is not None else None
+        memory = (np.asarray(store.images[...]), np.asarray(store.masks[...], dtype=bool), others)
+    if log:
+        where = "in memory" if hold else "streamed from the store"
+        print(f"crops: {store.n} cells, {need / 1e9:.2f} GB as stored ({store.dtype}); {where}"
+              + (f" (memory budget {limit / 1e9:.2f} GB)" if in_memory == "auto" else ""), flush=True)
     return _Crops(
-        images=images,
-        masks=torch.from_numpy(np.asarray(masks[...], dtype=bool)),
+        store=store,
         cells=cells,
         classes=classes,
-        bboxes=bboxes,
+        bboxes=cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64),
         labels=cells["label_index"].to_numpy(np.int64),
-        others=torch.from_numpy(np.asarray(others[...], dtype=bool)) if others is not None else None,
+        memory=memory,
     )
+
+
+def window_order(rows: np.ndarray, chunk_rows: int, rng: np.random.Generator, *,
+                 window: int = SHUFFLE_WINDOW) -> np.ndarray:
+    """Shuffle store rows chunk-aligned: chunks in a random order, cells shuffled per window.
+
+    The chunks the rows fall in (``row // chunk_rows``) are put in a random order and
+    grouped ``window // chunk_rows`` at a time; the rows of a window are shuffled among
+    themselves. Consecutive mini-batches then read the chunks of one window, each decoded
+    once per epoch, while each batch still mixes cells of many chunks.
+
+    Parameters
+    ----------
+    rows : (n,) int
+        Store rows (repeats allowed, e.g. a class-balanced draw).
+    chunk_rows : int
+        Rows per store chunk.
+    rng : numpy.random.Generator
+    window : int
+        Cells per shuffle window (rounded to whole chunks).
+
+    Returns
+    -------
+    (n,) int64 ndarray
+        ``rows`` reordered.
+
+    Examples
+    --------
+    >>> out = window_order(np.arange(8), 2, np.random.default_rng(0), window=4)
+    >>> sorted(out.tolist()) == list(range(8)), sorted({int(r) // 4 for r in out[:4]}) != [0, 1]
+    (True, True)
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    chunk = rows // max(int(chunk_rows), 1)
+    uniq, inverse = np.unique(chunk, return_inverse=True)
+    rank = rng.permutation(len(uniq))
+    win = rank[inverse] // max(1, int(window) // max(int(chunk_rows), 1))
+    return rows[np.lexsort((rng.random(len(rows)), win))]
 
 
 def _variant_options(protocol, crops: _Crops, specs) -> dict:
     """``reference`` and the background pools of ``bg_image`` for the run's crops."""
     from cellbg.variants import protocol_backgrounds
 
-    shape = crops.images.shape
-    pools = protocol_backgrounds(protocol, specs, size=int(shape[-1]), channels=int(shape[1]))
+    pools = protocol_backgrounds(protocol, specs, size=int(crops.size), channels=int(crops.channels))
     return {"reference": protocol.variants.reference, "backgrounds": pools or None,
             "others_fill": protocol.variants.others_fill}
 
@@ -380,11 +480,25 @@ def _apply_variant(spec: str, images, masks, *, bboxes, labels, fill: str, seed:
     return apply_variant(spec, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed, **options)
 
 
+def _background_ids(res, test_variant: str, options: dict | None) -> np.ndarray:
+    """``<source>/<id>`` of the background each cell was drawn (``bg_image``), "" otherwise."""
+    drawn = getattr(res, "background", None)
+    if drawn is None or (np.asarray(drawn) < 0).all():
+        return np.full(len(res.partner), "", dtype=object)
+    from cellbg.variants import parse_variant
+
+    source = str(parse_variant(test_variant).args[0])
+    pool = (options or {}).get("backgrounds", {})[source]
+    ids = np.asarray([f"{source}/{i}" for i in pool.ids], dtype=object)
+    return np.where(np.asarray(drawn) >= 0, ids[np.clip(drawn, 0, None)], "")
+
+
 class _TrainBatches(torch.utils.data.Dataset):
     """Batch ``b`` of one epoch, fully prepared (crops -> variant -> augmentation).
 
     Each batch draws from its own generators seeded from ``(seed, epoch, b)``: data-loader
     workers do not repeat each other's draws and the result does not depend on their number.
+    A worker process holds its own copy of the store reader (and its decoded chunks).
     """
 
     def __init__(self, crops: _Crops, order: np.ndarray, *, batch_size: int, variant: str, fill: str,
@@ -415,22 +529,66 @@ class _TrainBatches(torch.utils.data.Dataset):
         return images.contiguous(), torch.from_numpy(labels)
 
 
-def _epoch_loader(crops: _Crops, train: np.ndarray, protocol, spec: JobSpec, seeds: dict, epoch: int, *,
-                  device: torch.device) -> torch.utils.data.DataLoader:
-    """The batches of one epoch: a seeded order (or class-balanced draw) of the training rows."""
-    cfg = protocol.training
-    g = torch.Generator().manual_seed(_seed(seeds["sampler_seed"], epoch))
-    if cfg.balanced_sampling:
+def _epoch_rows(crops: _Crops, train: np.ndarray, protocol, seeds: dict, epoch: int) -> np.ndarray:
+    """The training rows of one epoch in batch order: a seeded (or class-balanced) draw,
+    shuffled chunk-aligned (:func:`window_order`)."""
+    rng = np.random.default_rng(_seed(seeds["sampler_seed"], epoch))
+    if protocol.training.balanced_sampling:
         labels = crops.labels[train]
         counts = np.bincount(labels, minlength=len(crops.classes)).astype(np.float64)
-        weights = torch.as_tensor(1.0 / counts[labels])
-        pos = torch.multinomial(weights, len(train), replacement=True, generator=g).numpy()
+        weights = 1.0 / counts[labels]
+        rows = train[rng.choice(len(train), size=len(train), replace=True, p=weights / weights.sum())]
     else:
-        pos = torch.randperm(len(train), generator=g).numpy()
-    batches = _TrainBatches(crops, train[pos], batch_size=cfg.batch_size, variant=spec.train_variant,
-                            fill=protocol.variants.fill, augment=cfg.augment, seed=seeds["batch_seed"], epoch=epoch)
-    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
-                                       pin_memory=device.type == "cuda")
+        rows = train
+    return window_order(rows, crops.store.chunk_rows, rng)
+
+
+def _epoch_loader(crops: _Crops, train: np.ndarray, protocol, spec: JobSpec, seeds: dict, epoch: int, *,
+                  device: torch.device) -> torch.utils.data.DataLoader:
+    """The batches of one epoch (:func:`_epoch_rows`), prepared by ``training.num_workers``
+    processes, pinned and prefetched on a GPU."""
+    cfg = protocol.training
+    batches = _TrainBatches(crops, _epoch_rows(crops, train, protocol, seeds, epoch), batch_size=cfg.batch_size,
+                            variant=spec.train_variant, fill=protocol.variants.fill, augment=cfg.augment,
+                            seed=seeds["batch_seed"], epoch=epoch)
+    workers = cfg.num_workers
+    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=False,
+                                       prefetch_factor=4 if workers else None)
+
+
+def _blocks(rows: np.ndarray, size: int = PREDICT_BLOCK) -> list[np.ndarray]:
+    return [rows[i: i + size] for i in range(0, len(rows), size)] or [rows]
+
+
+def _shown(crops: _Crops, rows: np.ndarray, variant: str, *, fill: str, seed: int):
+    """The variant of the crops of ``rows`` (one block: its pairing pool), as :func:`_apply_variant`."""
+    images, masks = crops.take(rows)
+    return crops.variant(variant, rows, images, masks, fill=fill, seed=seed)
+
+
+def _evaluate_rows(model: nn.Module, crops: _Crops, rows: np.ndarray, variant: str, *, fill: str, seed: int,
+                   device, batch_size: int, amp: bool) -> tuple:
+    """Loss, accuracy, probabilities, partners and background ids of ``model`` on ``variant`` of ``rows``.
+
+    Streamed in blocks of :data:`PREDICT_BLOCK` rows (in the order given); block ``j`` gets
+    the variant with seed ``seed + j``. Memory stays one block whatever the number of rows.
+    """
+    probs, partners, backgrounds, loss_sum = [], [], [], 0.0
+    for j, block in enumerate(_blocks(rows)):
+        res = _shown(crops, block, variant, fill=fill, seed=seed + j)
+        labels = torch.from_numpy(crops.labels[block])
+        loss, _, p = _evaluate(model, res.images, labels, device=device, batch_size=batch_size, amp=amp)
+        loss_sum += loss * len(block)
+        probs.append(p)
+        partner = np.asarray(res.partner)
+        partners.append(np.where(partner >= 0, block[np.clip(partner, 0, None)], -1))
+        backgrounds.append(_background_ids(res, variant, crops.options))
+    p = torch.cat(probs) if probs else torch.zeros(0, len(crops.classes))
+    y = crops.labels[rows]
+    acc = float((p.argmax(1).numpy() == y).mean()) if len(rows) else float("nan")
+    return (loss_sum / max(len(rows), 1), acc, p, np.concatenate(partners) if partners else np.zeros(0, np.int64),
+            np.concatenate(backgrounds) if backgrounds else np.zeros(0, dtype=object))
 
 
 # --------------------------------------------------------------------------- runtime
@@ -499,29 +657,65 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, d
     return sum(losses) / n, float((p.argmax(1) == labels).float().mean()) if len(labels) else float("nan"), p
 
 
-def train_epoch(model: nn.Module, batches, optimizer, *, scaler=None, device=torch.device("cpu"),
-                amp: bool = False) -> tuple[float, int, int]:
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def train_epoch(model: nn.Module, batches, optimizer, *, scaler=None, device=None, amp: bool = False,
+                memo: dict | None = None, train_mode: bool = True) -> tuple[float, int, int]:
     """One pass of forward, backward and optimizer step over ``batches`` of ``(x, y)``.
 
     Returns the summed loss, the number of correct predictions and the number of samples.
-    (Shared by :func:`run_job` and the input-pipeline benchmark, which feeds it tensors
-    already in memory.)
+    (Shared by :func:`run_job` and the benchmarks, which feed it tensors already in memory.)
+
+    Out of GPU memory: a batch that does not fit is split into micro-batches whose gradients
+    are accumulated (each micro-batch's loss weighted by its share of the batch), so every
+    optimizer step still sees the whole batch; the micro-batch size halves until the batch
+    fits, is printed once, and is kept for the following batches (in ``memo["micro_batch"]``,
+    which a job keeps in its checkpoint). BatchNorm then normalises over micro-batches, so
+    the numbers differ slightly from a run that fitted. A single cell that does not fit
+    raises :class:`~cellbg.CellbgError`.
     """
-    model.train()
+    device = device if device is not None else torch.device("cpu")
+    if train_mode:
+        model.train()
     scaler = scaler if scaler is not None else torch.amp.GradScaler("cuda", enabled=False)
+    memo = memo if memo is not None else {}
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp):
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits.float(), y)
-        scaler.scale(loss).backward()
+        n = len(y)
+        while True:
+            micro = min(int(memo.get("micro_batch") or n), n)
+            try:
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss, batch_correct = 0.0, 0
+                for s in range(0, n, micro):
+                    xs, ys = x[s: s + micro], y[s: s + micro]
+                    with _autocast(device, amp):
+                        logits = model(xs)
+                        loss = nn.functional.cross_entropy(logits.float(), ys)
+                    scaler.scale(loss if micro >= n else loss * (len(ys) / n)).backward()
+                    batch_loss += loss.item() * len(ys)
+                    batch_correct += int((logits.argmax(1) == ys).sum())
+                break
+            except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                if not _is_oom(exc) or device.type != "cuda":
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                del exc
+                torch.cuda.empty_cache()
+                if micro <= 1:
+                    raise CellbgError("out of GPU memory with a single cell per step; use a smaller model or crop, "
+                                      "or training.device: cpu") from None
+                memo["micro_batch"] = micro // 2
+                print(f"out of GPU memory at {micro} cells per step: accumulating gradients over micro-batches of "
+                      f"{micro // 2}", flush=True)
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
+        loss_sum += batch_loss
+        correct += batch_correct
+        seen += n
     return loss_sum, correct, seen
 
 
@@ -534,10 +728,9 @@ def _job_meta(protocol, spec: JobSpec, key: str, crops: _Crops, split: Split, se
         "arch": model.arch,
         "model_spec": model.model_dump(mode="json"),
         "model_kwargs": model.kwargs(),
-        "in_channels": int(crops.images.shape[1]),
+        "in_channels": int(crops.channels),
         "classes": crops.classes,
-        "crop_size": int(crops.images.shape[-1]),
-        "test_variants": list(protocol.variants.test),
+        "crop_size": int(crops.size),
         "fill": protocol.variants.fill,
         "variant_seed": protocol.variants.seed,
         "training": protocol.training.model_dump(mode="json"),
@@ -549,10 +742,9 @@ def _job_meta(protocol, spec: JobSpec, key: str, crops: _Crops, split: Split, se
     }
 
 
-def _result_from_files(spec: JobSpec, key: str, job_dir: Path, seconds: float = 0.0) -> JobResult:
+def _result_from_files(spec: JobSpec, key: str, job_dir: Path, seconds: float = 0.0, accuracy=None) -> JobResult:
     history = pd.read_csv(job_dir / "history.csv")
-    preds = pd.read_parquet(job_dir / "predictions.parquet", columns=["test_variant", "correct"])
-    acc = preds.groupby("test_variant", sort=False)["correct"].mean().astype(float).to_dict()
+    acc = dict(accuracy or {})
     best = history.loc[history["best"].astype(bool)]
     best_row = best.iloc[-1] if len(best) else history.iloc[-1]
     return JobResult(spec=spec, key=key, job_dir=job_dir, done=True, epochs=int(history["epoch"].max()),
@@ -585,7 +777,7 @@ def run_job(
     max_epochs_this_call: int | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> JobResult:
-    """Train one job, checkpointing every epoch, then predict every test variant.
+    """Train one job, checkpointing every epoch; :func:`run_prediction` then tests it.
 
     Callable in a fresh process (a Dask worker, another node) given only the protocol and the
     spec: it reads the crops from ``protocol.run_dir``. A finished job (``DONE`` present) is
@@ -622,10 +814,9 @@ def run_job(
     cfg = protocol.training
     from cellbg.variants import parse_variant
 
-    for v in [spec.train_variant, *protocol.variants.test]:
-        parse_variant(v)
-    crops = _read_crops(run_dir)
-    crops.options = _variant_options(protocol, crops, [spec.train_variant, *protocol.variants.test])
+    parse_variant(spec.train_variant)
+    crops = _read_crops(run_dir, budget=cfg.memory_budget, log=True)
+    crops.options = _variant_options(protocol, crops, [spec.train_variant])
     split = patient_split(crops.cells, fold=spec.fold, val_fraction=cfg.split.val_fraction,
                           val_patients=cfg.split.val_patients if cfg.split.kind == "fixed" else None,
                           seed=protocol.seed)
@@ -666,12 +857,7 @@ def run_job(
                     scaler.load_state_dict(ckpt["scaler"])
                 state = ckpt["state"]
 
-        val_x = val_y = None
-        if len(split.val):
-            vx, vm = crops.take(split.val)
-            val_x = crops.variant(spec.train_variant, split.val, vx, vm, fill=protocol.variants.fill,
-                                  seed=_seed(seeds["batch_seed"], 0xFFFF)).images
-            val_y = torch.from_numpy(crops.labels[split.val])
+        has_val = len(split.val) > 0
 
         epochs_this_call = 0
         while state["epoch"] < cfg.epochs and not state["stopped"]:
@@ -682,7 +868,8 @@ def run_job(
             loader = _epoch_loader(crops, split.train, protocol, spec, seeds, epoch, device=device)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed(seeds["init_seed"], epoch))  # for any layer that draws (dropout)
-                loss_sum, correct, seen = train_epoch(model, loader, optimizer, scaler=scaler, device=device, amp=amp)
+                loss_sum, correct, seen = train_epoch(model, loader, optimizer, scaler=scaler, device=device, amp=amp,
+                                                      memo=state)
             if not math.isfinite(loss_sum):
                 raise CellbgError(
                     f"training job {_job_label(spec)}: the training loss is {loss_sum / max(seen, 1)} "
@@ -692,13 +879,15 @@ def run_job(
                 )
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            if val_x is not None:
-                val_loss, val_acc, _ = _evaluate(model, val_x, val_y, device=device, batch_size=cfg.batch_size, amp=amp)
+            if has_val:
+                val_loss, val_acc, _, _, _ = _evaluate_rows(
+                    model, crops, split.val, spec.train_variant, fill=protocol.variants.fill,
+                    seed=_seed(seeds["batch_seed"], 0xFFFF), device=device, batch_size=cfg.batch_size, amp=amp)
             else:
                 val_loss, val_acc = float("nan"), float("nan")
-            improved = val_x is None or val_loss < state["best_val_loss"]
+            improved = not has_val or val_loss < state["best_val_loss"]
             if improved:
-                state["best_val_loss"] = val_loss if val_x is not None else math.nan
+                state["best_val_loss"] = val_loss if has_val else math.nan
                 state["best_epoch"] = epoch
                 state["stale"] = 0
                 state["best_model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -731,9 +920,6 @@ def run_job(
         # history.csv again from the checkpoint: a job redone after its history was damaged
         write_text_atomic(job_dir / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
         model.load_state_dict(state["best_model"])
-        preds = _predict(model, crops, split, protocol, spec, device=device, amp=amp)
-        check_probabilities(preds, where=f"training job {_job_label(spec)} ({job_dir})")
-        write_parquet_atomic(preds, job_dir / "predictions.parquet")
         with atomic_path(ckpt_path) as tmp:
             torch.save({"key": key, "model": model.state_dict(), "state": state, "finished": True}, tmp)
     write_text_atomic(job_dir / DONE, f"{key}\n")
@@ -768,68 +954,114 @@ def check_probabilities(preds: pd.DataFrame, *, where: str) -> None:
         )
 
 
-def _predict(model, crops: _Crops, split: Split, protocol, spec: JobSpec, *, device, amp: bool) -> pd.DataFrame:
-    """Predict every test variant on the whole held-out set (the mixed_* pairing pool)."""
-    idx = split.test
-    images, masks = crops.take(idx)
+def run_prediction(protocol, spec: PredictSpec, job_dir: str | Path | None = None, *,
+                   train_dir: str | Path | None = None) -> Path:
+    """Show one trained model one test variant of its held-out cells; write the predictions.
+
+    The held-out cells (the training job's test fold, in store order) are read from the
+    store in blocks of :data:`~cellbg.planning.PREDICT_BLOCK` cells; block ``j`` gets the
+    variant with seed ``variants.seed + j`` (its ``mixed_*`` pairing pool is the block).
+    Memory stays one block however many cells a fold holds. A finished job (``DONE``
+    present) is not rerun.
+
+    Parameters
+    ----------
+    protocol : Protocol
+    spec : PredictSpec
+    job_dir : path, optional
+        Default ``<run>/jobs/<predict_key>``.
+    train_dir : path, optional
+        The finished training job; default ``<run>/jobs/<job_key>``.
+
+    Returns
+    -------
+    Path
+        ``<job_dir>/predictions.parquet``: one row per held-out cell, columns ``cell_id,
+        image_id, patient_id, label, label_index, model, train_variant, test_variant, seed,
+        fold, pred, pred_index, correct, prob_<class>..., partner_cell_id, background_id``.
+
+    Raises
+    ------
+    CellbgError
+        The training job is not finished, an unknown variant.
+    """
+    from cellbg.variants import parse_variant
+
+    run_dir = Path(protocol.run_dir)
+    crops_hash = crops_fingerprint(run_dir)
+    train_key = job_key(protocol, spec.train, crops_hash=crops_hash)
+    key = predict_key(protocol, spec, train_key=train_key)
+    job_dir = Path(job_dir) if job_dir is not None else run_dir / "jobs" / key
+    out = job_dir / "predictions.parquet"
+    if (job_dir / DONE).exists():
+        return out
+    parse_variant(spec.test_variant)
+    cfg = protocol.training
+    device = select_device(cfg.device)
+    amp = bool(cfg.amp and device.type == "cuda")
+    t0 = time.perf_counter()
+    with _runtime(device):
+        model, meta = load_job_model(Path(train_dir) if train_dir is not None else run_dir / "jobs" / train_key,
+                                     device=device)
+        crops = _read_crops(run_dir, in_memory=False)
+        crops.options = _variant_options(protocol, crops, [spec.test_variant])
+        idx = np.flatnonzero(crops.cells["fold"].to_numpy() == spec.train.fold)
+        _, _, probs, partner, background = _evaluate_rows(
+            model, crops, idx, spec.test_variant, fill=protocol.variants.fill, seed=protocol.variants.seed,
+            device=device, batch_size=cfg.batch_size, amp=amp)
     labels = crops.labels[idx]
     cells = crops.cells.iloc[idx].reset_index(drop=True)
-    cell_ids = cells["cell_id"].astype(str).to_numpy()
-    base = pd.DataFrame({
-        "cell_id": cell_ids,
+    all_ids = crops.cells["cell_id"].astype(str).to_numpy()
+    pred_index = probs.argmax(1).numpy() if len(idx) else np.zeros(0, np.int64)
+    df = pd.DataFrame({
+        "cell_id": all_ids[idx],
         "image_id": cells["image_id"].astype(str) if "image_id" in cells else "",
         "patient_id": cells["patient_id"].astype(str),
         "label": cells["label"].astype(str),
         "label_index": labels.astype(np.int64),
-        "model": spec.model,
-        "train_variant": spec.train_variant,
+        "model": spec.train.model,
+        "train_variant": spec.train.train_variant,
+        "test_variant": spec.test_variant,
+        "seed": spec.train.seed,
+        "fold": spec.train.fold,
+        "pred": np.asarray(crops.classes, dtype=object)[pred_index],
+        "pred_index": pred_index.astype(np.int64),
+        "correct": pred_index == labels,
     })
-    frames = []
-    for test_variant in protocol.variants.test:
-        res = crops.variant(test_variant, idx, images, masks, fill=protocol.variants.fill,
-                            seed=protocol.variants.seed)
-        _, _, probs = _evaluate(model, res.images, torch.from_numpy(labels), device=device,
-                                batch_size=protocol.training.batch_size, amp=amp)
-        pred_index = probs.argmax(1).numpy()
-        partner = np.asarray(res.partner)
-        df = base.copy()
-        df.insert(df.columns.get_loc("train_variant") + 1, "test_variant", test_variant)
-        df["seed"] = spec.seed
-        df["fold"] = spec.fold
-        df["pred"] = np.asarray(crops.classes, dtype=object)[pred_index]
-        df["pred_index"] = pred_index.astype(np.int64)
-        df["correct"] = pred_index == labels
-        for k, name in enumerate(crops.classes):
-            df[f"prob_{name}"] = probs[:, k].numpy().astype(np.float64)
-        df["partner_cell_id"] = np.where(partner >= 0, cell_ids[np.clip(partner, 0, None)], "")
-        df["background_id"] = _background_ids(res, test_variant, crops.options)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
-
-
-def _background_ids(res, test_variant: str, options: dict | None) -> np.ndarray:
-    """``<source>/<id>`` of the background each cell was drawn (``bg_image``), "" otherwise."""
-    drawn = getattr(res, "background", None)
-    if drawn is None or (np.asarray(drawn) < 0).all():
-        return np.full(len(res.partner), "", dtype=object)
-    from cellbg.variants import parse_variant
-
-    source = str(parse_variant(test_variant).args[0])
-    pool = (options or {}).get("backgrounds", {})[source]
-    ids = np.asarray([f"{source}/{i}" for i in pool.ids], dtype=object)
-    return np.where(np.asarray(drawn) >= 0, ids[np.clip(drawn, 0, None)], "")
+    for k, name in enumerate(crops.classes):
+        df[f"prob_{name}"] = probs[:, k].numpy().astype(np.float64) if len(idx) else np.zeros(0)
+    df["partner_cell_id"] = np.where(partner >= 0, all_ids[np.clip(partner, 0, None)], "")
+    df["background_id"] = background
+    job_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(job_dir / "spec.json", {"key": key, "train_key": train_key, "job": spec.to_dict(),
+                                              "cells": int(len(idx)), "seconds": time.perf_counter() - t0,
+                                              "cellbg": __version__})
+    check_probabilities(df, where=f"prediction job {_job_label(spec.train)}/{spec.test_variant} ({job_dir})")
+    write_parquet_atomic(df, out)
+    write_text_atomic(job_dir / DONE, f"{key}\n")
+    return out
 
 
 # --------------------------------------------------------------------------- all jobs
 def run_training(protocol, *, progress: Callable[[JobResult], None] | None = None) -> list[JobResult]:
-    """Run every job of the protocol serially (skipping finished ones), then
-    :func:`collect_predictions`. The runner (:mod:`cellbg.runner`) runs them in parallel."""
+    """Run every training job, then every prediction job, of the protocol serially (skipping
+    finished ones), then :func:`collect_predictions`. The runner (:mod:`cellbg.runner`) runs
+    them in parallel.
+
+    Returns
+    -------
+    list of JobResult
+        One per training job, ``accuracy`` holding its test accuracy per test variant.
+    """
+    import dataclasses
+
     from cellbg.protocol import write_resolved
 
     write_resolved(protocol)  # collect_predictions and later stages read the run's protocol
     results = []
     for spec in plan_jobs(protocol):
         result = run_job(protocol, spec)
+        result = dataclasses.replace(result, accuracy=test_job(protocol, spec))
         results.append(result)
         if progress is not None:
             progress(result)
@@ -837,11 +1069,42 @@ def run_training(protocol, *, progress: Callable[[JobResult], None] | None = Non
     return results
 
 
-def collect_predictions(run_dir: str | Path, *, protocol=None) -> Path:
-    """Concatenate the predictions of the protocol's finished jobs into ``<run>/predictions.parquet``.
+def test_job(protocol, spec: JobSpec, *, train_dir: str | Path | None = None,
+             out_dir: str | Path | None = None) -> dict[str, float]:
+    """Run the prediction job of every test variant for one finished training job.
 
-    Only the jobs of the run's protocol (``protocol.resolved.yaml``, or ``protocol``) are
-    read, so stale job folders from earlier protocol versions are ignored.
+    Parameters
+    ----------
+    protocol : Protocol
+    spec : JobSpec
+    train_dir : path, optional
+        The finished training job (default its folder in the run).
+    out_dir : path, optional
+        Put the prediction jobs in ``out_dir/<test variant>`` instead of the run's ``jobs/``.
+
+    Returns
+    -------
+    dict
+        Test accuracy per test variant.
+    """
+    accuracy = {}
+    for variant in protocol.variants.test:
+        job_dir = Path(out_dir) / variant if out_dir is not None else None
+        path = run_prediction(protocol, PredictSpec(train=spec, test_variant=variant), job_dir, train_dir=train_dir)
+        accuracy[variant] = float(pd.read_parquet(path, columns=["correct"])["correct"].mean())
+    return accuracy
+
+
+test_job.__test__ = False  # not a pytest test
+
+
+#: The run's predictions as a dataset: one parquet file per prediction job (same columns),
+#: for readers that scan lazily (``pyarrow.dataset.dataset(<run>/predictions)``).
+PREDICTIONS_DATASET = "predictions"
+
+
+def prediction_files(run_dir: str | Path, *, protocol=None) -> list[Path]:
+    """The ``predictions.parquet`` of every prediction job of the run's protocol.
 
     Raises
     ------
@@ -854,22 +1117,73 @@ def collect_predictions(run_dir: str | Path, *, protocol=None) -> Path:
 
         protocol = load_run(run_dir)
     crops_hash = crops_fingerprint(run_dir)
-    frames, missing = [], []
-    for spec in plan_jobs(protocol):
-        job_dir = run_dir / "jobs" / job_key(protocol, spec, crops_hash=crops_hash)
+    train_keys = {s: job_key(protocol, s, crops_hash=crops_hash) for s in plan_jobs(protocol)}
+    files, missing = [], []
+    for spec in plan_predictions(protocol):
+        job_dir = run_dir / "jobs" / predict_key(protocol, spec, train_key=train_keys[spec.train])
         if not (job_dir / DONE).exists():
             missing.append(spec)
             continue
-        frame = pd.read_parquet(job_dir / "predictions.parquet")
-        check_probabilities(frame, where=f"{job_dir / 'predictions.parquet'}")
-        frames.append(frame)
+        files.append(job_dir / "predictions.parquet")
     if missing:
         s = missing[0]
         raise CellbgError(
-            f"{len(missing)} training job(s) not finished in {run_dir}, e.g. model '{s.model}', train variant "
-            f"'{s.train_variant}', seed {s.seed}, fold {s.fold}; run 'cellbg train' first"
+            f"{len(missing)} prediction job(s) not finished in {run_dir}, e.g. model '{s.train.model}', train variant "
+            f"'{s.train.train_variant}', seed {s.train.seed}, fold {s.train.fold}, test variant '{s.test_variant}'; "
+            "run 'cellbg train' first"
         )
-    return write_parquet_atomic(pd.concat(frames, ignore_index=True), run_dir / "predictions.parquet")
+    return files
+
+
+def collect_predictions(run_dir: str | Path, *, protocol=None) -> Path:
+    """Gather the predictions of the protocol's finished prediction jobs.
+
+    Writes ``<run>/predictions/`` (:data:`PREDICTIONS_DATASET`: one file per job, hard links
+    to the jobs' files where the file system allows) and ``<run>/predictions.parquet`` (the
+    same rows in one file, written job by job with constant memory). Only the jobs of the
+    run's protocol (``protocol.resolved.yaml``, or ``protocol``) are read, so stale job
+    folders from earlier protocol versions are ignored.
+
+    Raises
+    ------
+    CellbgError
+        When some jobs are not finished (their number and the first one).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cellbg._io import atomic_dir
+
+    run_dir = Path(run_dir)
+    files = prediction_files(run_dir, protocol=protocol)
+    with atomic_dir(run_dir / PREDICTIONS_DATASET) as tmp:
+        for f in files:
+            target = Path(tmp) / f"part-{f.parent.name}.parquet"
+            try:
+                os.link(f, target)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(f, target)
+    out = run_dir / "predictions.parquet"
+    with atomic_path(out) as tmp:
+        writer, schema = None, None
+        try:
+            for f in files:
+                table = pq.read_table(f)
+                if writer is None:
+                    schema = table.schema.remove_metadata()
+                    writer = pq.ParquetWriter(str(tmp), schema)
+                table = table.replace_schema_metadata(None)
+                if not table.schema.equals(schema):
+                    table = table.cast(schema)
+                writer.write_table(table)
+            if writer is None:
+                writer = pq.ParquetWriter(str(tmp), pa.schema([]))
+        finally:
+            if writer is not None:
+                writer.close()
+    return out
 
 
 def load_job_model(job_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

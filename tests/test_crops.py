@@ -189,6 +189,35 @@ def test_run_crops_writes_the_contract(tmp_path):
     assert (protocol.run_dir / "protocol.resolved.yaml").exists()
 
 
+def test_store_keeps_the_source_dtype_compactly_and_reads_rows_in_any_order(tmp_path):
+    from cellbg.crops import CropStore, open_store, store_bytes
+
+    protocol = _protocol(_dataset(tmp_path))
+    cells = run_crops(protocol)
+    group = zarr.open_group(str(protocol.run_dir / "crops.zarr"), mode="r")
+    assert group["images"].dtype == np.uint8 and group.attrs["divisor"] == 255.0
+    # the stored pixels are the image's own: 200 inside the cell
+    raw = np.asarray(group["images"][:])
+    assert set(np.unique(raw[:, 0][np.asarray(group["masks"][:])]).tolist()) == {200}
+    summary = json.loads((protocol.run_dir / "crops.json").read_text())
+    assert summary["store_dtype"] == "uint8" and summary["source_pixel_bytes"] == len(cells) * 32 * 32
+    assert summary["store_bytes"] == store_bytes(protocol.run_dir / "crops.zarr")
+    assert summary["store_bytes"] <= 1.1 * summary["source_pixel_bytes"]
+    # random reads (repeats, any order) give exactly the float crops
+    images, masks, _ = load_crops(protocol.run_dir)
+    store = CropStore(protocol.run_dir, cache_chunks=1)
+    idx = np.array([11, 0, 5, 5, 3])
+    got_i, got_m = store.read(idx)
+    assert got_i.dtype == np.float32
+    np.testing.assert_array_equal(got_i, images[idx])
+    np.testing.assert_array_equal(got_m, masks[idx])
+    # a node-local copy reads the same
+    copy = open_store(protocol.run_dir, scratch=tmp_path / "scratch")
+    assert copy.path.parent.parent == tmp_path / "scratch"
+    np.testing.assert_array_equal(copy.read(idx)[0], images[idx])
+    assert open_store(protocol.run_dir, scratch=tmp_path / "scratch").path == copy.path  # copied once
+
+
 def test_run_crops_parallel_equals_serial(tmp_path):
     serial = run_crops(_protocol(_dataset(tmp_path / "a")))
     parallel = run_crops(_protocol(_dataset(tmp_path / "b"), workers=2))

@@ -375,9 +375,15 @@ def test_pipeline_end_to_end_and_rerun_does_no_work(reference):
     assert set(preds["model"]) == {"resnet_a", "resnet_b"}
     assert (reference / "stats" / "tests.csv").exists() and (reference / "saliency.parquet").exists()
     assert (reference / "report" / "report.md").exists()
-    assert len(list((reference / "jobs").glob("*/DONE"))) == 8
+    # 8 training jobs, 8 x 2 prediction jobs
+    assert len(list((reference / "jobs").glob("*/DONE"))) == 8 + 16
     logs = sorted(p.name.split("-")[0] for p in (reference / "logs").glob("*.log") if p.name != "dask.log")
-    assert logs == ["crops", "data", "predictions", "report", "saliency", "segment", "stats"] + ["train"] * 8
+    assert logs == (["crops", "data"] + ["predict"] * 16 + ["predictions", "report", "saliency"]
+                    + ["segment", "stats"] + ["train"] * 8)
+    # the predictions as a dataset: one file per prediction job, the same rows
+    parts = sorted((reference / "predictions").glob("*.parquet"))
+    assert len(parts) == 16
+    assert sum(len(pd.read_parquet(f)) for f in parts) == len(preds)
     # a second run of the finished protocol does no work (and starts no cluster)
     mtimes = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file() and ".cellbg" not in p.parts}
     again = cellbg("run", str(reference.parent / "protocol.yaml"))
@@ -408,6 +414,49 @@ def test_changing_one_model_reruns_only_its_jobs(reference, tmp_path):
         assert any(line.startswith(stage) and " cached " in line for line in dry.stdout.splitlines())
 
 
+def test_adding_a_test_variant_runs_only_its_prediction_jobs(reference, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("logs"))
+    old = pd.read_parquet(run_dir / "predictions.parquet")
+    path = write_protocol(tmp_path, variants={**TINY["variants"], "test": ["original", "only_fg", "no_fg"]})
+
+    def table(out: str) -> dict:
+        return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+
+    dry = cellbg("run", str(path), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    rows = [line.split() for line in dry.stdout.splitlines()]
+    assert [w[1] for w in rows if w and w[0] == "train" and w[1] in ("cached", "to")] == ["cached"] * 8
+    predict = [w for w in rows if w and w[0] == "predict" and w[1] in ("cached", "to")]
+    assert len(predict) == 24
+    assert sorted(w[-1].split("/")[-1] for w in predict if w[1] == "to") == ["no_fg"] * 8
+
+    run = cellbg("run", str(path))
+    assert run.returncode == 0, run.stderr
+    t = table(run.stdout)
+    assert t["train"][:3] == ["8", "8", "0"]  # jobs, cached, ran: no training
+    assert t["predict"][:3] == ["24", "16", "8"]  # only the new variant's prediction jobs
+    assert not list((run_dir / "logs").glob("train-*.log"))
+    new = pd.read_parquet(run_dir / "predictions.parquet")
+    assert sorted(new["test_variant"].unique()) == ["no_fg", "only_fg", "original"]
+    keys = ["cell_id", "model", "train_variant", "test_variant", "seed", "fold"]
+    kept = new[new["test_variant"] != "no_fg"].sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, old.sort_values(keys).reset_index(drop=True))
+
+
+def test_dry_run_counts_training_jobs_before_the_crops_exist(tmp_path):
+    path = write_protocol(tmp_path)
+    dry = cellbg("run", str(path), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    lines = {line.split()[0]: line for line in dry.stdout.splitlines() if line.strip()}
+    assert "8 jobs" in lines["train"] and "16 jobs" in lines["predict"]
+    assert not (tmp_path / "run" / "crops.zarr").exists()
+
+
 def test_killed_run_resumes_with_the_same_results(reference, tmp_path):
     path = write_protocol(tmp_path)
     run_dir = tmp_path / "run"
@@ -426,8 +475,9 @@ def test_killed_run_resumes_with_the_same_results(reference, tmp_path):
 
     again = cellbg("run", str(path))
     assert again.returncode == 0, again.stderr
-    for key in finished:  # finished before the kill: not trained again
-        assert (run_dir / "logs" / f"train-{key}.log").read_text().count("=== attempt started") == 1
+    for key in finished:  # finished before the kill: not run again
+        (log,) = (run_dir / "logs").glob(f"*-{key}.log")
+        assert log.read_text().count("=== attempt started") == 1
     assert_same_results(run_dir, reference)
 
 

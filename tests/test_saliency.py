@@ -485,7 +485,8 @@ def test_run_saliency_maps_each_test_variant_on_the_image_the_model_saw(tmp_path
     preds = pd.read_parquet(p.run_dir / "predictions.parquet")
 
     row = table[(table["test_variant"] == "mixed_rand") & (table["train_variant"] == "original")].iloc[0]
-    job_preds = pd.read_parquet(p.run_dir / "jobs" / row["job_key"] / "predictions.parquet")
+    job_preds = preds[(preds["model"] == row["model"]) & (preds["train_variant"] == row["train_variant"])
+                      & (preds["seed"] == row["seed"]) & (preds["fold"] == row["fold"])]
     mine = preds[(preds["cell_id"] == row["cell_id"]) & (preds["test_variant"] == "mixed_rand")
                  & (preds["train_variant"] == "original")].iloc[0]
     # the partner is the one the model's prediction used, and the prediction is the same

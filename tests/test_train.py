@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from cellbg import CellbgError
 from cellbg.cli import app
 from cellbg.crops import run_crops
+from cellbg.planning import JobSpec, PredictSpec, crops_fingerprint, job_key, plan_jobs, predict_key
 from cellbg.protocol import Protocol, load_protocol
-from cellbg.planning import JobSpec, crops_fingerprint, job_key, plan_jobs
 from cellbg.train import (
     RandDihedral,
     RandIntensityJitter,
@@ -28,8 +28,11 @@ from cellbg.train import (
     load_job_model,
     patient_split,
     run_job,
+    run_prediction,
     run_training,
     select_device,
+    test_job,
+    window_order,
 )
 
 TINY_RESNET = {"arch": "resnet", "depth": 10, "width": 0.25, "small_stem": False}
@@ -117,7 +120,6 @@ def test_job_key_tracks_exactly_what_the_job_depends_on(tmp_path):
         ),
         "learning rate": job_key(_protocol(base, **{"training": {"lr": 0.01}}), spec, crops_hash="c0"),
         "fill": job_key(_protocol(base, **{"variants": {"fill": "black"}}), spec, crops_hash="c0"),
-        "test variants": job_key(_protocol(base, **{"variants": {"test": ["original"]}}), spec, crops_hash="c0"),
         "job seed": job_key(p, JobSpec("resnet", "original", 1, 0), crops_hash="c0"),
         "job fold": job_key(p, JobSpec("resnet", "original", 0, 1), crops_hash="c0"),
         "train variant": job_key(p, JobSpec("resnet", "only_fg", 0, 0), crops_hash="c0"),
@@ -129,9 +131,18 @@ def test_job_key_tracks_exactly_what_the_job_depends_on(tmp_path):
         "seed list": _protocol(base, **{"training": {"seeds": [0, 1, 2]}}),
         "other train variants": _protocol(base, **{"variants": {"train": ["original", "no_fg"]}}),
         "loader workers": _protocol(base, **{"training": {"num_workers": 2}}),
+        "memory budget": _protocol(base, **{"training": {"memory_budget": "0"}}),
+        "test variants": _protocol(base, **{"variants": {"test": ["original"]}}),
     }
     for what, q in unchanged.items():
         assert job_key(q, spec, crops_hash="c0") == key, what
+    # a prediction job: the trained model's key and its test variant
+    pk = predict_key(p, PredictSpec(spec, "original"), crops_hash="c0")
+    assert pk == predict_key(_protocol(base, **{"variants": {"test": ["original"]}}), PredictSpec(spec, "original"),
+                             crops_hash="c0")
+    assert pk != predict_key(p, PredictSpec(spec, "only_fg"), crops_hash="c0")
+    assert pk != predict_key(_protocol(base, **{"training": {"lr": 0.5}}), PredictSpec(spec, "original"),
+                             crops_hash="c0")
 
 
 def test_crops_fingerprint_follows_bytes(strong_run, tmp_path):
@@ -151,14 +162,31 @@ def test_crops_fingerprint_follows_bytes(strong_run, tmp_path):
 
 
 def test_streamed_crops_equal_in_memory(strong_run):
+    from cellbg.crops import load_crops
     from cellbg.train import _read_crops
 
     run = Path(strong_run["output"])
-    memory, streamed = _read_crops(run), _read_crops(run, in_memory=False)
-    assert isinstance(memory.images, torch.Tensor) and not isinstance(streamed.images, torch.Tensor)
-    idx = np.array([7, 2, 30, 2, 0])
-    for a, b in zip(memory.take(idx), streamed.take(idx)):
+    memory, streamed = _read_crops(run, budget="100GB"), _read_crops(run, in_memory="auto", budget="0")
+    assert memory.in_memory and not streamed.in_memory
+    idx = np.array([7, 2, 30, 2, 0, 200, 5])
+    images, masks, _ = load_crops(run)
+    for a, b in zip(memory.take(idx), streamed.take(idx), strict=True):
         assert torch.equal(a, b)
+    assert torch.equal(memory.take(idx)[0], torch.from_numpy(images[idx]))
+    assert torch.equal(memory.take(idx)[1], torch.from_numpy(masks[idx]))
+
+
+def test_window_order_is_a_chunk_aligned_shuffle():
+    rng = np.random.default_rng(0)
+    rows = np.arange(0, 1000, 2)  # every other row of a 1000-row store, 10 rows per chunk
+    out = window_order(rows, 10, rng, window=40)
+    assert sorted(out.tolist()) == rows.tolist()  # a permutation
+    # each run of 20 consecutive rows (one window: 4 chunks of 5 training rows) spans 4 chunks
+    for start in range(0, len(out), 20):
+        assert len(set((out[start:start + 20] // 10).tolist())) == 4
+    assert not np.array_equal(out, rows)
+    # seeded: the same generator state, the same order
+    assert np.array_equal(out, window_order(rows, 10, np.random.default_rng(0), window=40))
 
 
 # --------------------------------------------------------------------------- splits
@@ -218,7 +246,7 @@ def test_rand_dihedral_matches_torch_and_is_seeded():
 
 
 def test_rand_intensity_jitter_bounds_and_colour():
-    x = torch.rand(50, 3, 4, 4) * 0.5 + 0.25
+    x = torch.rand(50, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
     t = RandIntensityJitter(scale=0.2, shift=0.1).set_random_state(1)
     t.randomize(50)
     y = t(x)
@@ -249,13 +277,17 @@ def test_run_job_files_predictions_and_model(strong_run, tmp_path):
     result = run_job(p, spec, job_dir)
     assert result.done and result.epochs == 2
     names = {f.name for f in job_dir.iterdir()}
-    assert {"spec.json", "checkpoint.pt", "history.csv", "predictions.parquet", "DONE"} <= names
+    assert {"spec.json", "checkpoint.pt", "history.csv", "DONE"} <= names
+    assert "predictions.parquet" not in names  # testing is its own job
     assert not [n for n in names if n.endswith(".tmp")]
-    assert (job_dir / "DONE").stat().st_mtime_ns >= (job_dir / "predictions.parquet").stat().st_mtime_ns
 
+    accuracy = test_job(p, spec, train_dir=job_dir, out_dir=tmp_path / "pred")
+    pred_dir = tmp_path / "pred" / "original"
+    assert (pred_dir / "DONE").stat().st_mtime_ns >= (pred_dir / "predictions.parquet").stat().st_mtime_ns
     cells = pd.read_parquet(Path(p.run_dir) / "cells.parquet")
     test_cells = cells[cells["fold"] == spec.fold]
-    preds = pd.read_parquet(job_dir / "predictions.parquet")
+    preds = pd.concat([pd.read_parquet(tmp_path / "pred" / v / "predictions.parquet") for v in p.variants.test],
+                      ignore_index=True)
     expected_cols = ["cell_id", "image_id", "patient_id", "label", "label_index", "model", "train_variant",
                      "test_variant", "seed", "fold", "pred", "pred_index", "correct", "prob_healthy",
                      "prob_sezary", "partner_cell_id", "background_id"]
@@ -266,12 +298,12 @@ def test_run_job_files_predictions_and_model(strong_run, tmp_path):
     assert (preds["correct"] == (preds["pred"] == preds["label"])).all()
     orig = preds[preds["test_variant"] == "original"]
     assert (orig["partner_cell_id"] == "").all()
-    label_of = dict(zip(cells["cell_id"], cells["label"]))
+    label_of = dict(zip(cells["cell_id"], cells["label"], strict=True))
     same = preds[preds["test_variant"] == "mixed_same"]
     assert (same["partner_cell_id"] != "").all()
-    assert all(label_of[c] == label_of[q] for c, q in zip(same["cell_id"], same["partner_cell_id"]))
+    assert all(label_of[c] == label_of[q] for c, q in zip(same["cell_id"], same["partner_cell_id"], strict=True))
     assert set(preds.loc[preds["test_variant"] == "mixed_rand", "partner_cell_id"]) <= set(test_cells["cell_id"])
-    assert result.accuracy["original"] == pytest.approx(orig["correct"].mean())
+    assert accuracy["original"] == pytest.approx(orig["correct"].mean())
 
     history = pd.read_csv(job_dir / "history.csv")
     assert list(history["epoch"]) == [1, 2]
@@ -294,9 +326,12 @@ def test_run_job_files_predictions_and_model(strong_run, tmp_path):
     np.testing.assert_allclose(probs[:, 1], by_id["prob_sezary"], atol=1e-5)
 
     # a finished job is not rerun
-    mtime = (job_dir / "predictions.parquet").stat().st_mtime_ns
-    assert run_job(p, spec, job_dir).accuracy == result.accuracy
-    assert (job_dir / "predictions.parquet").stat().st_mtime_ns == mtime
+    mtime = (job_dir / "checkpoint.pt").stat().st_mtime_ns
+    assert run_job(p, spec, job_dir).epochs == result.epochs
+    assert (job_dir / "checkpoint.pt").stat().st_mtime_ns == mtime
+    mtime = (pred_dir / "predictions.parquet").stat().st_mtime_ns
+    run_prediction(p, PredictSpec(spec, "original"), pred_dir, train_dir=job_dir)
+    assert (pred_dir / "predictions.parquet").stat().st_mtime_ns == mtime
 
 
 def test_run_job_bad_inputs(strong_run, tmp_path):
@@ -340,14 +375,18 @@ def test_kill_after_epoch_two_then_resume_equals_uninterrupted(strong_run, tmp_p
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "CELLBG_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not (killed_dir / "DONE").exists() and not (killed_dir / "predictions.parquet").exists()
+    assert not (killed_dir / "DONE").exists()
     assert list(pd.read_csv(killed_dir / "history.csv")["epoch"]) == [1, 2]
 
     resumed = run_job(p, spec, killed_dir)
     assert resumed.done and resumed.epochs == 4
-    a = pd.read_parquet(tmp_path / "full" / "predictions.parquet")
-    b = pd.read_parquet(killed_dir / "predictions.parquet")
-    pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+    def weights(job_dir):
+        return torch.load(job_dir / "checkpoint.pt", weights_only=False)["model"]
+
+    a = weights(tmp_path / "full")
+    for k, v in weights(killed_dir).items():
+        assert torch.equal(a[k], v), k
     ha = pd.read_csv(tmp_path / "full" / "history.csv").drop(columns="seconds")
     hb = pd.read_csv(killed_dir / "history.csv").drop(columns="seconds")
     pd.testing.assert_frame_equal(ha, hb, check_exact=True)
@@ -357,14 +396,19 @@ def test_kill_after_epoch_two_then_resume_equals_uninterrupted(strong_run, tmp_p
     part = run_job(p, spec, hook_dir, max_epochs_this_call=1)
     assert not part.done and part.epochs == 1 and not (hook_dir / "DONE").exists()
     run_job(p, spec, hook_dir)
-    pd.testing.assert_frame_equal(a, pd.read_parquet(hook_dir / "predictions.parquet"), check_exact=True)
+    for k, v in weights(hook_dir).items():
+        assert torch.equal(a[k], v), k
 
 
 # --------------------------------------------------------------------------- the science
 def _accuracy(config: dict) -> dict:
     # no validation split: every training patient trains, and the last epoch is kept
     p = _protocol(config, **{"training.epochs": 15, "training.split.val_fraction": 0.0})
-    return {spec.train_variant: run_job(p, spec).accuracy for spec in plan_jobs(p)}
+    out = {}
+    for spec in plan_jobs(p):
+        run_job(p, spec)
+        out[spec.train_variant] = test_job(p, spec)
+    return out
 
 
 def _extra_drop(acc: dict, test_variant: str) -> float:
@@ -398,8 +442,12 @@ def test_run_training_collect_and_cli(strong_run, tmp_path):
     results = run_training(p)
     assert len(results) == 1 and results[0].done
     out = pd.read_parquet(Path(p.run_dir) / "predictions.parquet")
-    job = pd.read_parquet(results[0].job_dir / "predictions.parquet")
+    job = pd.read_parquet(Path(p.run_dir) / "jobs" / predict_key(p, PredictSpec(results[0].spec, "original"))
+                          / "predictions.parquet")
     pd.testing.assert_frame_equal(out, job)
+    parts = sorted((Path(p.run_dir) / "predictions").glob("*.parquet"))
+    assert len(parts) == 1
+    pd.testing.assert_frame_equal(pd.read_parquet(parts[0]), job)
     # the CLI finds the finished job (same key) and reports it
     res = CliRunner().invoke(app, ["train", str(proto_file)])
     assert res.exit_code == 0, res.output
@@ -409,5 +457,5 @@ def test_run_training_collect_and_cli(strong_run, tmp_path):
     assert res.exit_code == 2
     # predictions of unfinished jobs are refused with a count
     p.training.seeds = [0, 5]
-    with pytest.raises(CellbgError, match="1 training job\\(s\\) not finished"):
+    with pytest.raises(CellbgError, match="1 prediction job\\(s\\) not finished"):
         collect_predictions(p.run_dir, protocol=p)

@@ -129,7 +129,8 @@ def make_cluster(cfg, run_dir: str | Path):
             silence_logs=logging.CRITICAL,
             local_directory=os.path.expandvars(cfg.local_directory) if cfg.local_directory else None,
             memory_limit=0,  # jobs own their memory; Dask must not pause or kill them for it
-            env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)},
+            env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                 **({"CELLBG_SCRATCH": cfg.scratch} if cfg.scratch else {})},
         )
 
     import dask_jobqueue
@@ -167,6 +168,8 @@ def make_cluster(cfg, run_dir: str | Path):
         job_script_prologue=[
             f"export OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}",
             f"export DASK_CONFIG={_worker_dask_config(run_dir)}",
+            # node-local copy of the crop store (cellbg.crops.open_store)
+            *([f'export CELLBG_SCRATCH="{cfg.scratch}"'] if cfg.scratch else []),
             *cfg.job_script_prologue,
         ],
         # --nthreads again (after dask-jobqueue's cores // processes): the last one wins, so a

@@ -333,12 +333,15 @@ class Stage:
     that are not cached (never in a dry run), e.g. to clear their stale outputs.
     ``worker_modules`` names the modules the stage's worker jobs import: when an earlier
     stage has work to do, the cluster is started early and imports them meanwhile.
+    ``count(context)``, when given, says how many jobs the stage will have before its
+    inputs exist (from the protocol alone): a dry run shows it for stages planned later.
     """
 
     name: str
     plan: Callable[[RunContext], list[Job]]
     prepare: Callable[[RunContext, list[Job]], None] | None = None
     worker_modules: tuple[str, ...] = ()
+    count: Callable[[RunContext], int] | None = None
 
 
 # =========================================================================== results

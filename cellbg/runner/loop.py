@@ -198,15 +198,19 @@ def run_stages(
     interrupted = False
 
     if dry_run:
+        def later(stage: Stage, after: str) -> StageSummary:
+            n = stage.count(ctx) if stage.count is not None else None
+            note = f"planned after {after}" + (f": {n} jobs" if n is not None else "")
+            return StageSummary(stage.name, n or 0, 0, 0, 0, 0.0, planned=False, note=note)
+
         for stage in stages:
             if blocked_by is not None:
-                note = f"planned after {blocked_by}"
-                summaries.append(StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=note))
+                summaries.append(later(stage, blocked_by))
                 continue
             try:
                 jobs = stage.plan(ctx)
             except NotReady as exc:
-                summaries.append(StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=f"planned after {exc}"))
+                summaries.append(later(stage, str(exc)))
                 blocked_by = blocked_by or str(exc)
                 continue
             checks = [j.check(run_dir, full=verify) for j in jobs]

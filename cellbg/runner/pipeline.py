@@ -1,5 +1,9 @@
-"""The cellbg pipeline as stages: data, segment, crops, train, predictions, saliency,
-stats, detect, detect_stats, report.
+"""The cellbg pipeline as stages: data, segment, crops, train, predict, predictions,
+saliency, stats, detect, detect_stats, report.
+
+Training and testing are separate jobs: a training job is keyed by what the model depends
+on (never the test variants), a prediction job by the trained model's key and one test
+variant. Adding a test variant to a finished run therefore runs its prediction jobs only.
 
 Each ``_plan_*`` function turns the resolved protocol and the keys of the finished
 upstream stages into jobs; the job functions (``_job_*``) import their stage module on the
@@ -72,6 +76,12 @@ def _job_train(protocol, spec, job_dir: str) -> None:
 
     _progress.report(done=0, total=epochs, unit="epochs")
     train.run_job(protocol, spec, job_dir=Path(job_dir), on_epoch_end=epoch_done)
+
+
+def _job_predict(protocol, spec, job_dir: str) -> None:
+    from cellbg import train
+
+    train.run_prediction(protocol, spec, job_dir=Path(job_dir))
 
 
 def _job_collect(run_dir: str) -> None:
@@ -198,36 +208,78 @@ def _spec_name(spec) -> str:
     return f"{model}/{variant}/s{seed}/f{fold}"
 
 
-def _plan_train(ctx: RunContext) -> list[Job]:
+def _train_keys(ctx: RunContext) -> dict:
+    """The training job of every spec and its key (the crops' fingerprint computed once)."""
     from cellbg import planning  # planning and keys only: no torch in the client
 
+    if "train_keys" not in ctx.data:
+        ctx.key("crops")
+        p = ctx.protocol
+        crops_hash = planning.crops_fingerprint(p.run_dir)
+        ctx.data["train_keys"] = {s: planning.job_key(p, s, crops_hash=crops_hash) for s in planning.plan_jobs(p)}
+    return ctx.data["train_keys"]
+
+
+def _plan_train(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
-    ctx.key("crops")
     jobs = []
-    for spec in planning.plan_jobs(p):
-        key = planning.job_key(p, spec)
+    for spec, key in _train_keys(ctx).items():
         job_dir = p.run_dir / "jobs" / key
         jobs.append(
             Job("train", _spec_name(spec), key, _job_train, (p, spec, str(job_dir)),
                 marker=job_dir / "DONE", writes_marker=True,
-                outputs=tuple(job_dir / f for f in ("predictions.parquet", "checkpoint.pt", "history.csv",
-                                                     "spec.json")))
+                outputs=tuple(job_dir / f for f in ("checkpoint.pt", "history.csv", "spec.json")))
         )
     return jobs
 
 
+def _count_train(ctx: RunContext) -> int:
+    from cellbg import planning
+
+    return len(planning.plan_jobs(ctx.protocol))
+
+
+def _plan_predict(ctx: RunContext) -> list[Job]:
+    """One job per trained model x test variant, keyed by the checkpoint's key and the variant:
+    a new test variant adds jobs here and retrains nothing."""
+    from cellbg import planning
+
+    p = ctx.protocol
+    keys = _train_keys(ctx)
+    ctx.key("train")
+    jobs = []
+    for spec in planning.plan_predictions(p):
+        key = planning.predict_key(p, spec, train_key=keys[spec.train])
+        job_dir = p.run_dir / "jobs" / key
+        jobs.append(
+            Job("predict", f"{_spec_name(spec.train)}/{spec.test_variant}", key, _job_predict,
+                (p, spec, str(job_dir)), marker=job_dir / "DONE", writes_marker=True,
+                outputs=(job_dir / "predictions.parquet", job_dir / "spec.json"))
+        )
+    return jobs
+
+
+def _count_predict(ctx: RunContext) -> int:
+    from cellbg import planning
+
+    return len(planning.plan_predictions(ctx.protocol))
+
+
 def _plan_predictions(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
-    key = hash_key("predictions", ctx.key("train"))
+    key = hash_key("predictions", ctx.key("predict"))
     return [Job("predictions", "predictions", key, _job_collect, (str(p.run_dir),), where="client",
-                outputs=(p.run_dir / "predictions.parquet",))]
+                outputs=(p.run_dir / "predictions.parquet", p.run_dir / "predictions"))]
 
 
 def _plan_saliency(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
     if not p.saliency.enabled:
         return []
-    key = hash_key("saliency", ctx.key("train"), ctx.key("crops"), _section(p, "saliency"), _section(p, "variants"))
+    variants = _section(p, "variants")
+    for name in ("train", "test"):  # the trained models' keys cover what matters of these lists
+        variants.pop(name, None)
+    key = hash_key("saliency", ctx.key("train"), ctx.key("crops"), _section(p, "saliency"), variants)
     return [Job("saliency", "saliency", key, _job_saliency, (p,),
                 outputs=(p.run_dir / "saliency.parquet", p.run_dir / "saliency.zarr"))]
 
@@ -285,10 +337,10 @@ def _plan_detect_stats(ctx: RunContext) -> list[Job]:
 def _unless_detection_only(plan):
     """A classification stage's planner that plans nothing when ``detection.only`` is set."""
 
-    def planner(ctx: RunContext) -> list[Job]:
+    def planner(ctx: RunContext):
         det = ctx.protocol.detection if ctx.protocol is not None else None
         if det is not None and det.enabled and det.only:
-            return []
+            return 0 if plan.__name__.startswith("_count") else []
         return plan(ctx)
 
     return planner
@@ -304,13 +356,16 @@ def _plan_report(ctx: RunContext) -> list[Job]:
 
 
 def pipeline_stages() -> list[Stage]:
-    """The cellbg pipeline: data, segment, crops, train, predictions, saliency, stats, the detection
-    study (detect, detect_stats; nothing unless ``detection.enabled``), report."""
+    """The cellbg pipeline: data, segment, crops, train, predict, predictions, saliency, stats,
+    the detection study (detect, detect_stats; nothing unless ``detection.enabled``), report."""
     return [
         Stage("data", _plan_data),
         Stage("segment", _plan_segment, _prepare_segment, worker_modules=("cellbg.segment",)),
         Stage("crops", _unless_detection_only(_plan_crops)),
-        Stage("train", _unless_detection_only(_plan_train), worker_modules=("cellbg.train",)),
+        Stage("train", _unless_detection_only(_plan_train), worker_modules=("cellbg.train",),
+              count=_unless_detection_only(_count_train)),
+        Stage("predict", _unless_detection_only(_plan_predict), worker_modules=("cellbg.train",),
+              count=_unless_detection_only(_count_predict)),
         Stage("predictions", _unless_detection_only(_plan_predictions)),
         Stage("saliency", _unless_detection_only(_plan_saliency), worker_modules=("cellbg.saliency",)),
         Stage("stats", _unless_detection_only(_plan_stats)),
