@@ -1,7 +1,7 @@
 """GPU readiness: every architecture at full size through cellbg's own training path.
 
 For each architecture (``cellbg.models.list_models``) at its protocol defaults (ResNet-18
-width 1, ShuffleNetV2 x1.0, CellYOLO-n) on 64 x 64 RGB crops it prints:
+width 1, ShuffleNetV2 x1.0, CellYOLO-n, EfficientNet-B0) on 64 x 64 RGB crops it prints:
 
 * throughput of the pure model step (forward, backward, AdamW step on a batch already on
   the device) and of cellbg's pipeline (the store read chunk-aligned by the training loader,
@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 FULL = {"resnet": {"depth": 18, "width": 1.0}, "shufflenet_v2": {"width": 1.0},
-        "cellyolo": {"width": 0.25, "depth": 0.33}}
+        "cellyolo": {"width": 0.25, "depth": 0.33}, "efficientnet_b0": {}}
 TINY = {"resnet": {"depth": 10, "width": 0.125}, "shufflenet_v2": {"width": 0.5},
-        "cellyolo": {"width": 0.125, "depth": 0.33}}
+        "cellyolo": {"width": 0.125, "depth": 0.33}, "efficientnet_b0": {}}
 
 
 def make_store(root: Path, *, cells: int, size: int, seed: int = 0) -> Path:
