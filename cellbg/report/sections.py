@@ -696,9 +696,11 @@ def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tupl
         group = zarr.open_group(str(run.run_dir / "crops.zarr"), mode="r")
         images, masks = cast("zarr.Array", group["images"]), cast("zarr.Array", group["masks"])
         row_of = dict(zip(run.cells["cell_id"].astype(str), range(len(run.cells)), strict=True))
+        divisor = float(group.attrs.get("divisor", 1.0))  # the store keeps the source dtype
         for cell in chosen:
             if cell in row_of:
-                crop_of[cell] = (_rgb(np.asarray(images[row_of[cell]])), np.asarray(masks[row_of[cell]], float))
+                image = np.asarray(images[row_of[cell]], float) / divisor
+                crop_of[cell] = (_rgb(image), np.asarray(masks[row_of[cell]], float))
     lead = 1 if crop_of else 0  # a first column with the plain crop, for context
     n_cols = len(columns) + lead
     width = SINGLE_COLUMN if n_cols <= 3 else DOUBLE_COLUMN
