@@ -11,10 +11,11 @@ prints, per cohort:
   fresh process, in this run (targets: streamed >= 0.9x in memory; peak RSS <= 4 GB);
 * prediction rows/s (streamed, blocks of ``PREDICT_BLOCK`` cells, one test variant).
 
-The 1M cohort is **generated directly into the store**: the largest cohort made from images
-is replicated (its crops, masks and cell rows, chunk by chunk; cell and image ids suffixed
-``-r<k>``, patients kept, so folds stay patient-grouped) until it holds 1M cells; its
-"crops seconds" is that replication time, printed as such.
+The 1M cohort (and any ``--replicated`` size) is **generated directly into the store**: the
+largest cohort made from images is replicated (its crops, masks, others masks and cell rows,
+chunk by chunk; cell and image ids suffixed ``-r<k>``, patients kept, so folds stay
+patient-grouped) until it holds that many cells; its "crops seconds" is that replication
+time, marked ``r``.
 
 Training is timed over ``--steps`` batches of the first epoch (``cellbg.train``'s own
 loader and ``train_epoch``: chunk-aligned shuffle, variant, augmentation, forward, backward,
@@ -23,6 +24,7 @@ step) with the quickstart's tiny ResNet at ``--threads`` torch threads.
     .venv/bin/python benchmarks/bench_scale.py                 # 10k, 100k
     .venv/bin/python benchmarks/bench_scale.py --sizes 10000   # quick look
     .venv/bin/python benchmarks/bench_scale.py --million       # + 1M generated into the store
+    .venv/bin/python benchmarks/bench_scale.py --sizes 10000 --replicated 100000 1000000  # a loaded machine
 """
 
 from __future__ import annotations
@@ -104,10 +106,13 @@ def _replicate(source_run: Path, target: int, root: Path) -> tuple[Path, dict]:
     big = pd.concat(parts, ignore_index=True).iloc[:target].reset_index(drop=True)
     group = zarr.open_group(str(run / "crops.zarr"), mode="w")
     img, msk = src["images"], src["masks"]
+    oth = src["others"] if "others" in src else None
     out_i = group.create_array("images", shape=(target, *img.shape[1:]), chunks=img.chunks, dtype=img.dtype,
                                compressors=_compressors())
     out_m = group.create_array("masks", shape=(target, *msk.shape[1:]), chunks=msk.chunks, dtype=msk.dtype,
                                compressors=_compressors())
+    out_o = (group.create_array("others", shape=(target, *oth.shape[1:]), chunks=oth.chunks, dtype=oth.dtype,
+                                compressors=_compressors()) if oth is not None else None)
     step = img.chunks[0] * 64
     for start in range(0, target, step):
         stop = min(start + step, target)
@@ -116,6 +121,8 @@ def _replicate(source_run: Path, target: int, root: Path) -> tuple[Path, dict]:
         block_i, block_m = img[lo:hi], msk[lo:hi]
         out_i[start:stop] = block_i[rows - lo]
         out_m[start:stop] = block_m[rows - lo]
+        if out_o is not None:
+            out_o[start:stop] = oth[lo:hi][rows - lo]
     group.attrs.update(dict(src.attrs))
     group.attrs["cell_ids_sha256"] = _ids_hash(big["cell_id"])
     big.to_parquet(run / "cells.parquet", index=False)
@@ -201,6 +208,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="cohorts made from images")
     parser.add_argument("--million", action="store_true", help="add 1M cells generated directly into the store")
+    parser.add_argument("--replicated", type=int, nargs="*", default=[],
+                        help="further cohorts generated directly into the store (replicating the largest one made)")
     parser.add_argument("--steps", type=int, default=40, help="timed training batches (batch 64)")
     parser.add_argument("--predict-rows", type=int, default=20_000, help="rows timed for prediction")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -217,14 +226,15 @@ def main() -> None:
     cohorts = []
     for n in sorted(args.sizes):
         cohorts.append((n, *_make_cohort(n, root)))
-    if args.million:
-        cohorts.append((1_000_000, *_replicate(cohorts[-1][1], 1_000_000, root)))
+    source = cohorts[-1][1]
+    for n in sorted(set(args.replicated + ([1_000_000] if args.million else []))):
+        cohorts.append((n, *_replicate(source, n, root)))
 
     header = (f"{'cells':>9} {'crops s':>8} {'B/cell':>7} {'store/src':>9} {'RSS mem GB':>10} {'RSS str GB':>10} "
               f"{'mem c/s':>8} {'str c/s':>8} {'str/mem':>7} {'pred r/s':>9}")
     lines = []
     for _n, run, info in cohorts:
-        mem_need = info["cells"] * (CROP * CROP * 4)  # 3 channels uint8 + a bool mask per pixel
+        mem_need = info["cells"] * (CROP * CROP * 5)  # 3 channels uint8 + masks and others (bool) per pixel
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         memory = _child(["train", str(run), "memory", args.steps, args.threads]) if mem_need < 0.4 * avail else None
         stream = _child(["train", str(run), "stream", args.steps, args.threads])
