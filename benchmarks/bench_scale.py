@@ -69,6 +69,10 @@ def _make_cohort(cells: int, root: Path) -> tuple[Path, dict]:
     folder = root / f"n{cells}"
     folder.mkdir(parents=True, exist_ok=True)
     protocol = parse_protocol(_protocol_text(cells, "run"), base_dir=folder)
+    timing = folder / "timing.json"
+    if timing.exists() and (Path(protocol.run_dir) / "crops.json").exists():  # --keep: made by an earlier run
+        summary = json.loads((Path(protocol.run_dir) / "crops.json").read_text())
+        return Path(protocol.run_dir), {**json.loads(timing.read_text()), **summary}
     t0 = time.perf_counter()
     table = discover(protocol)  # makes the synthetic images (not timed)
     made = time.perf_counter() - t0
@@ -76,6 +80,7 @@ def _make_cohort(cells: int, root: Path) -> tuple[Path, dict]:
     run_crops(protocol, table)
     seconds = time.perf_counter() - t0
     (folder / "protocol.yaml").write_text(_protocol_text(cells, "run"))
+    timing.write_text(json.dumps({"crops_seconds": seconds, "images_seconds": made}))
     summary = json.loads((Path(protocol.run_dir) / "crops.json").read_text())
     return Path(protocol.run_dir), {"crops_seconds": seconds, "images_seconds": made, **summary}
 
