@@ -201,14 +201,16 @@ def _flip_byte(path: Path) -> None:
 
 def _damage(run: Path) -> dict[str, str]:
     """Damage one file of every kind a finished run depends on; ``{path: how}``."""
-    jobs = sorted(p for p in (run / "jobs").iterdir() if (p / "DONE").exists())
+    jobs = sorted(p for p in (run / "jobs").iterdir() if (p / "DONE").exists() and (p / "checkpoint.pt").exists())
+    tested = sorted(p for p in (run / "jobs").iterdir()
+                    if (p / "DONE").exists() and (p / "predictions.parquet").exists())
     chunk = next(p for p in sorted((run / "crops.zarr").rglob("*")) if p.is_file() and p.name != "zarr.json")
     label = sorted((run / "segmentation").glob("*.tif"))[0]
     plan = {
         label: "truncate",
         run / "cells.parquet": "truncate",
         chunk: "flip",  # same size, other bytes
-        jobs[0] / "predictions.parquet": "truncate",
+        tested[0] / "predictions.parquet": "truncate",
         jobs[1] / "checkpoint.pt": "delete",
         jobs[2] / "history.csv": "truncate",
         jobs[3] / "checkpoint.pt": "truncate",
@@ -431,12 +433,14 @@ def test_dry_run_into_a_closed_pipe_ends_cleanly(tmp_path):
 
 
 def _one_file(run: Path, kind: str) -> Path:
-    jobs = sorted(p for p in (run / "jobs").iterdir() if (p / "DONE").exists())
+    jobs = sorted(p for p in (run / "jobs").iterdir() if (p / "DONE").exists() and (p / "checkpoint.pt").exists())
+    tested = sorted(p for p in (run / "jobs").iterdir()
+                    if (p / "DONE").exists() and (p / "predictions.parquet").exists())
     return {
         "label": lambda: sorted((run / "segmentation").glob("*.tif"))[0],
         "cells": lambda: run / "cells.parquet",
         "crops": lambda: next(p for p in sorted((run / "crops.zarr").rglob("*")) if p.is_file()),
-        "job_predictions": lambda: jobs[0] / "predictions.parquet",
+        "job_predictions": lambda: tested[0] / "predictions.parquet",
         "checkpoint": lambda: jobs[0] / "checkpoint.pt",
         "history": lambda: jobs[0] / "history.csv",
         "spec": lambda: jobs[0] / "spec.json",
@@ -476,8 +480,11 @@ def test_training_on_nan_crops_stops_with_a_clear_error(finished_run, tmp_path):
 
     shutil.copytree(finished_run, tmp_path / "run", ignore=shutil.ignore_patterns("jobs", "saliency*", "logs"))
     protocol = load_run(tmp_path / "run").model_copy(update={"output": tmp_path / "run"})
-    images = zarr.open_group(str(tmp_path / "run" / "crops.zarr"), mode="r+")["images"]
-    images[:] = np.full(images.shape, np.nan, np.float32)  # as crops of NaN images would be
+    group = zarr.open_group(str(tmp_path / "run" / "crops.zarr"), mode="r+")
+    shape, chunks = group["images"].shape, group["images"].chunks
+    del group["images"]  # float images are stored as float32: crops of NaN images would be NaN
+    group.create_array("images", data=np.full(shape, np.nan, np.float32), chunks=chunks)
+    group.attrs["divisor"] = 1.0
     spec = plan_jobs(protocol)[0]
     with pytest.raises(CellbgError, match=r"training job .*: the training loss is nan at epoch 1; check the crops"):
         run_job(protocol, spec, job_dir=tmp_path / "job")
