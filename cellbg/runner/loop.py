@@ -203,6 +203,7 @@ def run_stages(
             note = f"planned after {after}" + (f": {n} jobs" if n is not None else "")
             return StageSummary(stage.name, n or 0, 0, 0, 0, 0.0, planned=False, note=note)
 
+        redo_by: str | None = None  # the first stage with damaged jobs
         for stage in stages:
             if blocked_by is not None:
                 summaries.append(later(stage, blocked_by))
@@ -213,11 +214,20 @@ def run_stages(
                 summaries.append(later(stage, str(exc)))
                 blocked_by = blocked_by or str(exc)
                 continue
+            except CellbgError:
+                if redo_by is None:
+                    raise
+                # its inputs are damaged files that an earlier stage makes again (a deleted cell table)
+                summaries.append(StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False,
+                                              note=f"planned after {redo_by} is redone"))
+                blocked_by = redo_by
+                continue
             checks = [j.check(run_dir, full=verify) for j in jobs]
             records = tuple(JobRecord(j.name, j.key, c.state == "done", j.where, c.problems)
                             for j, c in zip(jobs, checks, strict=True))
             n_cached = sum(r.cached for r in records)
             n_damaged = sum(c.state == "damaged" for c in checks)
+            redo_by = redo_by or (stage.name if n_damaged else None)
             note = f"{n_damaged} job(s) with damaged outputs to redo" if n_damaged else ""
             summaries.append(StageSummary(stage.name, len(jobs), n_cached, 0, 0, 0.0, note=note, jobs=records))
             if any(c.state == "todo" for c in checks):
