@@ -74,7 +74,10 @@ crops: {{size: {args.size}, workers: {workers}}}
         images = [read_image(p) for p in subset["path"]]
         labels = [read_mask(Path(protocol.run_dir) / "segmentation" / f"{i}.tif") for i in subset["image_id"]]
         t0 = time.perf_counter()
-        n_fast = sum(len(crop_cells(im, lab, size=args.size, exclude_border=False, min_area=0).table) for im, lab in zip(images, labels))
+        n_fast = sum(
+            len(crop_cells(im, lab, size=args.size, exclude_border=False, min_area=0).table)
+            for im, lab in zip(images, labels)
+        )
         fast = time.perf_counter() - t0
         t0 = time.perf_counter()
         n_slow = sum(len(crop_cells_naive(im, lab, size=args.size)[0]) for im, lab in zip(images, labels))

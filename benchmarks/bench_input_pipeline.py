@@ -43,8 +43,8 @@ def main() -> None:
 
     from cellbg.crops import run_crops
     from cellbg.models import get_model
-    from cellbg.protocol import Protocol
     from cellbg.planning import JobSpec
+    from cellbg.protocol import Protocol
     from cellbg.train import (
         _autocast,
         _epoch_loader,
@@ -61,15 +61,26 @@ def main() -> None:
     config = {
         "name": "bench-input-pipeline",
         "output": str(run_dir),
-        "data": {"source": "synthetic", "synthetic": {
-            "patients": args.patients, "cells_per_patient": args.cells_per_patient, "cells_per_image": 4,
-            "image_size": 128, "signal": 0.8}},
+        "data": {
+            "source": "synthetic",
+            "synthetic": {
+                "patients": args.patients,
+                "cells_per_patient": args.cells_per_patient,
+                "cells_per_image": 4,
+                "image_size": 128,
+                "signal": 0.8,
+            },
+        },
         "segmentation": {"method": "masks", "workers": 1},
         "crops": {"size": args.size, "exclude_border": False, "workers": 1},
         "models": [{"arch": "resnet", "depth": args.depth, "width": args.width, "small_stem": True}],
         "variants": {"train": args.variants.split(","), "fill": "mean"},
-        "training": {"batch_size": args.batch_size, "num_workers": args.workers, "device": args.device,
-                     "split": {"folds": 2}},
+        "training": {
+            "batch_size": args.batch_size,
+            "num_workers": args.workers,
+            "device": args.device,
+            "split": {"folds": 2},
+        },
     }
     protocol = Protocol.model_validate(config)
     if not (run_dir / "cells.parquet").exists():
@@ -78,15 +89,22 @@ def main() -> None:
     split = patient_split(crops.cells, fold=0, val_fraction=0.0)
     device = select_device(args.device)
     amp = device.type == "cuda"
-    print(f"device {device}, torch threads {num_threads()}, {len(split.train)} training crops of "
-          f"{tuple(crops.images.shape[1:])}, resnet{args.depth} x{args.width}, batch {args.batch_size}, "
-          f"loader workers {args.workers}")
+    print(
+        f"device {device}, torch threads {num_threads()}, {len(split.train)} training crops of "
+        f"{tuple(crops.images.shape[1:])}, resnet{args.depth} x{args.width}, batch {args.batch_size}, "
+        f"loader workers {args.workers}"
+    )
 
     def fresh_model():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = get_model("resnet", in_channels=crops.images.shape[1], num_classes=len(crops.classes),
-                              depth=args.depth, width=args.width).to(device)
+            model = get_model(
+                "resnet",
+                in_channels=crops.images.shape[1],
+                num_classes=len(crops.classes),
+                depth=args.depth,
+                width=args.width,
+            ).to(device)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def sync():
@@ -101,8 +119,10 @@ def main() -> None:
             pipe_t, base_t, prep_t = [], [], []
             for rep in range(args.repeats + 1):  # the first round warms up and is not counted
                 # baseline batches: the same epoch, prepared beforehand, already on the device
-                ready = [(x.to(device), y.to(device))
-                         for x, y in _epoch_loader(crops, split.train, protocol, spec, seeds, rep, device=device)]
+                ready = [
+                    (x.to(device), y.to(device))
+                    for x, y in _epoch_loader(crops, split.train, protocol, spec, seeds, rep, device=device)
+                ]
                 model, opt = fresh_model()
                 sync()
                 t0 = time.perf_counter()
@@ -127,9 +147,11 @@ def main() -> None:
                     prep_t.append(prep)
             p, b, q = min(pipe_t), min(base_t), min(prep_t)
             ratios[variant] = p / b
-            print(f"{variant:>12}: pipeline epoch {p:7.3f} s, in-memory steps {b:7.3f} s, "
-                  f"ratio {p / b:5.3f} ({len(ready)} steps); input pipeline alone {q:6.3f} s "
-                  f"= {q / b:5.1%} of the steps")
+            print(
+                f"{variant:>12}: pipeline epoch {p:7.3f} s, in-memory steps {b:7.3f} s, "
+                f"ratio {p / b:5.3f} ({len(ready)} steps); input pipeline alone {q:6.3f} s "
+                f"= {q / b:5.1%} of the steps"
+            )
     worst = max(ratios.values())
     print(f"worst ratio {worst:.3f} (target <= 1.10): {'OK' if worst <= 1.10 else 'ABOVE TARGET'}")
 

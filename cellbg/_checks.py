@@ -50,8 +50,7 @@ def look_up_option(value: str, choices: Iterable[str], *, what: str = "option") 
     if value in choices:
         return value
     raise CellbgError(
-        f"unknown {what} '{value}'{did_you_mean(value, choices)}; "
-        f"choose from: {', '.join(map(str, choices))}"
+        f"unknown {what} '{value}'{did_you_mean(value, choices)}; choose from: {', '.join(map(str, choices))}"
     )
 
 
@@ -70,9 +69,7 @@ def check_nd(array, ndim: int | Iterable[int], *, arg_name: str = "image") -> No
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if np.ndim(array) not in allowed:
         want = " or ".join(f"{d}-D" for d in allowed)
-        raise CellbgError(
-            f"{arg_name} must be {want}; got {np.ndim(array)}-D with shape {tuple(np.shape(array))}"
-        )
+        raise CellbgError(f"{arg_name} must be {want}; got {np.ndim(array)}-D with shape {tuple(np.shape(array))}")
 
 
 def check_same_shape(a, b, *, names: tuple[str, str] = ("image", "mask"), where: str = "") -> None:
@@ -80,8 +77,7 @@ def check_same_shape(a, b, *, names: tuple[str, str] = ("image", "mask"), where:
     if tuple(np.shape(a)) != tuple(np.shape(b)):
         loc = f" in {where}" if where else ""
         raise CellbgError(
-            f"{names[1]} shape {tuple(np.shape(b))} does not match {names[0]} shape "
-            f"{tuple(np.shape(a))}{loc}"
+            f"{names[1]} shape {tuple(np.shape(b))} does not match {names[0]} shape {tuple(np.shape(a))}{loc}"
         )
 
 

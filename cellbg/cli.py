@@ -124,8 +124,9 @@ def validate(protocol: ProtocolArg) -> None:
 
 @app.command("init", rich_help_panel="Set-up")
 def init_command(
-    folder: Annotated[Path, typer.Argument(help="folder of images: <label>/<patient>/<image>, or a plain folder",
-                                           show_default=False)],
+    folder: Annotated[
+        Path, typer.Argument(help="folder of images: <label>/<patient>/<image>, or a plain folder", show_default=False)
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="protocol file to write")] = Path("protocol.yaml"),
     name: Annotated[str | None, typer.Option(help="protocol name; default: the folder's name")] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing protocol file")] = False,
@@ -156,8 +157,10 @@ def data(protocol: ProtocolArg) -> None:
         n_masks = int((table["mask_path"] != "").sum())
         out.print(f"masks: {n_masks} of {len(table)} images have one")
         if table["label"].nunique() < 2:
-            out.print(f"[yellow]{table['label'].nunique()} class: enough for `cellbg segment`, "
-                      "not for training (a classifier needs at least two)[/yellow]")
+            out.print(
+                f"[yellow]{table['label'].nunique()} class: enough for `cellbg segment`, "
+                "not for training (a classifier needs at least two)[/yellow]"
+            )
 
 
 # --- synth command (issue 3) ---
@@ -200,10 +203,17 @@ def synth(
         from cellbg.synth import make_dataset
 
         manifest = make_dataset(
-            out_dir, patients=patients, cells_per_patient=cells_per_patient,
-            cells_per_image=cells_per_image, image_size=image_size, signal=signal,
-            signal_sd_between_patients=signal_sd_between_patients, label_by=label_by.value,
-            mode=mode.value, seed=seed, cooccurrence=cooccurrence,
+            out_dir,
+            patients=patients,
+            cells_per_patient=cells_per_patient,
+            cells_per_image=cells_per_image,
+            image_size=image_size,
+            signal=signal,
+            signal_sd_between_patients=signal_sd_between_patients,
+            label_by=label_by.value,
+            mode=mode.value,
+            seed=seed,
+            cooccurrence=cooccurrence,
             cooccurrence_class=cooccurrence_class.value,
         )
         counts = ", ".join(f"{k}: {v}" for k, v in manifest["label"].value_counts().sort_index().items())
@@ -219,8 +229,10 @@ def models_command() -> None:
 
         table = list_models()
         out.print(_df_table(table, title=f"Cellpose models in {model_dir()}"))
-        out.print("Looked up by name in $CELLPOSE_LOCAL_MODELS_PATH, else ~/.cellpose/models; "
-                  "segmentation.model may also be a weights path.")
+        out.print(
+            "Looked up by name in $CELLPOSE_LOCAL_MODELS_PATH, else ~/.cellpose/models; "
+            "segmentation.model may also be a weights path."
+        )
         out.print(MODELS_HELP, soft_wrap=True, highlight=False, markup=False)
 
 
@@ -243,17 +255,22 @@ def segment_command(
             if chosen is not None and len(chosen):
                 d, est = chosen["diameter"], chosen["diameter_estimated"].astype(bool)
                 how = f"estimated for {int(est.sum())} of {len(chosen)} images" if est.any() else "given"
-                out.print(f"diameter: median {d.median():.1f} px, range {d.min():.1f}-{d.max():.1f} ({how}); "
-                          f"segmented plane: {', '.join(sorted({str(v).split(' (')[0] for v in chosen['plane']}))}",
-                          highlight=False, soft_wrap=True)
+                out.print(
+                    f"diameter: median {d.median():.1f} px, range {d.min():.1f}-{d.max():.1f} ({how}); "
+                    f"segmented plane: {', '.join(sorted({str(v).split(' (')[0] for v in chosen['plane']}))}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
                 out.print(f"per image: {p.run_dir / 'segmentation' / 'threshold.csv'}", highlight=False, soft_wrap=True)
         if evaluate:
             scores = evaluate_run(p, table)
             cols = ["image_id", "n_true", "n_pred", "precision", "recall", "f1", "ap"]
             out.print(_df_table(scores[cols], title="per image (F1 etc. at IoU 0.5; AP over IoU 0.5:0.95)"))
             m = summarize_evaluation(scores)
-            out.print(f"mean precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
-                      f"F1@0.5 {m['f1']:.3f}  AP@0.5:0.95 {m['ap']:.3f}  ({m['images']} images)")
+            out.print(
+                f"mean precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
+                f"F1@0.5 {m['f1']:.3f}  AP@0.5:0.95 {m['ap']:.3f}  ({m['images']} images)"
+            )
 
 
 # --- crops command (issue 4) ---
@@ -272,8 +289,11 @@ def crops_command(protocol: ProtocolArg) -> None:
         out.print(f"removed by filter: {removed}")
         if "store_bytes" in s:
             ratio = s["store_bytes"] / s["source_pixel_bytes"] if s["source_pixel_bytes"] else float("nan")
-            out.print(f"store: {s['store_bytes'] / 1e6:.1f} MB ({s['store_bytes_per_cell']:.0f} bytes per cell, "
-                      f"{ratio:.2f}x the source pixels' {s['store_dtype']} bytes)", highlight=False)
+            out.print(
+                f"store: {s['store_bytes'] / 1e6:.1f} MB ({s['store_bytes_per_cell']:.0f} bytes per cell, "
+                f"{ratio:.2f}x the source pixels' {s['store_dtype']} bytes)",
+                highlight=False,
+            )
         if s["images_without_cells"]:
             out.print(f"[yellow]{len(s['images_without_cells'])} image(s) without cells[/yellow]")
 
@@ -308,8 +328,12 @@ def train(protocol: ProtocolArg) -> None:
 
         def show(r) -> None:
             acc = ", ".join(f"{k} {v:.3f}" for k, v in r.accuracy.items())
-            out.print(f"{r.spec.model} / {r.spec.train_variant} / seed {r.spec.seed} / fold {r.spec.fold}: "
-                      f"{r.epochs} epochs (best {r.best_epoch}); test accuracy: {acc}", highlight=False, soft_wrap=True)
+            out.print(
+                f"{r.spec.model} / {r.spec.train_variant} / seed {r.spec.seed} / fold {r.spec.fold}: "
+                f"{r.epochs} epochs (best {r.best_epoch}); test accuracy: {acc}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
         results = run_training(p, progress=show)
         out.print(f"{len(results)} jobs done; predictions in {p.run_dir / 'predictions.parquet'}", soft_wrap=True)
@@ -329,8 +353,13 @@ def saliency(
 
         p = _load(protocol, check_paths=False)
         table = run_saliency(p, progress=lambda i, n: out.print(f"job {i}/{n} mapped", highlight=False))
-        summary = table.groupby(["model", "train_variant", "method"], sort=False)[
-            ["background_share", "background_ratio", "sanity_rank_corr"]].mean().reset_index()
+        summary = (
+            table.groupby(["model", "train_variant", "method"], sort=False)[
+                ["background_share", "background_ratio", "sanity_rank_corr"]
+            ]
+            .mean()
+            .reset_index()
+        )
         out.print(_df_table(summary, title=f"{len(table)} maps (mean per model, train variant, method)"))
         out.print(f"maps in {p.run_dir / 'saliency.zarr'}, table in {p.run_dir / 'saliency.parquet'}")
         if montage is not None:
@@ -348,11 +377,15 @@ def stats(run_dir: RunDirArg) -> None:
         out.print(f"{len(table)} tests; primary rows (estimate = B minus A, CI, p, Holm p, BH p):")
         for r in table[table["role"] == "primary"].itertuples():
             label = f"{r.comparison} ({r.name})" if r.name else r.comparison
-            ps = (f"p={r.pvalue:.3g} holm={r.p_holm:.3g} bh={r.p_bh:.3g}" if r.pvalue == r.pvalue
-                  else "p not computed (see the note in tests.csv)")  # NaN p: never a negative result
+            ps = (
+                f"p={r.pvalue:.3g} holm={r.p_holm:.3g} bh={r.p_bh:.3g}"
+                if r.pvalue == r.pvalue
+                else "p not computed (see the note in tests.csv)"
+            )  # NaN p: never a negative result
             out.print(
                 f"  {r.family:<12} {r.model} {label}: {r.estimate:+.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] {ps}",
-                highlight=False, soft_wrap=True,
+                highlight=False,
+                soft_wrap=True,
             )
         out.print(f"wrote {Path(run_dir) / 'stats'}: tests.csv, accuracy.csv, summary.md", highlight=False)
 
@@ -403,9 +436,12 @@ def detect(protocol: ProtocolArg) -> None:
             raise CellbgError(f"{protocol}: detection.enabled is false; set it to run the detection study")
         tests = run_detection(p, progress=lambda s, d: out.print(f"{s.name} done ({d.name})", highlight=False))
         for r in tests.to_dict("records"):
-            out.print(f"  {r['family']:<10} {r['condition']:<16} {r['class']:<10} {r['measure']:<6} {r['a']} -> "
-                      f"{r['b']}: {r['mean_a']:.3f} -> {r['mean_b']:.3f} (p={r['pvalue']:.3g}, holm={r['p_holm']:.3g})",
-                      highlight=False, soft_wrap=True)
+            out.print(
+                f"  {r['family']:<10} {r['condition']:<16} {r['class']:<10} {r['measure']:<6} {r['a']} -> "
+                f"{r['b']}: {r['mean_a']:.3f} -> {r['mean_b']:.3f} (p={r['pvalue']:.3g}, holm={r['p_holm']:.3g})",
+                highlight=False,
+                soft_wrap=True,
+            )
         out.print(f"tables and tests in {p.run_dir / 'detect'}", highlight=False, soft_wrap=True)
 
 
@@ -468,8 +504,10 @@ def status(
         typer.echo(result.summary())
         if verify and result.damaged:
             stage, job, what = result.damaged[0]
-            raise CellbgError(f"{len(result.damaged)} damaged file(s) in {result.run_dir}, e.g. {what} "
-                              f"({stage} {job}); run again to redo their jobs")
+            raise CellbgError(
+                f"{len(result.damaged)} damaged file(s) in {result.run_dir}, e.g. {what} "
+                f"({stage} {job}); run again to redo their jobs"
+            )
 
 
 def main() -> None:

@@ -307,8 +307,11 @@ def crop_cells(
             [map_coordinates(p.astype(np.float32), grid, order=1, mode="constant", cval=0.0) for p in source]
         )
         lab_crops = map_coordinates(labels, grid, order=0, mode="constant", cval=0)
-        obj_crops = (map_coordinates(objects.astype(np.uint8), grid, order=0, mode="constant", cval=0) > 0
-                     if objects is not None else None)
+        obj_crops = (
+            map_coordinates(objects.astype(np.uint8), grid, order=0, mode="constant", cval=0) > 0
+            if objects is not None
+            else None
+        )
         clipped = np.zeros(k, bool)  # the longer side is fit_fraction <= 1 of the crop
         crop_r0, crop_c0 = rows[:, 0], cols[:, 0]
         out_r = (rows < -0.5) | (rows > h - 0.5)
@@ -534,8 +537,10 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
         max_area=cfg.max_area, exclude_border=cfg.exclude_border, min_solidity=cfg.min_solidity, raw=True,
     )  # fmt: skip
     objects = table["objects_path"] if "objects_path" in table.columns else [""] * len(table)
-    jobs = [(r.path, r.seg_path, o, protocol.data.channels, options) for r, o in zip(table.itertuples(), objects,
-                                                                                       strict=True)]
+    jobs = [
+        (r.path, r.seg_path, o, protocol.data.channels, options)
+        for r, o in zip(table.itertuples(), objects, strict=True)
+    ]
     run_dir = Path(protocol.run_dir)
     size = cfg.size
 
@@ -566,13 +571,22 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
                 n_ch, dtype = result.images.shape[1], result.images.dtype
                 chunk = _chunk_rows(n_ch, size, dtype.itemsize)
                 images_arr = group.create_array(
-                    "images", shape=(0, n_ch, size, size), chunks=(chunk, n_ch, size, size), dtype=dtype,
+                    "images",
+                    shape=(0, n_ch, size, size),
+                    chunks=(chunk, n_ch, size, size),
+                    dtype=dtype,
                     compressors=_compressors(),
                 )
-                masks_arr = group.create_array("masks", shape=(0, size, size), chunks=(chunk, size, size), dtype="bool",
-                                               compressors=_compressors())
-                others_arr = group.create_array("others", shape=(0, size, size), chunks=(chunk, size, size),
-                                                dtype="bool", compressors=_compressors())
+                masks_arr = group.create_array(
+                    "masks", shape=(0, size, size), chunks=(chunk, size, size), dtype="bool", compressors=_compressors()
+                )
+                others_arr = group.create_array(
+                    "others",
+                    shape=(0, size, size),
+                    chunks=(chunk, size, size),
+                    dtype="bool",
+                    compressors=_compressors(),
+                )
             elif result.images.shape[1] != n_ch:
                 from cellbg.data import check_channels
 
@@ -607,8 +621,10 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
             if buffered >= images_arr.chunks[0]:
                 flush()
         flush()
-        cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-            {c: pd.Series(dtype=_dtype(c)) for c in CELL_COLUMNS}
+        cells = (
+            pd.concat(tables, ignore_index=True)
+            if tables
+            else pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in CELL_COLUMNS})
         )
         cells = cells[CELL_COLUMNS]
         group.attrs["classes"] = classes
@@ -619,7 +635,9 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
         group.attrs["cell_ids_sha256"] = _ids_hash(cells["cell_id"])
 
     for image_id in empty_images:
-        warnings.warn(f"image {image_id} has no cells after segmentation and filters; it adds no rows", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"image {image_id} has no cells after segmentation and filters; it adds no rows", UserWarning, stacklevel=2
+        )
     write_parquet_atomic(cells, run_dir / "cells.parquet")
     n_bytes = store_bytes(run_dir / "crops.zarr")
     source = len(cells) * (n_ch or 0) * size * size * (dtype.itemsize if n_ch is not None else 0)
@@ -735,8 +753,11 @@ class CropStore:
         hit = self._cache.pop(c, None)
         if hit is None:
             lo, hi = c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n)
-            hit = (np.asarray(self.images[lo:hi]), np.asarray(self.masks[lo:hi]),
-                   np.asarray(self.others[lo:hi]) if self.others is not None else None)
+            hit = (
+                np.asarray(self.images[lo:hi]),
+                np.asarray(self.masks[lo:hi]),
+                np.asarray(self.others[lo:hi]) if self.others is not None else None,
+            )
             while len(self._cache) >= max(self.cache_chunks, 1):
                 self._cache.pop(next(iter(self._cache)))
         self._cache[c] = hit  # most recently used last
@@ -869,7 +890,9 @@ def load_crops(run_dir: str | Path, *, lazy: bool = False):
         classes = list(group.attrs.get("classes", []))
         divisor = float(group.attrs.get("divisor", 1.0))  # stores before the source dtype were float32
     except Exception as exc:
-        raise CellbgError(f"cannot read {store}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise CellbgError(
+            f"cannot read {store}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     cells = pd.read_parquet(table)
     if not (images.shape[0] == masks.shape[0] == len(cells)):
         raise CellbgError(

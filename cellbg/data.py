@@ -142,9 +142,7 @@ def read_image(path: str | Path, *, channels: list[int] | None = None) -> np.nda
     if channels:
         bad = [c for c in channels if not 0 <= c < image.shape[0]]
         if bad:
-            raise CellbgError(
-                f"channel(s) {bad} out of range for {path}, which has {image.shape[0]} channel(s)"
-            )
+            raise CellbgError(f"channel(s) {bad} out of range for {path}, which has {image.shape[0]} channel(s)")
         image = image[list(channels)]
     return image
 
@@ -181,7 +179,6 @@ def read_mask(path: str | Path) -> np.ndarray:
         if high > np.iinfo(np.int32).max:
             raise CellbgError(f"mask {path} holds label {high}, beyond the int32 range of instance labels")
     return mask.astype(np.int32)
-
 
 
 #: Suffixes of instance masks saved beside their images (Cellpose's ``_cp_masks``, and ``_masks``).
@@ -231,8 +228,9 @@ def mask_path_for(image: str | Path, *, suffix: str = "_masks", folder: str | Pa
     return (Path(folder) if folder is not None else image.parent) / f"{image.stem}{suffix}.tif"
 
 
-def write_mask(labels: np.ndarray, image: str | Path, *, suffix: str = "_masks",
-               folder: str | Path | None = None) -> Path:
+def write_mask(
+    labels: np.ndarray, image: str | Path, *, suffix: str = "_masks", folder: str | Path | None = None
+) -> Path:
     """Save instance labels as the mask of an image, where a protocol finds them.
 
     Writes ``<image stem><suffix>.tif`` (int32, zlib) beside the image or in ``folder``,
@@ -264,8 +262,11 @@ def write_mask(labels: np.ndarray, image: str | Path, *, suffix: str = "_masks",
 def _images_in(folder: Path, exts: set[str], mask_suffixes, *, recursive: bool) -> list[Path]:
     files = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
-        p for p in files
-        if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
+        p
+        for p in files
+        if p.is_file()
+        and p.suffix.lower() in exts
+        and not p.name.startswith(".")
         and not is_mask_file(p, mask_suffixes)
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
@@ -346,9 +347,7 @@ def discover_folders(
             elif not need_classes:
                 patient = ""
             else:
-                raise CellbgError(
-                    f"no patient for {f}: put it in {f.parent}/<patient>/ or set data.patient_pattern"
-                )
+                raise CellbgError(f"no patient for {f}: put it in {f.parent}/<patient>/ or set data.patient_pattern")
             mask = find_mask(f, mask_suffixes=mask_suffixes, mask_dir=Path(mask_dir) if mask_dir else None, rel=rel)
             if mask_dir is not None and mask is None:
                 raise CellbgError(f"mask not found for {f}: expected {Path(mask_dir) / rel}")
@@ -376,9 +375,7 @@ def discover_manifest(manifest: str | Path) -> pd.DataFrame:
         raise CellbgError(f"cannot read manifest {manifest}: {str(exc).splitlines()[0]}") from None
     missing = [c for c in ("path", "label", "patient") if c not in df.columns]
     if missing:
-        raise CellbgError(
-            f"manifest {manifest} lacks column(s) {missing}; expected path,label,patient[,mask]"
-        )
+        raise CellbgError(f"manifest {manifest} lacks column(s) {missing}; expected path,label,patient[,mask]")
     if df.empty:
         raise CellbgError(f"manifest {manifest} lists no images")
     base = manifest.parent
@@ -439,9 +436,7 @@ def check_masks(table: pd.DataFrame, *, channels: list[int] | None = None) -> No
         if shape is None:
             shape = read_image(r.path, channels=channels).shape[1:]
         if tuple(mask.shape) != tuple(shape):
-            raise CellbgError(
-                f"mask {r.mask_path} has shape {tuple(mask.shape)} but image {r.path} is {tuple(shape)}"
-            )
+            raise CellbgError(f"mask {r.mask_path} has shape {tuple(mask.shape)} but image {r.path} is {tuple(shape)}")
 
 
 def check_channels(table: pd.DataFrame, *, channels: list[int] | None = None) -> None:
@@ -509,16 +504,19 @@ def discover(protocol, *, need_classes: bool = True) -> pd.DataFrame:
         table = discover_manifest(manifest)
     elif d.source == "folders":
         table = discover_folders(
-            d.root, patient_pattern=d.patient_pattern, mask_dir=d.mask_dir, extensions=d.extensions,
-            mask_suffixes=d.mask_suffixes, need_classes=need_classes,
+            d.root,
+            patient_pattern=d.patient_pattern,
+            mask_dir=d.mask_dir,
+            extensions=d.extensions,
+            mask_suffixes=d.mask_suffixes,
+            need_classes=need_classes,
         )
     else:
         table = discover_manifest(d.manifest)
     n_classes = table["label"].nunique()
     if need_classes and n_classes < 2:
         raise CellbgError(
-            f"the dataset has {n_classes} class ({', '.join(table['label'].unique())}); "
-            "a classifier needs at least two"
+            f"the dataset has {n_classes} class ({', '.join(table['label'].unique())}); a classifier needs at least two"
         )
     if protocol.segmentation.method == "masks":
         lacking = table.loc[table["mask_path"] == "", "path"]
@@ -533,12 +531,7 @@ def discover(protocol, *, need_classes: bool = True) -> pd.DataFrame:
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Images per class and patient: one row per (label, patient_id) with ``images``."""
-    return (
-        table.groupby(["label", "patient_id"], sort=True)
-        .size()
-        .rename("images")
-        .reset_index()
-    )
+    return table.groupby(["label", "patient_id"], sort=True).size().rename("images").reset_index()
 
 
 def assign_folds(
@@ -589,8 +582,7 @@ def assign_folds(
     else:
         if len(patients) < folds:
             raise CellbgError(
-                f"{len(patients)} patients cannot fill {folds} patient-grouped folds; "
-                "lower training.split.folds"
+                f"{len(patients)} patients cannot fill {folds} patient-grouped folds; lower training.split.folds"
             )
         rng = np.random.default_rng(seed)
         fold_of = {}

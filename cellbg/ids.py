@@ -59,6 +59,7 @@ def unique_image_ids(rels: Iterable[str]) -> list[str]:
     counts = Counter(ids)
     return [
         f"{i}-{hashlib.blake2b(r.encode('utf-8', 'surrogateescape'), digest_size=4).hexdigest()}"
-        if counts[i] > 1 else i
+        if counts[i] > 1
+        else i
         for i, r in zip(ids, rels, strict=True)
     ]

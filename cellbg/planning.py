@@ -57,8 +57,9 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:
-        return cls(model=str(d["model"]), train_variant=str(d["train_variant"]), seed=int(d["seed"]),
-                   fold=int(d["fold"]))
+        return cls(
+            model=str(d["model"]), train_variant=str(d["train_variant"]), seed=int(d["seed"]), fold=int(d["fold"])
+        )
 
 
 @dataclass(frozen=True)
@@ -274,4 +275,3 @@ def predict_key(protocol, spec: PredictSpec, *, train_key: str | None = None, cr
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-

@@ -46,8 +46,9 @@ def preflight(protocol, *, source: str = "protocol") -> None:
 
         table = discover(protocol)  # a listing error is the first thing to fix
         try:
-            assign_folds(table, kind=split.kind, folds=split.folds, test_patients=split.test_patients,
-                         seed=protocol.seed)
+            assign_folds(
+                table, kind=split.kind, folds=split.folds, test_patients=split.test_patients, seed=protocol.seed
+            )
         except CellbgError as exc:
             problems.append(f"training.split: {exc}")
     from cellbg.segment import check_weights

@@ -90,7 +90,9 @@ class SyntheticConfig(_Section):
     mode: Literal["rgb", "gray"] = "rgb"
     seed: int = 0
     cooccurrence: float = Field(
-        0.0, ge=0.0, le=1.0,
+        0.0,
+        ge=0.0,
+        le=1.0,
         description="probability that a cell of cooccurrence_class has non-target objects beside it",
     )
     cooccurrence_class: Literal["healthy", "sezary"] = "sezary"
@@ -245,7 +247,8 @@ class VariantsConfig(_Section):
         {}, description="named background sources for bg_image(name); 'synthetic' is built in"
     )
     others_fill: str = Field(
-        "inpaint", description="what replaces other objects in no_others: inpaint (the local true background) or a "
+        "inpaint",
+        description="what replaces other objects in no_others: inpaint (the local true background) or a "
         "fill (black | mean | noise | 'r,g,b')",
     )
 
@@ -341,8 +344,22 @@ ModelSpec = Annotated[ResNetSpec | ShuffleNetSpec | CellYoloSpec | EfficientNetS
 
 
 # --------------------------------------------------------------------------- training
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 1e6,
+    "mb": 1e6,
+    "g": 1e9,
+    "gb": 1e9,
+    "t": 1e12,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text, *, what: str = "size") -> int:
@@ -519,8 +536,10 @@ def _check_comparisons(stats: StatsConfig, variants: VariantsConfig) -> None:
     from cellbg._variant_spec import parse_variant
 
     if not stats.confirmatory and not stats.exploratory:
-        raise ValueError("stats.confirmatory is empty and stats.exploratory is false: the stats stage would "
-                         "test nothing; list a comparison or set exploratory: true")
+        raise ValueError(
+            "stats.confirmatory is empty and stats.exploratory is false: the stats stage would "
+            "test nothing; list a comparison or set exploratory: true"
+        )
 
     def norm(v: str) -> str:
         try:
@@ -610,7 +629,8 @@ class ExecutorConfig(_Section):
 
 class ReportConfig(_Section):
     formats: list[Literal["md", "html", "tex", "pdf"]] = Field(
-        ["md", "html", "tex"], description="pdf: report.pdf through pdflatex (TeX Live; scripts/system-deps.sh)")
+        ["md", "html", "tex"], description="pdf: report.pdf through pdflatex (TeX Live; scripts/system-deps.sh)"
+    )
     figures: bool = True
     title: str | None = None
 
@@ -705,9 +725,7 @@ class Protocol(_Section):
     segmentation: SegmentationConfig = SegmentationConfig()
     crops: CropsConfig = CropsConfig()
     variants: VariantsConfig = VariantsConfig()
-    models: list[ModelSpec] = Field(
-        default_factory=lambda: [ResNetSpec(arch="resnet", depth=10, width=0.25)]
-    )
+    models: list[ModelSpec] = Field(default_factory=lambda: [ResNetSpec(arch="resnet", depth=10, width=0.25)])
     training: TrainingConfig = TrainingConfig()
     saliency: SaliencyConfig = SaliencyConfig()
     stats: StatsConfig = StatsConfig()
@@ -762,8 +780,13 @@ class Protocol(_Section):
 # --------------------------------------------------------------------------- loading
 #: pydantic puts the discriminator value of the model union into error locations
 #: (``models.0.resnet.dept``); they are not protocol keys.
-_MODEL_TAGS = {"resnet": ResNetSpec, "shufflenet_v2": ShuffleNetSpec, "cellyolo": CellYoloSpec,
-               "efficientnet_b0": EfficientNetSpec}
+_MODEL_TAGS = {
+    "resnet": ResNetSpec,
+    "shufflenet_v2": ShuffleNetSpec,
+    "cellyolo": CellYoloSpec,
+    "efficientnet_b0": EfficientNetSpec,
+}
+
 
 def _yaml_lines(text: str) -> dict[tuple, int]:
     """Map each key path in a YAML document to its 1-based line number."""
@@ -973,8 +996,10 @@ def load_protocol(path: str | Path, *, check_paths: bool = True) -> Protocol:
                 where = f"{path}:{line}" if line else str(path)
                 problems.append(f"{where}: data.{key}: path does not exist: {value}")
         det = protocol.detection
-        for keys, value in ((("correlated", "mask_dir"), det.correlated.mask_dir), (("detector", "weights"),
-                                                                                       det.detector.weights)):
+        for keys, value in (
+            (("correlated", "mask_dir"), det.correlated.mask_dir),
+            (("detector", "weights"), det.detector.weights),
+        ):
             if det.enabled and value is not None and not Path(value).exists():
                 line = lines.get(("detection", *keys))
                 where = f"{path}:{line}" if line else str(path)

@@ -242,7 +242,7 @@ class RandDihedral(Transform):
         order = torch.argsort(self._ops, stable=True)
         parts = []
         for op, count in zip(*torch.unique_consecutive(self._ops[order], return_counts=True)):
-            sel = order[sum(len(p) for p in parts):][: int(count)]
+            sel = order[sum(len(p) for p in parts) :][: int(count)]
             # MONAI treats the first axis as channels: fold (images, channels) into it.
             x = images.index_select(0, sel).reshape(-1, h, w)
             k, flip = int(op) % 4, int(op) >= 4
@@ -353,8 +353,17 @@ class _Crops:
 
     def variant(self, spec: str, idx: np.ndarray, images, masks, *, fill: str, seed: int):
         """``apply_variant`` on rows ``idx`` (given their images and masks), with the run's options."""
-        return _apply_variant(spec, images, masks, bboxes=self.bboxes[idx], labels=self.labels[idx], fill=fill,
-                              seed=seed, others=self.others(idx), **(self.options or {}))
+        return _apply_variant(
+            spec,
+            images,
+            masks,
+            bboxes=self.bboxes[idx],
+            labels=self.labels[idx],
+            fill=fill,
+            seed=seed,
+            others=self.others(idx),
+            **(self.options or {}),
+        )
 
 
 def _available_memory() -> int:
@@ -383,8 +392,14 @@ def memory_budget(setting: str = "auto") -> int:
 SHUFFLE_WINDOW = 4096
 
 
-def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto", budget: str = "auto", log: bool = False,
-                cache_chunks: int | None = None) -> _Crops:
+def _read_crops(
+    run_dir: Path,
+    *,
+    in_memory: str | bool = "auto",
+    budget: str = "auto",
+    log: bool = False,
+    cache_chunks: int | None = None,
+) -> _Crops:
     """The run's crops (:class:`cellbg.crops.CropStore`), held in memory when they fit ``budget``.
 
     The stored pixels (source dtype) and masks are what an in-memory copy holds; the choice
@@ -415,8 +430,11 @@ def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto", budget: str = 
         memory = (np.asarray(store.images[...]), np.asarray(store.masks[...], dtype=bool), others)
     if log:
         where = "in memory" if hold else "streamed from the store"
-        print(f"crops: {store.n} cells, {need / 1e9:.2f} GB as stored ({store.dtype}); {where}"
-              + (f" (memory budget {limit / 1e9:.2f} GB)" if in_memory == "auto" else ""), flush=True)
+        print(
+            f"crops: {store.n} cells, {need / 1e9:.2f} GB as stored ({store.dtype}); {where}"
+            + (f" (memory budget {limit / 1e9:.2f} GB)" if in_memory == "auto" else ""),
+            flush=True,
+        )
     return _Crops(
         store=store,
         cells=cells,
@@ -427,8 +445,9 @@ def _read_crops(run_dir: Path, *, in_memory: str | bool = "auto", budget: str = 
     )
 
 
-def window_order(rows: np.ndarray, chunk_rows: int, rng: np.random.Generator, *,
-                 window: int = SHUFFLE_WINDOW) -> np.ndarray:
+def window_order(
+    rows: np.ndarray, chunk_rows: int, rng: np.random.Generator, *, window: int = SHUFFLE_WINDOW
+) -> np.ndarray:
     """Shuffle store rows chunk-aligned: chunks in a random order, cells shuffled per window.
 
     The chunks the rows fall in (``row // chunk_rows``) are put in a random order and
@@ -470,8 +489,11 @@ def _variant_options(protocol, crops: _Crops, specs) -> dict:
     from cellbg.variants import protocol_backgrounds
 
     pools = protocol_backgrounds(protocol, specs, size=int(crops.size), channels=int(crops.channels))
-    return {"reference": protocol.variants.reference, "backgrounds": pools or None,
-            "others_fill": protocol.variants.others_fill}
+    return {
+        "reference": protocol.variants.reference,
+        "backgrounds": pools or None,
+        "others_fill": protocol.variants.others_fill,
+    }
 
 
 def _apply_variant(spec: str, images, masks, *, bboxes, labels, fill: str, seed: int, **options):
@@ -501,12 +523,22 @@ class _TrainBatches(torch.utils.data.Dataset):
     A worker process holds its own copy of the store reader (and its decoded chunks).
     """
 
-    def __init__(self, crops: _Crops, order: np.ndarray, *, batch_size: int, variant: str, fill: str,
-                 augment: bool, seed: int, epoch: int):
+    def __init__(
+        self,
+        crops: _Crops,
+        order: np.ndarray,
+        *,
+        batch_size: int,
+        variant: str,
+        fill: str,
+        augment: bool,
+        seed: int,
+        epoch: int,
+    ):
         self.crops, self.variant, self.fill, self.augment = crops, variant, fill, augment
         self.seed, self.epoch = seed, epoch
         n_batches = max(1, math.ceil(len(order) / batch_size))
-        self.batches = [order[i * batch_size: (i + 1) * batch_size] for i in range(n_batches)]
+        self.batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
         if len(self.batches) > 1 and len(self.batches[-1]) < 2:
             self.batches.pop()  # BatchNorm cannot train on a batch of one
         self.dihedral = RandDihedral()
@@ -519,8 +551,9 @@ class _TrainBatches(torch.utils.data.Dataset):
         idx = self.batches[b]
         images, masks = self.crops.take(idx)
         labels = self.crops.labels[idx]
-        images = self.crops.variant(self.variant, idx, images, masks, fill=self.fill,
-                                    seed=_seed(self.seed, self.epoch, b, 1)).images
+        images = self.crops.variant(
+            self.variant, idx, images, masks, fill=self.fill, seed=_seed(self.seed, self.epoch, b, 1)
+        ).images
         if self.augment:
             g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, b, 2))
             self.dihedral.set_random_state(generator=g).randomize(len(idx))
@@ -543,22 +576,36 @@ def _epoch_rows(crops: _Crops, train: np.ndarray, protocol, seeds: dict, epoch: 
     return window_order(rows, crops.store.chunk_rows, rng)
 
 
-def _epoch_loader(crops: _Crops, train: np.ndarray, protocol, spec: JobSpec, seeds: dict, epoch: int, *,
-                  device: torch.device) -> torch.utils.data.DataLoader:
+def _epoch_loader(
+    crops: _Crops, train: np.ndarray, protocol, spec: JobSpec, seeds: dict, epoch: int, *, device: torch.device
+) -> torch.utils.data.DataLoader:
     """The batches of one epoch (:func:`_epoch_rows`), prepared by ``training.num_workers``
     processes, pinned and prefetched on a GPU."""
     cfg = protocol.training
-    batches = _TrainBatches(crops, _epoch_rows(crops, train, protocol, seeds, epoch), batch_size=cfg.batch_size,
-                            variant=spec.train_variant, fill=protocol.variants.fill, augment=cfg.augment,
-                            seed=seeds["batch_seed"], epoch=epoch)
+    batches = _TrainBatches(
+        crops,
+        _epoch_rows(crops, train, protocol, seeds, epoch),
+        batch_size=cfg.batch_size,
+        variant=spec.train_variant,
+        fill=protocol.variants.fill,
+        augment=cfg.augment,
+        seed=seeds["batch_seed"],
+        epoch=epoch,
+    )
     workers = cfg.num_workers
-    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda", persistent_workers=False,
-                                       prefetch_factor=4 if workers else None)
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def _blocks(rows: np.ndarray, size: int = PREDICT_BLOCK) -> list[np.ndarray]:
-    return [rows[i: i + size] for i in range(0, len(rows), size)] or [rows]
+    return [rows[i : i + size] for i in range(0, len(rows), size)] or [rows]
 
 
 def _shown(crops: _Crops, rows: np.ndarray, variant: str, *, fill: str, seed: int):
@@ -567,8 +614,18 @@ def _shown(crops: _Crops, rows: np.ndarray, variant: str, *, fill: str, seed: in
     return crops.variant(variant, rows, images, masks, fill=fill, seed=seed)
 
 
-def _evaluate_rows(model: nn.Module, crops: _Crops, rows: np.ndarray, variant: str, *, fill: str, seed: int,
-                   device, batch_size: int, amp: bool) -> tuple:
+def _evaluate_rows(
+    model: nn.Module,
+    crops: _Crops,
+    rows: np.ndarray,
+    variant: str,
+    *,
+    fill: str,
+    seed: int,
+    device,
+    batch_size: int,
+    amp: bool,
+) -> tuple:
     """Loss, accuracy, probabilities, partners and background ids of ``model`` on ``variant`` of ``rows``.
 
     Streamed in blocks of :data:`PREDICT_BLOCK` rows (in the order given); block ``j`` gets
@@ -587,8 +644,13 @@ def _evaluate_rows(model: nn.Module, crops: _Crops, rows: np.ndarray, variant: s
     p = torch.cat(probs) if probs else torch.zeros(0, len(crops.classes))
     y = crops.labels[rows]
     acc = float((p.argmax(1).numpy() == y).mean()) if len(rows) else float("nan")
-    return (loss_sum / max(len(rows), 1), acc, p, np.concatenate(partners) if partners else np.zeros(0, np.int64),
-            np.concatenate(backgrounds) if backgrounds else np.zeros(0, dtype=object))
+    return (
+        loss_sum / max(len(rows), 1),
+        acc,
+        p,
+        np.concatenate(partners) if partners else np.zeros(0, np.int64),
+        np.concatenate(backgrounds) if backgrounds else np.zeros(0, dtype=object),
+    )
 
 
 # --------------------------------------------------------------------------- runtime
@@ -638,15 +700,16 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device, batch_size: int,
-              amp: bool) -> tuple[float, float, torch.Tensor]:
+def _evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, device, batch_size: int, amp: bool
+) -> tuple[float, float, torch.Tensor]:
     """Mean loss, accuracy and class probabilities of ``model`` on in-memory tensors."""
     model.eval()
     probs, losses = [], []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            x = images[i: i + batch_size].to(device, non_blocking=True)
-            y = labels[i: i + batch_size].to(device)
+            x = images[i : i + batch_size].to(device, non_blocking=True)
+            y = labels[i : i + batch_size].to(device)
             with _autocast(device, amp):
                 logits = model(x)
             logits = logits.float()
@@ -661,8 +724,17 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def train_epoch(model: nn.Module, batches, optimizer, *, scaler=None, device=None, amp: bool = False,
-                memo: dict | None = None, train_mode: bool = True) -> tuple[float, int, int]:
+def train_epoch(
+    model: nn.Module,
+    batches,
+    optimizer,
+    *,
+    scaler=None,
+    device=None,
+    amp: bool = False,
+    memo: dict | None = None,
+    train_mode: bool = True,
+) -> tuple[float, int, int]:
     """One pass of forward, backward and optimizer step over ``batches`` of ``(x, y)``.
 
     Returns the summed loss, the number of correct predictions and the number of samples.
@@ -691,7 +763,7 @@ def train_epoch(model: nn.Module, batches, optimizer, *, scaler=None, device=Non
                 optimizer.zero_grad(set_to_none=True)
                 batch_loss, batch_correct = 0.0, 0
                 for s in range(0, n, micro):
-                    xs, ys = x[s: s + micro], y[s: s + micro]
+                    xs, ys = x[s : s + micro], y[s : s + micro]
                     with _autocast(device, amp):
                         logits = model(xs)
                         loss = nn.functional.cross_entropy(logits.float(), ys)
@@ -706,11 +778,16 @@ def train_epoch(model: nn.Module, batches, optimizer, *, scaler=None, device=Non
                 del exc
                 torch.cuda.empty_cache()
                 if micro <= 1:
-                    raise CellbgError("out of GPU memory with a single cell per step; use a smaller model or crop, "
-                                      "or training.device: cpu") from None
+                    raise CellbgError(
+                        "out of GPU memory with a single cell per step; use a smaller model or crop, "
+                        "or training.device: cpu"
+                    ) from None
                 memo["micro_batch"] = micro // 2
-                print(f"out of GPU memory at {micro} cells per step: accumulating gradients over micro-batches of "
-                      f"{micro // 2}", flush=True)
+                print(
+                    f"out of GPU memory at {micro} cells per step: accumulating gradients over micro-batches of "
+                    f"{micro // 2}",
+                    flush=True,
+                )
         scaler.step(optimizer)
         scaler.update()
         loss_sum += batch_loss
@@ -747,9 +824,17 @@ def _result_from_files(spec: JobSpec, key: str, job_dir: Path, seconds: float = 
     acc = dict(accuracy or {})
     best = history.loc[history["best"].astype(bool)]
     best_row = best.iloc[-1] if len(best) else history.iloc[-1]
-    return JobResult(spec=spec, key=key, job_dir=job_dir, done=True, epochs=int(history["epoch"].max()),
-                     best_epoch=int(best_row["epoch"]), best_val_loss=float(best_row["val_loss"]),
-                     accuracy=acc, seconds=seconds)
+    return JobResult(
+        spec=spec,
+        key=key,
+        job_dir=job_dir,
+        done=True,
+        epochs=int(history["epoch"].max()),
+        best_epoch=int(best_row["epoch"]),
+        best_val_loss=float(best_row["val_loss"]),
+        accuracy=acc,
+        seconds=seconds,
+    )
 
 
 def _job_seeds(protocol, spec: JobSpec) -> dict:
@@ -817,9 +902,13 @@ def run_job(
     parse_variant(spec.train_variant)
     crops = _read_crops(run_dir, budget=cfg.memory_budget, log=True)
     crops.options = _variant_options(protocol, crops, [spec.train_variant])
-    split = patient_split(crops.cells, fold=spec.fold, val_fraction=cfg.split.val_fraction,
-                          val_patients=cfg.split.val_patients if cfg.split.kind == "fixed" else None,
-                          seed=protocol.seed)
+    split = patient_split(
+        crops.cells,
+        fold=spec.fold,
+        val_fraction=cfg.split.val_fraction,
+        val_patients=cfg.split.val_patients if cfg.split.kind == "fixed" else None,
+        seed=protocol.seed,
+    )
     seeds = _job_seeds(protocol, spec)
     device = select_device(cfg.device)
     amp = bool(cfg.amp and device.type == "cuda")
@@ -835,14 +924,22 @@ def run_job(
     with _runtime(device):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeds["init_seed"])  # layer initialisers draw from the global RNG
-            model = get_model(model_spec.arch, in_channels=meta["in_channels"], num_classes=len(crops.classes),
-                              **model_spec.kwargs())
+            model = get_model(
+                model_spec.arch, in_channels=meta["in_channels"], num_classes=len(crops.classes), **model_spec.kwargs()
+            )
         model.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
         scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-        state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": 0, "stale": 0, "best_model": None,
-                 "history": [], "stopped": False}
+        state = {
+            "epoch": 0,
+            "best_val_loss": math.inf,
+            "best_epoch": 0,
+            "stale": 0,
+            "best_model": None,
+            "history": [],
+            "stopped": False,
+        }
         ckpt_path = job_dir / "checkpoint.pt"
         if ckpt_path.exists():
             try:
@@ -868,8 +965,9 @@ def run_job(
             loader = _epoch_loader(crops, split.train, protocol, spec, seeds, epoch, device=device)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed(seeds["init_seed"], epoch))  # for any layer that draws (dropout)
-                loss_sum, correct, seen = train_epoch(model, loader, optimizer, scaler=scaler, device=device, amp=amp,
-                                                      memo=state)
+                loss_sum, correct, seen = train_epoch(
+                    model, loader, optimizer, scaler=scaler, device=device, amp=amp, memo=state
+                )
             if not math.isfinite(loss_sum):
                 raise CellbgError(
                     f"training job {_job_label(spec)}: the training loss is {loss_sum / max(seen, 1)} "
@@ -881,8 +979,16 @@ def run_job(
             scheduler.step()
             if has_val:
                 val_loss, val_acc, _, _, _ = _evaluate_rows(
-                    model, crops, split.val, spec.train_variant, fill=protocol.variants.fill,
-                    seed=_seed(seeds["batch_seed"], 0xFFFF), device=device, batch_size=cfg.batch_size, amp=amp)
+                    model,
+                    crops,
+                    split.val,
+                    spec.train_variant,
+                    fill=protocol.variants.fill,
+                    seed=_seed(seeds["batch_seed"], 0xFFFF),
+                    device=device,
+                    batch_size=cfg.batch_size,
+                    amp=amp,
+                )
             else:
                 val_loss, val_acc = float("nan"), float("nan")
             improved = not has_val or val_loss < state["best_val_loss"]
@@ -894,14 +1000,31 @@ def run_job(
             else:
                 state["stale"] += 1
                 state["stopped"] = state["stale"] >= cfg.patience
-            row = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                   "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr, "best": improved,
-                   "seconds": time.perf_counter() - te, **seeds}
+            row = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_accuracy": correct / max(seen, 1),
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": lr,
+                "best": improved,
+                "seconds": time.perf_counter() - te,
+                **seeds,
+            }
             state["history"].append(row)
             state["epoch"] = epoch
             with atomic_path(ckpt_path) as tmp:
-                torch.save({"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state}, tmp)
+                torch.save(
+                    {
+                        "key": key,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "state": state,
+                    },
+                    tmp,
+                )
             write_text_atomic(job_dir / "history.csv", pd.DataFrame(state["history"]).to_csv(index=False))
             epochs_this_call += 1
             if on_epoch_end is not None:
@@ -909,9 +1032,16 @@ def run_job(
 
         finished = state["epoch"] >= cfg.epochs or state["stopped"]
         if not finished:
-            return JobResult(spec=spec, key=key, job_dir=job_dir, done=False, epochs=state["epoch"],
-                             best_epoch=state["best_epoch"], best_val_loss=state["best_val_loss"],
-                             seconds=time.perf_counter() - t0)
+            return JobResult(
+                spec=spec,
+                key=key,
+                job_dir=job_dir,
+                done=False,
+                epochs=state["epoch"],
+                best_epoch=state["best_epoch"],
+                best_val_loss=state["best_val_loss"],
+                seconds=time.perf_counter() - t0,
+            )
         if state["best_model"] is None:  # every validation loss was NaN
             raise CellbgError(
                 f"training job {_job_label(spec)}: no epoch gave a finite validation loss; check the crops for "
@@ -954,8 +1084,9 @@ def check_probabilities(preds: pd.DataFrame, *, where: str) -> None:
         )
 
 
-def run_prediction(protocol, spec: PredictSpec, job_dir: str | Path | None = None, *,
-                   train_dir: str | Path | None = None) -> Path:
+def run_prediction(
+    protocol, spec: PredictSpec, job_dir: str | Path | None = None, *, train_dir: str | Path | None = None
+) -> Path:
     """Show one trained model one test variant of its held-out cells; write the predictions.
 
     The held-out cells (the training job's test fold, in store order) are read from the
@@ -1001,41 +1132,60 @@ def run_prediction(protocol, spec: PredictSpec, job_dir: str | Path | None = Non
     amp = bool(cfg.amp and device.type == "cuda")
     t0 = time.perf_counter()
     with _runtime(device):
-        model, meta = load_job_model(Path(train_dir) if train_dir is not None else run_dir / "jobs" / train_key,
-                                     device=device)
+        model, meta = load_job_model(
+            Path(train_dir) if train_dir is not None else run_dir / "jobs" / train_key, device=device
+        )
         crops = _read_crops(run_dir, in_memory=False)
         crops.options = _variant_options(protocol, crops, [spec.test_variant])
         idx = np.flatnonzero(crops.cells["fold"].to_numpy() == spec.train.fold)
         _, _, probs, partner, background = _evaluate_rows(
-            model, crops, idx, spec.test_variant, fill=protocol.variants.fill, seed=protocol.variants.seed,
-            device=device, batch_size=cfg.batch_size, amp=amp)
+            model,
+            crops,
+            idx,
+            spec.test_variant,
+            fill=protocol.variants.fill,
+            seed=protocol.variants.seed,
+            device=device,
+            batch_size=cfg.batch_size,
+            amp=amp,
+        )
     labels = crops.labels[idx]
     cells = crops.cells.iloc[idx].reset_index(drop=True)
     all_ids = crops.cells["cell_id"].astype(str).to_numpy()
     pred_index = probs.argmax(1).numpy() if len(idx) else np.zeros(0, np.int64)
-    df = pd.DataFrame({
-        "cell_id": all_ids[idx],
-        "image_id": cells["image_id"].astype(str) if "image_id" in cells else "",
-        "patient_id": cells["patient_id"].astype(str),
-        "label": cells["label"].astype(str),
-        "label_index": labels.astype(np.int64),
-        "model": spec.train.model,
-        "train_variant": spec.train.train_variant,
-        "test_variant": spec.test_variant,
-        "seed": spec.train.seed,
-        "fold": spec.train.fold,
-        "pred": np.asarray(crops.classes, dtype=object)[pred_index],
-        "pred_index": pred_index.astype(np.int64),
-        "correct": pred_index == labels,
-    })
+    df = pd.DataFrame(
+        {
+            "cell_id": all_ids[idx],
+            "image_id": cells["image_id"].astype(str) if "image_id" in cells else "",
+            "patient_id": cells["patient_id"].astype(str),
+            "label": cells["label"].astype(str),
+            "label_index": labels.astype(np.int64),
+            "model": spec.train.model,
+            "train_variant": spec.train.train_variant,
+            "test_variant": spec.test_variant,
+            "seed": spec.train.seed,
+            "fold": spec.train.fold,
+            "pred": np.asarray(crops.classes, dtype=object)[pred_index],
+            "pred_index": pred_index.astype(np.int64),
+            "correct": pred_index == labels,
+        }
+    )
     for k, name in enumerate(crops.classes):
         df[f"prob_{name}"] = probs[:, k].numpy().astype(np.float64) if len(idx) else np.zeros(0)
     df["partner_cell_id"] = np.where(partner >= 0, all_ids[np.clip(partner, 0, None)], "")
     df["background_id"] = background
     job_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(job_dir / "spec.json", {"key": key, "train_key": train_key, "job": spec.to_dict(),
-                                              "cells": int(len(idx)), "seconds": time.perf_counter() - t0,
-                                              "cellbg": __version__})
+    write_json_atomic(
+        job_dir / "spec.json",
+        {
+            "key": key,
+            "train_key": train_key,
+            "job": spec.to_dict(),
+            "cells": int(len(idx)),
+            "seconds": time.perf_counter() - t0,
+            "cellbg": __version__,
+        },
+    )
     check_probabilities(df, where=f"prediction job {_job_label(spec.train)}/{spec.test_variant} ({job_dir})")
     write_parquet_atomic(df, out)
     write_text_atomic(job_dir / DONE, f"{key}\n")
@@ -1069,8 +1219,9 @@ def run_training(protocol, *, progress: Callable[[JobResult], None] | None = Non
     return results
 
 
-def test_job(protocol, spec: JobSpec, *, train_dir: str | Path | None = None,
-             out_dir: str | Path | None = None) -> dict[str, float]:
+def test_job(
+    protocol, spec: JobSpec, *, train_dir: str | Path | None = None, out_dir: str | Path | None = None
+) -> dict[str, float]:
     """Run the prediction job of every test variant for one finished training job.
 
     Parameters
@@ -1201,8 +1352,9 @@ def load_job_model(job_dir: str | Path, *, device: str | torch.device = "cpu") -
     if not (job_dir / DONE).exists():
         raise CellbgError(f"training job {job_dir} is not finished (no {DONE} marker); run 'cellbg train' first")
     spec = json.loads((job_dir / "spec.json").read_text(encoding="utf-8"))
-    model = get_model(spec["arch"], in_channels=spec["in_channels"], num_classes=len(spec["classes"]),
-                      **spec["model_kwargs"])
+    model = get_model(
+        spec["arch"], in_channels=spec["in_channels"], num_classes=len(spec["classes"]), **spec["model_kwargs"]
+    )
     ckpt = torch.load(job_dir / "checkpoint.pt", map_location=device, weights_only=False)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), spec

@@ -147,7 +147,9 @@ def _dataset(root: Path, n=4, *, empty=(), size=96):
         image = np.where(labels > 0, 200, 20).astype(np.uint8)
         tifffile.imwrite(root / f"im{i}.tif", image)
         tifffile.imwrite(root / f"im{i}_mask.tif", labels)
-        rows.append({"path": f"im{i}.tif", "label": ["healthy", "sezary"][i % 2], "patient": f"p{i}", "mask": f"im{i}_mask.tif"})
+        rows.append(
+            {"path": f"im{i}.tif", "label": ["healthy", "sezary"][i % 2], "patient": f"p{i}", "mask": f"im{i}_mask.tif"}
+        )
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root
 
@@ -258,7 +260,9 @@ def test_mismatched_segmentation_is_one_line_error(tmp_path):
 
     run_segmentation(protocol)
     tifffile.imwrite(seg_path(protocol.run_dir, "im1"), np.zeros((10, 10), np.int32))
-    with pytest.raises(CellbgError, match=r"segmentation .*im1.tif has shape \(10, 10\) but image .*im1.tif is \(96, 96\)"):
+    with pytest.raises(
+        CellbgError, match=r"segmentation .*im1.tif has shape \(10, 10\) but image .*im1.tif is \(96, 96\)"
+    ):
         run_crops(protocol)
     assert not (protocol.run_dir / "cells.parquet").exists() and not (protocol.run_dir / "crops.zarr").exists()
 

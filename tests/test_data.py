@@ -270,7 +270,8 @@ def test_masks_found_beside_images_by_suffix(tmp_path):
         tifffile.imwrite(d / f"{name}.tif", (_discs() * 100).astype(np.uint8))
         if suffix:
             iio.imwrite(d / f"{name}{suffix}{ext}", _discs()) if ext == ".png" else tifffile.imwrite(
-                d / f"{name}{suffix}{ext}", _discs())
+                d / f"{name}{suffix}{ext}", _discs()
+            )
     t = discover_folders(tmp_path, need_classes=False).set_index(pd.Index(["x", "y", "z"]))
     assert len(t) == 3  # the masks are not images
     assert t.loc["x", "mask_path"].endswith("x_cp_masks.png")
@@ -306,8 +307,10 @@ def test_plain_folder_and_one_class_segment_without_classes(tmp_path):
     one = tmp_path / "one" / "tcells" / "p1"
     one.mkdir(parents=True)
     tifffile.imwrite(one / "a.tif", (_discs() * 100).astype(np.uint8))
-    p = parse_protocol(f"name: y\noutput: {tmp_path / 'run1'}\ndata: {{source: folders, root: {one.parents[1]}}}\n"
-                       "segmentation: {method: threshold, workers: 1}\n")
+    p = parse_protocol(
+        f"name: y\noutput: {tmp_path / 'run1'}\ndata: {{source: folders, root: {one.parents[1]}}}\n"
+        "segmentation: {method: threshold, workers: 1}\n"
+    )
     with pytest.raises(CellbgError, match="a classifier needs at least two"):
         discover(p)
     assert len(run_segmentation(p)) == 1

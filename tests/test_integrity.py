@@ -180,8 +180,9 @@ def test_manifest_listing_one_image_twice_names_both_lines(tmp_path):
 def test_no_nan_probability_is_ever_written(tmp_path):
     from cellbg.train import check_probabilities
 
-    preds = pd.DataFrame({"cell_id": ["c1", "c2"], "test_variant": ["original"] * 2,
-                          "prob_a": [0.2, np.nan], "prob_b": [0.8, np.nan]})
+    preds = pd.DataFrame(
+        {"cell_id": ["c1", "c2"], "test_variant": ["original"] * 2, "prob_a": [0.2, np.nan], "prob_b": [0.8, np.nan]}
+    )
     with pytest.raises(CellbgError, match=r"job X: 1 of 2 prediction rows have non-finite probabilities, e\.g\. c"):
         check_probabilities(preds, where="job X")
     check_probabilities(preds.iloc[:1], where="job X")
@@ -202,8 +203,9 @@ def _flip_byte(path: Path) -> None:
 def _damage(run: Path) -> dict[str, str]:
     """Damage one file of every kind a finished run depends on; ``{path: how}``."""
     jobs = sorted(p for p in (run / "jobs").iterdir() if (p / "DONE").exists() and (p / "checkpoint.pt").exists())
-    tested = sorted(p for p in (run / "jobs").iterdir()
-                    if (p / "DONE").exists() and (p / "predictions.parquet").exists())
+    tested = sorted(
+        p for p in (run / "jobs").iterdir() if (p / "DONE").exists() and (p / "predictions.parquet").exists()
+    )
     chunk = next(p for p in sorted((run / "crops.zarr").rglob("*")) if p.is_file() and p.name != "zarr.json")
     label = sorted((run / "segmentation").glob("*.tif"))[0]
     plan = {
@@ -263,18 +265,25 @@ def test_damaged_run_folder_is_found_redone_and_gives_identical_results(finished
     ("text", "expected"),
     [
         ("name: x\ntraining:\n  seeds: []\n", "p.yaml:3: training.seeds: List should have at least 1 item"),
-        ("name: x\ntraining:\n  epochs: 2\n  epochs: 3\n",
-         "p.yaml:4: duplicate key 'epochs' (first on line 3)"),
+        ("name: x\ntraining:\n  epochs: 2\n  epochs: 3\n", "p.yaml:4: duplicate key 'epochs' (first on line 3)"),
         ("name: x\ncrops: {size: 32, size: 48}\n", "p.yaml:2: duplicate key 'size' (first on line 2)"),
-        ("name: x\nstats:\n  confirmatory:\n  - a: original:original\n    b: original:blur\n",
-         "stats.confirmatory[0].b = 'original:blur': 'blur' is not in variants.test"),
-        ("name: x\nvariants: {train: [original]}\nstats:\n  confirmatory:\n  - a: only_fg:original\n"
-         "    b: original:original\n",
-         "stats.confirmatory[0].a = 'only_fg:original': 'only_fg' is not in variants.train"),
-        ("name: x\ndata: {synthetic: {patients: 3}}\ntraining: {split: {folds: 5}}\n",
-         "p.yaml: training.split.folds: 3 patients (data.synthetic.patients) cannot fill 5"),
-        ("name: x\nsegmentation: {method: cellpose, model: weights/missing.pth}\n",
-         "p.yaml: segmentation.model: Cellpose weights file not found"),
+        (
+            "name: x\nstats:\n  confirmatory:\n  - a: original:original\n    b: original:blur\n",
+            "stats.confirmatory[0].b = 'original:blur': 'blur' is not in variants.test",
+        ),
+        (
+            "name: x\nvariants: {train: [original]}\nstats:\n  confirmatory:\n  - a: only_fg:original\n"
+            "    b: original:original\n",
+            "stats.confirmatory[0].a = 'only_fg:original': 'only_fg' is not in variants.train",
+        ),
+        (
+            "name: x\ndata: {synthetic: {patients: 3}}\ntraining: {split: {folds: 5}}\n",
+            "p.yaml: training.split.folds: 3 patients (data.synthetic.patients) cannot fill 5",
+        ),
+        (
+            "name: x\nsegmentation: {method: cellpose, model: weights/missing.pth}\n",
+            "p.yaml: segmentation.model: Cellpose weights file not found",
+        ),
     ],
 )
 def test_validate_finds_protocol_mistakes_before_any_work(tmp_path, text, expected):
@@ -331,13 +340,30 @@ def _two_stages(second):
     from cellbg.runner import Job, Stage, hash_key
 
     def plan_first(ctx):
-        return [Job("first", "first", hash_key("first"), _write_bytes, (str(ctx.run_dir), "first.bin", 1000),
-                    where="client", outputs=(ctx.run_dir / "first.bin",))]
+        return [
+            Job(
+                "first",
+                "first",
+                hash_key("first"),
+                _write_bytes,
+                (str(ctx.run_dir), "first.bin", 1000),
+                where="client",
+                outputs=(ctx.run_dir / "first.bin",),
+            )
+        ]
 
     def plan_second(ctx):
-        return [Job("second", "second", hash_key("second", ctx.key("first")), second,
-                    (str(ctx.run_dir), "second.bin", *((1 << 20,) if second is _write_bytes else ())),
-                    where="client", outputs=(ctx.run_dir / "second.bin",))]
+        return [
+            Job(
+                "second",
+                "second",
+                hash_key("second", ctx.key("first")),
+                second,
+                (str(ctx.run_dir), "second.bin", *((1 << 20,) if second is _write_bytes else ())),
+                where="client",
+                outputs=(ctx.run_dir / "second.bin",),
+            )
+        ]
 
     return [Stage("first", plan_first), Stage("second", plan_second)]
 
@@ -350,8 +376,13 @@ def tiny_disk(tmp_path):
 
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs root to mount a small tmpfs")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -380,8 +411,11 @@ def test_disk_full_in_the_cli_exits_2_naming_the_path(tiny_disk, tmp_path):
 
     subprocess.run(["mount", "-o", "remount,size=64k", str(tiny_disk)], check=True)
     proto = masked_dataset(tmp_path / "data")
-    proto.write_text(proto.read_text().replace("output: run", f"output: {tiny_disk / 'run'}")
-                     .replace("crops: {size: 24", "crops: {size: 128"))
+    proto.write_text(
+        proto.read_text()
+        .replace("output: run", f"output: {tiny_disk / 'run'}")
+        .replace("crops: {size: 24", "crops: {size: 128")
+    )
     result = cli("crops", proto)
     assert result.exit_code == 2
     line = one_error_line(result)
@@ -395,8 +429,9 @@ def test_output_path_that_is_a_file_exits_2_naming_it(tmp_path):
     (tmp_path / "run").write_text("not a folder")
     result = cli("run", proto)
     assert result.exit_code == 2
-    assert one_error_line(result) == (f"error: cannot write {tmp_path / 'run'}: a file is in the way; "
-                                      "move it away or choose another output folder")
+    assert one_error_line(result) == (
+        f"error: cannot write {tmp_path / 'run'}: a file is in the way; move it away or choose another output folder"
+    )
     assert (tmp_path / "run").read_text() == "not a folder"
     proto.write_text(proto.read_text().replace("output: run", "output: run/inner"))
     result = cli("run", proto)
@@ -425,8 +460,13 @@ def test_dry_run_into_a_closed_pipe_ends_cleanly(tmp_path):
     (tmp_path / "p.yaml").write_text("name: x\n")
     read, write = os.pipe()
     os.close(read)  # like `| head -1` after its line: every write fails with EPIPE
-    result = subprocess.run([sys.executable, "-m", "cellbg.cli", "run", "--dry-run", str(tmp_path / "p.yaml")],
-                            stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "cellbg.cli", "run", "--dry-run", str(tmp_path / "p.yaml")],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
     os.close(write)
     assert result.returncode == 0, result.stderr
     assert "BrokenPipe" not in result.stderr and "Traceback" not in result.stderr
@@ -434,8 +474,9 @@ def test_dry_run_into_a_closed_pipe_ends_cleanly(tmp_path):
 
 def _one_file(run: Path, kind: str) -> Path:
     jobs = sorted(p for p in (run / "jobs").iterdir() if (p / "DONE").exists() and (p / "checkpoint.pt").exists())
-    tested = sorted(p for p in (run / "jobs").iterdir()
-                    if (p / "DONE").exists() and (p / "predictions.parquet").exists())
+    tested = sorted(
+        p for p in (run / "jobs").iterdir() if (p / "DONE").exists() and (p / "predictions.parquet").exists()
+    )
     return {
         "label": lambda: sorted((run / "segmentation").glob("*.tif"))[0],
         "cells": lambda: run / "cells.parquet",
@@ -454,8 +495,23 @@ def _one_file(run: Path, kind: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "delete"])
-@pytest.mark.parametrize("kind", ["label", "cells", "crops", "job_predictions", "checkpoint", "history", "spec",
-                                  "predictions", "saliency", "saliency_maps", "tests", "report"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "label",
+        "cells",
+        "crops",
+        "job_predictions",
+        "checkpoint",
+        "history",
+        "spec",
+        "predictions",
+        "saliency",
+        "saliency_maps",
+        "tests",
+        "report",
+    ],
+)
 def test_each_damaged_file_alone_is_redone(finished_run, tmp_path, kind, how):
     from test_runner import assert_same_results
 

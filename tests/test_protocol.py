@@ -30,8 +30,18 @@ def test_minimal_protocol_fills_every_default():
     assert p.executor.kind == "local"
     # every section is present in the resolved YAML, and it round-trips
     resolved = yaml.safe_load(resolved_yaml(p))
-    for section in ("data", "segmentation", "crops", "variants", "models", "training",
-                    "saliency", "stats", "executor", "report"):
+    for section in (
+        "data",
+        "segmentation",
+        "crops",
+        "variants",
+        "models",
+        "training",
+        "saliency",
+        "stats",
+        "executor",
+        "report",
+    ):
         assert section in resolved
     assert Protocol.model_validate(resolved) == p
 

@@ -100,8 +100,17 @@ def make_stages(values: dict[str, str], *, kinds: dict[str, object] | None = Non
 
     def plan_combine(ctx):
         key = hash_key("combine", ctx.key("make"))
-        return [Job("combine", "all", key, combine, (str(ctx.run_dir),), where="client",
-                    outputs=(ctx.run_dir / "total.txt",))]
+        return [
+            Job(
+                "combine",
+                "all",
+                key,
+                combine,
+                (str(ctx.run_dir),),
+                where="client",
+                outputs=(ctx.run_dir / "total.txt",),
+            )
+        ]
 
     return [Stage("make", plan_make), Stage("combine", plan_combine)]
 
@@ -189,7 +198,7 @@ def test_failures_are_retried_reported_and_finished_work_kept(tmp_path):
         assert f.log == tmp_path / "logs" / f"make-{f.key}.log" and f.log.exists()
     assert "ValueError: value 3 is not allowed" in bad.log.read_text()  # the traceback
     assert "Traceback" in bad.log.read_text()
-    assert f"job killed kills its process" in killed.log.read_text()
+    assert "job killed kills its process" in killed.log.read_text()
     # the transient error was retried and succeeded; finished jobs are kept
     assert calls(tmp_path).count("flaky") == 2
     for name, value in (("good", "1"), ("flaky", "2"), ("good2", "5")):
@@ -206,8 +215,9 @@ def test_failures_are_retried_reported_and_finished_work_kept(tmp_path):
 
     # a second run keeps the three finished jobs and retries only the failed ones
     n_good = calls(tmp_path).count("good")
-    again = run_stages(make_stages(values, kinds=kinds), tmp_path, executor=ExecutorConfig(workers=1, retries=0),
-                       progress=False)
+    again = run_stages(
+        make_stages(values, kinds=kinds), tmp_path, executor=ExecutorConfig(workers=1, retries=0), progress=False
+    )
     assert sorted(f.name for f in again.failures) == ["bad", "killed"]
     assert [f.attempts for f in sorted(again.failures, key=lambda f: f.name)] == [3, 3]
     assert calls(tmp_path).count("good") == n_good
@@ -239,8 +249,17 @@ def test_one_run_per_folder(tmp_path):
 @pytest.mark.parametrize(
     ("kind", "expected", "absent"),
     [
-        ("slurm", ["#SBATCH -p short", "#SBATCH -A proj42", "#SBATCH --gres=gpu:1", "#SBATCH -t 02:00:00",
-                   "#SBATCH --constraint=a100"], ["#SBATCH --mem"]),
+        (
+            "slurm",
+            [
+                "#SBATCH -p short",
+                "#SBATCH -A proj42",
+                "#SBATCH --gres=gpu:1",
+                "#SBATCH -t 02:00:00",
+                "#SBATCH --constraint=a100",
+            ],
+            ["#SBATCH --mem"],
+        ),
         ("pbs", ["#PBS -q short", "#PBS -A proj42", "#PBS -l ngpus=1", "#PBS -l walltime=02:00:00"], []),
         ("sge", ["#$ -q short", "#$ -P proj42", "#$ -l gpu=1", "#$ -l h_rt=02:00:00"], []),
         ("lsf", ["#BSUB -q short", '#BSUB -P "proj42"', '#BSUB -gpu "num=1"', "#BSUB -W 02:00"], []),
@@ -248,10 +267,19 @@ def test_one_run_per_folder(tmp_path):
 )
 def test_batch_job_script(tmp_path, kind, expected, absent):
     cfg = ExecutorConfig(
-        kind=kind, queue="short", account="proj42", cores=4, memory="16GB", gpus=1, walltime="02:00:00",
+        kind=kind,
+        queue="short",
+        account="proj42",
+        cores=4,
+        memory="16GB",
+        gpus=1,
+        walltime="02:00:00",
         job_extra_directives=["--constraint=a100"] if kind == "slurm" else [],
-        job_directives_skip=["--mem"], job_script_prologue=["module load cuda/12"], interface="lo",
-        local_directory="$TMPDIR", python="/opt/venv/bin/python",
+        job_directives_skip=["--mem"],
+        job_script_prologue=["module load cuda/12"],
+        interface="lo",
+        local_directory="$TMPDIR",
+        python="/opt/venv/bin/python",
     )
     cluster = make_cluster(cfg, tmp_path)
     try:
@@ -286,13 +314,24 @@ TINY = {
     "name": "tiny",
     "output": "run",
     "seed": 0,
-    "data": {"source": "synthetic", "synthetic": {"patients": 4, "cells_per_patient": 12, "cells_per_image": 4,
-                                                  "image_size": 160, "signal": 0.9, "seed": 0}},
+    "data": {
+        "source": "synthetic",
+        "synthetic": {
+            "patients": 4,
+            "cells_per_patient": 12,
+            "cells_per_image": 4,
+            "image_size": 160,
+            "signal": 0.9,
+            "seed": 0,
+        },
+    },
     "segmentation": {"method": "masks"},
     "crops": {"size": 24},
     "variants": {"train": ["original", "only_fg"], "test": ["original", "only_fg"]},
-    "models": [{"arch": "resnet", "label": "resnet_a", "depth": 10, "width": 0.125},
-               {"arch": "resnet", "label": "resnet_b", "depth": 10, "width": 0.25}],
+    "models": [
+        {"arch": "resnet", "label": "resnet_a", "depth": 10, "width": 0.125},
+        {"arch": "resnet", "label": "resnet_b", "depth": 10, "width": 0.25},
+    ],
     "training": {"epochs": 1, "batch_size": 32, "seeds": [0], "split": {"kind": "kfold", "folds": 2}},
     # big enough (~2 s) for a test to kill the saliency job's worker while it runs
     "saliency": {"methods": ["gradcam", "occlusion"], "cells_per_job": 16, "sanity_check": True},
@@ -326,8 +365,10 @@ def reference_run(base: Path) -> Path:
 
     folder = base / "tiny-reference"
     run_dir = folder / "run"
-    if not (run_dir / ".cellbg" / "last-run.json").exists() or \
-            json.loads((run_dir / ".cellbg" / "last-run.json").read_text())["state"] != "finished":
+    if (
+        not (run_dir / ".cellbg" / "last-run.json").exists()
+        or json.loads((run_dir / ".cellbg" / "last-run.json").read_text())["state"] != "finished"
+    ):
         summary = run_protocol(write_protocol(folder), progress=False)
         assert summary.ok, summary.summary()
     return run_dir
@@ -358,11 +399,13 @@ def assert_same_results(run_dir: Path, reference: Path, *, saliency: bool = True
     ours = pd.read_parquet(run_dir / "predictions.parquet").sort_values(keys).reset_index(drop=True)
     theirs = pd.read_parquet(reference / "predictions.parquet").sort_values(keys).reset_index(drop=True)
     pd.testing.assert_frame_equal(ours, theirs)
-    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "stats" / "tests.csv"),
-                                  pd.read_csv(reference / "stats" / "tests.csv"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run_dir / "stats" / "tests.csv"), pd.read_csv(reference / "stats" / "tests.csv")
+    )
     if saliency:
-        pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "saliency.parquet"),
-                                      pd.read_parquet(reference / "saliency.parquet"))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(run_dir / "saliency.parquet"), pd.read_parquet(reference / "saliency.parquet")
+        )
 
 
 def test_pipeline_end_to_end_and_rerun_does_no_work(reference):
@@ -378,8 +421,13 @@ def test_pipeline_end_to_end_and_rerun_does_no_work(reference):
     # 8 training jobs, 8 x 2 prediction jobs
     assert len(list((reference / "jobs").glob("*/DONE"))) == 8 + 16
     logs = sorted(p.name.split("-")[0] for p in (reference / "logs").glob("*.log") if p.name != "dask.log")
-    assert logs == (["crops", "data"] + ["predict"] * 16 + ["predictions", "report", "saliency"]
-                    + ["segment", "stats"] + ["train"] * 8)
+    assert logs == (
+        ["crops", "data"]
+        + ["predict"] * 16
+        + ["predictions", "report", "saliency"]
+        + ["segment", "stats"]
+        + ["train"] * 8
+    )
     # the predictions as a dataset: one file per prediction job, the same rows
     parts = sorted((reference / "predictions").glob("*.parquet"))
     assert len(parts) == 16
@@ -390,8 +438,9 @@ def test_pipeline_end_to_end_and_rerun_does_no_work(reference):
     assert again.returncode == 0, again.stderr
     assert "0 jobs ran" in again.stdout
     # no file touched: no job ran, no cluster started (it would have written logs/dask.log)
-    changed = [p for p, m in mtimes.items() if p.exists() and p.stat().st_mtime_ns != m
-               and p.name != "protocol.resolved.yaml"]
+    changed = [
+        p for p, m in mtimes.items() if p.exists() and p.stat().st_mtime_ns != m and p.name != "protocol.resolved.yaml"
+    ]
     assert changed == []
     st = cellbg("status", str(reference))
     assert st.returncode == 0 and "finished" in st.stdout
@@ -460,8 +509,9 @@ def test_dry_run_counts_training_jobs_before_the_crops_exist(tmp_path):
 def test_killed_run_resumes_with_the_same_results(reference, tmp_path):
     path = write_protocol(tmp_path)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "cellbg.cli", "run", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellbg.cli", "run", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while not list((run_dir / "jobs").glob("*/DONE")):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
@@ -502,8 +552,12 @@ def test_failed_jobs_are_reported_with_their_logs(reference, tmp_path):
 
     # 2. a job whose worker process is killed (as by the OOM killer), no retries
     path = write_protocol(tmp_path, executor={"workers": 2, "retries": 0})
-    proc = subprocess.Popen([sys.executable, "-m", "cellbg.cli", "run", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellbg.cli", "run", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     logs = []
     while not logs:
@@ -552,8 +606,9 @@ def test_segment_batches_on_workers_feed_crops(reference, tmp_path):
     path = write_protocol(tmp_path, data=data, segmentation={"method": "threshold"})
     protocol = load_protocol(path)
     stages = pipeline_stages()[:3]  # data, segment, crops
-    summary = run_stages(stages, tmp_path / "run", executor=LOCAL, progress=False,
-                         context=RunContext(tmp_path / "run", protocol))
+    summary = run_stages(
+        stages, tmp_path / "run", executor=LOCAL, progress=False, context=RunContext(tmp_path / "run", protocol)
+    )
     assert summary.ok, summary.summary()
     data_stage, segment, crops = summary.stages
     assert data_stage.total == 0  # user data: nothing to make
@@ -566,10 +621,12 @@ def test_segment_batches_on_workers_feed_crops(reference, tmp_path):
     # new crop size: crops run again, the label images are kept (neither the runner nor
     # run_crops' own call of run_segmentation segments again)
     stamps = [p.stat().st_mtime_ns for p in labels]
-    protocol = load_protocol(write_protocol(tmp_path, data=data, segmentation={"method": "threshold"},
-                                            crops={"size": 28}))
-    again = run_stages(stages, tmp_path / "run", executor=LOCAL, progress=False,
-                       context=RunContext(tmp_path / "run", protocol))
+    protocol = load_protocol(
+        write_protocol(tmp_path, data=data, segmentation={"method": "threshold"}, crops={"size": 28})
+    )
+    again = run_stages(
+        stages, tmp_path / "run", executor=LOCAL, progress=False, context=RunContext(tmp_path / "run", protocol)
+    )
     assert [(s.cached, s.ran) for s in again.stages[1:]] == [(segment.total, 0), (0, 1)]
     assert [p.stat().st_mtime_ns for p in labels] == stamps
 
@@ -605,8 +662,14 @@ def report_epochs(run_dir: str, name: str, epochs: int, seconds: float) -> None:
 
     for epoch in range(1, epochs + 1):
         time.sleep(seconds)
-        _progress.report(done=epoch, total=epochs, unit="epochs", loss=1.0 / epoch, acc=0.5 + 0.1 * epoch,
-                         line=f"epoch {epoch}/{epochs} loss {1.0 / epoch:.4f}")
+        _progress.report(
+            done=epoch,
+            total=epochs,
+            unit="epochs",
+            loss=1.0 / epoch,
+            acc=0.5 + 0.1 * epoch,
+            line=f"epoch {epoch}/{epochs} loss {1.0 / epoch:.4f}",
+        )
     time.sleep(seconds)
     write_text_atomic(Path(run_dir) / "out" / f"{name}.txt", "x")
 
@@ -614,8 +677,17 @@ def report_epochs(run_dir: str, name: str, epochs: int, seconds: float) -> None:
 def test_progress_reaches_run_log_job_log_and_display(tmp_path):
     def plan(ctx):
         out = ctx.run_dir / "out" / "fit.txt"
-        return [Job("train", "fit", hash_key("fit"), report_epochs, (str(ctx.run_dir), "fit", 3, 0.7),
-                    where="client", outputs=(out,))]
+        return [
+            Job(
+                "train",
+                "fit",
+                hash_key("fit"),
+                report_epochs,
+                (str(ctx.run_dir), "fit", 3, 0.7),
+                where="client",
+                outputs=(out,),
+            )
+        ]
 
     summary = run_stages([Stage("train", plan)], tmp_path, progress=False)
     assert summary.ok
@@ -623,10 +695,19 @@ def test_progress_reaches_run_log_job_log_and_display(tmp_path):
     # every epoch in the job's own log; the run log samples progress twice a second
     job_log = job_log_path(tmp_path, Job("train", "fit", hash_key("fit"), report_epochs)).read_text()
     assert [ln for ln in job_log.splitlines() if ln.startswith("--- epoch")] == [
-        "--- epoch 1/3 loss 1.0000", "--- epoch 2/3 loss 0.5000", "--- epoch 3/3 loss 0.3333"]
-    for text in ("run started", "stage train: 1 jobs, 0 cached, 1 to run", "train fit: started",
-                 "train fit: epoch 1/3 loss 1.0000", "train fit: epoch 2/3 loss 0.5000", "train fit: done in",
-                 "=== run finished: 1 jobs ran"):
+        "--- epoch 1/3 loss 1.0000",
+        "--- epoch 2/3 loss 0.5000",
+        "--- epoch 3/3 loss 0.3333",
+    ]
+    for text in (
+        "run started",
+        "stage train: 1 jobs, 0 cached, 1 to run",
+        "train fit: started",
+        "train fit: epoch 1/3 loss 1.0000",
+        "train fit: epoch 2/3 loss 0.5000",
+        "train fit: done in",
+        "=== run finished: 1 jobs ran",
+    ):
         assert text in run_log, text
     assert not list((tmp_path / ".cellbg" / "progress").glob("*.json"))  # removed when the job ended
     record = json.loads((tmp_path / ".cellbg" / "last-run.json").read_text())
@@ -638,14 +719,44 @@ def test_status_shows_the_running_job_and_time_left(tmp_path):
     the job's epoch; status shows both and the time left at the pace so far."""
     from cellbg.runner.status import stage_eta
 
-    write_text_atomic(tmp_path / ".cellbg" / "last-run.json", json.dumps({
-        "state": "running", "pid": os.getpid(), "host": os.uname().nodename, "updated": "now",
-        "current": {"stage": "make", "started": time.time() - 120, "todo": 3, "cached": 0, "done": 1, "failed": 0},
-        "log": str(tmp_path / ".cellbg" / "run.log")}))
+    write_text_atomic(
+        tmp_path / ".cellbg" / "last-run.json",
+        json.dumps(
+            {
+                "state": "running",
+                "pid": os.getpid(),
+                "host": os.uname().nodename,
+                "updated": "now",
+                "current": {
+                    "stage": "make",
+                    "started": time.time() - 120,
+                    "todo": 3,
+                    "cached": 0,
+                    "done": 1,
+                    "failed": 0,
+                },
+                "log": str(tmp_path / ".cellbg" / "run.log"),
+            }
+        ),
+    )
     write_text_atomic(tmp_path / ".cellbg" / "run.log", "x\n")
-    write_text_atomic(tmp_path / ".cellbg" / "progress" / "make-abc.json", json.dumps({
-        "stage": "make", "job": "resnet/original/s0/f1", "key": "abc", "started": time.time() - 30,
-        "done": 7, "total": 28, "unit": "epochs", "loss": 0.4123, "acc": 0.81, "val_acc": 0.78}))
+    write_text_atomic(
+        tmp_path / ".cellbg" / "progress" / "make-abc.json",
+        json.dumps(
+            {
+                "stage": "make",
+                "job": "resnet/original/s0/f1",
+                "key": "abc",
+                "started": time.time() - 30,
+                "done": 7,
+                "total": 28,
+                "unit": "epochs",
+                "loss": 0.4123,
+                "acc": 0.81,
+                "val_acc": 0.78,
+            }
+        ),
+    )
     st = status(tmp_path, stages=make_stages({"a": "1"}))
     text = st.summary()
     assert "now: stage make, 1 of 3 jobs done" in text
@@ -671,9 +782,22 @@ def test_live_display_moves_the_stage_bar_within_jobs(tmp_path):
         display.start("train", 4, 0)
         display._stage_started -= 10  # the stage began 10 s ago
         for key in ("a", "b"):
-            write_text_atomic(tmp_path / ".cellbg" / "progress" / f"train-{key}.json", json.dumps({
-                "stage": "train", "job": f"resnet/original/s0/f{key}", "key": key, "started": time.time() - 10,
-                "done": 15, "total": 30, "unit": "epochs", "loss": 0.25, "acc": 0.9}))
+            write_text_atomic(
+                tmp_path / ".cellbg" / "progress" / f"train-{key}.json",
+                json.dumps(
+                    {
+                        "stage": "train",
+                        "job": f"resnet/original/s0/f{key}",
+                        "key": key,
+                        "started": time.time() - 10,
+                        "done": 15,
+                        "total": 30,
+                        "unit": "epochs",
+                        "loss": 0.25,
+                        "acc": 0.9,
+                    }
+                ),
+            )
         display.poll()
         display.update(0, 2, 0)  # the loop's own update keeps the jobs' shares
         stage, *jobs = display.progress.tasks

@@ -30,7 +30,12 @@ pytestmark = [
 ]
 
 SLURM = ExecutorConfig(
-    kind="slurm", cores=1, memory="1GB", walltime="00:15:00", max_jobs_in_flight=2, retries=1,
+    kind="slurm",
+    cores=1,
+    memory="1GB",
+    walltime="00:15:00",
+    max_jobs_in_flight=2,
+    retries=1,
     worker_wait_timeout=120,
 )
 
@@ -53,8 +58,14 @@ def square_in_slurm_job(run_dir: str, name: str, value: int) -> None:
 def _stages():
     def plan(ctx):
         return [
-            Job("square", f"n{i}", hash_key("square", i), square_in_slurm_job, (str(ctx.run_dir), f"n{i}", i),
-                outputs=(ctx.run_dir / "out" / f"n{i}.txt",))
+            Job(
+                "square",
+                f"n{i}",
+                hash_key("square", i),
+                square_in_slurm_job,
+                (str(ctx.run_dir), f"n{i}", i),
+                outputs=(ctx.run_dir / "out" / f"n{i}.txt",),
+            )
             for i in range(4)
         ]
 
@@ -84,11 +95,22 @@ def test_pipeline_on_slurm_gives_the_local_results(tmp_path, tmp_path_factory):
 
     reference = reference_run(tmp_path_factory.getbasetemp())
     # 1GB: Dask alone would restart a worker importing PyTorch (~0.7 GB) at 95 % of it
-    executor = {"kind": "local", "cores": 1, "memory": "1GB", "walltime": "00:20:00", "max_jobs_in_flight": 2,
-                "retries": 1, "worker_wait_timeout": 120}
+    executor = {
+        "kind": "local",
+        "cores": 1,
+        "memory": "1GB",
+        "walltime": "00:20:00",
+        "max_jobs_in_flight": 2,
+        "retries": 1,
+        "worker_wait_timeout": 120,
+    }
     path = write_protocol(tmp_path, executor=executor)
-    run = subprocess.run([sys.executable, "-m", "cellbg.cli", "run", str(path), "--executor", "slurm"],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "cellbg.cli", "run", str(path), "--executor", "slurm"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     run_dir = tmp_path / "run"
     train_logs = list((run_dir / "logs").glob("train-*.log"))

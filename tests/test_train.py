@@ -51,16 +51,28 @@ def _config(run_dir: Path, *, signal: float, **training) -> dict:
         "output": str(run_dir),
         "data": {
             "source": "synthetic",
-            "synthetic": {"patients": 8, "cells_per_patient": 32, "cells_per_image": 4, "image_size": 128,
-                          "signal": signal, "seed": 1},
+            "synthetic": {
+                "patients": 8,
+                "cells_per_patient": 32,
+                "cells_per_image": 4,
+                "image_size": 128,
+                "signal": signal,
+                "seed": 1,
+            },
         },
         "segmentation": {"method": "masks", "workers": 1},
         "crops": {"size": 64, "exclude_border": False, "workers": 1},
         "models": [TINY_RESNET],
-        "variants": {"train": ["original", "only_fg"], "test": ["original", "only_fg", "mixed_rand"],
-                     "fill": "mean"},
-        "training": {"epochs": 12, "batch_size": 32, "lr": 3e-3, "patience": 12,
-                     "split": {"folds": 2, "val_fraction": 0.25}, "max_folds": 1, **training},
+        "variants": {"train": ["original", "only_fg"], "test": ["original", "only_fg", "mixed_rand"], "fill": "mean"},
+        "training": {
+            "epochs": 12,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "patience": 12,
+            "split": {"folds": 2, "val_fraction": 0.25},
+            "max_folds": 1,
+            **training,
+        },
     }
 
 
@@ -94,10 +106,14 @@ def _protocol(config: dict, **changes) -> Protocol:
 
 # --------------------------------------------------------------------------- planning
 def test_plan_jobs_nesting_and_fixed_split():
-    p = Protocol.model_validate({
-        "name": "x", "models": [TINY_RESNET, {"arch": "cellyolo"}],
-        "variants": {"train": ["original", "only_fg"]}, "training": {"seeds": [3, 4], "split": {"folds": 3}},
-    })
+    p = Protocol.model_validate(
+        {
+            "name": "x",
+            "models": [TINY_RESNET, {"arch": "cellyolo"}],
+            "variants": {"train": ["original", "only_fg"]},
+            "training": {"seeds": [3, 4], "split": {"folds": 3}},
+        }
+    )
     jobs = plan_jobs(p)
     assert len(jobs) == 2 * 2 * 2 * 3
     assert jobs[0] == JobSpec("resnet", "original", 3, 0) and jobs[-1] == JobSpec("cellyolo", "only_fg", 4, 2)
@@ -138,11 +154,13 @@ def test_job_key_tracks_exactly_what_the_job_depends_on(tmp_path):
         assert job_key(q, spec, crops_hash="c0") == key, what
     # a prediction job: the trained model's key and its test variant
     pk = predict_key(p, PredictSpec(spec, "original"), crops_hash="c0")
-    assert pk == predict_key(_protocol(base, **{"variants": {"test": ["original"]}}), PredictSpec(spec, "original"),
-                             crops_hash="c0")
+    assert pk == predict_key(
+        _protocol(base, **{"variants": {"test": ["original"]}}), PredictSpec(spec, "original"), crops_hash="c0"
+    )
     assert pk != predict_key(p, PredictSpec(spec, "only_fg"), crops_hash="c0")
-    assert pk != predict_key(_protocol(base, **{"training": {"lr": 0.5}}), PredictSpec(spec, "original"),
-                             crops_hash="c0")
+    assert pk != predict_key(
+        _protocol(base, **{"training": {"lr": 0.5}}), PredictSpec(spec, "original"), crops_hash="c0"
+    )
 
 
 def test_crops_fingerprint_follows_bytes(strong_run, tmp_path):
@@ -183,7 +201,7 @@ def test_window_order_is_a_chunk_aligned_shuffle():
     assert sorted(out.tolist()) == rows.tolist()  # a permutation
     # each run of 20 consecutive rows (one window: 4 chunks of 5 training rows) spans 4 chunks
     for start in range(0, len(out), 20):
-        assert len(set((out[start:start + 20] // 10).tolist())) == 4
+        assert len(set((out[start : start + 20] // 10).tolist())) == 4
     assert not np.array_equal(out, rows)
     # seeded: the same generator state, the same order
     assert np.array_equal(out, window_order(rows, 10, np.random.default_rng(0), window=40))
@@ -231,10 +249,12 @@ def test_rand_dihedral_matches_torch_and_is_seeded():
     t.randomize(40)
     y = t(x)
     ops = t._ops.tolist()
-    expected = torch.stack([
-        torch.flip(torch.rot90(x[i], o % 4, (1, 2)), (2,)) if o >= 4 else torch.rot90(x[i], o % 4, (1, 2))
-        for i, o in enumerate(ops)
-    ])
+    expected = torch.stack(
+        [
+            torch.flip(torch.rot90(x[i], o % 4, (1, 2)), (2,)) if o >= 4 else torch.rot90(x[i], o % 4, (1, 2))
+            for i, o in enumerate(ops)
+        ]
+    )
     assert torch.equal(y, expected)
     assert len(set(ops)) > 4  # per-image draws, not one per batch
     t2 = RandDihedral().set_random_state(7)
@@ -286,11 +306,28 @@ def test_run_job_files_predictions_and_model(strong_run, tmp_path):
     assert (pred_dir / "DONE").stat().st_mtime_ns >= (pred_dir / "predictions.parquet").stat().st_mtime_ns
     cells = pd.read_parquet(Path(p.run_dir) / "cells.parquet")
     test_cells = cells[cells["fold"] == spec.fold]
-    preds = pd.concat([pd.read_parquet(tmp_path / "pred" / v / "predictions.parquet") for v in p.variants.test],
-                      ignore_index=True)
-    expected_cols = ["cell_id", "image_id", "patient_id", "label", "label_index", "model", "train_variant",
-                     "test_variant", "seed", "fold", "pred", "pred_index", "correct", "prob_healthy",
-                     "prob_sezary", "partner_cell_id", "background_id"]
+    preds = pd.concat(
+        [pd.read_parquet(tmp_path / "pred" / v / "predictions.parquet") for v in p.variants.test], ignore_index=True
+    )
+    expected_cols = [
+        "cell_id",
+        "image_id",
+        "patient_id",
+        "label",
+        "label_index",
+        "model",
+        "train_variant",
+        "test_variant",
+        "seed",
+        "fold",
+        "pred",
+        "pred_index",
+        "correct",
+        "prob_healthy",
+        "prob_sezary",
+        "partner_cell_id",
+        "background_id",
+    ]
     assert list(preds.columns) == expected_cols
     assert len(preds) == 3 * len(test_cells)
     assert set(preds["cell_id"]) == set(test_cells["cell_id"])
@@ -372,8 +409,13 @@ def test_kill_after_epoch_two_then_resume_equals_uninterrupted(strong_run, tmp_p
         p = load_protocol({str(proto_file)!r}, check_paths=False)
         run_job(p, JobSpec("resnet", "original", 0, 0), {str(killed_dir)!r}, on_epoch_end=die)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "CELLBG_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "CELLBG_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (killed_dir / "DONE").exists()
     assert list(pd.read_csv(killed_dir / "history.csv")["epoch"]) == [1, 2]
@@ -434,16 +476,18 @@ def test_planted_background_signal_is_found_and_absent_signal_is_not(strong_run,
 
 
 def test_run_training_collect_and_cli(strong_run, tmp_path):
-    config = _protocol(strong_run, **{"training.epochs": 1, "variants.train": ["original"],
-                                      "variants.test": ["original"]}).model_dump(mode="json")
+    config = _protocol(
+        strong_run, **{"training.epochs": 1, "variants.train": ["original"], "variants.test": ["original"]}
+    ).model_dump(mode="json")
     proto_file = tmp_path / "p.yaml"
     proto_file.write_text(yaml.safe_dump(config))
     p = load_protocol(proto_file, check_paths=False)
     results = run_training(p)
     assert len(results) == 1 and results[0].done
     out = pd.read_parquet(Path(p.run_dir) / "predictions.parquet")
-    job = pd.read_parquet(Path(p.run_dir) / "jobs" / predict_key(p, PredictSpec(results[0].spec, "original"))
-                          / "predictions.parquet")
+    job = pd.read_parquet(
+        Path(p.run_dir) / "jobs" / predict_key(p, PredictSpec(results[0].spec, "original")) / "predictions.parquet"
+    )
     pd.testing.assert_frame_equal(out, job)
     parts = sorted((Path(p.run_dir) / "predictions").glob("*.parquet"))
     assert len(parts) == 1

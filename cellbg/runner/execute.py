@@ -154,9 +154,7 @@ def _execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> di
     with open(log_path, "a", encoding="utf-8", buffering=1) as log:
         log.write(
             f"=== attempt started {now()} stage={job.stage} job={job.name} key={job.key} "
-            f"host={socket.gethostname()} pid={os.getpid()}"
-            + (f" batch_job={batch_job}" if batch_job else "")
-            + "\n"
+            f"host={socket.gethostname()} pid={os.getpid()}" + (f" batch_job={batch_job}" if batch_job else "") + "\n"
         )
         progress = _ProgressFile(run_dir, job, log)
         try:
@@ -167,8 +165,9 @@ def _execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> di
             if job.writes_marker and not marker.exists():
                 raise RuntimeError(f"job finished without writing its done marker {marker}")
             # last: the key and each output's size and digest (a damaged output is found later)
-            job.write_record(run_dir, finished=now(), seconds=round(time.perf_counter() - t0, 3),
-                             host=socket.gethostname())
+            job.write_record(
+                run_dir, finished=now(), seconds=round(time.perf_counter() - t0, 3), host=socket.gethostname()
+            )
         except CellbgError as exc:
             # bad input: a retry cannot help, so the error comes back as a result, not raised
             with contextlib.suppress(OSError):
@@ -204,8 +203,14 @@ class _ProgressFile:
     def __init__(self, run_dir: Path, job: Job, log):
         self.path = progress_path(run_dir, job)
         self.log = log
-        self.state = {"stage": job.stage, "job": job.name, "key": job.key, "started": time.time(),
-                      "host": socket.gethostname(), "pid": os.getpid()}
+        self.state = {
+            "stage": job.stage,
+            "job": job.name,
+            "key": job.key,
+            "started": time.time(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
         self.last = 0.0
 
     def __call__(self, fields: dict) -> None:
@@ -272,4 +277,3 @@ def describe_error(exc: BaseException, attempts: int, batch_logs: Path | None = 
         return f"its worker process died {when} (killed, out of memory or past walltime?{where})"
     msg = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-

@@ -91,8 +91,10 @@ def _worker_dask_config(run_dir: Path) -> Path:
         "distributed": {
             # Dask would pause and restart a worker at 80-95 % of `memory`, and importing
             # PyTorch alone takes ~0.7 GB; the batch system enforces the real limit.
-            "worker": {"daemon": False, "memory": {"target": False, "spill": False, "pause": False,
-                                                   "terminate": False}},
+            "worker": {
+                "daemon": False,
+                "memory": {"target": False, "spill": False, "pause": False, "terminate": False},
+            },
             "nanny": {"pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": None}},
         }
     }
@@ -129,8 +131,11 @@ def make_cluster(cfg, run_dir: str | Path):
             silence_logs=logging.CRITICAL,
             local_directory=os.path.expandvars(cfg.local_directory) if cfg.local_directory else None,
             memory_limit=0,  # jobs own their memory; Dask must not pause or kill them for it
-            env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                 **({"CELLBG_SCRATCH": cfg.scratch} if cfg.scratch else {})},
+            env={
+                "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads),
+                **({"CELLBG_SCRATCH": cfg.scratch} if cfg.scratch else {}),
+            },
         )
 
     import dask_jobqueue
@@ -175,9 +180,12 @@ def make_cluster(cfg, run_dir: str | Path):
         # --nthreads again (after dask-jobqueue's cores // processes): the last one wins, so a
         # worker runs threads_per_worker jobs at once however many cores the job reserves.
         worker_extra_args=[
-            "--nthreads", str(cfg.threads_per_worker),
-            "--lifetime", lifetime,
-            "--lifetime-stagger", cfg.worker_lifetime_stagger,
+            "--nthreads",
+            str(cfg.threads_per_worker),
+            "--lifetime",
+            lifetime,
+            "--lifetime-stagger",
+            cfg.worker_lifetime_stagger,
         ],
         log_directory=str(log_dir),
         scheduler_options={"dashboard_address": ":0"},
@@ -323,8 +331,11 @@ class Executor:
             _check_batch_system(self.cfg, self.cluster, self.run_dir)
             # idle workers go after a minute (between stages); never more than the job cap
             self.adaptive = self.cluster.adapt(
-                Adaptive=_jobs_adaptive(), minimum_jobs=0, maximum_jobs=self.cfg.max_jobs_in_flight or 8,
-                interval="2s", wait_count=30,
+                Adaptive=_jobs_adaptive(),
+                minimum_jobs=0,
+                maximum_jobs=self.cfg.max_jobs_in_flight or 8,
+                interval="2s",
+                wait_count=30,
             )
         self.client = Client(self.cluster)
 
@@ -377,8 +388,13 @@ class Executor:
                 while waiting and len(in_flight) < capacity:
                     job = waiting.pop(0)
                     fut = client.submit(
-                        execute_pickled, cloudpickle.dumps(job), str(self.run_dir), threads,
-                        key=f"{job.stage}-{job.key}", retries=self.cfg.retries, pure=False,
+                        execute_pickled,
+                        cloudpickle.dumps(job),
+                        str(self.run_dir),
+                        threads,
+                        key=f"{job.stage}-{job.key}",
+                        retries=self.cfg.retries,
+                        pure=False,
                     )
                     in_flight[fut.key] = (fut, job)
                 for k, (fut, job) in list(in_flight.items()):
@@ -467,4 +483,3 @@ def _dask_logs_to_file(path: Path) -> Iterator[None]:
             lg.handlers, lg.propagate = handlers, propagate
             lg.setLevel(level)
         handler.close()
-

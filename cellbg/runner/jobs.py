@@ -24,6 +24,7 @@ from cellbg._io import write_json_atomic
 #: Folder inside a run that holds the runner's own bookkeeping (markers, digests, lock).
 STATE_DIR = ".cellbg"
 
+
 # =========================================================================== keys and jobs
 def hash_key(*parts: Any) -> str:
     """A 16-hex-digit SHA-256 of ``parts`` (JSON-serialised) and the cellbg version.
@@ -181,8 +182,13 @@ class Job:
         run_dir = Path(run_dir)
         write_json_atomic(
             self.record_path(run_dir),
-            {"key": self.key, "stage": self.stage, "name": self.name, **extra,
-             "outputs": describe_outputs(run_dir, self.outputs)},
+            {
+                "key": self.key,
+                "stage": self.stage,
+                "name": self.name,
+                **extra,
+                "outputs": describe_outputs(run_dir, self.outputs),
+            },
         )
 
     def clear(self, run_dir: Path, problems: tuple[str, ...] = ()) -> None:
@@ -358,10 +364,7 @@ class JobFailure:
     user_error: bool = False  # bad input (a CellbgError): fix the input, a retry cannot help
 
     def __str__(self) -> str:
-        return (
-            f"{self.stage} {self.name} failed after {self.attempts} attempt(s): {self.error} "
-            f"(log: {self.log})"
-        )
+        return f"{self.stage} {self.name} failed after {self.attempts} attempt(s): {self.error} (log: {self.log})"
 
 
 @dataclass(frozen=True)
@@ -420,8 +423,6 @@ class RunSummary:
             if not s.planned:
                 lines.append(f"{s.name:<12}{'-':>6}{'-':>8}{'-':>6}{'-':>8}{'':>9}  {s.note}")
                 continue
-            lines.append(
-                f"{s.name:<12}{s.total:>6}{s.cached:>8}{s.ran:>6}{s.failed:>8}{s.seconds:>9.1f}  {s.note}"
-            )
+            lines.append(f"{s.name:<12}{s.total:>6}{s.cached:>8}{s.ran:>6}{s.failed:>8}{s.seconds:>9.1f}  {s.note}")
         lines.extend(f"FAILED: {f}" for f in self.failures)
         return "\n".join(lines)

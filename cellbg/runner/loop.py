@@ -80,8 +80,15 @@ def _close_record(run_dir: Path, state: str, started: str, executor: str, stages
     except OSError:
         pass
     full = _record(run_dir, state, started, executor, stages, failures)
-    small = {"state": state, "started": started, "updated": now(), "pid": os.getpid(),
-             "host": socket.gethostname(), "failures": full["failures"][:3], "note": "record cut short: disk full?"}
+    small = {
+        "state": state,
+        "started": started,
+        "updated": now(),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "failures": full["failures"][:3],
+        "note": "record cut short: disk full?",
+    }
     for obj in (full, small, {"state": state, "pid": os.getpid()}):
         try:
             with open(record_path(run_dir), "w", encoding="utf-8") as f:
@@ -91,8 +98,9 @@ def _close_record(run_dir: Path, state: str, started: str, executor: str, stages
             continue
 
 
-def _write_record(run_dir: Path, state: str, started: str, executor: str, stages, failures,
-                  current: dict | None = None) -> None:
+def _write_record(
+    run_dir: Path, state: str, started: str, executor: str, stages, failures, current: dict | None = None
+) -> None:
     write_json_atomic(record_path(run_dir), _record(run_dir, state, started, executor, stages, failures, current))
 
 
@@ -103,8 +111,9 @@ def _write_progress(run_dir: Path, started: str, executor: str, stages, failures
         _write_record(run_dir, "running", started, executor, stages, failures, current)
 
 
-def _record(run_dir: Path, state: str, started: str, executor: str, stages, failures,
-            current: dict | None = None) -> dict:
+def _record(
+    run_dir: Path, state: str, started: str, executor: str, stages, failures, current: dict | None = None
+) -> dict:
     return {
         "state": state,
         "started": started,
@@ -121,8 +130,14 @@ def _record(run_dir: Path, state: str, started: str, executor: str, stages, fail
             for s in stages
         ],
         "failures": [
-            {"stage": f.stage, "name": f.name, "key": f.key, "error": f.error, "log": str(f.log),
-             "attempts": f.attempts}
+            {
+                "stage": f.stage,
+                "name": f.name,
+                "key": f.key,
+                "error": f.error,
+                "log": str(f.log),
+                "attempts": f.attempts,
+            }
             for f in failures
         ],
     }
@@ -198,6 +213,7 @@ def run_stages(
     interrupted = False
 
     if dry_run:
+
         def later(stage: Stage, after: str) -> StageSummary:
             n = stage.count(ctx) if stage.count is not None else None
             note = f"planned after {after}" + (f": {n} jobs" if n is not None else "")
@@ -218,13 +234,16 @@ def run_stages(
                 if redo_by is None:
                     raise
                 # its inputs are damaged files that an earlier stage makes again (a deleted cell table)
-                summaries.append(StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False,
-                                              note=f"planned after {redo_by} is redone"))
+                summaries.append(
+                    StageSummary(stage.name, 0, 0, 0, 0, 0.0, planned=False, note=f"planned after {redo_by} is redone")
+                )
                 blocked_by = redo_by
                 continue
             checks = [j.check(run_dir, full=verify) for j in jobs]
-            records = tuple(JobRecord(j.name, j.key, c.state == "done", j.where, c.problems)
-                            for j, c in zip(jobs, checks, strict=True))
+            records = tuple(
+                JobRecord(j.name, j.key, c.state == "done", j.where, c.problems)
+                for j, c in zip(jobs, checks, strict=True)
+            )
             n_cached = sum(r.cached for r in records)
             n_damaged = sum(c.state == "damaged" for c in checks)
             redo_by = redo_by or (stage.name if n_damaged else None)
@@ -244,8 +263,10 @@ def run_stages(
     with _run_lock(run_dir), Executor(cfg, run_dir) as ex, Display(progress, run_dir) as display:
         if on_start is not None:
             on_start()
-        display.say(f"=== cellbg {__version__} run started: pid {os.getpid()} on {socket.gethostname()}, "
-                    f"executor {cfg.kind}, {len(stages)} stages, run folder {run_dir}")
+        display.say(
+            f"=== cellbg {__version__} run started: pid {os.getpid()} on {socket.gethostname()}, "
+            f"executor {cfg.kind}, {len(stages)} stages, run folder {run_dir}"
+        )
         _write_record(run_dir, "running", started, cfg.kind, summaries, failures)
         try:
             for index, stage in enumerate(stages):
@@ -273,8 +294,14 @@ def run_stages(
                 display.start(stage.name, len(todo), sum(is_cached))
                 stage_failures: list[JobFailure] = []
                 counts = {"done": 0, "failed": 0}
-                current = {"stage": stage.name, "started": time.time(), "todo": len(todo),
-                           "cached": sum(is_cached), "done": 0, "failed": 0}
+                current = {
+                    "stage": stage.name,
+                    "started": time.time(),
+                    "todo": len(todo),
+                    "cached": sum(is_cached),
+                    "done": 0,
+                    "failed": 0,
+                }
                 if todo:
                     _write_progress(run_dir, started, cfg.kind, summaries, failures, current)
 
@@ -286,8 +313,15 @@ def run_stages(
                         counts["failed"] += 1
                         log = job_log_path(run_dir, job)
                         attempts = attempts_in_log(log)
-                        failure = JobFailure(job.stage, job.name, job.key, describe_error(exc, attempts, batch_logs),
-                                             log, attempts, user_error=isinstance(exc, CellbgError))
+                        failure = JobFailure(
+                            job.stage,
+                            job.name,
+                            job.key,
+                            describe_error(exc, attempts, batch_logs),
+                            log,
+                            attempts,
+                            user_error=isinstance(exc, CellbgError),
+                        )
                         stage_failures.append(failure)
                         display.job_finished(job.stage, job.name, seconds, f"{failure.error} (log: {log})")
                     current.update(counts)
@@ -314,8 +348,10 @@ def run_stages(
                     counts["failed"],
                     time.perf_counter() - t0,
                     note=f"{len(damaged)} job(s) redone: damaged outputs" if damaged else "",
-                    jobs=tuple(JobRecord(j.name, j.key, c, j.where, damaged.get(j.name, ()))
-                               for j, c in zip(jobs, is_cached, strict=True)),
+                    jobs=tuple(
+                        JobRecord(j.name, j.key, c, j.where, damaged.get(j.name, ()))
+                        for j, c in zip(jobs, is_cached, strict=True)
+                    ),
                 )
                 summaries.append(summary)
                 display.end(summary)
@@ -343,8 +379,10 @@ def run_stages(
         _close_record(run_dir, state, started, cfg.kind, summaries, failures)
         ran = sum(s.ran for s in summaries)
         with contextlib.suppress(OSError):
-            display.say(f"=== run {state}: {ran} jobs ran in {time.perf_counter() - t_run:.1f} s"
-                        + "".join(f"\nFAILED: {f}" for f in failures))
+            display.say(
+                f"=== run {state}: {ran} jobs ran in {time.perf_counter() - t_run:.1f} s"
+                + "".join(f"\nFAILED: {f}" for f in failures)
+            )
     return RunSummary(
         run_dir, cfg.kind, False, time.perf_counter() - t_run, tuple(summaries), tuple(failures), interrupted
     )
@@ -378,5 +416,3 @@ def _run_in_client(job: Job, run_dir: Path, retries: int) -> BaseException | Non
             if attempt == retries:
                 return exc
     return None  # pragma: no cover
-
-

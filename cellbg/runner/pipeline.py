@@ -69,10 +69,20 @@ def _job_train(protocol, spec, job_dir: str) -> None:
     epochs = protocol.training.epochs
 
     def epoch_done(epoch: int, row: dict) -> None:
-        line = (f"epoch {epoch}/{epochs} loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} "
-                f"val loss {row['val_loss']:.4f} val acc {row['val_accuracy']:.3f} ({row['seconds']:.1f} s)")
-        _progress.report(done=epoch, total=epochs, unit="epochs", loss=row["train_loss"], acc=row["train_accuracy"],
-                         val_acc=row["val_accuracy"], epoch_seconds=row["seconds"], line=line)
+        line = (
+            f"epoch {epoch}/{epochs} loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} "
+            f"val loss {row['val_loss']:.4f} val acc {row['val_accuracy']:.3f} ({row['seconds']:.1f} s)"
+        )
+        _progress.report(
+            done=epoch,
+            total=epochs,
+            unit="epochs",
+            loss=row["train_loss"],
+            acc=row["train_accuracy"],
+            val_acc=row["val_accuracy"],
+            epoch_seconds=row["seconds"],
+            line=line,
+        )
 
     _progress.report(done=0, total=epochs, unit="epochs")
     train.run_job(protocol, spec, job_dir=Path(job_dir), on_epoch_end=epoch_done)
@@ -94,8 +104,12 @@ def _job_saliency(protocol) -> None:
     from cellbg import _progress, saliency
 
     def mapped(number: int, n_jobs: int) -> None:
-        _progress.report(done=number, total=n_jobs, unit="trained models mapped",
-                         line=f"maps of trained model {number}/{n_jobs} done")
+        _progress.report(
+            done=number,
+            total=n_jobs,
+            unit="trained models mapped",
+            line=f"maps of trained model {number}/{n_jobs} done",
+        )
 
     saliency.run_saliency(protocol, progress=mapped)
 
@@ -138,8 +152,15 @@ def _plan_data(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
     if p.data.source == "synthetic":
         return [
-            Job("data", "synthetic", hash_key("data", _section(p, "data")), _job_synth, (p,),
-                where="client", outputs=(p.run_dir / "data" / "manifest.csv",))
+            Job(
+                "data",
+                "synthetic",
+                hash_key("data", _section(p, "data")),
+                _job_synth,
+                (p,),
+                where="client",
+                outputs=(p.run_dir / "data" / "manifest.csv",),
+            )
         ]
     return []  # user data: nothing to make; the digests below carry its content into the keys
 
@@ -174,7 +195,10 @@ def _plan_segment(ctx: RunContext) -> list[Job]:
         name = f"images-{start:05d}-{start + len(batch) - 1:05d}"
         jobs.append(
             Job(
-                "segment", name, hash_key("segment", seg, channels, content), _job_segment,
+                "segment",
+                name,
+                hash_key("segment", seg, channels, content),
+                _job_segment,
                 (worker_protocol, batch.drop(columns=["digest", "mask_digest", "objects_digest"])),
                 # copying the user's masks is quick: no worker needed
                 where="client" if masks_only else "worker",
@@ -191,12 +215,24 @@ def _plan_crops(ctx: RunContext) -> list[Job]:
     crops_section = _section(p, "crops")
     crops_section.pop("workers", None)
     key = hash_key(
-        "crops", ctx.key("segment"), content, _section(p, "data"), crops_section,
-        _section(p, "training", "split"), p.seed,
+        "crops",
+        ctx.key("segment"),
+        content,
+        _section(p, "data"),
+        crops_section,
+        _section(p, "training", "split"),
+        p.seed,
     )
     return [
-        Job("crops", "crops", key, _job_crops, (_segment_protocol(p),), where="client",
-            outputs=(p.run_dir / "cells.parquet", p.run_dir / "crops.zarr"))
+        Job(
+            "crops",
+            "crops",
+            key,
+            _job_crops,
+            (_segment_protocol(p),),
+            where="client",
+            outputs=(p.run_dir / "cells.parquet", p.run_dir / "crops.zarr"),
+        )
     ]
 
 
@@ -226,9 +262,16 @@ def _plan_train(ctx: RunContext) -> list[Job]:
     for spec, key in _train_keys(ctx).items():
         job_dir = p.run_dir / "jobs" / key
         jobs.append(
-            Job("train", _spec_name(spec), key, _job_train, (p, spec, str(job_dir)),
-                marker=job_dir / "DONE", writes_marker=True,
-                outputs=tuple(job_dir / f for f in ("checkpoint.pt", "history.csv", "spec.json")))
+            Job(
+                "train",
+                _spec_name(spec),
+                key,
+                _job_train,
+                (p, spec, str(job_dir)),
+                marker=job_dir / "DONE",
+                writes_marker=True,
+                outputs=tuple(job_dir / f for f in ("checkpoint.pt", "history.csv", "spec.json")),
+            )
         )
     return jobs
 
@@ -252,9 +295,16 @@ def _plan_predict(ctx: RunContext) -> list[Job]:
         key = planning.predict_key(p, spec, train_key=keys[spec.train])
         job_dir = p.run_dir / "jobs" / key
         jobs.append(
-            Job("predict", f"{_spec_name(spec.train)}/{spec.test_variant}", key, _job_predict,
-                (p, spec, str(job_dir)), marker=job_dir / "DONE", writes_marker=True,
-                outputs=(job_dir / "predictions.parquet", job_dir / "spec.json"))
+            Job(
+                "predict",
+                f"{_spec_name(spec.train)}/{spec.test_variant}",
+                key,
+                _job_predict,
+                (p, spec, str(job_dir)),
+                marker=job_dir / "DONE",
+                writes_marker=True,
+                outputs=(job_dir / "predictions.parquet", job_dir / "spec.json"),
+            )
         )
     return jobs
 
@@ -268,8 +318,17 @@ def _count_predict(ctx: RunContext) -> int:
 def _plan_predictions(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
     key = hash_key("predictions", ctx.key("predict"))
-    return [Job("predictions", "predictions", key, _job_collect, (str(p.run_dir),), where="client",
-                outputs=(p.run_dir / "predictions.parquet", p.run_dir / "predictions"))]
+    return [
+        Job(
+            "predictions",
+            "predictions",
+            key,
+            _job_collect,
+            (str(p.run_dir),),
+            where="client",
+            outputs=(p.run_dir / "predictions.parquet", p.run_dir / "predictions"),
+        )
+    ]
 
 
 def _plan_saliency(ctx: RunContext) -> list[Job]:
@@ -280,15 +339,32 @@ def _plan_saliency(ctx: RunContext) -> list[Job]:
     for name in ("train", "test"):  # the trained models' keys cover what matters of these lists
         variants.pop(name, None)
     key = hash_key("saliency", ctx.key("train"), ctx.key("crops"), _section(p, "saliency"), variants)
-    return [Job("saliency", "saliency", key, _job_saliency, (p,),
-                outputs=(p.run_dir / "saliency.parquet", p.run_dir / "saliency.zarr"))]
+    return [
+        Job(
+            "saliency",
+            "saliency",
+            key,
+            _job_saliency,
+            (p,),
+            outputs=(p.run_dir / "saliency.parquet", p.run_dir / "saliency.zarr"),
+        )
+    ]
 
 
 def _plan_stats(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
     key = hash_key("stats", ctx.key("predictions"), ctx.keys.get("saliency", ""), _section(p, "stats"))
-    return [Job("stats", "stats", key, _job_stats, (str(p.run_dir),), where="client",
-                outputs=(p.run_dir / "stats" / "tests.csv",))]
+    return [
+        Job(
+            "stats",
+            "stats",
+            key,
+            _job_stats,
+            (str(p.run_dir),),
+            where="client",
+            outputs=(p.run_dir / "stats" / "tests.csv",),
+        )
+    ]
 
 
 def _job_detect(protocol, spec, fields, fields_hash: str, job_dir: str) -> None:
@@ -318,8 +394,18 @@ def _plan_detect(ctx: RunContext) -> list[Job]:
     for spec in plan_detect_jobs(p):
         key = detect_job_key(p, spec, fields_hash)
         job_dir = detect_dir(p) / "jobs" / key
-        jobs.append(Job("detect", spec.name, key, _job_detect, (p, spec, fields, fields_hash, str(job_dir)),
-                        marker=job_dir / DONE, writes_marker=True, outputs=(job_dir / "metrics.csv",)))
+        jobs.append(
+            Job(
+                "detect",
+                spec.name,
+                key,
+                _job_detect,
+                (p, spec, fields, fields_hash, str(job_dir)),
+                marker=job_dir / DONE,
+                writes_marker=True,
+                outputs=(job_dir / "metrics.csv",),
+            )
+        )
     return jobs
 
 
@@ -330,8 +416,17 @@ def _plan_detect_stats(ctx: RunContext) -> list[Job]:
     from cellbg.detect.plan import detect_dir
 
     key = hash_key("detect_stats", ctx.key("detect"), _section(p, "detection"), _section(p, "stats", "alpha"))
-    return [Job("detect_stats", "detect_stats", key, _job_detect_stats, (str(p.run_dir),), where="client",
-                outputs=(detect_dir(p) / "tests.csv",))]
+    return [
+        Job(
+            "detect_stats",
+            "detect_stats",
+            key,
+            _job_detect_stats,
+            (str(p.run_dir),),
+            where="client",
+            outputs=(detect_dir(p) / "tests.csv",),
+        )
+    ]
 
 
 def _unless_detection_only(plan):
@@ -349,10 +444,18 @@ def _unless_detection_only(plan):
 def _plan_report(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
     detection = (ctx.key("detect_stats"),) if p.detection.enabled else ()
-    key = hash_key("report", ctx.key("stats"), ctx.key("predictions"), ctx.keys.get("saliency", ""),
-                   _section(p, "report"), p.name, *detection)
-    return [Job("report", "report", key, _job_report, (str(p.run_dir),), where="client",
-                outputs=(p.run_dir / "report",))]
+    key = hash_key(
+        "report",
+        ctx.key("stats"),
+        ctx.key("predictions"),
+        ctx.keys.get("saliency", ""),
+        _section(p, "report"),
+        p.name,
+        *detection,
+    )
+    return [
+        Job("report", "report", key, _job_report, (str(p.run_dir),), where="client", outputs=(p.run_dir / "report",))
+    ]
 
 
 def pipeline_stages() -> list[Stage]:
@@ -362,10 +465,18 @@ def pipeline_stages() -> list[Stage]:
         Stage("data", _plan_data),
         Stage("segment", _plan_segment, _prepare_segment, worker_modules=("cellbg.segment",)),
         Stage("crops", _unless_detection_only(_plan_crops)),
-        Stage("train", _unless_detection_only(_plan_train), worker_modules=("cellbg.train",),
-              count=_unless_detection_only(_count_train)),
-        Stage("predict", _unless_detection_only(_plan_predict), worker_modules=("cellbg.train",),
-              count=_unless_detection_only(_count_predict)),
+        Stage(
+            "train",
+            _unless_detection_only(_plan_train),
+            worker_modules=("cellbg.train",),
+            count=_unless_detection_only(_count_train),
+        ),
+        Stage(
+            "predict",
+            _unless_detection_only(_plan_predict),
+            worker_modules=("cellbg.train",),
+            count=_unless_detection_only(_count_predict),
+        ),
         Stage("predictions", _unless_detection_only(_plan_predictions)),
         Stage("saliency", _unless_detection_only(_plan_saliency), worker_modules=("cellbg.saliency",)),
         Stage("stats", _unless_detection_only(_plan_stats)),
@@ -416,7 +527,12 @@ def run_protocol(
     run_dir = Path(protocol.run_dir).resolve()
     ctx = RunContext(run_dir=run_dir, protocol=protocol)
     summary = run_stages(
-        pipeline_stages(), run_dir, executor=cfg, dry_run=dry_run, progress=progress, context=ctx,
+        pipeline_stages(),
+        run_dir,
+        executor=cfg,
+        dry_run=dry_run,
+        progress=progress,
+        context=ctx,
         on_start=lambda: write_resolved(protocol),  # stats and report read it
     )
     if not dry_run and summary.ok:
@@ -446,5 +562,3 @@ def final_lines(run_dir: str | Path) -> list[str]:
     sentence = run_headline(run_dir)
     lines.append(sentence or "no confirmatory result: the run has no confirmatory test (stats/tests.csv)")
     return lines
-
-
