@@ -48,9 +48,17 @@ def _stages(n: int, seconds: float, tag: str):
     from cellbg.runner import Job, Stage, hash_key
 
     def plan(ctx):
-        return [Job("work", f"j{i}", hash_key("work", tag, i, seconds), work_job,
-                    (str(ctx.run_dir / "out" / f"j{i}.txt"), seconds), outputs=(ctx.run_dir / "out" / f"j{i}.txt",))
-                for i in range(n)]
+        return [
+            Job(
+                "work",
+                f"j{i}",
+                hash_key("work", tag, i, seconds),
+                work_job,
+                (str(ctx.run_dir / "out" / f"j{i}.txt"), seconds),
+                outputs=(ctx.run_dir / "out" / f"j{i}.txt",),
+            )
+            for i in range(n)
+        ]
 
     def prepare(ctx, todo):
         (ctx.run_dir / "out").mkdir(parents=True, exist_ok=True)
@@ -63,8 +71,15 @@ def _executors(slots: int):
 
     return {
         "local": ExecutorConfig(kind="local", workers=slots, retries=0),
-        "slurm": ExecutorConfig(kind="slurm", cores=1, memory="2GB", walltime="00:30:00", max_jobs_in_flight=slots,
-                                retries=0, worker_wait_timeout=300),
+        "slurm": ExecutorConfig(
+            kind="slurm",
+            cores=1,
+            memory="2GB",
+            walltime="00:30:00",
+            max_jobs_in_flight=slots,
+            retries=0,
+            worker_wait_timeout=300,
+        ),
     }
 
 
@@ -89,8 +104,10 @@ def bench_jobs(jobs: int, work: float, slots: int, root: Path) -> None:
         print(f"{name:<9}{wall:>8.1f}{batch_jobs:>11}{jobs / batch_jobs:>15.1f}{overhead:>15.2f}", flush=True)
     if "slurm" in results:
         verdict = "PASS" if results["slurm"] <= 5 else "FAIL"
-        print(f"slurm per-job overhead {results['slurm']:.2f} s (local {results.get('local', float('nan')):.2f} s); "
-              f"target <= 5 s: {verdict}")
+        print(
+            f"slurm per-job overhead {results['slurm']:.2f} s (local {results.get('local', float('nan')):.2f} s); "
+            f"target <= 5 s: {verdict}"
+        )
 
 
 def bench_protocol(path: Path, slots: int, root: Path) -> None:
@@ -116,8 +133,15 @@ def bench_protocol(path: Path, slots: int, root: Path) -> None:
         print(f"{stage:<14}" + "".join(cells))
     if {"local", "slurm"} <= set(rows):
         ran = sum(rows["slurm"][s][1] for s in ("train", "predict", "saliency-maps") if s in rows["slurm"])
-        extra = sum(rows["slurm"][s][0] - rows["local"][s][0] for s in ("train", "predict", "saliency-maps")
-                    if s in rows["slurm"]) * slots / max(ran, 1)
+        extra = (
+            sum(
+                rows["slurm"][s][0] - rows["local"][s][0]
+                for s in ("train", "predict", "saliency-maps")
+                if s in rows["slurm"]
+            )
+            * slots
+            / max(ran, 1)
+        )
         print(f"slurm minus local: {extra:.2f} s per job (target <= 5 s): {'PASS' if extra <= 5 else 'FAIL'}")
 
 

@@ -68,8 +68,13 @@ detection: {{enabled: true, correlated: {{source: objects}}}}
         fields = load_fields(protocol, detection_fields(protocol))
     order = np.arange(len(fields.images))
     torch.manual_seed(0)
-    model = get_detector(num_classes=4, image_size=args.image_size, depth=args.depth, fpn_channels=args.fpn,
-                         representation_size=args.head).to(device)
+    model = get_detector(
+        num_classes=4,
+        image_size=args.image_size,
+        depth=args.depth,
+        fpn_channels=args.fpn,
+        representation_size=args.head,
+    ).to(device)
     start = copy.deepcopy(model.state_dict())
 
     def fresh():
@@ -88,8 +93,9 @@ detection: {{enabled: true, correlated: {{source: objects}}}}
             torch.cuda.synchronize()
         return seen / (time.perf_counter() - t0)
 
-    ready = [([x.to(device) for x in xs], [{k: v.to(device) for k, v in t.items()} for t in ts])
-             for xs, ts in make_batches()]
+    ready = [
+        ([x.to(device) for x in xs], [{k: v.to(device) for k, v in t.items()} for t in ts]) for xs, ts in make_batches()
+    ]
 
     def bare_epoch():
         optimizer = fresh()
@@ -113,8 +119,10 @@ detection: {{enabled: true, correlated: {{source: objects}}}}
         bare.append(bare_epoch())
         ours.append(cellbg_epoch())
     size = f"{len(order)} fields of {args.image_size} px, batch {args.batch_size}"
-    print(f"device {device}, {torch.get_num_threads()} threads, ResNet-{args.depth} FPN {args.fpn}, head {args.head}; "
-          f"{size}")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, ResNet-{args.depth} FPN {args.fpn}, head {args.head}; "
+        f"{size}"
+    )
     print(f"bare torchvision loop:  {max(bare):7.2f} images/s (best of {args.repeats})")
     print(f"cellbg detection epoch: {max(ours):7.2f} images/s (best of {args.repeats})")
     print(f"ratio cellbg / bare: {max(ours) / max(bare):.3f}")

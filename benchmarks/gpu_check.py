@@ -33,10 +33,18 @@ from pathlib import Path
 
 import numpy as np
 
-FULL = {"resnet": {"depth": 18, "width": 1.0}, "shufflenet_v2": {"width": 1.0},
-        "cellyolo": {"width": 0.25, "depth": 0.33}, "efficientnet_b0": {}}
-TINY = {"resnet": {"depth": 10, "width": 0.125}, "shufflenet_v2": {"width": 0.5},
-        "cellyolo": {"width": 0.125, "depth": 0.33}, "efficientnet_b0": {}}
+FULL = {
+    "resnet": {"depth": 18, "width": 1.0},
+    "shufflenet_v2": {"width": 1.0},
+    "cellyolo": {"width": 0.25, "depth": 0.33},
+    "efficientnet_b0": {},
+}
+TINY = {
+    "resnet": {"depth": 10, "width": 0.125},
+    "shufflenet_v2": {"width": 0.5},
+    "cellyolo": {"width": 0.125, "depth": 0.33},
+    "efficientnet_b0": {},
+}
 
 
 def make_store(root: Path, *, cells: int, size: int, seed: int = 0) -> Path:
@@ -53,14 +61,16 @@ def make_store(root: Path, *, cells: int, size: int, seed: int = 0) -> Path:
     mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
     chunk = _chunk_rows(3, size, 1)
     group = zarr.open_group(str(run / "crops.zarr"), mode="w")
-    images = group.create_array("images", shape=(cells, 3, size, size), chunks=(chunk, 3, size, size), dtype="uint8",
-                                compressors=_compressors())
-    masks = group.create_array("masks", shape=(cells, size, size), chunks=(chunk, size, size), dtype="bool",
-                               compressors=_compressors())
+    images = group.create_array(
+        "images", shape=(cells, 3, size, size), chunks=(chunk, 3, size, size), dtype="uint8", compressors=_compressors()
+    )
+    masks = group.create_array(
+        "masks", shape=(cells, size, size), chunks=(chunk, size, size), dtype="bool", compressors=_compressors()
+    )
     for start in range(0, cells, chunk * 8):
         n = min(chunk * 8, cells - start)
-        images[start:start + n] = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
-        masks[start:start + n] = np.broadcast_to(mask, (n, size, size))
+        images[start : start + n] = rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+        masks[start : start + n] = np.broadcast_to(mask, (n, size, size))
     table = pd.DataFrame({c: pd.Series(np.zeros(cells), dtype=_dtype(c)) for c in CELL_COLUMNS})
     patient = np.arange(cells) * 8 // cells
     table["cell_id"] = [f"c{i}" for i in range(cells)]
@@ -71,8 +81,9 @@ def make_store(root: Path, *, cells: int, size: int, seed: int = 0) -> Path:
     table["fold"] = patient % 2
     table[["bbox_r0", "bbox_c0"]] = size // 4
     table[["bbox_r1", "bbox_c1"]] = 3 * size // 4
-    group.attrs.update({"classes": ["a", "b"], "size": size, "divisor": 255.0,
-                        "cell_ids_sha256": _ids_hash(table["cell_id"])})
+    group.attrs.update(
+        {"classes": ["a", "b"], "size": size, "divisor": 255.0, "cell_ids_sha256": _ids_hash(table["cell_id"])}
+    )
     table.to_parquet(run / "cells.parquet", index=False)
     return run
 
@@ -80,13 +91,21 @@ def make_store(root: Path, *, cells: int, size: int, seed: int = 0) -> Path:
 def _protocol(run: Path, arch: str, options: dict, batch: int, amp: bool, workers: int):
     from cellbg.protocol import Protocol
 
-    return Protocol.model_validate({
-        "name": "gpu-check", "output": str(run),
-        "models": [{"arch": arch, **options}],
-        "variants": {"train": ["only_fg"], "test": ["original"]},
-        "training": {"batch_size": batch, "amp": amp, "num_workers": workers, "split": {"folds": 2},
-                     "memory_budget": "0"},
-    })
+    return Protocol.model_validate(
+        {
+            "name": "gpu-check",
+            "output": str(run),
+            "models": [{"arch": arch, **options}],
+            "variants": {"train": ["only_fg"], "test": ["original"]},
+            "training": {
+                "batch_size": batch,
+                "amp": amp,
+                "num_workers": workers,
+                "split": {"folds": 2},
+                "memory_budget": "0",
+            },
+        }
+    )
 
 
 def _sync(device):
@@ -96,8 +115,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def check_architecture(run: Path, arch: str, options: dict, *, device, batch: int, steps: int, amp: bool,
-                       workers: int = 4) -> dict:
+def check_architecture(
+    run: Path, arch: str, options: dict, *, device, batch: int, steps: int, amp: bool, workers: int = 4
+) -> dict:
     """Pure-step and pipeline throughput, and peak memory, of one architecture."""
     import torch
 
@@ -136,8 +156,14 @@ def check_architecture(run: Path, arch: str, options: dict, *, device, batch: in
     _sync(device)
     pipe_rate = seen / (time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
-    return {"arch": arch, "amp": use_amp, "pure": pure_rate, "pipeline": pipe_rate, "ratio": pipe_rate / pure_rate,
-            "peak_gb": peak / 1e9}
+    return {
+        "arch": arch,
+        "amp": use_amp,
+        "pure": pure_rate,
+        "pipeline": pipe_rate,
+        "ratio": pipe_rate / pure_rate,
+        "peak_gb": peak / 1e9,
+    }
 
 
 def check_oom_fallback(arch: str, options: dict, *, device, size: int) -> str:
@@ -204,11 +230,22 @@ def main(argv=None) -> int:
         run = make_store(Path(tmp), cells=batch * (steps + 4) * 2 + 64, size=size)
         print(f"{'arch':<14}{'amp':>5}{'pure cells/s':>14}{'pipeline':>10}{'ratio':>7}{'peak GB':>9}")
         for arch in list_models():
-            for amp in ((False, True) if device.type == "cuda" else (False,)):
-                r = check_architecture(run, arch, sizes[arch], device=device, batch=batch, steps=steps, amp=amp,
-                                       workers=0 if args.tiny else args.workers)
-                print(f"{arch:<14}{'on' if r['amp'] else 'off':>5}{r['pure']:>14.0f}{r['pipeline']:>10.0f}"
-                      f"{r['ratio']:>7.2f}{r['peak_gb']:>9.2f}", flush=True)
+            for amp in (False, True) if device.type == "cuda" else (False,):
+                r = check_architecture(
+                    run,
+                    arch,
+                    sizes[arch],
+                    device=device,
+                    batch=batch,
+                    steps=steps,
+                    amp=amp,
+                    workers=0 if args.tiny else args.workers,
+                )
+                print(
+                    f"{arch:<14}{'on' if r['amp'] else 'off':>5}{r['pure']:>14.0f}{r['pipeline']:>10.0f}"
+                    f"{r['ratio']:>7.2f}{r['peak_gb']:>9.2f}",
+                    flush=True,
+                )
         print("out-of-memory fallback:", check_oom_fallback("resnet", sizes["resnet"], device=device, size=size))
     print(f"done in {time.perf_counter() - t_start:.0f} s")
     return 0

@@ -56,8 +56,15 @@ def one_run(seed: int, args, folder: Path) -> pd.DataFrame:
     from cellbg.synth import make_dataset
 
     data = folder / "data"
-    make_dataset(data, patients=args.patients, cells_per_patient=args.cells, cells_per_image=4, image_size=128,
-                 signal=0.0, seed=seed)
+    make_dataset(
+        data,
+        patients=args.patients,
+        cells_per_patient=args.cells,
+        cells_per_image=4,
+        image_size=128,
+        signal=0.0,
+        seed=seed,
+    )
     if args.cooccurrence > 0:
         plant_clumps(data, p_cls=args.cooccurrence, p_other=0.0, seed=seed)
     else:  # the null: clumps next to cells of both classes alike
@@ -111,8 +118,11 @@ def main(argv=None) -> int:
     rel = tests[(tests["family"] == "reliance") & (tests["measure"] == "recall")]
     rel = rel.assign(rejected=rel["pvalue"] < 0.05, drop=(rel["pvalue"] < 0.05) & (rel["estimate"] < 0))
     summary = rel.groupby(["condition", "class"]).agg(
-        runs=("rejected", "size"), rejected=("rejected", "sum"), significant_drops=("drop", "sum"),
-        mean_change=("estimate", "mean"))
+        runs=("rejected", "size"),
+        rejected=("rejected", "sum"),
+        significant_drops=("drop", "sum"),
+        mean_change=("estimate", "mean"),
+    )
     kind = "strong co-occurrence" if args.cooccurrence > 0 else "no co-occurrence (null)"
     print(f"\nreliance test (recall, original vs no_correlated, patient-level paired t, alpha 0.05), {kind}:")
     print(summary.to_string())

@@ -69,8 +69,9 @@ def _to_channels(image: np.ndarray, channels: int, where: str) -> np.ndarray:
         return image.mean(axis=0, keepdims=True)
     if c == 4 and channels == 3:  # RGBA: drop alpha
         return image[:3]
-    raise CellbgError(f"background {where} has {c} channels but the crops have {channels}; give images with 1 or "
-                      f"{channels} channels")
+    raise CellbgError(
+        f"background {where} has {c} channels but the crops have {channels}; give images with 1 or {channels} channels"
+    )
 
 
 def _synthetic(size: int, channels: int, count: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -86,7 +87,7 @@ def _synthetic(size: int, channels: int, count: int, seed: int) -> tuple[np.ndar
         f = synth_field("healthy", n_cells=0, size=side, mode=mode, seed=ss).image
         f = f[None] if f.ndim == 2 else np.moveaxis(f, -1, 0)
         r0 = (side - size) // 2
-        out[i] = f[:, r0:r0 + size, r0:r0 + size].astype(np.float32) / np.float32(255.0)
+        out[i] = f[:, r0 : r0 + size, r0 : r0 + size].astype(np.float32) / np.float32(255.0)
     return out, [f"synthetic:{i}" for i in range(count)]
 
 
@@ -118,7 +119,7 @@ def _folder(path, size: int, channels: int, count: int, seed: int) -> tuple[np.n
         img = cache[j]
         r0 = int(rng.integers(img.shape[1] - size + 1))
         c0 = int(rng.integers(img.shape[2] - size + 1))
-        out[i] = img[:, r0:r0 + size, c0:c0 + size]
+        out[i] = img[:, r0 : r0 + size, c0 : c0 + size]
         ids.append(f"{files[j].relative_to(folder).as_posix()}@{r0},{c0}")
     return out, ids
 

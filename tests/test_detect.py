@@ -31,8 +31,10 @@ def test_boxes_from_labels_known_answer():
     assert boxes_from_labels(np.zeros((4, 4), np.uint16))[0].shape == (0, 4)
 
 
-@pytest.mark.parametrize("bad, match", [(np.zeros((3, 3), bool), "boolean"), (np.zeros((2, 3, 3), int), "2-D"),
-                                        (np.zeros((3, 3), float), "integer")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [(np.zeros((3, 3), bool), "boolean"), (np.zeros((2, 3, 3), int), "2-D"), (np.zeros((3, 3), float), "integer")],
+)
 def test_boxes_from_labels_rejects_non_labels(bad, match):
     with pytest.raises(CellbgError, match=match):
         boxes_from_labels(bad)
@@ -86,8 +88,11 @@ def test_detection_section_defaults_and_errors(tmp_path):
 def test_plan_and_keys():
     from cellbg.detect.plan import DetectJobSpec, detect_job_key
 
-    raw = {"name": "d", "detection": {"enabled": True, "seeds": [3, 1], "correlated": {"source": "objects"}},
-           "training": {"split": {"folds": 3}}}
+    raw = {
+        "name": "d",
+        "detection": {"enabled": True, "seeds": [3, 1], "correlated": {"source": "objects"}},
+        "training": {"split": {"folds": 3}},
+    }
     p = Protocol.model_validate(raw)
     jobs = plan_detect_jobs(p)
     assert len(jobs) == 2 * 2 * 3
@@ -146,13 +151,33 @@ def test_detection_tests_known_answers():
             for fold in (0, 1):
                 for variant in ("original", "no_correlated"):
                     base = 0.6 + 0.1 * (cond == "with") - 0.2 * (variant == "no_correlated")
-                    ap_rows.append({"condition": cond, "seed": seed, "fold": fold, "test_variant": variant,
-                                    "class": "b", "ap50": base + rng.normal(0, 0.02), "ap": base / 2})
+                    ap_rows.append(
+                        {
+                            "condition": cond,
+                            "seed": seed,
+                            "fold": fold,
+                            "test_variant": variant,
+                            "class": "b",
+                            "ap50": base + rng.normal(0, 0.02),
+                            "ap": base / 2,
+                        }
+                    )
                     for patient in (f"p{fold}a", f"p{fold}b", f"p{fold}c"):
                         found = rng.random(6) < (0.9 if variant == "original" else 0.3)
-                        truth_rows.append(pd.DataFrame({
-                            "condition": cond, "seed": seed, "fold": fold, "test_variant": variant, "class": "b",
-                            "patient_id": patient, "found": found, "found_any_class": found}))
+                        truth_rows.append(
+                            pd.DataFrame(
+                                {
+                                    "condition": cond,
+                                    "seed": seed,
+                                    "fold": fold,
+                                    "test_variant": variant,
+                                    "class": "b",
+                                    "patient_id": patient,
+                                    "found": found,
+                                    "found_any_class": found,
+                                }
+                            )
+                        )
     ap = pd.DataFrame(ap_rows)
     recall = patient_recall(pd.concat(truth_rows, ignore_index=True))
     tests = detection_tests(ap, recall, targets=["b"])
@@ -179,13 +204,28 @@ def test_detection_tests_known_answers():
 TINY = {
     "name": "tiny-detect",
     "output": "run",
-    "data": {"source": "synthetic", "synthetic": {"patients": 4, "cells_per_patient": 4, "cells_per_image": 1,
-                                                  "image_size": 64, "signal": 0.0, "cooccurrence": 1.0}},
+    "data": {
+        "source": "synthetic",
+        "synthetic": {
+            "patients": 4,
+            "cells_per_patient": 4,
+            "cells_per_image": 1,
+            "image_size": 64,
+            "signal": 0.0,
+            "cooccurrence": 1.0,
+        },
+    },
     "segmentation": {"method": "masks"},
     "training": {"split": {"kind": "fixed", "test_patients": ["P01", "P02"], "val_fraction": 0.5}},
-    "detection": {"enabled": True, "only": True, "correlated": {"source": "objects", "name": "clump"},
-                  "detector": {"depth": 10, "fpn_channels": 8, "representation_size": 16},
-                  "epochs": 1, "batch_size": 4, "device": "cpu"},
+    "detection": {
+        "enabled": True,
+        "only": True,
+        "correlated": {"source": "objects", "name": "clump"},
+        "detector": {"depth": 10, "fpn_channels": 8, "representation_size": 16},
+        "epochs": 1,
+        "batch_size": 4,
+        "device": "cpu",
+    },
     "report": {"formats": ["md"], "figures": True},
     "executor": {"workers": 1, "retries": 0},
 }
@@ -258,8 +298,9 @@ def test_resumed_job_gives_the_same_numbers(tiny_run, tmp_path):
     part = run_detect_job(p, spec, tmp_path / "part", fields=fields)
     assert (part / "DONE").exists()
     drop = ["seconds"]
-    pd.testing.assert_frame_equal(pd.read_csv(whole / "history.csv").drop(columns=drop),
-                                  pd.read_csv(part / "history.csv").drop(columns=drop))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(whole / "history.csv").drop(columns=drop), pd.read_csv(part / "history.csv").drop(columns=drop)
+    )
     pd.testing.assert_frame_equal(pd.read_csv(whole / "metrics.csv"), pd.read_csv(part / "metrics.csv"))
     spec_json = json.loads((whole / "spec.json").read_text())
     assert spec_json["patients"]["test"] == ["P01", "P02"] and spec_json["classes"][-1] == "clump"
@@ -280,8 +321,11 @@ def test_cli_detect_says_when_detection_is_off(tmp_path):
 def test_objects_source_without_objects_is_a_user_error(tmp_path):
     from cellbg.detect.plan import detection_fields
 
-    raw = {**TINY, "output": str(tmp_path / "run"),
-           "data": {"source": "synthetic", "synthetic": {**TINY["data"]["synthetic"], "cooccurrence": 0.0}}}
+    raw = {
+        **TINY,
+        "output": str(tmp_path / "run"),
+        "data": {"source": "synthetic", "synthetic": {**TINY["data"]["synthetic"], "cooccurrence": 0.0}},
+    }
     with pytest.raises(CellbgError, match="no image has an objects label image"):
         detection_fields(Protocol.model_validate(raw))
 
@@ -340,12 +384,20 @@ def test_strong_cooccurrence_is_relied_on(tmp_path, monkeypatch):
     data = tmp_path / "data"
     make_dataset(data, patients=8, cells_per_patient=16, cells_per_image=4, image_size=128, signal=0.0, seed=0)
     _paint_clumps(data)
-    raw = {"name": "strong", "output": str(tmp_path / "run"),
-           "data": {"source": "manifest", "manifest": str(data / "manifest.csv")},
-           "training": {"split": {"folds": 2, "val_fraction": 0.0}},
-           "detection": {"enabled": True, "correlated": {"source": "masks", "mask_dir": str(data / "clumps")},
-                         "detector": {"depth": 10, "fpn_channels": 32, "representation_size": 128},
-                         "epochs": 20, "batch_size": 4, "device": "cpu"}}
+    raw = {
+        "name": "strong",
+        "output": str(tmp_path / "run"),
+        "data": {"source": "manifest", "manifest": str(data / "manifest.csv")},
+        "training": {"split": {"folds": 2, "val_fraction": 0.0}},
+        "detection": {
+            "enabled": True,
+            "correlated": {"source": "masks", "mask_dir": str(data / "clumps")},
+            "detector": {"depth": 10, "fpn_channels": 32, "representation_size": 128},
+            "epochs": 20,
+            "batch_size": 4,
+            "device": "cpu",
+        },
+    }
     tests = run_detection(Protocol.model_validate(raw)).set_index(["family", "condition", "class", "measure"])
     ap = pd.read_csv(tmp_path / "run" / "detect" / "ap.csv")
     original = ap[(ap["test_variant"] == "original") & ap["class"].isin(["healthy", "sezary"])]

@@ -79,9 +79,24 @@ def patient_recall(truth: pd.DataFrame) -> pd.DataFrame:
 
 
 def _row(family: str, condition: str, cls: str, measure: str, a: str, b: str, r, unit: str, **extra) -> dict:
-    return {"family": family, "condition": condition, "class": cls, "measure": measure, "a": a, "b": b,
-            "estimate": r.estimate, "ci_low": r.ci_low, "ci_high": r.ci_high, "statistic": r.statistic,
-            "df": r.df, "pvalue": r.pvalue, "method": r.method, "unit": unit, "note": r.note, **extra}
+    return {
+        "family": family,
+        "condition": condition,
+        "class": cls,
+        "measure": measure,
+        "a": a,
+        "b": b,
+        "estimate": r.estimate,
+        "ci_low": r.ci_low,
+        "ci_high": r.ci_high,
+        "statistic": r.statistic,
+        "df": r.df,
+        "pvalue": r.pvalue,
+        "method": r.method,
+        "unit": unit,
+        "note": r.note,
+        **extra,
+    }
 
 
 def _paired(x: pd.Series, y: pd.Series, alpha: float):
@@ -98,10 +113,13 @@ def _add(rows: list, family, condition, cls, measure, a, b, x, y, unit, alpha, n
     from cellbg.stats import TestResult
 
     r, both = _paired(x, y, alpha)
-    extra = {"n_units": len(both), "n_seeds": n_seeds,
-             "n_patients": len(both) if unit == "patient" else math.nan,
-             "mean_a": float(both["x"].mean()) if len(both) else math.nan,
-             "mean_b": float(both["y"].mean()) if len(both) else math.nan}
+    extra = {
+        "n_units": len(both),
+        "n_seeds": n_seeds,
+        "n_patients": len(both) if unit == "patient" else math.nan,
+        "mean_a": float(both["x"].mean()) if len(both) else math.nan,
+        "mean_b": float(both["y"].mean()) if len(both) else math.nan,
+    }
     if r is None:
         r = TestResult("paired t", math.nan, note=f"fewer than 2 paired {unit}s; no test")
     rows.append(_row(family, condition, cls, measure, a, b, r, unit, **extra))
@@ -142,19 +160,65 @@ def detection_tests(ap: pd.DataFrame, recall: pd.DataFrame, *, targets: list[str
     for cls in targets:
         if {"with", "without"} <= set(conds):
             for measure in ("ap50", "ap"):
-                _add(rows, "annotation", "with vs without", cls, measure, "without", "with",
-                     by_job("without", "original", cls, measure), by_job("with", "original", cls, measure),
-                     "seed x fold", alpha, n_seeds)
-            _add(rows, "annotation", "with vs without", cls, "recall", "without", "with",
-                 by_patient("without", "original", cls), by_patient("with", "original", cls), "patient", alpha, n_seeds)
+                _add(
+                    rows,
+                    "annotation",
+                    "with vs without",
+                    cls,
+                    measure,
+                    "without",
+                    "with",
+                    by_job("without", "original", cls, measure),
+                    by_job("with", "original", cls, measure),
+                    "seed x fold",
+                    alpha,
+                    n_seeds,
+                )
+            _add(
+                rows,
+                "annotation",
+                "with vs without",
+                cls,
+                "recall",
+                "without",
+                "with",
+                by_patient("without", "original", cls),
+                by_patient("with", "original", cls),
+                "patient",
+                alpha,
+                n_seeds,
+            )
         for cond in conds:
             if not (ap["test_variant"] == "no_correlated").any():
                 continue
-            _add(rows, "reliance", cond, cls, "recall", "original", "no_correlated",
-                 by_patient(cond, "original", cls), by_patient(cond, "no_correlated", cls), "patient", alpha, n_seeds)
-            _add(rows, "reliance", cond, cls, "ap50", "original", "no_correlated",
-                 by_job(cond, "original", cls, "ap50"), by_job(cond, "no_correlated", cls, "ap50"),
-                 "seed x fold", alpha, n_seeds)
+            _add(
+                rows,
+                "reliance",
+                cond,
+                cls,
+                "recall",
+                "original",
+                "no_correlated",
+                by_patient(cond, "original", cls),
+                by_patient(cond, "no_correlated", cls),
+                "patient",
+                alpha,
+                n_seeds,
+            )
+            _add(
+                rows,
+                "reliance",
+                cond,
+                cls,
+                "ap50",
+                "original",
+                "no_correlated",
+                by_job(cond, "original", cls, "ap50"),
+                by_job(cond, "no_correlated", cls, "ap50"),
+                "seed x fold",
+                alpha,
+                n_seeds,
+            )
     table = pd.DataFrame(rows, columns=[c for c in TESTS_COLUMNS if c != "p_holm"])
     table["p_holm"] = np.nan
     for _, idx in table.groupby("family").groups.items():
@@ -202,8 +266,10 @@ def analyze_detection(run_dir: str | Path, *, protocol=None) -> pd.DataFrame:
         frames["truth"].append(pd.read_parquet(job / "truth.parquet"))
         frames["detections"].append(pd.read_parquet(job / "detections.parquet"))
     if missing:
-        raise CellbgError(f"{len(missing)} detection job(s) not finished in {run_dir}, e.g. {missing[0].name}; "
-                          "run 'cellbg detect' first")
+        raise CellbgError(
+            f"{len(missing)} detection job(s) not finished in {run_dir}, e.g. {missing[0].name}; "
+            "run 'cellbg detect' first"
+        )
     losses = pd.concat(frames["history"], ignore_index=True)
     ap = pd.concat(frames["metrics"], ignore_index=True)
     truth = pd.concat(frames["truth"], ignore_index=True)

@@ -10,6 +10,7 @@ are given).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,15 +39,23 @@ def _resnet_fpn(depth: int, fpn_channels: int, representation_size: int, size: i
         body = {18: resnet18, 34: resnet34, 50: resnet50}[int(depth)](weights=None, norm_layer=nn.BatchNorm2d)
     widths = [64, 128, 256, 512] if depth < 50 else [256, 512, 1024, 2048]
     backbone = BackboneWithFPN(
-        body, return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-        in_channels_list=widths, out_channels=fpn_channels, extra_blocks=LastLevelMaxPool(),
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=widths,
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
     )
     box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
     # cells are 20-40 px and what sits beside them a few px: anchors from 8 px (strides 4-64)
     anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES))
     return FasterRCNN(
-        backbone, num_classes=None, box_head=box_head, box_predictor=FastRCNNPredictor(representation_size, 2),
-        rpn_anchor_generator=anchors, min_size=size, max_size=size,
+        backbone,
+        num_classes=None,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(representation_size, 2),
+        rpn_anchor_generator=anchors,
+        min_size=size,
+        max_size=size,
     )
 
 
@@ -100,8 +109,9 @@ def get_detector(
     else:
         from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
-        model = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=2,
-                                                  min_size=image_size, max_size=image_size)
+        model = fasterrcnn_mobilenet_v3_large_fpn(
+            weights=None, weights_backbone=None, num_classes=2, min_size=image_size, max_size=image_size
+        )
     replace_predictor(model, num_classes)
     if weights is not None:
         _load_weights(model, Path(weights))
@@ -112,8 +122,9 @@ def replace_predictor(model: nn.Module, num_classes: int) -> nn.Module:
     """Give ``model`` a new box predictor (class scores and box deltas) for ``num_classes``."""
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-    in_features = model.roi_heads.box_predictor.cls_score.in_features
-    model.roi_heads.box_predictor = FastRCNNPredictor(in_features, int(num_classes))
+    roi_heads: Any = model.roi_heads  # torchvision's FasterRCNN attributes are untyped Modules
+    in_features = roi_heads.box_predictor.cls_score.in_features
+    roi_heads.box_predictor = FastRCNNPredictor(in_features, int(num_classes))
     return model
 
 

@@ -149,24 +149,29 @@ def detection_fields(protocol, *, table: pd.DataFrame | None = None) -> pd.DataF
         table = discover(protocol)
     table = table.sort_values("image_id", kind="stable").reset_index(drop=True)
     split = protocol.training.split
-    folds = assign_folds(table, kind=split.kind, folds=split.folds, test_patients=split.test_patients,
-                         seed=protocol.seed)
+    folds = assign_folds(
+        table, kind=split.kind, folds=split.folds, test_patients=split.test_patients, seed=protocol.seed
+    )
     seg_dir = Path(protocol.run_dir) / "segmentation"
-    out = pd.DataFrame({
-        "image_id": table["image_id"].astype(str),
-        "path": table["path"].astype(str),
-        "label": table["label"].astype(str),
-        "patient_id": table["patient_id"].astype(str),
-        "seg_path": [str(seg_dir / f"{i}.tif") for i in table["image_id"]],
-        "correlated_path": [_correlated_path(protocol, r) for r in table.itertuples()],
-        "fold": folds.to_numpy(),
-    })
+    out = pd.DataFrame(
+        {
+            "image_id": table["image_id"].astype(str),
+            "path": table["path"].astype(str),
+            "label": table["label"].astype(str),
+            "patient_id": table["patient_id"].astype(str),
+            "seg_path": [str(seg_dir / f"{i}.tif") for i in table["image_id"]],
+            "correlated_path": [_correlated_path(protocol, r) for r in table.itertuples()],
+            "fold": folds.to_numpy(),
+        }
+    )
     targets = protocol.detection.targets
     if targets:
         unknown = sorted(set(targets) - set(out["label"]))
         if unknown:
-            raise CellbgError(f"detection.targets names class(es) {unknown} that the dataset lacks "
-                              f"(it has {sorted(out['label'].unique())})")
+            raise CellbgError(
+                f"detection.targets names class(es) {unknown} that the dataset lacks "
+                f"(it has {sorted(out['label'].unique())})"
+            )
     if protocol.detection.correlated.source == "objects" and not (out["correlated_path"] != "").any():
         raise CellbgError(
             "detection.correlated.source is 'objects' but no image has an objects label image (for synthetic "
@@ -178,8 +183,15 @@ def detection_fields(protocol, *, table: pd.DataFrame | None = None) -> pd.DataF
 def fields_digest(fields: pd.DataFrame, digest: Callable[[str], str] = file_digest) -> str:
     """One hash of the fields' content: image, label image and correlated mask bytes, labels, patients."""
     rows = sorted(
-        [r.image_id, r.label, r.patient_id, int(r.fold), digest(r.path), digest(r.seg_path),
-         digest(r.correlated_path) if r.correlated_path else ""]
+        [
+            r.image_id,
+            r.label,
+            r.patient_id,
+            int(r.fold),
+            digest(r.path),
+            digest(r.seg_path),
+            digest(r.correlated_path) if r.correlated_path else "",
+        ]
         for r in fields.itertuples()
     )
     blob = json.dumps(rows, separators=(",", ":"))

@@ -32,6 +32,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -134,8 +135,9 @@ def load_fields(protocol, fields: pd.DataFrame) -> Fields:
         ids.append(i)
         structure.append(s)
         sboxes.append(sb)
-    return Fields(fields.reset_index(drop=True), images, labels, boxes, ids, structure, sboxes,
-                  sorted(fields["label"].unique()))
+    return Fields(
+        fields.reset_index(drop=True), images, labels, boxes, ids, structure, sboxes, sorted(fields["label"].unique())
+    )
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -230,7 +232,7 @@ def _val_losses(model, batches, *, device) -> tuple[dict, int]:
 def _batches(f: Fields, idx: np.ndarray, *, batch_size: int, with_structure: bool, augment: bool, seed: int):
     out = []
     for b in range(0, len(idx), batch_size):
-        sel = idx[b: b + batch_size]
+        sel = idx[b : b + batch_size]
         g = torch.Generator().manual_seed(_seed(seed, b))
         flips = torch.rand((len(sel), 2), generator=g) < 0.5
         images, targets = [], []
@@ -250,7 +252,8 @@ def _test_images(f: Fields, idx: np.ndarray, variant: str, fill: str, dilate: in
         return [f.images[i] for i in idx]
     return [
         remove_structure(f.images[i], f.structure[i], keep=f.cell_labels[i], fill=fill, dilate=dilate)
-        if f.structure[i] is not None else f.images[i]
+        if f.structure[i] is not None
+        else f.images[i]
         for i in idx
     ]
 
@@ -260,7 +263,7 @@ def _predict(model, images: list[np.ndarray], *, device, batch_size: int) -> lis
     out = []
     with torch.no_grad():
         for b in range(0, len(images), batch_size):
-            xs = [_to_tensor(x).to(device) for x in images[b: b + batch_size]]
+            xs = [_to_tensor(x).to(device) for x in images[b : b + batch_size]]
             out += [{k: v.cpu() for k, v in d.items()} for d in model(xs)]
     return out
 
@@ -302,8 +305,9 @@ def _match(pred: dict, gt_boxes: torch.Tensor, gt_labels: torch.Tensor, *, score
     return found, any_class, best_iou, best_score, matched
 
 
-def _evaluate(model, f: Fields, idx: np.ndarray, protocol, spec: DetectJobSpec, class_names: list[str], *,
-              device) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _evaluate(
+    model, f: Fields, idx: np.ndarray, protocol, spec: DetectJobSpec, class_names: list[str], *, device
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     from torchmetrics.detection import MeanAveragePrecision
 
     cfg = protocol.detection
@@ -318,8 +322,9 @@ def _evaluate(model, f: Fields, idx: np.ndarray, protocol, spec: DetectJobSpec, 
         targets = [_targets(f, int(i), with_structure=keep_structure) for i in idx]
         maps = {}
         for name, thresholds in (("ap", None), ("ap50", [0.5])):
-            metric = MeanAveragePrecision(iou_type="bbox", class_metrics=True, backend="pycocotools",
-                                          iou_thresholds=thresholds)
+            metric = MeanAveragePrecision(
+                iou_type="bbox", class_metrics=True, backend="pycocotools", iou_thresholds=thresholds
+            )
             metric.update(preds, targets)
             res = metric.compute()
             per = res["map_per_class"].reshape(-1).tolist()
@@ -327,34 +332,65 @@ def _evaluate(model, f: Fields, idx: np.ndarray, protocol, spec: DetectJobSpec, 
             maps[name] = {int(c): (v if v >= 0 else math.nan) for c, v in zip(ids, per, strict=True)}
         for k, cls in enumerate(class_names, start=1):
             n_gt = int(sum(int((t["labels"] == k).sum()) for t in targets))
-            metrics.append({"test_variant": variant, "class": cls, "ap50": maps["ap50"].get(k, math.nan),
-                            "ap": maps["ap"].get(k, math.nan), "n_boxes": n_gt})
+            metrics.append(
+                {
+                    "test_variant": variant,
+                    "class": cls,
+                    "ap50": maps["ap50"].get(k, math.nan),
+                    "ap": maps["ap"].get(k, math.nan),
+                    "n_boxes": n_gt,
+                }
+            )
         for j, i in enumerate(idx):
             row = f.table.iloc[int(i)]
             t = _targets(f, int(i), with_structure=False)  # recall is of the target cells
             found, any_class, best_iou, best_score, matched = _match(
-                preds[j], t["boxes"], t["labels"], score=cfg.score_threshold, iou=cfg.iou_threshold)
-            truth.append(pd.DataFrame({
-                "test_variant": variant, "image_id": row["image_id"], "patient_id": row["patient_id"],
-                "class": row["label"], "instance": f.cell_ids[int(i)], "found": found,
-                "found_any_class": any_class, "best_iou": best_iou, "best_score": best_score,
-            }))
+                preds[j], t["boxes"], t["labels"], score=cfg.score_threshold, iou=cfg.iou_threshold
+            )
+            truth.append(
+                pd.DataFrame(
+                    {
+                        "test_variant": variant,
+                        "image_id": row["image_id"],
+                        "patient_id": row["patient_id"],
+                        "class": row["label"],
+                        "instance": f.cell_ids[int(i)],
+                        "found": found,
+                        "found_any_class": any_class,
+                        "best_iou": best_iou,
+                        "best_score": best_score,
+                    }
+                )
+            )
             p = preds[j]
             b = p["boxes"].numpy()
             labels = p["labels"].numpy()
-            detections.append(pd.DataFrame({
-                "test_variant": variant, "image_id": row["image_id"], "patient_id": row["patient_id"],
-                "bbox_r0": b[:, 1], "bbox_c0": b[:, 0], "bbox_r1": b[:, 3], "bbox_c1": b[:, 2],
-                "class": np.asarray(class_names, dtype=object)[labels - 1] if len(labels) else [],
-                "score": p["scores"].numpy().astype(np.float64),
-                "matched_instance": np.where(matched >= 0, f.cell_ids[int(i)][np.clip(matched, 0, None)], -1)
-                if len(f.cell_ids[int(i)]) else np.full(len(labels), -1),
-            }))
-    ident = {"condition": spec.condition, "seed": spec.seed, "fold": spec.fold}
+            detections.append(
+                pd.DataFrame(
+                    {
+                        "test_variant": variant,
+                        "image_id": row["image_id"],
+                        "patient_id": row["patient_id"],
+                        "bbox_r0": b[:, 1],
+                        "bbox_c0": b[:, 0],
+                        "bbox_r1": b[:, 3],
+                        "bbox_c1": b[:, 2],
+                        "class": np.asarray(class_names, dtype=object)[labels - 1] if len(labels) else [],
+                        "score": p["scores"].numpy().astype(np.float64),
+                        "matched_instance": np.where(matched >= 0, f.cell_ids[int(i)][np.clip(matched, 0, None)], -1)
+                        if len(f.cell_ids[int(i)])
+                        else np.full(len(labels), -1),
+                    }
+                )
+            )
+    ident: dict[str, Any] = {"condition": spec.condition, "seed": spec.seed, "fold": spec.fold}
     out = []
     for frames in (metrics, truth, detections):
-        df = pd.DataFrame(frames) if frames and isinstance(frames[0], dict) else (
-            pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+        df = (
+            pd.DataFrame(frames)
+            if frames and isinstance(frames[0], dict)
+            else (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+        )
         for k, v in reversed(list(ident.items())):
             df.insert(0, k, v)
         out.append(df)
@@ -377,9 +413,15 @@ def _runtime(device: torch.device):
         torch.use_deterministic_algorithms(deterministic)
 
 
-def run_detect_job(protocol, spec: DetectJobSpec, job_dir: str | Path | None = None, *,
-                   fields: pd.DataFrame | None = None, fields_hash: str | None = None,
-                   max_epochs_this_call: int | None = None) -> Path:
+def run_detect_job(
+    protocol,
+    spec: DetectJobSpec,
+    job_dir: str | Path | None = None,
+    *,
+    fields: pd.DataFrame | None = None,
+    fields_hash: str | None = None,
+    max_epochs_this_call: int | None = None,
+) -> Path:
     """Train one detection job (checkpointed every epoch), then test it on the held-out patients.
 
     Callable in a fresh process given the protocol and the spec. A finished job (``DONE``
@@ -422,31 +464,52 @@ def run_detect_job(protocol, spec: DetectJobSpec, job_dir: str | Path | None = N
     if (job_dir / DONE).exists():
         return job_dir
     f = load_fields(protocol, fields)
-    split = patient_split(f.table.assign(label=f.table["label"]), fold=spec.fold,
-                          val_fraction=protocol.training.split.val_fraction,
-                          val_patients=protocol.training.split.val_patients
-                          if protocol.training.split.kind == "fixed" else None, seed=protocol.seed)
+    split = patient_split(
+        f.table.assign(label=f.table["label"]),
+        fold=spec.fold,
+        val_fraction=protocol.training.split.val_fraction,
+        val_patients=protocol.training.split.val_patients if protocol.training.split.kind == "fixed" else None,
+        seed=protocol.seed,
+    )
     with_structure = spec.condition == "with"
     class_names = list(f.classes) + ([cfg.correlated.name] if with_structure else [])
-    seeds = {"seed": spec.seed, "init_seed": _seed(spec.seed, spec.fold, 0),
-             "predictor_seed": _seed(spec.seed, spec.fold, 0, len(class_names)),
-             "sampler_seed": _seed(spec.seed, spec.fold, 1), "batch_seed": _seed(spec.seed, spec.fold, 2)}
+    seeds = {
+        "seed": spec.seed,
+        "init_seed": _seed(spec.seed, spec.fold, 0),
+        "predictor_seed": _seed(spec.seed, spec.fold, 0, len(class_names)),
+        "sampler_seed": _seed(spec.seed, spec.fold, 1),
+        "batch_seed": _seed(spec.seed, spec.fold, 2),
+    }
     size = int(max(max(im.shape[:2]) for im in f.images))
     job_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(job_dir / "spec.json", {
-        "key": key, "job": spec.to_dict(), "classes": class_names, "detector": cfg.detector.model_dump(mode="json"),
-        "image_size": size, "patients": {"train": split.train_patients, "val": split.val_patients,
-                                         "test": split.test_patients},
-        "fields": {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test))},
-        "seeds": seeds, "run_dir": str(protocol.run_dir), "cellbg": __version__,
-    })
+    write_json_atomic(
+        job_dir / "spec.json",
+        {
+            "key": key,
+            "job": spec.to_dict(),
+            "classes": class_names,
+            "detector": cfg.detector.model_dump(mode="json"),
+            "image_size": size,
+            "patients": {"train": split.train_patients, "val": split.val_patients, "test": split.test_patients},
+            "fields": {"train": int(len(split.train)), "val": int(len(split.val)), "test": int(len(split.test))},
+            "seeds": seeds,
+            "run_dir": str(protocol.run_dir),
+            "cellbg": __version__,
+        },
+    )
     device = select_device(cfg.device)
     d = cfg.detector
     with _runtime(device):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeds["init_seed"])
-            model = get_detector(d.arch, num_classes=2, image_size=size, depth=d.depth, fpn_channels=d.fpn_channels,
-                                 representation_size=d.representation_size)
+            model = get_detector(
+                d.arch,
+                num_classes=2,
+                image_size=size,
+                depth=d.depth,
+                fpn_channels=d.fpn_channels,
+                representation_size=d.representation_size,
+            )
             # the same weights in both conditions, the box predictor (its size differs) aside
             torch.manual_seed(seeds["predictor_seed"])
             replace_predictor(model, len(class_names) + 1)
@@ -456,12 +519,13 @@ def run_detect_job(protocol, spec: DetectJobSpec, job_dir: str | Path | None = N
             _load_weights(model, Path(d.weights))
         model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
+        optimizer: torch.optim.Optimizer
         if cfg.optimizer == "sgd":
             optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
         else:
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-        state = {"epoch": 0, "history": []}
+        state: dict[str, Any] = {"epoch": 0, "history": []}
         ckpt_path = job_dir / "checkpoint.pt"
         if ckpt_path.exists():
             try:
@@ -483,8 +547,14 @@ def run_detect_job(protocol, spec: DetectJobSpec, job_dir: str | Path | None = N
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(_seed(seeds["sampler_seed"], epoch))
             order = split.train[torch.randperm(len(split.train), generator=g).numpy()]
-            batches = _batches(f, order, batch_size=cfg.batch_size, with_structure=with_structure,
-                               augment=cfg.augment, seed=_seed(seeds["batch_seed"], epoch))
+            batches = _batches(
+                f,
+                order,
+                batch_size=cfg.batch_size,
+                with_structure=with_structure,
+                augment=cfg.augment,
+                seed=_seed(seeds["batch_seed"], epoch),
+            )
             lr = optimizer.param_groups[0]["lr"]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed(seeds["init_seed"], epoch))  # the RPN's and box head's sampling
@@ -499,8 +569,16 @@ def run_detect_job(protocol, spec: DetectJobSpec, job_dir: str | Path | None = N
             state["history"].append(row)
             state["epoch"] = epoch
             with atomic_path(ckpt_path) as tmp:
-                torch.save({"key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "state": state}, tmp)
+                torch.save(
+                    {
+                        "key": key,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "state": state,
+                    },
+                    tmp,
+                )
             history = pd.DataFrame(state["history"])
             history.insert(0, "condition", spec.condition)
             history.insert(1, "seed", spec.seed)
