@@ -73,13 +73,19 @@ def main() -> None:
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             total += dt
             cpu_total += cpu
-            print(f"{label:10s} {method:22s} {dt:7.2f} s wall, {cpu:7.2f} s CPU  ({dt / backward_s:5.1f} x forward+backward)")
-    print(f"TOTAL {args.cells} cells x {len(METHODS)} methods x {len(models)} model(s): {total:.1f} s wall "
-          f"(target < 60 s; {total / backward_s:.1f} x one forward+backward pass)")
+            print(
+                f"{label:10s} {method:22s} {dt:7.2f} s wall, {cpu:7.2f} s CPU  ({dt / backward_s:5.1f} x forward+backward)"
+            )
+    print(
+        f"TOTAL {args.cells} cells x {len(METHODS)} methods x {len(models)} model(s): {total:.1f} s wall "
+        f"(target < 60 s; {total / backward_s:.1f} x one forward+backward pass)"
+    )
     # On a shared machine wall time depends on the other processes; CPU time does not
     # (much): CPU seconds / threads is the wall time this process would need alone.
-    print(f"CPU time {cpu_total:.1f} s over {torch.get_num_threads()} threads: "
-          f"about {cpu_total / torch.get_num_threads():.1f} s wall on an otherwise idle machine")
+    print(
+        f"CPU time {cpu_total:.1f} s over {torch.get_num_threads()} threads: "
+        f"about {cpu_total / torch.get_num_threads():.1f} s wall on an otherwise idle machine"
+    )
 
     sub = max(1, args.cells // 20)
     unbatched = 0.0
@@ -88,8 +94,10 @@ def main() -> None:
         attribute(net, x[:sub], targets[:sub], method=method, **_options(method, cfg, 1))
         unbatched += time.perf_counter() - t0
     unbatched *= args.cells / sub
-    print(f"unbatched baseline (batch 1, {sub} cells scaled to {args.cells}): {unbatched:.1f} s; "
-          f"batching speed-up {unbatched / (total / len(models)):.1f} x")
+    print(
+        f"unbatched baseline (batch 1, {sub} cells scaled to {args.cells}): {unbatched:.1f} s; "
+        f"batching speed-up {unbatched / (total / len(models)):.1f} x"
+    )
 
 
 if __name__ == "__main__":

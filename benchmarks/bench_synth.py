@@ -40,16 +40,16 @@ def timed(fn):
 def render(n: int, size: int, mode: str) -> list:
     stain = random_stain(0)
     return [
-        synth_field(CLASSES[i % 2], n_cells=6, size=size, cue_probability=0.5, mode=mode,
-                    stain=stain, seed=i)
+        synth_field(CLASSES[i % 2], n_cells=6, size=size, cue_probability=0.5, mode=mode, stain=stain, seed=i)
         for i in range(n)
     ]
 
 
 def write_only(fields, folder: Path) -> None:
     for i, f in enumerate(fields):
-        tifffile.imwrite(folder / f"i{i}.tif", f.image, photometric="rgb" if f.image.ndim == 3
-                         else "minisblack", metadata=None)
+        tifffile.imwrite(
+            folder / f"i{i}.tif", f.image, photometric="rgb" if f.image.ndim == 3 else "minisblack", metadata=None
+        )
         tifffile.imwrite(folder / f"m{i}.tif", f.mask, photometric="minisblack", metadata=None)
 
 
@@ -60,21 +60,28 @@ def main(n: int = 200, size: int = 256) -> None:
     for mode in ("rgb", "gray"):
         fields, cpu, wall = timed(lambda m=mode: render(n, size, m))
         render_cpu[mode] = cpu
-        print(f"  render {mode:4s}: {n / cpu:7.1f} FOV/s/core (CPU)  {n / wall:7.1f} FOV/s (wall)"
-              f"  -> {n / cpu / TARGET:.2f}x target")
+        print(
+            f"  render {mode:4s}: {n / cpu:7.1f} FOV/s/core (CPU)  {n / wall:7.1f} FOV/s (wall)"
+            f"  -> {n / cpu / TARGET:.2f}x target"
+        )
     fields = render(n, size, "rgb")
     with tempfile.TemporaryDirectory() as tmp:
         _, io_cpu, _ = timed(lambda: write_only(fields, Path(tmp)))
-    print(f"  baseline, tifffile write of image + mask only: {n / io_cpu:7.1f} FOV/s/core; "
-          f"rendering takes {render_cpu['rgb'] / io_cpu:.1f}x the time of writing")
+    print(
+        f"  baseline, tifffile write of image + mask only: {n / io_cpu:7.1f} FOV/s/core; "
+        f"rendering takes {render_cpu['rgb'] / io_cpu:.1f}x the time of writing"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         manifest, cpu, wall = timed(
-            lambda: make_dataset(Path(tmp) / "d", patients=8, cells_per_patient=40 * 3,
-                                 image_size=size, signal=0.8, seed=0)
+            lambda: make_dataset(
+                Path(tmp) / "d", patients=8, cells_per_patient=40 * 3, image_size=size, signal=0.8, seed=0
+            )
         )
         k = len(manifest)
-        print(f"  make_dataset end to end (render + write {k} images and masks): "
-              f"{k / cpu:7.1f} FOV/s/core (CPU)  {k / wall:7.1f} FOV/s (wall)  -> {k / cpu / TARGET:.2f}x target")
+        print(
+            f"  make_dataset end to end (render + write {k} images and masks): "
+            f"{k / cpu:7.1f} FOV/s/core (CPU)  {k / wall:7.1f} FOV/s (wall)  -> {k / cpu / TARGET:.2f}x target"
+        )
     # the same seed twice gives identical files
     with tempfile.TemporaryDirectory() as tmp:
         digests = []
@@ -100,20 +107,22 @@ def known_answers(signals=(0.0, 0.25, 0.5, 0.75, 1.0), patients: int = 24, seed:
     with tempfile.TemporaryDirectory() as tmp:
         for signal in signals:
             d = Path(tmp) / f"s{signal}"
-            make_dataset(d, patients=patients, cells_per_patient=60, cells_per_image=6,
-                         signal=signal, seed=seed)
+            make_dataset(d, patients=patients, cells_per_patient=60, cells_per_image=6, signal=signal, seed=seed)
             f = cell_features(d)
-            print(f"  {signal:6.2f}  {held_out_auc(f, BACKGROUND):10.3f}  "
-                  f"{held_out_auc(f, MORPHOLOGY):10.3f}  {held_out_auc(f, ['log_area']):9.3f}"
-                  f"  {f['cue'].mean():9.2f}")
+            print(
+                f"  {signal:6.2f}  {held_out_auc(f, BACKGROUND):10.3f}  "
+                f"{held_out_auc(f, MORPHOLOGY):10.3f}  {held_out_auc(f, ['log_area']):9.3f}"
+                f"  {f['cue'].mean():9.2f}"
+            )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fields", type=int, default=200)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--known-answers", action="store_true",
-                        help="also print held-out AUCs over signal strengths (about a minute)")
+    parser.add_argument(
+        "--known-answers", action="store_true", help="also print held-out AUCs over signal strengths (about a minute)"
+    )
     args = parser.parse_args()
     main(args.fields, args.size)
     if args.known_answers:

@@ -46,8 +46,9 @@ def make_crops(n, size, seed=0):
     rad = rng.integers(size // 10, size // 4, (n, 2))[:, :, None, None]
     masks = ((rr - cen[:, 0]) / rad[:, 0]) ** 2 + ((cc - cen[:, 1]) / rad[:, 1]) ** 2 <= 1
     rows, cols = masks.any(2), masks.any(1)
-    bboxes = np.stack([rows.argmax(1), cols.argmax(1), size - rows[:, ::-1].argmax(1),
-                       size - cols[:, ::-1].argmax(1)], 1).astype(np.int64)
+    bboxes = np.stack(
+        [rows.argmax(1), cols.argmax(1), size - rows[:, ::-1].argmax(1), size - cols[:, ::-1].argmax(1)], 1
+    ).astype(np.int64)
     labels = rng.integers(0, 2, n)
     return images, masks, bboxes, labels
 
@@ -90,7 +91,7 @@ def variant_of_one(spec, i, images, masks, bboxes, labels, rng):
         return img * ~m
     if spec == "only_bg_b":
         o = img.copy()
-        o[:, box[0]:box[2], box[1]:box[3]] = 0
+        o[:, box[0] : box[2], box[1] : box[3]] = 0
         return o
     if spec == "only_bg_t":
         return loop_only_bg_t(img, box)
@@ -133,21 +134,28 @@ class PerCropDataset(torch.utils.data.Dataset):
 
 def run_dataloader(spec, images, masks, bboxes, labels, batch):
     """Baseline 2 consumed the usual way: a DataLoader collating batches (no workers)."""
-    return torch.utils.data.DataLoader(PerCropDataset(spec, images, masks, bboxes, labels),
-                                       batch_size=batch or len(images), num_workers=0)
+    return torch.utils.data.DataLoader(
+        PerCropDataset(spec, images, masks, bboxes, labels), batch_size=batch or len(images), num_workers=0
+    )
 
 
 def run_batched(spec, images, masks, bboxes, labels, batch):
     step = batch or len(images)
     for s in range(0, len(images), step):
-        apply_variant(spec, images[s:s + step], masks[s:s + step], bboxes=bboxes[s:s + step],
-                      labels=labels[s:s + step], seed=0)
+        apply_variant(
+            spec,
+            images[s : s + step],
+            masks[s : s + step],
+            bboxes=bboxes[s : s + step],
+            labels=labels[s : s + step],
+            seed=0,
+        )
 
 
 def run_per_crop_calls(spec, images, masks, bboxes, labels):
     """The batched function called on one crop at a time (what a per-item Dataset does)."""
     for i in range(len(images)):
-        apply_variant(spec, images[i:i + 1], masks[i:i + 1], bboxes=bboxes[i:i + 1], labels=labels[i:i + 1])
+        apply_variant(spec, images[i : i + 1], masks[i : i + 1], bboxes=bboxes[i : i + 1], labels=labels[i : i + 1])
 
 
 def copy_floor(images, batch, repeat):
@@ -158,17 +166,17 @@ def copy_floor(images, batch, repeat):
 
     def fresh():
         for s in range(0, len(images), step):
-            images[s:s + step].copy()
+            images[s : s + step].copy()
 
     def into():
         for s in range(0, len(images), step):
-            np.copyto(out[s:s + step], images[s:s + step])
+            np.copyto(out[s : s + step], images[s : s + step])
 
     src, dst = torch.from_numpy(images), torch.from_numpy(out)
 
     def torch_into():  # torch's copy uses all of torch's threads
         for s in range(0, len(images), step):
-            dst[s:s + step].copy_(src[s:s + step])
+            dst[s : s + step].copy_(src[s : s + step])
 
     return min(timed(fresh, repeat), timed(into, repeat), timed(torch_into, repeat))
 
@@ -177,7 +185,7 @@ def multiply_add_rate(repeat) -> float:
     """Multiply-adds per second of a 1024^3 float32 GEMM (the best case of the FMA units)."""
     a = torch.rand(1024, 1024)
     b = torch.rand(1024, 1024)
-    return 1024 ** 3 / timed(lambda: torch.mm(a, b), max(repeat, 3))
+    return 1024**3 / timed(lambda: torch.mm(a, b), max(repeat, 3))
 
 
 def blur_multiply_adds(spec: str, images) -> float:
@@ -195,8 +203,19 @@ def timed(fn, repeat=3):
     return best
 
 
-SPECS = ["original", "only_fg", "no_fg", "only_bg_b", "only_bg_t", "mixed_same", "mixed_next",
-         "bg_color(0,0,1)", "bg_blur(2)", "bg_ring(4)", "mask_erode(2)+only_fg"]
+SPECS = [
+    "original",
+    "only_fg",
+    "no_fg",
+    "only_bg_b",
+    "only_bg_t",
+    "mixed_same",
+    "mixed_next",
+    "bg_color(0,0,1)",
+    "bg_blur(2)",
+    "bg_ring(4)",
+    "mask_erode(2)+only_fg",
+]
 
 
 def load() -> str:
@@ -211,18 +230,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--specs", nargs="*", default=SPECS)
-    ap.add_argument("--no-per-crop", dest="per_crop", action="store_false",
-                    help="skip the apply_variant-per-crop column")
-    ap.add_argument("--no-dataloader", dest="dataloader", action="store_false",
-                    help="skip baseline 2 (DataLoader over a per-crop Dataset)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1, like the numpy loop; 0: torch's default)")
+    ap.add_argument(
+        "--no-per-crop", dest="per_crop", action="store_false", help="skip the apply_variant-per-crop column"
+    )
+    ap.add_argument(
+        "--no-dataloader",
+        dest="dataloader",
+        action="store_false",
+        help="skip baseline 2 (DataLoader over a per-crop Dataset)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1, like the numpy loop; 0: torch's default)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     images, masks, bboxes, labels = make_crops(args.n, args.size)
-    print(f"{args.n} crops 3x{args.size}x{args.size}, batch {args.batch or args.n}, torch threads "
-          f"{torch.get_num_threads()}, best of {args.repeat}; {load()}")
+    print(
+        f"{args.n} crops 3x{args.size}x{args.size}, batch {args.batch or args.n}, torch threads "
+        f"{torch.get_num_threads()}, best of {args.repeat}; {load()}"
+    )
     # Same answers on a sample, from every side (the pairing variants draw their partners
     # differently; compare the deterministic ones).
     k = 64
@@ -233,18 +260,24 @@ def main() -> None:
             np.testing.assert_allclose(got, want, atol=1e-5, err_msg=spec)
             loaded = torch.cat(list(run_dataloader(spec, images[:k], masks[:k], bboxes[:k], labels[:k], 16))).numpy()
             np.testing.assert_array_equal(loaded, want, err_msg=spec)
-    print("baseline 1 (the issue's baseline): numpy loop, one crop at a time, into one array\n"
-          "baseline 2: torch DataLoader (num_workers=0, batch_size=--batch) over a Dataset whose\n"
-          "  __getitem__ computes one crop's variant with the same code\n"
-          "per-crop: apply_variant called with n=1 (mixed_* cannot pair alone: n/a)\n"
-          "batched: apply_variant on batches of --batch; ratios = baseline / batched")
+    print(
+        "baseline 1 (the issue's baseline): numpy loop, one crop at a time, into one array\n"
+        "baseline 2: torch DataLoader (num_workers=0, batch_size=--batch) over a Dataset whose\n"
+        "  __getitem__ computes one crop's variant with the same code\n"
+        "per-crop: apply_variant called with n=1 (mixed_* cannot pair alone: n/a)\n"
+        "batched: apply_variant on batches of --batch; ratios = baseline / batched"
+    )
     floor_copy = copy_floor(images, args.batch, args.repeat)
     mac_rate = multiply_add_rate(args.repeat)
-    print(f"floor: a bare copy of the {args.n} crops in these batches takes {floor_copy:.4f} s "
-          f"({2 * images.nbytes / floor_copy / 1e9:.0f} GB/s read + write); a float32 GEMM runs "
-          f"{mac_rate / 1e9:.1f} G multiply-adds/s")
-    print(f"{'variant':<24}{'loop s':>9}{'loader s':>10}{'per-crop s':>12}{'batched s':>11}"
-          f"{'loop/batched':>14}{'loader/batched':>16}{'per-crop/batched':>18}{'floor s':>9}{'ceiling':>9}")
+    print(
+        f"floor: a bare copy of the {args.n} crops in these batches takes {floor_copy:.4f} s "
+        f"({2 * images.nbytes / floor_copy / 1e9:.0f} GB/s read + write); a float32 GEMM runs "
+        f"{mac_rate / 1e9:.1f} G multiply-adds/s"
+    )
+    print(
+        f"{'variant':<24}{'loop s':>9}{'loader s':>10}{'per-crop s':>12}{'batched s':>11}"
+        f"{'loop/batched':>14}{'loader/batched':>16}{'per-crop/batched':>18}{'floor s':>9}{'ceiling':>9}"
+    )
     tot_loop = tot_loader = tot_batch = tot_floor = 0.0
 
     def drain(spec):
@@ -255,8 +288,11 @@ def main() -> None:
         t_loop = timed(lambda: run_loop(spec, images, masks, bboxes, labels), args.repeat)
         t_batch = timed(lambda: run_batched(spec, images, masks, bboxes, labels, args.batch), args.repeat)
         t_loader = timed(lambda: drain(spec), args.repeat) if args.dataloader else float("nan")
-        t_call = (float("nan") if spec.startswith("mixed") or not args.per_crop
-                  else timed(lambda: run_per_crop_calls(spec, images, masks, bboxes, labels), 1))
+        t_call = (
+            float("nan")
+            if spec.startswith("mixed") or not args.per_crop
+            else timed(lambda: run_per_crop_calls(spec, images, masks, bboxes, labels), 1)
+        )
         t_floor = floor_copy
         if spec.startswith("bg_blur("):
             t_floor = max(t_floor, blur_multiply_adds(spec, images) / mac_rate)
@@ -264,20 +300,27 @@ def main() -> None:
         tot_loader += t_loader
         tot_batch += t_batch
         tot_floor += t_floor
-        print(f"{spec:<24}{t_loop:9.3f}{t_loader:10.3f}{t_call:12.3f}{t_batch:11.3f}{t_loop / t_batch:13.1f}x"
-              f"{t_loader / t_batch:15.1f}x{t_call / t_batch:17.1f}x{t_floor:9.4f}{t_loop / t_floor:8.1f}x",
-              flush=True)
-    print(f"{'all variants':<24}{tot_loop:9.3f}{tot_loader:10.3f}{'':>12}{tot_batch:11.3f}"
-          f"{tot_loop / tot_batch:13.1f}x{tot_loader / tot_batch:15.1f}x{'':>17}{tot_floor:9.4f}"
-          f"{tot_loop / tot_floor:8.1f}x")
-    second = (f" and {tot_loader / tot_batch:.1f}x baseline 2 (DataLoader over a per-crop Dataset)"
-              if args.dataloader else "")
+        print(
+            f"{spec:<24}{t_loop:9.3f}{t_loader:10.3f}{t_call:12.3f}{t_batch:11.3f}{t_loop / t_batch:13.1f}x"
+            f"{t_loader / t_batch:15.1f}x{t_call / t_batch:17.1f}x{t_floor:9.4f}{t_loop / t_floor:8.1f}x",
+            flush=True,
+        )
+    print(
+        f"{'all variants':<24}{tot_loop:9.3f}{tot_loader:10.3f}{'':>12}{tot_batch:11.3f}"
+        f"{tot_loop / tot_batch:13.1f}x{tot_loader / tot_batch:15.1f}x{'':>17}{tot_floor:9.4f}"
+        f"{tot_loop / tot_floor:8.1f}x"
+    )
+    second = (
+        f" and {tot_loader / tot_batch:.1f}x baseline 2 (DataLoader over a per-crop Dataset)" if args.dataloader else ""
+    )
     print(f"overall: batched is {tot_loop / tot_batch:.1f}x baseline 1 (numpy per-crop loop){second}; {load()}")
     target = 20.0
-    print(f"{target:g}x overall would need the batched total <= {tot_loop / target:.3f} s; the floor "
-          f"(copies, and the blur's multiply-adds) is {tot_floor:.3f} s, so the ceiling here is "
-          f"{tot_loop / tot_floor:.1f}x: {target:g}x is " + ("within reach" if tot_loop / tot_floor >= target
-                                                           else "out of reach of any implementation"))
+    print(
+        f"{target:g}x overall would need the batched total <= {tot_loop / target:.3f} s; the floor "
+        f"(copies, and the blur's multiply-adds) is {tot_floor:.3f} s, so the ceiling here is "
+        f"{tot_loop / tot_floor:.1f}x: {target:g}x is "
+        + ("within reach" if tot_loop / tot_floor >= target else "out of reach of any implementation")
+    )
 
 
 if __name__ == "__main__":

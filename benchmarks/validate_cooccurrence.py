@@ -58,9 +58,18 @@ def base_protocol(out: Path, seed: int, *, signal: float, cooccurrence: float, p
         "name": f"cooccurrence-s{signal:g}-c{cooccurrence:g}-seed{seed}",
         "output": str(out / "run"),
         "seed": seed,
-        "data": {"source": "synthetic", "synthetic": {
-            "patients": patients, "cells_per_patient": 40, "cells_per_image": 8, "signal": signal,
-            "cooccurrence": cooccurrence, "cooccurrence_class": "sezary", "seed": seed}},
+        "data": {
+            "source": "synthetic",
+            "synthetic": {
+                "patients": patients,
+                "cells_per_patient": 40,
+                "cells_per_image": 8,
+                "signal": signal,
+                "cooccurrence": cooccurrence,
+                "cooccurrence_class": "sezary",
+                "seed": seed,
+            },
+        },
         "segmentation": {"method": "masks"},
         "crops": {"size": 64},
         "variants": {
@@ -70,11 +79,20 @@ def base_protocol(out: Path, seed: int, *, signal: float, cooccurrence: float, p
             "others_fill": "inpaint",
         },
         "models": [{"arch": "resnet", "depth": 10, "width": 0.125}],
-        "training": {"epochs": epochs, "batch_size": 16, "lr": 0.002, "seeds": [0],
-                     "split": {"kind": "kfold", "folds": 3}, "max_folds": 3},
+        "training": {
+            "epochs": epochs,
+            "batch_size": 16,
+            "lr": 0.002,
+            "seeds": [0],
+            "split": {"kind": "kfold", "folds": 3},
+            "max_folds": 3,
+        },
         "saliency": {"enabled": False},
-        "stats": {"confirmatory": [{"a": a, "b": b} for _, _, a, b in COMPARISONS], "exploratory": False,
-                  "bootstrap": 500},
+        "stats": {
+            "confirmatory": [{"a": a, "b": b} for _, _, a, b in COMPARISONS],
+            "exploratory": False,
+            "bootstrap": 500,
+        },
         "report": {"formats": ["md"], "figures": False},
     }
 
@@ -115,33 +133,48 @@ def main() -> None:
     for scenario in args.scenarios.split(","):
         if scenario not in power:
             sys.exit(f"unknown scenario {scenario!r}; use cooccurrence and/or halo")
-        cues = {"signal": 0.0, "cooccurrence": args.cooccurrence} if scenario == "cooccurrence" else \
-            {"signal": args.signal, "cooccurrence": 0.0}
+        cues = (
+            {"signal": 0.0, "cooccurrence": args.cooccurrence}
+            if scenario == "cooccurrence"
+            else {"signal": args.signal, "cooccurrence": 0.0}
+        )
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             folder = args.out / scenario / f"seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
             protocol = folder / "protocol.yaml"
-            protocol.write_text(yaml.safe_dump(base_protocol(folder, seed, patients=args.patients, epochs=args.epochs,
-                                                             **cues), sort_keys=False))
+            protocol.write_text(
+                yaml.safe_dump(
+                    base_protocol(folder, seed, patients=args.patients, epochs=args.epochs, **cues), sort_keys=False
+                )
+            )
             t0 = time.perf_counter()
             done = subprocess.run([*cellbg, "run", str(protocol)], capture_output=True, text=True)
             if done.returncode != 0:
-                sys.exit(f"{scenario} seed {seed}: cellbg run failed ({done.returncode}):\n"
-                         f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+                sys.exit(
+                    f"{scenario} seed {seed}: cellbg run failed ({done.returncode}):\n"
+                    f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+                )
             r = outcomes(pd.read_csv(folder / "run" / "stats" / "tests.csv"))
             rows.append({"scenario": scenario, "seed": seed, **cues, **r})
-            print(f"{scenario:>12} {seed:4d} {time.perf_counter() - t0:5.0f}"
-                  + "".join(f" {r[k + '_estimate']:16.3f} {r[k + '_p']:6.3f}" for k, *_ in COMPARISONS), flush=True)
+            print(
+                f"{scenario:>12} {seed:4d} {time.perf_counter() - t0:5.0f}"
+                + "".join(f" {r[k + '_estimate']:16.3f} {r[k + '_p']:6.3f}" for k, *_ in COMPARISONS),
+                flush=True,
+            )
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "summary.csv", index=False)
-    print(f"\n{args.patients} patients x 40 cells per run; Holm over the two confirmatory comparisons, alpha 0.05;"
-          " estimates: accuracy b - a")
+    print(
+        f"\n{args.patients} patients x 40 cells per run; Holm over the two confirmatory comparisons, alpha 0.05;"
+        " estimates: accuracy b - a"
+    )
     for scenario, sub in table.groupby("scenario", sort=False):
         for key, label, _, _ in COMPARISONS:
             kind = "power" if key == power[scenario] else "false-positive rate"
             est = sub[f"{key}_estimate"]
-            print(f"  {scenario:>12}: {label:>15} {kind:>19}: {interval(int(sub[key].sum()), len(sub))}; "
-                  f"estimate {100 * est.mean():+.1f} points (SE {100 * est.std() / len(sub) ** 0.5:.1f})")
+            print(
+                f"  {scenario:>12}: {label:>15} {kind:>19}: {interval(int(sub[key].sum()), len(sub))}; "
+                f"estimate {100 * est.mean():+.1f} points (SE {100 * est.std() / len(sub) ** 0.5:.1f})"
+            )
 
 
 if __name__ == "__main__":

@@ -37,12 +37,16 @@ _REGISTRY: dict[str, _Def] = {
     "bg_blur": _Def("image", ("sigma",), doc="the cell on its own background, gaussian-blurred (sigma in pixels)"),
     "bg_ring": _Def("image", ("width",), doc="the cell plus a width-pixel ring of its own background; the rest filled"),
     "bg_image": _Def(
-        "image", ("source",), True,
+        "image",
+        ("source",),
+        True,
         "the cell over a background drawn (seeded) from a named source: cell-free synthetic fields, a folder, "
         "a constant",
     ),
     "context": _Def(
-        "image", ("f",), doc="the crop's central window of f x its side resampled to the crop size (bilinear): "
+        "image",
+        ("f",),
+        doc="the crop's central window of f x its side resampled to the crop size (bilinear): "
         "the cell f^-1 times larger",
     ),
     "no_others": _Def("image", (), doc="other segmented objects in the crop replaced by the fill"),
@@ -132,7 +136,9 @@ def _parse_part(part: str, spec: str) -> tuple[str, tuple[float, ...]]:
     params = _REGISTRY[name].params
     if params == ("*color",):
         if not args or any(not 0 <= a <= 1 or not math.isfinite(a) for a in args):
-            raise CellbgError(f"{name} in spec '{spec}' needs one value or one per channel in [0, 1], e.g. {name}(0,0,1)")
+            raise CellbgError(
+                f"{name} in spec '{spec}' needs one value or one per channel in [0, 1], e.g. {name}(0,0,1)"
+            )
     elif len(args) != len(params):
         want = f"({', '.join(params)})" if params else "no arguments"
         raise CellbgError(f"{name} in spec '{spec}' takes {want}; got {len(args)} argument(s)")
@@ -192,7 +198,6 @@ def parse_variant(spec: str | VariantSpec) -> VariantSpec:
     return VariantSpec(text, name, args, tuple(front))
 
 
-
 def check_fill(fill) -> str:
     """Validate a protocol's ``variants.fill`` string: black, mean, noise or 'r,g,b' in [0, 1]."""
     key = str(fill).strip().lower()
@@ -201,7 +206,9 @@ def check_fill(fill) -> str:
     try:
         values = [float(v) for v in key.split(",")]
     except ValueError:
-        raise CellbgError(f"fill must be 'black', 'mean', 'noise' or a colour 'r,g,b' in [0, 1]; got '{fill}'") from None
+        raise CellbgError(
+            f"fill must be 'black', 'mean', 'noise' or a colour 'r,g,b' in [0, 1]; got '{fill}'"
+        ) from None
     if any(not 0 <= v <= 1 for v in values):
         raise CellbgError(f"fill colour values must be in [0, 1]; got '{fill}'")
     return key

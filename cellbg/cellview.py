@@ -84,8 +84,9 @@ def _choose(frame: pd.DataFrame, model: str, train_variant: str, seed: int | Non
     return frame[frame["seed"] == seed], model, train_variant, seed
 
 
-def cell_table(run_dir, *, model: str, train_variant: str, seed: int | None = None,
-               target: str = "predicted") -> pd.DataFrame:
+def cell_table(
+    run_dir, *, model: str, train_variant: str, seed: int | None = None, target: str = "predicted"
+) -> pd.DataFrame:
     """One row per cell with one model's results, columns named in words.
 
     Parameters
@@ -123,14 +124,16 @@ def cell_table(run_dir, *, model: str, train_variant: str, seed: int | None = No
         raise CellbgError(f"no predictions.parquet in {run_dir}; run 'cellbg train' first")
     protocol = load_run(run_dir)
     preds, model, train_variant, seed = _choose(preds, model, train_variant, seed)
-    table = pd.DataFrame({
-        "cell": cells["cell_id"].astype(str).to_numpy(),
-        "patient": cells["patient_id"].astype(str).to_numpy(),
-        "class": cells["label"].astype(str).to_numpy(),
-        "image": cells["image_id"].astype(str).to_numpy(),
-        "fold": cells["fold"].to_numpy() if "fold" in cells else np.nan,
-        "area (px)": cells["area"].to_numpy(np.float64) if "area" in cells else np.nan,
-    })
+    table = pd.DataFrame(
+        {
+            "cell": cells["cell_id"].astype(str).to_numpy(),
+            "patient": cells["patient_id"].astype(str).to_numpy(),
+            "class": cells["label"].astype(str).to_numpy(),
+            "image": cells["image_id"].astype(str).to_numpy(),
+            "fold": cells["fold"].to_numpy() if "fold" in cells else np.nan,
+            "area (px)": cells["area"].to_numpy(np.float64) if "area" in cells else np.nan,
+        }
+    )
     sal = _read(run_dir, "saliency.parquet")
     if sal is not None and len(sal):
         sal = sal[(sal["model"] == model) & (sal["train_variant"] == train_variant) & (sal["seed"] == seed)]
@@ -149,8 +152,9 @@ def cell_table(run_dir, *, model: str, train_variant: str, seed: int | None = No
     tested = [v for v in protocol.variants.test if v in set(first["test_variant"])]
     per = {v: first[first["test_variant"] == v].set_index("cell_id") for v in tested}
     for variant, sub in per.items():
-        table[condition_label("correct", variant)] = table["cell"].map(sub["correct"].astype(np.float64)).to_numpy(
-            np.float64)
+        table[condition_label("correct", variant)] = (
+            table["cell"].map(sub["correct"].astype(np.float64)).to_numpy(np.float64)
+        )
     for variant, sub in per.items():
         table[condition_label("probability", variant)] = table["cell"].map(_prob_of_pred(sub)).to_numpy(np.float64)
     for variant, sub in per.items():
@@ -251,8 +255,12 @@ def _job_dir(run_dir: Path, protocol, model: str, train_variant: str, seed: int,
     found = []
     for spec_file in (run_dir / "jobs").glob("*/spec.json"):
         job = json.loads(spec_file.read_text()).get("job", {})
-        if ((job.get("model"), job.get("train_variant"), job.get("seed"), job.get("fold"))
-                == (model, train_variant, seed, fold) and (spec_file.parent / DONE).exists()):
+        if (job.get("model"), job.get("train_variant"), job.get("seed"), job.get("fold")) == (
+            model,
+            train_variant,
+            seed,
+            fold,
+        ) and (spec_file.parent / DONE).exists():
             found.append(spec_file.parent)
     if found:
         return max(found, key=lambda d: (d / DONE).stat().st_mtime_ns)
@@ -262,8 +270,9 @@ def _job_dir(run_dir: Path, protocol, model: str, train_variant: str, seed: int,
     )
 
 
-def load_cell(run_dir, cell_id: str, *, model: str, train_variant: str, seed: int | None = None,
-              target: str = "predicted") -> CellView:
+def load_cell(
+    run_dir, cell_id: str, *, model: str, train_variant: str, seed: int | None = None, target: str = "predicted"
+) -> CellView:
     """Everything one model saw and said about one cell: variants, predictions, saliency.
 
     Parameters
@@ -323,12 +332,14 @@ def load_cell(run_dir, cell_id: str, *, model: str, train_variant: str, seed: in
     mine = mine[mine["fold"] == fold].drop_duplicates("test_variant").set_index("test_variant")
     order = [v for v in protocol.variants.test if v in mine.index]
     table = mine.loc[order]
-    predictions = pd.DataFrame({
-        "pred": table["pred"].astype(str),
-        "probability": _prob_of_pred(table),
-        "correct": table["correct"].astype(bool),
-        **{c: table[c] for c in table.columns if c.startswith("prob_")},
-    })
+    predictions = pd.DataFrame(
+        {
+            "pred": table["pred"].astype(str),
+            "probability": _prob_of_pred(table),
+            "correct": table["correct"].astype(bool),
+            **{c: table[c] for c in table.columns if c.startswith("prob_")},
+        }
+    )
     job = _job_dir(run_dir, protocol, model, train_variant, seed, fold)
     stamp = tuple((p.name, p.stat().st_mtime_ns) for p in (run_dir / "cells.parquet", job / "checkpoint.pt"))
     variants, partners = {}, {}
@@ -341,8 +352,13 @@ def load_cell(run_dir, cell_id: str, *, model: str, train_variant: str, seed: in
     sal = _read(run_dir, "saliency.parquet")
     maps, shown_images, sal_rows = {}, {}, pd.DataFrame()
     if sal is not None and len(sal):
-        sal_rows = sal[(sal["cell_id"].astype(str) == str(cell_id)) & (sal["model"] == model)
-                       & (sal["train_variant"] == train_variant) & (sal["seed"] == seed) & (sal["fold"] == fold)]
+        sal_rows = sal[
+            (sal["cell_id"].astype(str) == str(cell_id))
+            & (sal["model"] == model)
+            & (sal["train_variant"] == train_variant)
+            & (sal["seed"] == seed)
+            & (sal["fold"] == fold)
+        ]
         if "target" in sal_rows and (sal_rows["target"] == target).any():
             sal_rows = sal_rows[sal_rows["target"] == target]
         sal_rows = sal_rows.drop_duplicates(["test_variant", "method"]).reset_index(drop=True)
@@ -353,9 +369,19 @@ def load_cell(run_dir, cell_id: str, *, model: str, train_variant: str, seed: in
                 if "shown" in group and "shown_index" in sal_rows:
                     shown_images[r.test_variant] = np.asarray(group["shown"][int(r.shown_index)])
     return CellView(
-        cell_id=str(cell_id), label=str(cells["label"].iloc[row]), patient_id=str(cells["patient_id"].iloc[row]),
-        model=model, train_variant=train_variant, seed=seed, fold=fold,
-        crop=np.asarray(images[row], np.float32), mask=np.asarray(masks[row], bool),
-        variants=variants, partners=partners, predictions=predictions, saliency=sal_rows, maps=maps,
+        cell_id=str(cell_id),
+        label=str(cells["label"].iloc[row]),
+        patient_id=str(cells["patient_id"].iloc[row]),
+        model=model,
+        train_variant=train_variant,
+        seed=seed,
+        fold=fold,
+        crop=np.asarray(images[row], np.float32),
+        mask=np.asarray(masks[row], bool),
+        variants=variants,
+        partners=partners,
+        predictions=predictions,
+        saliency=sal_rows,
+        maps=maps,
         shown=shown_images,
     )

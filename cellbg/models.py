@@ -130,8 +130,7 @@ def get_model(arch: str, *, in_channels: int, num_classes: int, **kwargs) -> nn.
     for key in kwargs:
         if key not in allowed:
             raise CellbgError(
-                f"unknown option '{key}' for model '{arch}'{did_you_mean(key, allowed)}; "
-                f"options: {', '.join(allowed)}"
+                f"unknown option '{key}' for model '{arch}'{did_you_mean(key, allowed)}; options: {', '.join(allowed)}"
             )
     return builder(in_channels=in_channels, num_classes=num_classes, **kwargs)
 
@@ -199,8 +198,10 @@ def _resnet(*, in_channels: int, num_classes: int, depth: int = 18, width: float
     width = _check_width(width, arch="resnet")
     # Scale the widths here (not with MONAI's widen_factor) so a tiny width never rounds to 0.
     planes = [max(4, int(round(c * width))) for c in (64, 128, 256, 512)]
-    stem = dict(conv1_t_size=3, conv1_t_stride=1, no_max_pool=True) if small_stem else dict(
-        conv1_t_size=7, conv1_t_stride=2, no_max_pool=False
+    stem = (
+        dict(conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
+        if small_stem
+        else dict(conv1_t_size=7, conv1_t_stride=2, no_max_pool=False)
     )
     return ResNet(
         block="basic",
@@ -218,8 +219,12 @@ def _resnet(*, in_channels: int, num_classes: int, depth: int = 18, width: float
 def _shufflenet_v2(*, in_channels: int, num_classes: int, width: float = 1.0):
     import torchvision.models as tvm
 
-    builders = {0.5: tvm.shufflenet_v2_x0_5, 1.0: tvm.shufflenet_v2_x1_0, 1.5: tvm.shufflenet_v2_x1_5,
-                2.0: tvm.shufflenet_v2_x2_0}
+    builders = {
+        0.5: tvm.shufflenet_v2_x0_5,
+        1.0: tvm.shufflenet_v2_x1_0,
+        1.5: tvm.shufflenet_v2_x1_5,
+        2.0: tvm.shufflenet_v2_x2_0,
+    }
     if width not in builders:
         raise CellbgError(f"model 'shufflenet_v2': width must be one of 0.5, 1.0, 1.5, 2.0; got {width!r}")
     net = builders[width](weights=None, num_classes=num_classes)
@@ -227,8 +232,12 @@ def _shufflenet_v2(*, in_channels: int, num_classes: int, width: float = 1.0):
     if in_channels != old.in_channels:
         # torchvision hard-codes 3 input channels; rebuild the first convolution for C.
         net.conv1[0] = nn.Conv2d(
-            in_channels, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
-            padding=old.padding, bias=False,
+            in_channels,
+            old.out_channels,
+            kernel_size=old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            bias=False,
         )
     return net
 
@@ -258,8 +267,9 @@ def _efficientnet_b0(*, in_channels: int, num_classes: int, weights: str | None 
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise CellbgError(f"model 'efficientnet_b0': cannot read weights {path}: {str(exc).splitlines()[0]}") \
-                from None
+            raise CellbgError(
+                f"model 'efficientnet_b0': cannot read weights {path}: {str(exc).splitlines()[0]}"
+            ) from None
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict):
             raise CellbgError(f"model 'efficientnet_b0': {path} holds no state dict")
@@ -268,8 +278,14 @@ def _efficientnet_b0(*, in_channels: int, num_classes: int, weights: str | None 
             state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     old = net.features[0][0]
     if in_channels != old.in_channels:
-        net.features[0][0] = nn.Conv2d(in_channels, old.out_channels, kernel_size=old.kernel_size,
-                                       stride=old.stride, padding=old.padding, bias=False)
+        net.features[0][0] = nn.Conv2d(
+            in_channels,
+            old.out_channels,
+            kernel_size=old.kernel_size,
+            stride=old.stride,
+            padding=old.padding,
+            bias=False,
+        )
         if state is not None and "features.0.0.weight" in state:
             w = state["features.0.0.weight"]
             state["features.0.0.weight"] = w.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1)

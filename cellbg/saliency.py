@@ -143,7 +143,9 @@ def background_share(maps, masks) -> BackgroundShare:
         raise CellbgError(f"masks shape {masks.shape} does not match maps shape {maps.shape}")
     if masks.dtype != bool:
         if masks.size and not np.isin(masks, (0, 1)).all():
-            raise CellbgError(f"masks must be boolean (cell = True); got dtype {masks.dtype} with values other than 0/1")
+            raise CellbgError(
+                f"masks must be boolean (cell = True); got dtype {masks.dtype} with values other than 0/1"
+            )
         masks = masks.astype(bool)
     if not np.isfinite(maps).all():
         raise CellbgError("maps hold NaN or infinite values; attribution maps must be finite")
@@ -350,9 +352,7 @@ def _check_spatial_layer(wrapped, name: str, x) -> None:
         handle.remove()
     if not shapes or len(shapes[0]) != 4:
         got = shapes[0] if shapes else "no output (the layer is not used in forward)"
-        raise CellbgError(
-            f"Grad-CAM needs a layer with an (n, C, h, w) feature map; layer '{name[4:]}' gives {got}"
-        )
+        raise CellbgError(f"Grad-CAM needs a layer with an (n, C, h, w) feature map; layer '{name[4:]}' gives {got}")
 
 
 def occlusion(
@@ -467,9 +467,7 @@ def _Shifted(net, shift):
     return Shifted().eval()
 
 
-def integrated_gradients(
-    model, images, targets, *, steps: int = 8, baseline=0.0, batch_size: int = 64
-) -> np.ndarray:
+def integrated_gradients(model, images, targets, *, steps: int = 8, baseline=0.0, batch_size: int = 64) -> np.ndarray:
     """Integrated-gradients maps (Captum ``IntegratedGradients``) for a target class.
 
     Attribution of each pixel, summed over channels, along the straight path from a constant
@@ -736,9 +734,28 @@ def sample_cells(cells, n: int, *, seed: int = 0) -> np.ndarray:
 
 # --------------------------------------------------------------------------- whole runs
 _COLUMNS = [
-    "cell_id", "patient_id", "label", "label_index", "model", "train_variant", "test_variant", "seed", "fold",
-    "method", "target", "target_index", "pred_index", "correct", "background_share", "background_ratio",
-    "background_fraction", "sanity_rank_corr", "map_index", "job_key", "partner_cell_id", "shown_index",
+    "cell_id",
+    "patient_id",
+    "label",
+    "label_index",
+    "model",
+    "train_variant",
+    "test_variant",
+    "seed",
+    "fold",
+    "method",
+    "target",
+    "target_index",
+    "pred_index",
+    "correct",
+    "background_share",
+    "background_ratio",
+    "background_fraction",
+    "sanity_rank_corr",
+    "map_index",
+    "job_key",
+    "partner_cell_id",
+    "shown_index",
 ]
 
 
@@ -749,8 +766,12 @@ def _reference(name: str, colour) -> float | np.ndarray:
 
 def _method_options(cfg, method: str, *, colour=0.0) -> dict:
     if method == "occlusion":
-        return {"window": cfg.occlusion_window, "overlap": cfg.occlusion_overlap, "batch_size": cfg.batch_size,
-                "fill": _reference(cfg.occlusion_fill, colour)}
+        return {
+            "window": cfg.occlusion_window,
+            "overlap": cfg.occlusion_overlap,
+            "batch_size": cfg.batch_size,
+            "fill": _reference(cfg.occlusion_fill, colour),
+        }
     if method == "integrated_gradients":
         return {"steps": cfg.ig_steps, "batch_size": cfg.batch_size, "baseline": _reference(cfg.ig_baseline, colour)}
     return {"batch_size": cfg.batch_size}
@@ -790,14 +811,23 @@ def _job_maps(model, images, masks, rows, pred, *, cfg, layer: str, random_model
             random_maps, corr = None, np.full(len(pairs), np.nan)
         bs = background_share(maps, masks[pairs[:, 0]])
         out[method] = {
-            "kinds": kinds, "cell": cell, "cls": cls, "inverse": inverse, "maps": maps, "random_maps": random_maps,
-            "share": bs.share, "ratio": bs.ratio, "fraction": bs.background_fraction, "corr": corr,
+            "kinds": kinds,
+            "cell": cell,
+            "cls": cls,
+            "inverse": inverse,
+            "maps": maps,
+            "random_maps": random_maps,
+            "share": bs.share,
+            "ratio": bs.ratio,
+            "fraction": bs.background_fraction,
+            "corr": corr,
         }
     return out
 
 
-def held_out_variant(protocol, job_dir, variant: str, *, images=None, masks=None, cells=None, others=None,
-                     backgrounds=None):
+def held_out_variant(
+    protocol, job_dir, variant: str, *, images=None, masks=None, cells=None, others=None, backgrounds=None
+):
     """A trained job's held-out cells in one test variant, exactly as the job predicted them.
 
     The variant is applied to the job's held-out set in the order its predictions were made,
@@ -838,39 +868,61 @@ def held_out_variant(protocol, job_dir, variant: str, *, images=None, masks=None
         images, masks, cells = load_crops(job_dir.parent.parent, lazy=True)
         others = load_others(job_dir.parent.parent)
     if backgrounds is None:
-        backgrounds = protocol_backgrounds(protocol, [variant], size=int(images.shape[-1]),
-                                           channels=int(images.shape[1]))
+        backgrounds = protocol_backgrounds(
+            protocol, [variant], size=int(images.shape[-1]), channels=int(images.shape[1])
+        )
     rows = _job_cells(job_dir, cells)
     order = np.argsort(rows, kind="stable")
     x = np.empty((len(rows), *images.shape[1:]), np.float32)
     m = np.empty((len(rows), *masks.shape[1:]), bool)
     # one sorted read (zarr arrays read rows in order fastest), put back in prediction order
-    x[order] = np.asarray(images[rows[order]] if isinstance(images, np.ndarray) else images.oindex[rows[order]],
-                          dtype=np.float32)
+    x[order] = np.asarray(
+        images[rows[order]] if isinstance(images, np.ndarray) else images.oindex[rows[order]], dtype=np.float32
+    )
     m[order] = np.asarray(masks[rows[order]] if isinstance(masks, np.ndarray) else masks.oindex[rows[order]], bool)
     bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)[rows]
     labels = cells["label_index"].to_numpy(np.int64)[rows]
     from cellbg.planning import PREDICT_BLOCK
     from cellbg.variants import VariantResult
 
-    oth = np.asarray(others[rows] if isinstance(others, np.ndarray) else others.oindex[rows], bool) \
-        if others is not None else None
+    oth = (
+        np.asarray(others[rows] if isinstance(others, np.ndarray) else others.oindex[rows], bool)
+        if others is not None
+        else None
+    )
     parts = []
     for j, lo in enumerate(range(0, max(len(rows), 1), PREDICT_BLOCK)):
         sl = slice(lo, lo + PREDICT_BLOCK)
-        parts.append(apply_variant(variant, x[sl], m[sl], bboxes=bboxes[sl], labels=labels[sl],
-                                   fill=protocol.variants.fill, seed=protocol.variants.seed + j,
-                                   reference=protocol.variants.reference,
-                                   others=oth[sl] if oth is not None else None,
-                                   backgrounds=backgrounds or None, others_fill=protocol.variants.others_fill))
+        parts.append(
+            apply_variant(
+                variant,
+                x[sl],
+                m[sl],
+                bboxes=bboxes[sl],
+                labels=labels[sl],
+                fill=protocol.variants.fill,
+                seed=protocol.variants.seed + j,
+                reference=protocol.variants.reference,
+                others=oth[sl] if oth is not None else None,
+                backgrounds=backgrounds or None,
+                others_fill=protocol.variants.others_fill,
+            )
+        )
     if len(parts) == 1:
         return rows, parts[0]
-    partner = np.concatenate([np.where(np.asarray(r.partner) >= 0, np.asarray(r.partner) + j * PREDICT_BLOCK, -1)
-                              for j, r in enumerate(parts)])
-    shown = VariantResult(np.concatenate([np.asarray(r.images) for r in parts]),
-                          np.concatenate([np.asarray(r.masks) for r in parts]), partner, parts[0].spec,
-                          background=None if parts[0].background is None
-                          else np.concatenate([np.asarray(r.background) for r in parts]))
+    partner = np.concatenate(
+        [
+            np.where(np.asarray(r.partner) >= 0, np.asarray(r.partner) + j * PREDICT_BLOCK, -1)
+            for j, r in enumerate(parts)
+        ]
+    )
+    shown = VariantResult(
+        np.concatenate([np.asarray(r.images) for r in parts]),
+        np.concatenate([np.asarray(r.masks) for r in parts]),
+        partner,
+        parts[0].spec,
+        background=None if parts[0].background is None else np.concatenate([np.asarray(r.background) for r in parts]),
+    )
     return rows, shown
 
 
@@ -958,10 +1010,14 @@ def run_saliency(protocol, *, progress=None):
         model, meta = load_job_model(job_dir, device=device)
         random_model = randomize_weights(model, seed=spec.seed) if cfg.sanity_check else None
         for variant in cfg.test_variants:
-            held_out, shown = held_out_variant(protocol, job_dir, variant, images=images, masks=masks, cells=cells,
-                                               others=others, backgrounds=pools)
-            pick = sample_cells(cells.iloc[held_out], cfg.cells_per_job, seed=int(np.random.SeedSequence(
-                [protocol.seed, spec.fold]).generate_state(1)[0]))
+            held_out, shown = held_out_variant(
+                protocol, job_dir, variant, images=images, masks=masks, cells=cells, others=others, backgrounds=pools
+            )
+            pick = sample_cells(
+                cells.iloc[held_out],
+                cfg.cells_per_job,
+                seed=int(np.random.SeedSequence([protocol.seed, spec.fold]).generate_state(1)[0]),
+            )
             x = torch.as_tensor(np.asarray(shown.images)[pick], dtype=torch.float32)
             fg = np.asarray(shown.masks)[pick].astype(bool)
             partner = np.asarray(shown.partner)[pick]
@@ -969,38 +1025,45 @@ def run_saliency(protocol, *, progress=None):
             rows = cells.iloc[held_out[pick]].reset_index(drop=True)
             shown_key = (variant, hashlib.sha1(held_out[pick].tobytes() + held_out.tobytes()).hexdigest())
             with torch.no_grad():
-                logits = (torch.cat([model(c.to(device)).cpu() for c in x.split(cfg.batch_size)]) if len(x)
-                          else torch.zeros(0, 2))
-            pred = (logits.argmax(1).numpy().astype(np.int64) if logits.shape[1] > 1
-                    else (logits[:, 0] > 0).long().numpy())
-            results = _job_maps(model, x, fg, rows, pred, cfg=cfg, layer=target_layer(model),
-                                random_model=random_model, colour=colour)
+                logits = (
+                    torch.cat([model(c.to(device)).cpu() for c in x.split(cfg.batch_size)])
+                    if len(x)
+                    else torch.zeros(0, 2)
+                )
+            pred = (
+                logits.argmax(1).numpy().astype(np.int64) if logits.shape[1] > 1 else (logits[:, 0] > 0).long().numpy()
+            )
+            results = _job_maps(
+                model, x, fg, rows, pred, cfg=cfg, layer=target_layer(model), random_model=random_model, colour=colour
+            )
             for method, r in results.items():
                 n_rows = len(r["cell"])
-                frame = pd.DataFrame({
-                    "cell_id": rows["cell_id"].astype(str).to_numpy()[r["cell"]],
-                    "patient_id": rows["patient_id"].astype(str).to_numpy()[r["cell"]],
-                    "label": rows["label"].astype(str).to_numpy()[r["cell"]],
-                    "label_index": rows["label_index"].to_numpy(np.int64)[r["cell"]],
-                    "model": spec.model,
-                    "train_variant": spec.train_variant,
-                    "test_variant": variant,
-                    "seed": spec.seed,
-                    "fold": spec.fold,
-                    "method": method,
-                    "target": np.repeat(r["kinds"], len(rows)),
-                    "target_index": r["cls"],
-                    "pred_index": pred[r["cell"]],
-                    "correct": pred[r["cell"]] == rows["label_index"].to_numpy(np.int64)[r["cell"]],
-                    "background_share": r["share"][r["inverse"]],
-                    "background_ratio": r["ratio"][r["inverse"]],
-                    "background_fraction": r["fraction"][r["inverse"]],
-                    "sanity_rank_corr": r["corr"][r["inverse"]],
-                    "map_index": np.arange(n_maps, n_maps + n_rows),
-                    "job_key": job_dir.name,
-                    "partner_cell_id": partner_ids[r["cell"]],
-                    "shown_index": shown_at.get(shown_key, n_shown) + r["cell"],
-                })
+                frame = pd.DataFrame(
+                    {
+                        "cell_id": rows["cell_id"].astype(str).to_numpy()[r["cell"]],
+                        "patient_id": rows["patient_id"].astype(str).to_numpy()[r["cell"]],
+                        "label": rows["label"].astype(str).to_numpy()[r["cell"]],
+                        "label_index": rows["label_index"].to_numpy(np.int64)[r["cell"]],
+                        "model": spec.model,
+                        "train_variant": spec.train_variant,
+                        "test_variant": variant,
+                        "seed": spec.seed,
+                        "fold": spec.fold,
+                        "method": method,
+                        "target": np.repeat(r["kinds"], len(rows)),
+                        "target_index": r["cls"],
+                        "pred_index": pred[r["cell"]],
+                        "correct": pred[r["cell"]] == rows["label_index"].to_numpy(np.int64)[r["cell"]],
+                        "background_share": r["share"][r["inverse"]],
+                        "background_ratio": r["ratio"][r["inverse"]],
+                        "background_fraction": r["fraction"][r["inverse"]],
+                        "sanity_rank_corr": r["corr"][r["inverse"]],
+                        "map_index": np.arange(n_maps, n_maps + n_rows),
+                        "job_key": job_dir.name,
+                        "partner_cell_id": partner_ids[r["cell"]],
+                        "shown_index": shown_at.get(shown_key, n_shown) + r["cell"],
+                    }
+                )
                 n_maps += n_rows
                 frames.append(frame)
                 all_maps.append(r["maps"][r["inverse"]])
@@ -1019,8 +1082,11 @@ def run_saliency(protocol, *, progress=None):
     stacked = {
         "maps": np.concatenate(all_maps).astype(np.float32) if all_maps else np.zeros((0, *size), np.float32),
         "masks": np.concatenate(all_masks) if all_masks else np.zeros((0, *size), bool),
-        "shown": (np.concatenate(all_shown).astype(np.float32) if all_shown
-                  else np.zeros((0, images.shape[1], *size), np.float32)),
+        "shown": (
+            np.concatenate(all_shown).astype(np.float32)
+            if all_shown
+            else np.zeros((0, images.shape[1], *size), np.float32)
+        ),
     }
     if cfg.sanity_check:
         stacked["random_maps"] = (
@@ -1032,16 +1098,18 @@ def run_saliency(protocol, *, progress=None):
         for name, data in stacked.items():
             chunks = (max(1, min(len(data), 256)), *data.shape[1:])
             group.create_array(name, data=data, chunks=chunks)
-        group.attrs.update({
-            "methods": list(cfg.methods),
-            "target": cfg.target,
-            "test_variants": list(cfg.test_variants),
-            "background_colour": colour.astype(float).tolist(),
-            "ig_baseline": cfg.ig_baseline,
-            "occlusion_fill": cfg.occlusion_fill,
-            "rows": "row j of maps, masks, random_maps belongs to row j of saliency.parquet (map_index = j); "
-                    "shown[shown_index] is the image a row's map was computed on",
-        })
+        group.attrs.update(
+            {
+                "methods": list(cfg.methods),
+                "target": cfg.target,
+                "test_variants": list(cfg.test_variants),
+                "background_colour": colour.astype(float).tolist(),
+                "ig_baseline": cfg.ig_baseline,
+                "occlusion_fill": cfg.occlusion_fill,
+                "rows": "row j of maps, masks, random_maps belongs to row j of saliency.parquet (map_index = j); "
+                "shown[shown_index] is the image a row's map was computed on",
+            }
+        )
     write_parquet_atomic(table, run_dir / "saliency.parquet")
     return table
 
@@ -1129,8 +1197,16 @@ def montage(images, masks, maps: dict, *, shares: dict | None = None, titles: Se
     return fig
 
 
-def write_montage(run_dir, path, *, cells: int = 6, target: str = "predicted", model: str | None = None,
-                  seed: int | None = None, fold: int | None = None) -> Path:
+def write_montage(
+    run_dir,
+    path,
+    *,
+    cells: int = 6,
+    target: str = "predicted",
+    model: str | None = None,
+    seed: int | None = None,
+    fold: int | None = None,
+) -> Path:
     """Draw crops with their maps for every train variant and method; save as PNG.
 
     Takes the first ``cells`` cells of one (model, seed, fold) of ``saliency.parquet`` (by
@@ -1154,7 +1230,9 @@ def write_montage(run_dir, path, *, cells: int = 6, target: str = "predicted", m
     model = first["model"] if model is None else look_up_option(model, sorted(table["model"].unique()), what="model")
     seed = int(first["seed"]) if seed is None else int(seed)
     fold = int(first["fold"]) if fold is None else int(fold)
-    sel = table[(table["model"] == model) & (table["seed"] == seed) & (table["fold"] == fold) & (table["target"] == target)]
+    sel = table[
+        (table["model"] == model) & (table["seed"] == seed) & (table["fold"] == fold) & (table["target"] == target)
+    ]
     if sel.empty:
         raise CellbgError(f"no saliency rows for model '{model}', seed {seed}, fold {fold}, target '{target}'")
     cell_ids = list(dict.fromkeys(sel["cell_id"]))[:cells]

@@ -381,9 +381,7 @@ def _render_cells(p: dict, dy: np.ndarray, dx: np.ndarray):
     ny = dy - p["nuc_offset"][:, 0, None, None]
     nx = dx - p["nuc_offset"][:, 1, None, None]
     nrho = np.hypot(ny, nx)
-    nrad = p["nucleus"][:, None, None] * (
-        1 + _harmonics(ny, nx, nrho, p["amps"], p["phases"], (2, 3, 4, 5, 6, 7))
-    )
+    nrad = p["nucleus"][:, None, None] * (1 + _harmonics(ny, nx, nrho, p["amps"], p["phases"], (2, 3, 4, 5, 6, 7)))
     nucleus = np.clip(nrad - nrho + 0.5, 0.0, 1.0)
     # grooves: sinuous pale clefts across the nucleus (cerebriform folds)
     r0 = p["nucleus"][:, None, None, None]
@@ -411,9 +409,7 @@ def _render_cells(p: dict, dy: np.ndarray, dx: np.ndarray):
 
 def _outline(p: dict, dy, dx, rho) -> np.ndarray:
     """Radius of each cell's outline in the direction of every grid point."""
-    outline = p["radius"][:, None, None] * (
-        1 + _harmonics(dy, dx, rho, p["outline_amps"], p["outline_phases"], (2, 3))
-    )
+    outline = p["radius"][:, None, None] * (1 + _harmonics(dy, dx, rho, p["outline_amps"], p["outline_phases"], (2, 3)))
     return np.minimum(outline, _CELL_MAX)
 
 
@@ -446,9 +442,7 @@ def _render_red_cells(rng, stain: Stain, shape):
     half = int(r_mean * 1.4) + 2
     base, dy, dx = _local_grid(centres, half)
     rho = np.hypot(dy, dx)
-    rad = radii[:, None, None] * (
-        1 + _harmonics(dy, dx, rho, ellip[:, None], 2 * ephase[:, None], (2,))
-    )
+    rad = radii[:, None, None] * (1 + _harmonics(dy, dx, rho, ellip[:, None], 2 * ephase[:, None], (2,)))
     edge = np.clip((rad - rho) / 1.2 + 0.5, 0.0, 1.0)
     # biconcave disc: thin centre (pallor), thick rim
     thick = (0.3 + 0.7 * np.clip(rho / rad, 0, 1) ** 2.5) * edge
@@ -618,8 +612,13 @@ def synth_field(
             platelets = platelets + _render_dots(cue_rng, extra, sizes, "platelet", shape)
     # --- the co-occurrence cue: platelet clumps just outside the cell (own stream)
     cooc, objects, object_table, clumps = _cooccurring_objects(
-        np.random.default_rng(cooc_ss), centres, params["radius"], cooccurrence_probability,
-        label, cell_px, shape,
+        np.random.default_rng(cooc_ss),
+        centres,
+        params["radius"],
+        cooccurrence_probability,
+        label,
+        cell_px,
+        shape,
     )
     platelets = platelets + clumps
     rng = bg_rng  # the smooth fields and the noise below belong to the background stream
@@ -633,9 +632,9 @@ def synth_field(
     # cos(a y + b x + p) = cos(a y) cos(b x + p) - sin(a y) sin(b x + p)
     ay = waves[:, 0, None] * yy[None]
     bx = waves[:, 1, None] * xx[None] + wphase[:, None]
-    plasma = 1.0 + (
-        (wamp[:, None] * np.cos(ay)).T @ np.cos(bx) - (wamp[:, None] * np.sin(ay)).T @ np.sin(bx)
-    ).astype(np.float32)
+    plasma = 1.0 + ((wamp[:, None] * np.cos(ay)).T @ np.cos(bx) - (wamp[:, None] * np.sin(ay)).T @ np.sin(bx)).astype(
+        np.float32
+    )
     ga = stain.gradient_angle
     illum = (
         1.0
@@ -653,17 +652,23 @@ def synth_field(
     layers = layers.reshape(len(layers), -1)
     if mode == "rgb":
         weights = np.stack(
-            [stain.plasma, stain.red_cell, stain.platelet, stain.debris, _CUE_OD[label],
-             stain.cytoplasm, stain.nucleus], 1,
+            [
+                stain.plasma,
+                stain.red_cell,
+                stain.platelet,
+                stain.debris,
+                _CUE_OD[label],
+                stain.cytoplasm,
+                stain.nucleus,
+            ],
+            1,
         ).astype(np.float32)  # (3, 7) optical densities
         od = weights @ layers  # (3, pixels)
         light = stain.light.astype(np.float32)[:, None] * illum.reshape(1, -1)
         image = light * np.exp(-od) + np.float32(stain.noise) * noise
         image = image.reshape(3, size, size)
     else:
-        weights = np.array(
-            [stain.offset, 0.035, 0.3, 0.12, _CUE_GRAY[label], 0.14, 0.5], np.float32
-        )  # emissions
+        weights = np.array([stain.offset, 0.035, 0.3, 0.12, _CUE_GRAY[label], 0.14, 0.5], np.float32)  # emissions
         emission = (weights @ layers).reshape(size, size)
         image = np.float32(stain.gain) * illum * emission
         sd = np.sqrt(np.float32(stain.noise) ** 2 + 0.0006 * np.clip(image, 0, None))
@@ -906,10 +911,17 @@ def make_dataset(
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
     params = dict(
-        patients=patients, cells_per_patient=cells_per_patient, cells_per_image=cells_per_image,
-        image_size=image_size, signal=float(signal),
-        signal_sd_between_patients=float(signal_sd_between_patients), label_by=label_by,
-        mode=mode, seed=seed, cooccurrence=float(cooccurrence), cooccurrence_class=cooccurrence_class,
+        patients=patients,
+        cells_per_patient=cells_per_patient,
+        cells_per_image=cells_per_image,
+        image_size=image_size,
+        signal=float(signal),
+        signal_sd_between_patients=float(signal_sd_between_patients),
+        label_by=label_by,
+        mode=mode,
+        seed=seed,
+        cooccurrence=float(cooccurrence),
+        cooccurrence_class=cooccurrence_class,
     )
     with_objects = cooccurrence > 0
 
@@ -941,8 +953,13 @@ def make_dataset(
         image_ss = patient_ss[i].spawn(len(plan))
         for j, (cls, n) in enumerate(plan):
             fov = synth_field(
-                cls, n_cells=n, size=image_size, cue_probability=p_cue, mode=mode,
-                stain=stain, seed=image_ss[j],
+                cls,
+                n_cells=n,
+                size=image_size,
+                cue_probability=p_cue,
+                mode=mode,
+                stain=stain,
+                seed=image_ss[j],
                 cooccurrence_probability=cooccurrence if cls == cooccurrence_class else 0.0,
             )
             rel_img, rel_mask = f"images/{pid}_{j:03d}.tif", f"masks/{pid}_{j:03d}.tif"
@@ -973,7 +990,8 @@ def make_dataset(
     write_text_atomic(out_dir / "cells_truth.csv", truth_df.to_csv(index=False, lineterminator="\n"))
     if with_objects:
         objects_df = (
-            pd.concat(object_rows, ignore_index=True)[OBJECT_COLUMNS] if object_rows
+            pd.concat(object_rows, ignore_index=True)[OBJECT_COLUMNS]
+            if object_rows
             else pd.DataFrame(columns=OBJECT_COLUMNS)
         )
         write_text_atomic(out_dir / "objects_truth.csv", objects_df.to_csv(index=False, lineterminator="\n"))

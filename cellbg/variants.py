@@ -272,8 +272,11 @@ def _select(cond: torch.Tensor, a: torch.Tensor, b) -> torch.Tensor:
     out = a * c
     if b.ndim == 0 and float(b) == 0.0:
         return out
-    return out.addcmul_(b, 1 - c) if out.shape == torch.broadcast_shapes(out.shape, b.shape, c.shape) \
+    return (
+        out.addcmul_(b, 1 - c)
+        if out.shape == torch.broadcast_shapes(out.shape, b.shape, c.shape)
         else out + b * (1 - c)
+    )
 
 
 def _fill_as(fill: torch.Tensor, x):
@@ -464,9 +467,9 @@ def _tile_into(out, src, b: np.ndarray, fill: torch.Tensor) -> None:
     plane = h * w
     for ch in range(c):  # a loop over channels: each writes its box pixels in one gather
         if isinstance(out, torch.Tensor):  # index_select/index_copy_: ~3x faster than [] on CPU
-            flat_out[ch * plane:].index_copy_(0, dst_i, flat_src[ch * plane:].index_select(0, src_i))
+            flat_out[ch * plane :].index_copy_(0, dst_i, flat_src[ch * plane :].index_select(0, src_i))
         else:
-            flat_out[ch * plane:][dst_i] = flat_src[ch * plane:][src_i]
+            flat_out[ch * plane :][dst_i] = flat_src[ch * plane :][src_i]
     if no_margin.any():
         cells = np.flatnonzero(no_margin)
         value = _fill_as(fill, out)
@@ -482,8 +485,9 @@ def _only_bg_t(x, b: np.ndarray, fill):
     return out
 
 
-def pair_cells(labels, rule: str, *, seed: int = 0, num_classes: int | None = None,
-               exclude_self: bool = True) -> np.ndarray:
+def pair_cells(
+    labels, rule: str, *, seed: int = 0, num_classes: int | None = None, exclude_self: bool = True
+) -> np.ndarray:
     """Choose the partner cell of every cell for ``mixed_*``, from the batch given.
 
     Parameters
@@ -625,8 +629,9 @@ def _inpaint(x, hole, source):
     h_t, s_t = h_t.to(xt.device)[:, None], s_t.to(xt.device)[:, None]
     w = s_t.to(ftype)
     count = w.sum(dim=(2, 3), keepdim=True)
-    mean = torch.where(count > 0, (xf * w).sum(dim=(2, 3), keepdim=True) / count.clamp_min(1),
-                       xf.mean(dim=(2, 3), keepdim=True))
+    mean = torch.where(
+        count > 0, (xf * w).sum(dim=(2, 3), keepdim=True) / count.clamp_min(1), xf.mean(dim=(2, 3), keepdim=True)
+    )
     value = mean.expand_as(xf).clone()
     for sigma in reversed(INPAINT_SIGMAS):  # coarse first, finer scales overwrite where supported
         den = _blur(w, sigma)
@@ -655,8 +660,9 @@ def _bg_image(x, m, pool, seed):
     images = pool.images if hasattr(pool, "images") else pool
     n, c, h, w = x.shape
     if tuple(images.shape[1:]) != (c, h, w):
-        raise CellbgError(f"bg_image: the background pool holds {tuple(images.shape[1:])} images but the crops are "
-                          f"{(c, h, w)}")
+        raise CellbgError(
+            f"bg_image: the background pool holds {tuple(images.shape[1:])} images but the crops are {(c, h, w)}"
+        )
     if len(images) == 0:
         raise CellbgError("bg_image: the background pool is empty")
     draw = np.random.default_rng(seed).integers(len(images), size=n).astype(np.int64)
@@ -665,8 +671,11 @@ def _bg_image(x, m, pool, seed):
         base = pool_t.to(device=x.device, dtype=x.dtype)[torch.from_numpy(draw).to(x.device)].contiguous()
     else:
         base = np.asarray(images)[draw]
-        base = base.astype(x.dtype, copy=False) if np.issubdtype(x.dtype, np.floating) else \
-            _fill_as(torch.from_numpy(np.ascontiguousarray(base)), x)
+        base = (
+            base.astype(x.dtype, copy=False)
+            if np.issubdtype(x.dtype, np.floating)
+            else _fill_as(torch.from_numpy(np.ascontiguousarray(base)), x)
+        )
         base = np.ascontiguousarray(base)
     return _paste(m[:, None], x, base), draw
 
@@ -908,8 +917,10 @@ def apply_variant(
     if others is not None:
         o = _check_masks(others, x)
     elif v.name == "no_others" or any(p == "no_others" for p, _ in v.perturbations):
-        raise CellbgError("no_others needs the other objects' masks (others=); crops made by 'cellbg crops' "
-                          "store them as crops.zarr/others")
+        raise CellbgError(
+            "no_others needs the other objects' masks (others=); crops made by 'cellbg crops' "
+            "store them as crops.zarr/others"
+        )
     for pname, pargs in v.perturbations:
         if pname == "no_others":  # a first step: the other objects of every crop are removed
             x = _remove_others(x, m, o, fill, others_fill, seed)
@@ -925,8 +936,9 @@ def apply_variant(
     if needs_box:
         fallback = given_boxes if given_boxes is not None else np.zeros((n, 4), np.int64)
         b = _bboxes_of(m, fallback) if (mask_changed or given_boxes is None) else given_boxes
-    needs_fill = name in ("only_fg", "no_fg", "only_bg_b", "only_bg_t", "bg_ring", "context") \
-        or name.startswith("mixed_")
+    needs_fill = name in ("only_fg", "no_fg", "only_bg_b", "only_bg_t", "bg_ring", "context") or name.startswith(
+        "mixed_"
+    )
     fill_t = resolve_fill(fill, x, m, seed=seed) if needs_fill else None
 
     if name == "original":
@@ -1017,7 +1029,9 @@ def only_bg_b(images, bboxes, *, fill="black"):
     >>> x = np.ones((1, 1, 3, 3)); only_bg_b(x, [[1, 1, 2, 3]])[0, 0].tolist()
     [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
     """
-    return _run("only_bg_b", images, bboxes=np.asarray(bboxes) if not torch.is_tensor(bboxes) else bboxes, fill=fill).images
+    return _run(
+        "only_bg_b", images, bboxes=np.asarray(bboxes) if not torch.is_tensor(bboxes) else bboxes, fill=fill
+    ).images
 
 
 def only_bg_t(images, bboxes, *, fill="black"):
@@ -1037,7 +1051,9 @@ def only_bg_t(images, bboxes, *, fill="black"):
     >>> only_bg_t(x, [[0, 2, 1, 6]])[0, 0].tolist()          # strip = columns 0, 1
     [[0.0, 1.0, 0.0, 1.0, 0.0, 1.0]]
     """
-    return _run("only_bg_t", images, bboxes=np.asarray(bboxes) if not torch.is_tensor(bboxes) else bboxes, fill=fill).images
+    return _run(
+        "only_bg_t", images, bboxes=np.asarray(bboxes) if not torch.is_tensor(bboxes) else bboxes, fill=fill
+    ).images
 
 
 def mixed_same(images, masks, bboxes, labels, *, seed: int = 0, fill="black") -> VariantResult:
@@ -1177,8 +1193,15 @@ def no_others(images, masks, others, *, fill="inpaint", seed: int = 0):
     >>> no_others(x, m, o, fill="black")[0, 0].tolist()
     [[1.0, 0.0, 1.0]]
     """
-    return apply_variant("no_others", images, masks, others=others, fill="black" if fill == "inpaint" else fill,
-                         seed=seed, others_fill=fill).images
+    return apply_variant(
+        "no_others",
+        images,
+        masks,
+        others=others,
+        fill="black" if fill == "inpaint" else fill,
+        seed=seed,
+        others_fill=fill,
+    ).images
 
 
 # --------------------------------------------------------------------------- MONAI-style transforms
@@ -1218,7 +1241,13 @@ class ApplyVariant(Randomizable, Transform):
             bboxes = None if bboxes is None else (bboxes[None] if torch.is_tensor(bboxes) else np.asarray(bboxes)[None])
             labels = None if labels is None else np.atleast_1d(np.asarray(labels))
         r = apply_variant(
-            self.variant, images, masks, bboxes=bboxes, labels=labels, fill=self.fill, seed=self._seed,
+            self.variant,
+            images,
+            masks,
+            bboxes=bboxes,
+            labels=labels,
+            fill=self.fill,
+            seed=self._seed,
             num_classes=self.num_classes,
         )
         if single:
@@ -1272,7 +1301,9 @@ class ApplyVariantd(Randomizable, MapTransform):
         used_mask = None
         for key in self.key_iterator(d):
             if self.mask_key not in d:
-                raise CellbgError(f"ApplyVariantd needs the mask under key '{self.mask_key}'; keys: {sorted(map(str, d))}")
+                raise CellbgError(
+                    f"ApplyVariantd needs the mask under key '{self.mask_key}'; keys: {sorted(map(str, d))}"
+                )
             r = self.transform(d[key], d[self.mask_key], d.get(self.bbox_key), d.get(self.label_key), randomize=False)
             d[key], used_mask = r.images, r.masks
             d[self.partner_key] = r.partner
@@ -1282,8 +1313,20 @@ class ApplyVariantd(Randomizable, MapTransform):
 
 
 # --------------------------------------------------------------------------- gallery and export
-def make_gallery(images, masks, bboxes, labels, specs: Sequence[str], out_png, *, fill="black", seed=0,
-                 cells: Sequence[int] | None = None, row_names: Sequence[str] | None = None, **options) -> Path:
+def make_gallery(
+    images,
+    masks,
+    bboxes,
+    labels,
+    specs: Sequence[str],
+    out_png,
+    *,
+    fill="black",
+    seed=0,
+    cells: Sequence[int] | None = None,
+    row_names: Sequence[str] | None = None,
+    **options,
+) -> Path:
     """Write a montage PNG: rows = cells, columns = variants.
 
     Parameters
@@ -1319,8 +1362,9 @@ def make_gallery(images, masks, bboxes, labels, specs: Sequence[str], out_png, *
     if n == 0:
         raise CellbgError("make_gallery: the crop store holds no cells")
     rows = list(range(min(8, n))) if cells is None else [int(i) for i in cells]
-    cols = [apply_variant(v, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed, **options)
-            for v in parsed]
+    cols = [
+        apply_variant(v, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed, **options) for v in parsed
+    ]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.4 * len(cols), 1.4 * len(rows)), squeeze=False)
     for j, (v, r) in enumerate(zip(parsed, cols)):
         imgs = r.images.cpu().numpy() if torch.is_tensor(r.images) else np.asarray(r.images)
@@ -1363,8 +1407,18 @@ def _safe_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.,+-]", "_", spec).replace("(", "_").strip("_")
 
 
-def export_variants(images, masks, cells, specs: Sequence[str], out_dir, *, fill="black", seed=0,
-                    classes: Sequence[str] | None = None, **options):
+def export_variants(
+    images,
+    masks,
+    cells,
+    specs: Sequence[str],
+    out_dir,
+    *,
+    fill="black",
+    seed=0,
+    classes: Sequence[str] | None = None,
+    **options,
+):
     """Materialise variant datasets as TIFFs for other tools.
 
     Writes ``out_dir/<variant>/<class>/<cell_id>.tif`` (float32 ``(C, H, W)``) and
@@ -1411,8 +1465,14 @@ def export_variants(images, masks, cells, specs: Sequence[str], out_dir, *, fill
                 rel = Path(lab) / f"{cid}.tif"
                 (tmp / lab).mkdir(exist_ok=True)
                 tifffile.imwrite(tmp / rel, imgs[i].astype(np.float32), photometric="minisblack")
-                rows.append({"path": rel.as_posix(), "label": lab, "cell_id": cid,
-                             "partner_cell_id": ids[r.partner[i]] if r.partner[i] >= 0 else ""})
+                rows.append(
+                    {
+                        "path": rel.as_posix(),
+                        "label": lab,
+                        "cell_id": cid,
+                        "partner_cell_id": ids[r.partner[i]] if r.partner[i] >= 0 else "",
+                    }
+                )
             table = pd.DataFrame(rows)
             table.to_csv(tmp / "manifest.csv", index=False)
         tables.append(table.assign(variant=v.spec))
@@ -1449,7 +1509,9 @@ def run_variants(protocol, *, gallery=None, export=None, n_rows: int = 8) -> dic
     specs = list(dict.fromkeys(parse_variant(s).spec for s in [*cfg.train, *cfg.test]))
     images, masks, cells = load_crops(protocol.run_dir)
     options = {
-        "others": load_others(protocol.run_dir), "reference": cfg.reference, "others_fill": cfg.others_fill,
+        "others": load_others(protocol.run_dir),
+        "reference": cfg.reference,
+        "others_fill": cfg.others_fill,
         "backgrounds": protocol_backgrounds(protocol, specs, size=images.shape[-1], channels=images.shape[1]) or None,
     }
     bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)
@@ -1458,8 +1520,19 @@ def run_variants(protocol, *, gallery=None, export=None, n_rows: int = 8) -> dic
     if gallery is not None:
         rows = _gallery_rows(labels, n_rows)
         names = [f"{cells.cell_id.iloc[i]} ({cells.label.iloc[i]})" for i in rows]
-        summary["gallery"] = make_gallery(images, masks, bboxes, labels, specs, gallery, fill=cfg.fill,
-                                          seed=cfg.seed, cells=rows, row_names=names, **options)
+        summary["gallery"] = make_gallery(
+            images,
+            masks,
+            bboxes,
+            labels,
+            specs,
+            gallery,
+            fill=cfg.fill,
+            seed=cfg.seed,
+            cells=rows,
+            row_names=names,
+            **options,
+        )
     if export is not None:
         export_variants(images, masks, cells, specs, export, fill=cfg.fill, seed=cfg.seed, **options)
         summary["export"] = Path(export)

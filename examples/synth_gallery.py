@@ -41,12 +41,13 @@ def main(out: Path, mode: str = "rgb", seed: int = 0) -> Path:
     stain = random_stain(seed)
     rows = [(s, cls) for s in SIGNALS for cls in CLASSES]
     fig, axes = plt.subplots(
-        len(rows), TILES + 1, figsize=(1.25 * (TILES + 1) + 1.3, 1.3 * len(rows)),
+        len(rows),
+        TILES + 1,
+        figsize=(1.25 * (TILES + 1) + 1.3, 1.3 * len(rows)),
         gridspec_kw={"width_ratios": [1] * TILES + [1.6]},
     )
     for i, (signal, cls) in enumerate(rows):
-        fov = synth_field(cls, n_cells=TILES, cue_probability=signal, mode=mode, stain=stain,
-                          seed=[seed, i])
+        fov = synth_field(cls, n_cells=TILES, cue_probability=signal, mode=mode, stain=stain, seed=[seed, i])
         cmap = None if mode == "rgb" else "gray"
         for j, cell in enumerate(fov.cells.itertuples()):
             ax = axes[i, j]
@@ -62,8 +63,7 @@ def main(out: Path, mode: str = "rgb", seed: int = 0) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0, TILES].set_title("field of view", fontsize=9)
-    fig.suptitle("cellbg synth: healthy lymphocytes vs Sezary cells (orange frame: cue planted)",
-                 fontsize=10)
+    fig.suptitle("cellbg synth: healthy lymphocytes vs Sezary cells (orange frame: cue planted)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=95)

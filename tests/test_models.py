@@ -50,6 +50,7 @@ def test_target_layer_is_last_feature_map(arch):
     (grad,) = torch.autograd.grad(logits[0, 1], out)
     assert grad.shape == out.shape and grad.abs().sum() > 0
 
+
 def test_resnet_depth_width_and_stem():
     layers = {
         d: len(get_model("resnet", in_channels=1, num_classes=2, depth=d, width=0.125).layer3) for d in (10, 18, 34)
@@ -90,8 +91,11 @@ def test_cellyolo_multiples():
 
 
 def test_protocol_specs_build():
-    specs = [ResNetSpec(arch="resnet", depth=10, width=0.125), ShuffleNetSpec(arch="shufflenet_v2", width=0.5),
-             CellYoloSpec(arch="cellyolo", width=0.125)]
+    specs = [
+        ResNetSpec(arch="resnet", depth=10, width=0.125),
+        ShuffleNetSpec(arch="shufflenet_v2", width=0.5),
+        CellYoloSpec(arch="cellyolo", width=0.125),
+    ]
     for spec in specs + list(Protocol.model_validate({"name": "x"}).models):
         net = get_model(spec.arch, in_channels=3, num_classes=2, **spec.kwargs())
         assert net(torch.rand(2, 3, 32, 32)).shape == (2, 2)

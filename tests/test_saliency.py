@@ -356,8 +356,21 @@ def test_run_saliency_files_follow_the_contract(tiny_run):
     p, table = tiny_run
     on_disk, maps, masks = load_saliency(p.run_dir)
     pd.testing.assert_frame_equal(on_disk, table)
-    contract = ["cell_id", "patient_id", "label", "model", "train_variant", "seed", "fold", "method", "target",
-                "background_share", "background_ratio", "sanity_rank_corr", "map_index"]
+    contract = [
+        "cell_id",
+        "patient_id",
+        "label",
+        "model",
+        "train_variant",
+        "seed",
+        "fold",
+        "method",
+        "target",
+        "background_share",
+        "background_ratio",
+        "sanity_rank_corr",
+        "map_index",
+    ]
     assert set(contract) <= set(table.columns)
     np.testing.assert_array_equal(table["map_index"], np.arange(len(table)))
     # 2 jobs x 4 cells x 3 methods x 2 targets
@@ -384,11 +397,14 @@ def test_run_saliency_pairs_cells_across_train_variants(tiny_run):
     # Where the prediction is right, both targets explain the same class: same map, same share.
     right = table[table["correct"]]
     if len(right):
-        wide = right.pivot_table(index=["train_variant", "method", "cell_id"], columns="target",
-                                 values="background_share")
+        wide = right.pivot_table(
+            index=["train_variant", "method", "cell_id"], columns="target", values="background_share"
+        )
         np.testing.assert_allclose(wide["predicted"], wide["true"], equal_nan=True)
     wrong = table[~table["correct"]]
-    assert (wrong["target_index"] == np.where(wrong["target"] == "true", wrong["label_index"], wrong["pred_index"])).all()
+    assert (
+        wrong["target_index"] == np.where(wrong["target"] == "true", wrong["label_index"], wrong["pred_index"])
+    ).all()
 
 
 def test_run_saliency_maps_are_the_models_maps(tiny_run):
@@ -405,8 +421,10 @@ def test_run_saliency_maps_are_the_models_maps(tiny_run):
         row = table[(table["method"] == method) & (table["train_variant"] == "only_fg")].iloc[-1]
         model, _ = load_job_model(p.run_dir / "jobs" / row["job_key"])
         i = int(np.flatnonzero(cells["cell_id"] == row["cell_id"])[0])
-        options = {"integrated_gradients": {"steps": 2, "baseline": colour},
-                   "occlusion": {"window": 16, "fill": 0.0}}.get(method, {})
+        options = {
+            "integrated_gradients": {"steps": 2, "baseline": colour},
+            "occlusion": {"window": 16, "fill": 0.0},
+        }.get(method, {})
         fresh = attribute(model, images[i : i + 1], [int(row["target_index"])], method=method, **options)
         np.testing.assert_allclose(maps[int(row["map_index"])], fresh[0], rtol=1e-4, atol=1e-6)
 
@@ -485,10 +503,17 @@ def test_run_saliency_maps_each_test_variant_on_the_image_the_model_saw(tmp_path
     preds = pd.read_parquet(p.run_dir / "predictions.parquet")
 
     row = table[(table["test_variant"] == "mixed_rand") & (table["train_variant"] == "original")].iloc[0]
-    job_preds = preds[(preds["model"] == row["model"]) & (preds["train_variant"] == row["train_variant"])
-                      & (preds["seed"] == row["seed"]) & (preds["fold"] == row["fold"])]
-    mine = preds[(preds["cell_id"] == row["cell_id"]) & (preds["test_variant"] == "mixed_rand")
-                 & (preds["train_variant"] == "original")].iloc[0]
+    job_preds = preds[
+        (preds["model"] == row["model"])
+        & (preds["train_variant"] == row["train_variant"])
+        & (preds["seed"] == row["seed"])
+        & (preds["fold"] == row["fold"])
+    ]
+    mine = preds[
+        (preds["cell_id"] == row["cell_id"])
+        & (preds["test_variant"] == "mixed_rand")
+        & (preds["train_variant"] == "original")
+    ].iloc[0]
     # the partner is the one the model's prediction used, and the prediction is the same
     assert row["partner_cell_id"] == mine["partner_cell_id"] != ""
     assert row["pred_index"] == mine["pred_index"]
@@ -496,8 +521,15 @@ def test_run_saliency_maps_each_test_variant_on_the_image_the_model_saw(tmp_path
     held = job_preds["cell_id"].drop_duplicates().to_numpy()
     idx = np.array([int(np.flatnonzero(cells["cell_id"] == c)[0]) for c in held])
     bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy()[idx]
-    pool = apply_variant("mixed_rand", images[idx], masks[idx], bboxes=bboxes,
-                         labels=cells["label_index"].to_numpy()[idx], fill=p.variants.fill, seed=p.variants.seed)
+    pool = apply_variant(
+        "mixed_rand",
+        images[idx],
+        masks[idx],
+        bboxes=bboxes,
+        labels=cells["label_index"].to_numpy()[idx],
+        fill=p.variants.fill,
+        seed=p.variants.seed,
+    )
     pos = int(np.flatnonzero(held == row["cell_id"])[0])
     image = shown[int(row["shown_index"])]
     np.testing.assert_array_equal(image, pool.images[pos])

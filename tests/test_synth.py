@@ -87,12 +87,12 @@ def cell_features(out_dir: Path) -> pd.DataFrame:
         cx = per_cell(cc.ravel().astype(float)) / area
         radius = np.sqrt(area / np.pi)
         d_centre = np.hypot(rr.ravel()[None] - cy[:, None], cc.ravel()[None] - cx[:, None])
-        far = ((dist.ravel() > FAR)[None] & (d_centre <= (radius + FAR + LOCAL)[:, None]))
+        far = (dist.ravel() > FAR)[None] & (d_centre <= (radius + FAR + LOCAL)[:, None])
         far = far.astype(np.float32)
         local_ref = (far @ od.T) / np.maximum(far.sum(1), 1)[:, None]
         # morphology: size, nucleus share (dark pixels), nucleus outline and texture
         green = od[1] - np.median(od[1, background.ravel()])
-        nucleus = ((mask > 0) & (green.reshape(mask.shape) > 0.6))
+        nucleus = (mask > 0) & (green.reshape(mask.shape) > 0.6)
         edge = (nucleus & ~ndimage.binary_erosion(nucleus)).ravel()
         nucleus = nucleus.ravel()
         nuc_area = np.maximum(per_cell(nucleus.astype(float)), 1.0)
@@ -138,8 +138,7 @@ def known_answer_sets(tmp_path_factory):
     out = {}
     for signal, patients in ((0.0, 24), (0.5, 12), (1.0, 12)):
         d = tmp_path_factory.mktemp(f"signal{signal}")
-        make_dataset(d, patients=patients, cells_per_patient=60, cells_per_image=6, signal=signal,
-                     seed=11)
+        make_dataset(d, patients=patients, cells_per_patient=60, cells_per_image=6, signal=signal, seed=11)
         out[signal] = cell_features(d)
     return out
 
@@ -171,8 +170,9 @@ def test_morphology_separates_classes_at_every_signal(known_answer_sets, signal)
 
 # ----------------------------------------------------------------------------- layout, masks
 def test_dataset_layout_is_read_by_data_and_agrees_with_files(tmp_path):
-    manifest = make_dataset(tmp_path, patients=3, cells_per_patient=10, cells_per_image=4,
-                            image_size=128, signal=0.5, seed=2)
+    manifest = make_dataset(
+        tmp_path, patients=3, cells_per_patient=10, cells_per_image=4, image_size=128, signal=0.5, seed=2
+    )
     assert list(manifest.columns) == ["path", "label", "patient", "mask"]
     table = discover_manifest(tmp_path / "manifest.csv")
     assert len(table) == len(manifest) == 3 * 4  # 5 cells per class -> 2 images each
@@ -233,7 +233,7 @@ def test_background_does_not_depend_on_class_without_signal():
     b = synth_field("sezary", stain=stain, seed=3)
     outside = (a.mask == 0) & (b.mask == 0)
     np.testing.assert_array_equal(a.image[outside], b.image[outside])
-    assert (a.cells["cell_radius"].mean() < b.cells["cell_radius"].mean())
+    assert a.cells["cell_radius"].mean() < b.cells["cell_radius"].mean()
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -248,8 +248,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 
 def test_label_by_patient_gives_one_class_per_patient(tmp_path):
-    manifest = make_dataset(tmp_path, patients=5, cells_per_patient=8, image_size=128,
-                            cells_per_image=4, label_by="patient", seed=0)
+    manifest = make_dataset(
+        tmp_path, patients=5, cells_per_patient=8, image_size=128, cells_per_image=4, label_by="patient", seed=0
+    )
     per_patient = manifest.groupby("patient")["label"].agg(["nunique", "first"])
     assert (per_patient["nunique"] == 1).all()
     assert sorted(per_patient["first"].value_counts().tolist()) == [2, 3]
@@ -258,8 +259,9 @@ def test_label_by_patient_gives_one_class_per_patient(tmp_path):
 def test_patient_specific_cue_strength(tmp_path):
     def cue_rates(sd):
         d = tmp_path / f"sd{sd}"
-        make_dataset(d, patients=12, cells_per_patient=32, cells_per_image=16, signal=0.5,
-                     signal_sd_between_patients=sd, seed=1)
+        make_dataset(
+            d, patients=12, cells_per_patient=32, cells_per_image=16, signal=0.5, signal_sd_between_patients=sd, seed=1
+        )
         return pd.read_csv(d / "cells_truth.csv").groupby("patient")["cue"].mean()
 
     same, varied = cue_rates(0.0), cue_rates(0.6)
@@ -269,8 +271,9 @@ def test_patient_specific_cue_strength(tmp_path):
 
 
 def test_gray_mode_is_fluorescence_like(tmp_path):
-    manifest = make_dataset(tmp_path, patients=2, cells_per_patient=4, cells_per_image=2,
-                            image_size=128, mode="gray", seed=3)
+    manifest = make_dataset(
+        tmp_path, patients=2, cells_per_patient=4, cells_per_image=2, image_size=128, mode="gray", seed=3
+    )
     image = read_image(tmp_path / manifest["path"][0])
     mask = read_mask(tmp_path / manifest["mask"][0])
     assert image.shape == (1, 128, 128) and image.dtype == np.uint8
@@ -279,8 +282,7 @@ def test_gray_mode_is_fluorescence_like(tmp_path):
 
 def test_rerun_replaces_an_earlier_dataset(tmp_path):
     make_dataset(tmp_path, patients=3, cells_per_patient=8, image_size=128, cells_per_image=4, seed=0)
-    manifest = make_dataset(tmp_path, patients=2, cells_per_patient=8, image_size=128,
-                            cells_per_image=4, seed=0)
+    manifest = make_dataset(tmp_path, patients=2, cells_per_patient=8, image_size=128, cells_per_image=4, seed=0)
     on_disk = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "images").iterdir())
     assert on_disk == sorted(manifest["path"])
 
@@ -322,8 +324,7 @@ def test_a_killed_run_is_replaced_not_refused(tmp_path):
     make_dataset(tmp_path, patients=2, cells_per_patient=4, cells_per_image=2, image_size=128, seed=0)
     (tmp_path / "manifest.csv").unlink()  # as if killed before the manifest was written
     (tmp_path / "cells_truth.csv").unlink()
-    manifest = make_dataset(tmp_path, patients=2, cells_per_patient=4, cells_per_image=2,
-                            image_size=128, seed=0)
+    manifest = make_dataset(tmp_path, patients=2, cells_per_patient=4, cells_per_image=2, image_size=128, seed=0)
     assert len(discover_manifest(tmp_path / "manifest.csv")) == len(manifest) == 4
 
 
@@ -346,8 +347,23 @@ def test_cli_synth(tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "ds"
-    result = runner.invoke(app, ["synth", str(out), "--patients", "2", "--cells-per-patient", "4",
-                                 "--image-size", "128", "--cells-per-image", "2", "--signal", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "synth",
+            str(out),
+            "--patients",
+            "2",
+            "--cells-per-patient",
+            "4",
+            "--image-size",
+            "128",
+            "--cells-per-image",
+            "2",
+            "--signal",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "wrote 4 images" in result.output
     assert len(discover_manifest(out / "manifest.csv")) == 4
@@ -389,13 +405,16 @@ def test_cooccurring_objects_change_only_their_own_pixels():
         assert changed[objects].mean() > 0.9
         # three objects per cell, labelled 1..m, each near its own cell
         table = cooc.object_table
-        assert len(table) == 3 * len(cooc.cells) and sorted(np.unique(cooc.objects[objects])) == list(
-            table["object"]
-        )
+        assert len(table) == 3 * len(cooc.cells) and sorted(np.unique(cooc.objects[objects])) == list(table["object"])
         np.testing.assert_array_equal(np.bincount(cooc.objects.ravel())[1:], table["area"])
         cells = cooc.cells.set_index("instance").loc[table["cell_instance"]]
-        gap = np.hypot(table["centre_r"].to_numpy() - cells["centre_r"].to_numpy(),
-                       table["centre_c"].to_numpy() - cells["centre_c"].to_numpy()) - cells["cell_radius"].to_numpy()
+        gap = (
+            np.hypot(
+                table["centre_r"].to_numpy() - cells["centre_r"].to_numpy(),
+                table["centre_c"].to_numpy() - cells["centre_c"].to_numpy(),
+            )
+            - cells["cell_radius"].to_numpy()
+        )
         assert (gap > 2).all() and (gap < 15).all()
         assert (cooc.cells["objects"] == 3).all() and cooc.cells["cooccurrence"].all()
 
@@ -418,8 +437,15 @@ def test_cooccurrence_flags_are_nested_and_follow_the_probability():
 
 
 def test_dataset_records_cooccurring_objects_for_one_class(tmp_path):
-    kw = dict(patients=2, cells_per_patient=8, cells_per_image=4, image_size=128, signal=0.0,
-              cooccurrence=1.0, cooccurrence_class="healthy")
+    kw = dict(
+        patients=2,
+        cells_per_patient=8,
+        cells_per_image=4,
+        image_size=128,
+        signal=0.0,
+        cooccurrence=1.0,
+        cooccurrence_class="healthy",
+    )
     manifest = make_dataset(tmp_path / "a", seed=5, **kw)
     make_dataset(tmp_path / "b", seed=5, **kw)
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")

@@ -65,8 +65,21 @@ def box_of(bboxes, h, w):
 # --------------------------------------------------------------------------- parsing / registry
 def test_list_variants_has_every_design_name():
     names = set(list_variants())
-    for want in ["original", "only_fg", "no_fg", "only_bg_b", "only_bg_t", "mixed_same", "mixed_rand",
-                 "mixed_next", "bg_color", "bg_blur", "bg_ring", "mask_erode", "mask_dilate"]:
+    for want in [
+        "original",
+        "only_fg",
+        "no_fg",
+        "only_bg_b",
+        "only_bg_t",
+        "mixed_same",
+        "mixed_rand",
+        "mixed_next",
+        "bg_color",
+        "bg_blur",
+        "bg_ring",
+        "mask_erode",
+        "mask_dilate",
+    ]:
         assert want in names
 
 
@@ -103,8 +116,9 @@ def test_parse_errors_are_one_clear_line(spec, match):
 
 # --------------------------------------------------------------------------- properties
 @pytest.mark.parametrize("spec", IMAGE_VARIANTS)
-@pytest.mark.parametrize("kind, dtype", [("numpy", "float32"), ("numpy", "uint8"), ("torch", "float32"),
-                                         ("torch", "float64")])
+@pytest.mark.parametrize(
+    "kind, dtype", [("numpy", "float32"), ("numpy", "uint8"), ("torch", "float32"), ("torch", "float64")]
+)
 def test_type_dtype_shape_kept(spec, kind, dtype):
     x, m, b, y = make_batch(n=6)
     x = (x * 255).astype(np.uint8) if dtype == "uint8" else x.astype(dtype)
@@ -120,8 +134,14 @@ def test_numpy_and_torch_give_the_same_numbers():
     x, m, b, y = make_batch()
     for spec in IMAGE_VARIANTS + ["only_fg"]:
         a = apply_variant(spec, x, m, bboxes=b, labels=y, seed=1, fill="noise")
-        t = apply_variant(spec, *map(torch.from_numpy, (x, m)), bboxes=torch.from_numpy(b),
-                          labels=torch.from_numpy(y), seed=1, fill="noise")
+        t = apply_variant(
+            spec,
+            *map(torch.from_numpy, (x, m)),
+            bboxes=torch.from_numpy(b),
+            labels=torch.from_numpy(y),
+            seed=1,
+            fill="noise",
+        )
         np.testing.assert_array_equal(a.images, t.images.numpy(), err_msg=spec)
         np.testing.assert_array_equal(a.partner, t.partner)
 
@@ -141,8 +161,15 @@ def test_numpy_and_torch_agree_on_integers_strides_and_boxes_without_margin(fill
     for spec in IMAGE_VARIANTS:
         a = apply_variant(spec, x_view, m_int, bboxes=b, labels=y, fill=fill, seed=4)
         c = apply_variant(spec, x, m, bboxes=b, labels=y, fill=fill, seed=4)
-        t = apply_variant(spec, torch.from_numpy(x_view), torch.from_numpy(m_int), bboxes=torch.from_numpy(b),
-                          labels=y, fill=fill, seed=4)
+        t = apply_variant(
+            spec,
+            torch.from_numpy(x_view),
+            torch.from_numpy(m_int),
+            bboxes=torch.from_numpy(b),
+            labels=y,
+            fill=fill,
+            seed=4,
+        )
         np.testing.assert_array_equal(a.images, c.images, err_msg=spec)
         np.testing.assert_array_equal(a.images, t.images.numpy(), err_msg=spec)
         np.testing.assert_array_equal(a.masks, t.masks.numpy(), err_msg=spec)
@@ -178,8 +205,20 @@ def test_ring_and_perturbations_on_tensors_match_numpy():
     np.testing.assert_array_equal(V.ring_mask(m, 40), np.broadcast_to(m.any((1, 2))[:, None, None], m.shape))
 
 
-@pytest.mark.parametrize("spec", ["only_fg", "mixed_same", "mixed_rand", "mixed_next", "bg_color(1,0,0)",
-                                  "bg_blur(2)", "bg_ring(1)", "bg_ring(3)", "mask_erode(1)+mixed_rand"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "only_fg",
+        "mixed_same",
+        "mixed_rand",
+        "mixed_next",
+        "bg_color(1,0,0)",
+        "bg_blur(2)",
+        "bg_ring(1)",
+        "bg_ring(3)",
+        "mask_erode(1)+mixed_rand",
+    ],
+)
 @pytest.mark.parametrize("fill", ["black", "mean", "noise", "0.2,0.4,0.6"])
 def test_foreground_pixels_identical(spec, fill):
     x, m, b, y = make_batch()
@@ -247,7 +286,9 @@ def test_mask_perturbations_match_skimage_disk_and_are_monotone(k):
     _, m, _, _ = make_batch(seed=5)
     dil, ero = V.mask_dilate(m, k), V.mask_erode(m, k)
     np.testing.assert_array_equal(dil, np.stack([ndi.binary_dilation(mi, structure=disk(k)) for mi in m]))
-    np.testing.assert_array_equal(ero, np.stack([ndi.binary_erosion(mi, structure=disk(k), border_value=1) for mi in m]))
+    np.testing.assert_array_equal(
+        ero, np.stack([ndi.binary_erosion(mi, structure=disk(k), border_value=1) for mi in m])
+    )
     areas = [V.mask_erode(m, k + 1).sum(), ero.sum(), m.sum(), dil.sum(), V.mask_dilate(m, k + 1).sum()]
     assert all(a < b for a, b in zip(areas, areas[1:]))
     assert (ero <= m).all() and (m <= dil).all()
@@ -321,8 +362,9 @@ def test_tiling_without_margin_falls_back_to_fill():
     x = np.full((2, 2, 3, 3), 0.7, np.float32)
     full = np.array([[0, 0, 3, 3], [0, 0, 3, 3]])
     np.testing.assert_array_equal(V.only_bg_t(x, full), np.zeros_like(x))
-    np.testing.assert_allclose(V.only_bg_t(x, full, fill="0.1,0.9"),
-                               np.broadcast_to(np.array([0.1, 0.9], np.float32)[:, None, None], x.shape))
+    np.testing.assert_allclose(
+        V.only_bg_t(x, full, fill="0.1,0.9"), np.broadcast_to(np.array([0.1, 0.9], np.float32)[:, None, None], x.shape)
+    )
 
 
 def test_empty_box_changes_nothing():
@@ -394,11 +436,15 @@ def test_fill_modes():
     mean = x.mean(axis=(0, 2, 3))
     out = V.only_fg(x, m, fill="mean")
     bg = ~m
-    np.testing.assert_allclose(out.transpose(1, 0, 2, 3)[:, bg], np.broadcast_to(mean[:, None], (3, bg.sum())),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        out.transpose(1, 0, 2, 3)[:, bg], np.broadcast_to(mean[:, None], (3, bg.sum())), rtol=1e-6
+    )
     out = V.only_fg(x, m, fill=[0.1, 0.2, 0.3])
-    np.testing.assert_allclose(out[0, :, ~m[0]].T if False else out[:, :, 0, 0][~m[:, 0, 0]],
-                               np.tile([0.1, 0.2, 0.3], ((~m[:, 0, 0]).sum(), 1)), rtol=1e-6)
+    np.testing.assert_allclose(
+        out[0, :, ~m[0]].T if False else out[:, :, 0, 0][~m[:, 0, 0]],
+        np.tile([0.1, 0.2, 0.3], ((~m[:, 0, 0]).sum(), 1)),
+        rtol=1e-6,
+    )
     np.testing.assert_array_equal(V.only_fg(x, m, fill=0.5)[np.broadcast_to(~m[:, None], x.shape)], 0.5)
     with pytest.raises(CellbgError, match="1 or 3 values"):
         V.only_fg(x, m, fill=[0.1, 0.2])
@@ -550,12 +596,17 @@ def test_export_writes_tiffs_equal_to_the_variant(tmp_path):
     import tifffile
 
     x, m, b, y = make_batch(n=6)
-    cells = pd.DataFrame({
-        "cell_id": [f"img{i // 3}-{i:04d}" for i in range(6)],
-        "label": np.array(["healthy", "sezary", "other"])[y],
-        "label_index": y,
-        "bbox_r0": b[:, 0], "bbox_c0": b[:, 1], "bbox_r1": b[:, 2], "bbox_c1": b[:, 3],
-    })
+    cells = pd.DataFrame(
+        {
+            "cell_id": [f"img{i // 3}-{i:04d}" for i in range(6)],
+            "label": np.array(["healthy", "sezary", "other"])[y],
+            "label_index": y,
+            "bbox_r0": b[:, 0],
+            "bbox_c0": b[:, 1],
+            "bbox_r1": b[:, 2],
+            "bbox_c1": b[:, 3],
+        }
+    )
     table = V.export_variants(x, m, cells, ["only_fg", "mixed_next"], tmp_path / "exp", seed=4)
     assert len(table) == 12
     ref = apply_variant("mixed_next", x, m, bboxes=b, labels=y, seed=4)
@@ -563,7 +614,9 @@ def test_export_writes_tiffs_equal_to_the_variant(tmp_path):
     for i, row in man.iterrows():
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "exp" / "mixed_next" / row.path), ref.images[i])
         assert row.partner_cell_id == cells.cell_id[ref.partner[i]]
-    assert (pd.read_csv(tmp_path / "exp" / "only_fg" / "manifest.csv", keep_default_na=False).partner_cell_id == "").all()
+    assert (
+        pd.read_csv(tmp_path / "exp" / "only_fg" / "manifest.csv", keep_default_na=False).partner_cell_id == ""
+    ).all()
     with pytest.raises(CellbgError, match="lacks columns"):
         V.export_variants(x, m, cells.drop(columns="bbox_r0"), ["only_fg"], tmp_path / "exp2")
 
@@ -593,18 +646,26 @@ def test_cli_variants_gallery_and_export(tmp_path):
     group.create_array("images", data=x)
     group.create_array("masks", data=m)
     group.attrs["classes"] = ["a", "b", "c"]
-    cells = pd.DataFrame({
-        "cell_id": [f"im-{i:04d}" for i in range(6)], "label": np.array(["a", "b", "c"])[y], "label_index": y,
-        "bbox_r0": b[:, 0], "bbox_c0": b[:, 1], "bbox_r1": b[:, 2], "bbox_c1": b[:, 3],
-    })
+    cells = pd.DataFrame(
+        {
+            "cell_id": [f"im-{i:04d}" for i in range(6)],
+            "label": np.array(["a", "b", "c"])[y],
+            "label_index": y,
+            "bbox_r0": b[:, 0],
+            "bbox_c0": b[:, 1],
+            "bbox_r1": b[:, 2],
+            "bbox_c1": b[:, 3],
+        }
+    )
     cells.to_parquet(run / "cells.parquet")
     proto = tmp_path / "p.yaml"
     proto.write_text(
         f"name: t\noutput: {run}\nvariants:\n  train: [original]\n  test: [only_fg, 'mask_erode(1)+mixed_same']\n"
         "  seed: 5\n"
     )
-    r = CliRunner().invoke(app, ["variants", str(proto), "--gallery", str(tmp_path / "g.png"),
-                                 "--export", str(tmp_path / "exp")])
+    r = CliRunner().invoke(
+        app, ["variants", str(proto), "--gallery", str(tmp_path / "g.png"), "--export", str(tmp_path / "exp")]
+    )
     assert r.exit_code == 0, r.output
     assert "3 variants on 6 cells" in r.stdout
     assert (tmp_path / "g.png").stat().st_size > 0
@@ -624,8 +685,13 @@ def test_new_variants_parse_and_reject_bad_arguments():
     assert parse_variant("bg_image(my-folder_2)").args == ("my-folder_2",)
     assert parse_variant("context(0.5)").args == (0.5,) and parse_variant("no_others").args == ()
     assert parse_variant("bg_image(synthetic)").random
-    for spec, match in [("bg_image()", "source name"), ("bg_image(1x)", "source name"), ("context(0)", r"\(0, 4\]"),
-                        ("context(5)", r"\(0, 4\]"), ("no_others(1)", "takes no arguments")]:
+    for spec, match in [
+        ("bg_image()", "source name"),
+        ("bg_image(1x)", "source name"),
+        ("context(0)", r"\(0, 4\]"),
+        ("context(5)", r"\(0, 4\]"),
+        ("no_others(1)", "takes no arguments"),
+    ]:
         with pytest.raises(CellbgError, match=match):
             parse_variant(spec)
 
@@ -644,12 +710,15 @@ def test_bg_image_keeps_foreground_bit_identical_and_draws_reproducibly():
     np.testing.assert_array_equal(r.images, expected)
     assert r.background.min() >= 0 and len(np.unique(r.background)) > 4 and (r.partner == -1).all()
     np.testing.assert_array_equal(
-        apply_variant("bg_image(synthetic)", x, m, backgrounds={"synthetic": pool}, seed=5).background, r.background)
+        apply_variant("bg_image(synthetic)", x, m, backgrounds={"synthetic": pool}, seed=5).background, r.background
+    )
     assert not np.array_equal(
-        apply_variant("bg_image(synthetic)", x, m, backgrounds={"synthetic": pool}, seed=6).background, r.background)
+        apply_variant("bg_image(synthetic)", x, m, backgrounds={"synthetic": pool}, seed=6).background, r.background
+    )
     # torch gives the same numbers
-    rt = apply_variant("bg_image(synthetic)", torch.from_numpy(x), torch.from_numpy(m),
-                       backgrounds={"synthetic": pool}, seed=5)
+    rt = apply_variant(
+        "bg_image(synthetic)", torch.from_numpy(x), torch.from_numpy(m), backgrounds={"synthetic": pool}, seed=5
+    )
     np.testing.assert_array_equal(rt.images.numpy(), r.images)
     with pytest.raises(CellbgError, match="background pool 'other'"):
         apply_variant("bg_image(other)", x, m, backgrounds={"synthetic": pool})
@@ -674,7 +743,7 @@ def test_background_pools_from_a_folder_and_a_constant(tmp_path):
     np.testing.assert_allclose(p.images[small], 60000 / 65535, rtol=1e-6)  # enlarged, gray repeated
     k = next(k for k, i in enumerate(p.ids) if i.startswith("a.tif"))
     r0, c0 = map(int, p.ids[k].split("@")[1].split(","))
-    window = tifffile.imread(tmp_path / "bg" / "a.tif")[r0:r0 + 32, c0:c0 + 32]
+    window = tifffile.imread(tmp_path / "bg" / "a.tif")[r0 : r0 + 32, c0 : c0 + 32]
     np.testing.assert_array_equal(p.images[k], np.moveaxis(window, -1, 0) / np.float32(255))
     const = background_pool("grey", {"kind": "constant", "color": [0.2, 0.4, 0.6]}, size=8, channels=3)
     assert const.ids == ["constant"] and const.images[0, :, 3, 3].tolist() == pytest.approx([0.2, 0.4, 0.6])
@@ -732,8 +801,9 @@ def test_no_others_changes_only_other_objects_pixels():
         target = others & ~m
         assert not changed[~target].any()
         assert changed[target].mean() > 0.99
-    torch_out = apply_variant("no_others", torch.from_numpy(x), torch.from_numpy(m),
-                              others=torch.from_numpy(others)).images
+    torch_out = apply_variant(
+        "no_others", torch.from_numpy(x), torch.from_numpy(m), others=torch.from_numpy(others)
+    ).images
     np.testing.assert_allclose(torch_out.numpy(), V.no_others(x, m, others), rtol=0, atol=1e-6)
     with pytest.raises(CellbgError, match="others="):
         apply_variant("no_others", x, m)
@@ -804,10 +874,13 @@ def test_xiao_ties_take_rows_then_the_far_side():
 
 
 def test_xiao_mixed_gives_pure_black_foreground_pixels_the_backdrop():
-    x = np.array([
-        [[[0.5, 0.0, 0.0, 0.2]], [[0.5, 0.0, 0.3, 0.2]]],  # cell 0: column 1 is pure black
-        [[[0.1, 0.2, 0.3, 0.4]], [[0.6, 0.7, 0.8, 0.9]]],  # cell 1
-    ], np.float32)
+    x = np.array(
+        [
+            [[[0.5, 0.0, 0.0, 0.2]], [[0.5, 0.0, 0.3, 0.2]]],  # cell 0: column 1 is pure black
+            [[[0.1, 0.2, 0.3, 0.4]], [[0.6, 0.7, 0.8, 0.9]]],  # cell 1
+        ],
+        np.float32,
+    )
     m = np.array([[[False, True, True, False]], [[False, False, False, True]]])
     b = np.array([[0, 1, 1, 3], [0, 3, 1, 4]])
     y = np.array([0, 1])
@@ -835,8 +908,9 @@ def test_xiao_pairing_may_draw_the_cell_itself():
 
 def test_xiao_without_margin_takes_the_fill():
     x = grid(2, 2)
-    r = apply_variant("only_bg_t", x, np.zeros((1, 2, 2), bool), bboxes=np.array([[0, 0, 2, 2]]),
-                      reference="xiao", fill="0.5")
+    r = apply_variant(
+        "only_bg_t", x, np.zeros((1, 2, 2), bool), bboxes=np.array([[0, 0, 2, 2]]), reference="xiao", fill="0.5"
+    )
     assert (r.images == 0.5).all()  # their code raises "No background rectangles left"
 
 

@@ -17,8 +17,9 @@ import pytest
 pytestmark = pytest.mark.gui
 
 if not os.environ.get("DISPLAY"):
-    pytest.skip(reason="napari GUI tests need an X server: run under xvfb-run (make test does)",
-                allow_module_level=True)
+    pytest.skip(
+        reason="napari GUI tests need an X server: run under xvfb-run (make test does)", allow_module_level=True
+    )
 
 napari = pytest.importorskip("napari", reason="napari is installed by `make test` (extra 'napari')")
 
@@ -150,7 +151,7 @@ def test_cell_view_shows_a_mixed_rand_cell(make_napari_viewer, plugin_run, qtbot
 
     def tile(key):
         r, c = at[key]
-        return np.moveaxis(montage.data[r: r + side, c: c + side], -1, 0)  # RGB -> (C, S, S)
+        return np.moveaxis(montage.data[r : r + side, c : c + side], -1, 0)  # RGB -> (C, S, S)
 
     np.testing.assert_allclose(tile(("images", "crop")), images[i], atol=1e-6)
     # the crop and the variants with maps first, the other test variants below the maps

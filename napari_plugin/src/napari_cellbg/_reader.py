@@ -42,13 +42,15 @@ def labels_features(run: RunFolder, offsets: np.ndarray) -> pd.DataFrame | None:
     if run.cells is None:
         return None
     cells = run.cells
-    return pd.DataFrame({
-        "index": offsets[cells["image_index"].to_numpy()] + cells["instance"].to_numpy(),
-        "cell_id": cells["cell_id"].astype(str).to_numpy(),
-        "image_index": cells["image_index"].to_numpy(),
-        "centroid_r": cells["centroid_r"].to_numpy(),
-        "centroid_c": cells["centroid_c"].to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "index": offsets[cells["image_index"].to_numpy()] + cells["instance"].to_numpy(),
+            "cell_id": cells["cell_id"].astype(str).to_numpy(),
+            "image_index": cells["image_index"].to_numpy(),
+            "centroid_r": cells["centroid_r"].to_numpy(),
+            "centroid_c": cells["centroid_c"].to_numpy(),
+        }
+    )
 
 
 def run_layers(run: RunFolder) -> list[tuple]:
@@ -60,12 +62,17 @@ def run_layers(run: RunFolder) -> list[tuple]:
     """
     axis_labels = ("image", "row", "column")
     meta = {"cellbg_run": str(run.run_dir)}
-    layers: list[tuple] = [(run.images, {"name": "images", "rgb": run.rgb, "metadata": meta,
-                                         "axis_labels": axis_labels}, "image")]
+    layers: list[tuple] = [
+        (run.images, {"name": "images", "rgb": run.rgb, "metadata": meta, "axis_labels": axis_labels}, "image")
+    ]
     if run.labels is not None:
         shifted, offsets = global_labels(run.labels, run.cells)
-        kwargs = {"name": "segmentation", "opacity": 0.35, "metadata": {**meta, "offsets": offsets},
-                  "axis_labels": axis_labels}
+        kwargs = {
+            "name": "segmentation",
+            "opacity": 0.35,
+            "metadata": {**meta, "offsets": offsets},
+            "axis_labels": axis_labels,
+        }
         features = labels_features(run, offsets)
         if features is not None:
             kwargs["features"] = features

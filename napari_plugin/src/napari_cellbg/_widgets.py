@@ -90,12 +90,16 @@ def segment_widget(
     data = np.asarray(image.data)
     if data.ndim > (3 if image.rgb else 2):  # a stack: segment the plane on view
         data = data[int(viewer.dims.current_step[0])]
-    options = {"min_area": min_area or None, "diameter": diameter or None} if method == "threshold" else {
-        "model": model,
-        "diameter": diameter or None,
-        "flow_threshold": flow_threshold,
-        "cellprob_threshold": cellprob_threshold,
-    }
+    options = (
+        {"min_area": min_area or None, "diameter": diameter or None}
+        if method == "threshold"
+        else {
+            "model": model,
+            "diameter": diameter or None,
+            "flow_threshold": flow_threshold,
+            "cellprob_threshold": cellprob_threshold,
+        }
+    )
     name = f"{image.name} {method} labels"
 
     @thread_worker(progress={"total": 0, "desc": f"cellbg: {method} segmentation"})
@@ -111,8 +115,9 @@ def segment_widget(
     return worker
 
 
-def save_labels(labels: np.ndarray, image_path: str | Path, *, suffix: str = "_masks",
-                folder: str | Path | None = None) -> Path:
+def save_labels(
+    labels: np.ndarray, image_path: str | Path, *, suffix: str = "_masks", folder: str | Path | None = None
+) -> Path:
     """Save a Labels layer's data as the mask of an image file (:func:`cellbg.data.write_mask`)."""
     from cellbg.data import write_mask
 
@@ -309,8 +314,15 @@ def cell_layout(view) -> dict:
         at["images", variant] = (text + (first_other + i) * step_r, j * step_c)
     n_rows = first_other + -(-len(others) // width)
     shape = (n_rows * step_r, width * step_c - gap)
-    return {"side": side, "text": text, "at": at, "methods": methods, "mapped": mapped, "others": others,
-            "shape": shape}
+    return {
+        "side": side,
+        "text": text,
+        "at": at,
+        "methods": methods,
+        "mapped": mapped,
+        "others": others,
+        "shape": shape,
+    }
 
 
 # --------------------------------------------------------------------------- cell view
@@ -366,8 +378,14 @@ class CellView(QWidget):
         self.legend.setWordWrap(True)
 
         choose = QGridLayout()
-        for k, (text, box) in enumerate((("model", self.model_box), ("trained on", self.train_box),
-                                         ("seed", self.seed_box), ("maps of", self.target_box))):
+        for k, (text, box) in enumerate(
+            (
+                ("model", self.model_box),
+                ("trained on", self.train_box),
+                ("seed", self.seed_box),
+                ("maps of", self.target_box),
+            )
+        ):
             choose.addWidget(QLabel(text), k // 2, 2 * (k % 2))
             choose.addWidget(box, k // 2, 2 * (k % 2) + 1)
             box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -412,7 +430,7 @@ class CellView(QWidget):
             return
         self.run = RunFolder(run_dir)
         self.analyses = analyses(self.run.run_dir)
-        self.viewer.dims.axis_labels = ("image", "row", "column")[-self.viewer.dims.ndim:]
+        self.viewer.dims.axis_labels = ("image", "row", "column")[-self.viewer.dims.ndim :]
         self.model_box.blockSignals(True)
         self.model_box.clear()
         self.model_box.addItems(list(dict.fromkeys(self.analyses["model"].astype(str))))
@@ -428,8 +446,10 @@ class CellView(QWidget):
         self._fill_seed_box()
 
     def _fill_seed_box(self) -> None:
-        rows = self.analyses[(self.analyses["model"] == self.model_box.currentText())
-                             & (self.analyses["train_variant"] == self.train_box.currentText())]
+        rows = self.analyses[
+            (self.analyses["model"] == self.model_box.currentText())
+            & (self.analyses["train_variant"] == self.train_box.currentText())
+        ]
         self.seed_box.blockSignals(True)
         self.seed_box.clear()
         self.seed_box.addItems([str(s) for s in rows["seed"]])
@@ -450,8 +470,13 @@ class CellView(QWidget):
         if self.run is None or not self.model_box.currentText() or not self.train_box.currentText():
             return
         seed = int(self.seed_box.currentText()) if self.seed_box.currentText() else None
-        self.table = cell_table(self.run.run_dir, model=self.model_box.currentText(),
-                                train_variant=self.train_box.currentText(), seed=seed, target=self.target)
+        self.table = cell_table(
+            self.run.run_dir,
+            model=self.model_box.currentText(),
+            train_variant=self.train_box.currentText(),
+            seed=seed,
+            target=self.target,
+        )
         self.proxy.setSourceModel(_FrameModel(self.table))
         self.view.selectionModel().selectionChanged.connect(self._on_selection)
         self.view.resizeColumnsToContents()
@@ -510,9 +535,12 @@ class CellView(QWidget):
         from cellbg.cellview import load_cell
 
         self._outline(cell_id)
-        kwargs = {"model": self.model_box.currentText(), "train_variant": self.train_box.currentText(),
-                  "seed": int(self.seed_box.currentText()) if self.seed_box.currentText() else None,
-                  "target": self.target}
+        kwargs = {
+            "model": self.model_box.currentText(),
+            "train_variant": self.train_box.currentText(),
+            "seed": int(self.seed_box.currentText()) if self.seed_box.currentText() else None,
+            "target": self.target,
+        }
         run_dir = self.run.run_dir
         self.summary.setText(f"loading {cell_id} …")
 
@@ -547,8 +575,13 @@ class CellView(QWidget):
             layer.add_rectangles(rect, edge_color="#ffd400", face_color="transparent", edge_width=width)
         else:
             layer = self.viewer.add_shapes(
-                rect, shape_type="rectangle", edge_color="#ffd400", face_color="transparent", edge_width=width,
-                name=name, axis_labels=("image", "row", "column"),
+                rect,
+                shape_type="rectangle",
+                edge_color="#ffd400",
+                face_color="transparent",
+                edge_width=width,
+                name=name,
+                axis_labels=("image", "row", "column"),
             )
         layer.metadata = {"cell_id": str(cell_id)}
 
@@ -563,13 +596,16 @@ class CellView(QWidget):
         origin = (0.0, w + 0.05 * w)
         self.layout_info = {**info, "scale": scale, "origin": origin}
         side = info["side"]
-        tiles = {key: view.crop if key[1] == "crop" else (view.variants[key[1]] if key[0] == "images"
-                                                          else view.shown.get(key[1], view.variants[key[1]]))
-                 for key in info["at"]}
+        tiles = {
+            key: view.crop
+            if key[1] == "crop"
+            else (view.variants[key[1]] if key[0] == "images" else view.shown.get(key[1], view.variants[key[1]]))
+            for key in info["at"]
+        }
         first = _display(view.crop)
         montage = np.zeros((*info["shape"], *first.shape[2:]), np.float32)
         for key, (r, c) in info["at"].items():
-            montage[r: r + side, c: c + side] = _display(tiles[key])
+            montage[r : r + side, c : c + side] = _display(tiles[key])
         rgb = montage.ndim == 3
         tag = f"{view.model}/{view.train_variant}"
         style = overlay_style(np.stack([_display(t) for t in tiles.values()]))
@@ -584,21 +620,41 @@ class CellView(QWidget):
             return getattr(self.viewer, f"add_{kind}")(data, name=name, **kwargs)
 
         world = {key: (origin[0] + r * scale, origin[1] + c * scale) for key, (r, c) in info["at"].items()}
-        put("crop and variants", np.clip(montage, 0, 1), rgb=rgb, translate=origin, scale=(scale, scale),
-            contrast_limits=None if rgb else (0.0, 1.0), metadata={"cell_id": view.cell_id, "at": info["at"]})
+        put(
+            "crop and variants",
+            np.clip(montage, 0, 1),
+            rgb=rgb,
+            translate=origin,
+            scale=(scale, scale),
+            contrast_limits=None if rgb else (0.0, 1.0),
+            metadata={"cell_id": view.cell_id, "at": info["at"]},
+        )
         for method in info["methods"]:
             top = max(float(np.max(m)) for (_, mm), m in view.maps.items() if mm == method)
             top = top if top > 0 else 1.0
             for (variant, mm), amap in view.maps.items():
                 if mm != method:
                     continue
-                put(f"{variant} · {method} · {tag}", amap, prefix=False, translate=world[method, variant],
+                put(
+                    f"{variant} · {method} · {tag}",
+                    amap,
+                    prefix=False,
+                    translate=world[method, variant],
                     scale=(scale, scale),
-                    colormap=style["colormap"], blending=style["blending"], opacity=style["opacity"],
+                    colormap=style["colormap"],
+                    blending=style["blending"],
+                    opacity=style["opacity"],
                     contrast_limits=(0.0, top),
-                    metadata={"cell_id": view.cell_id, "tile": (method, variant), "model": view.model,
-                              "train_variant": view.train_variant, "test_variant": variant, "method": method,
-                              "background_share": view.background_share(variant, method)})
+                    metadata={
+                        "cell_id": view.cell_id,
+                        "tile": (method, variant),
+                        "model": view.model,
+                        "train_variant": view.train_variant,
+                        "test_variant": variant,
+                        "method": method,
+                        "background_share": view.background_share(variant, method),
+                    },
+                )
         self._add_outline(put, view.mask, world, scale)
         self._add_text(put, info, world, view, scale)
         for layer in list(self.viewer.layers):
@@ -620,8 +676,15 @@ class CellView(QWidget):
             for r, c in world.values():
                 paths.append(contour + np.array([r, c]) - 0.5 * scale)
         if paths:
-            put("mask outline", paths, kind="shapes", shape_type="path", edge_color="#00e5ff",
-                edge_width=max(0.5, 0.5 * scale), opacity=0.9)
+            put(
+                "mask outline",
+                paths,
+                kind="shapes",
+                shape_type="path",
+                edge_color="#00e5ff",
+                edge_width=max(0.5, 0.5 * scale),
+                opacity=0.9,
+            )
 
     def _add_text(self, put, info, world, view, scale) -> None:
         """Labels above every tile: the variant and the model's answer; the method and the share."""
@@ -643,9 +706,16 @@ class CellView(QWidget):
             r = min(rr for (row, _), (rr, _c) in world.items() if row == method)
             points.append((r + 0.5 * info["side"] * scale, crop_c + 0.5 * info["side"] * scale))
             text.append(method.replace("_", "\n"))
-        put("labels", np.asarray(points, float), kind="points", size=0.01, face_color="transparent",
-            border_width=0, features={"text": text},
-            text={"string": "{text}", "size": 7, "color": "white", "anchor": "center"})
+        put(
+            "labels",
+            np.asarray(points, float),
+            kind="points",
+            size=0.01,
+            face_color="transparent",
+            border_width=0,
+            features={"text": text},
+            text={"string": "{text}", "size": 7, "color": "white", "anchor": "center"},
+        )
 
     def _write_summary(self, view, style) -> None:
         shares = []
@@ -656,8 +726,7 @@ class CellView(QWidget):
         self.summary.setText(
             f"<b>{view.cell_id}</b> · {view.label} · patient {view.patient_id} · held out in fold {view.fold} · "
             f"<b>{view.model}</b> trained on <b>{view.train_variant}</b> (seed {view.seed})<br>"
-            f"this cell's background share — " + " · ".join(shares)
-            + (f"<br>{partners}" if partners else "")
+            f"this cell's background share — " + " · ".join(shares) + (f"<br>{partners}" if partners else "")
         )
         self.legend.setText(
             f"Legend: yellow box = the selected cell's crop in its image; cyan line = its mask. Saliency "
