@@ -74,7 +74,8 @@ def main() -> None:
             total += dt
             cpu_total += cpu
             print(
-                f"{label:10s} {method:22s} {dt:7.2f} s wall, {cpu:7.2f} s CPU  ({dt / backward_s:5.1f} x forward+backward)"
+                f"{label:10s} {method:22s} {dt:7.2f} s wall, {cpu:7.2f} s CPU  "
+                f"({dt / backward_s:5.1f} x forward+backward)"
             )
     print(
         f"TOTAL {args.cells} cells x {len(METHODS)} methods x {len(models)} model(s): {total:.1f} s wall "

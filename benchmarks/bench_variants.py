@@ -285,13 +285,13 @@ def main() -> None:
             pass
 
     for spec in args.specs:
-        t_loop = timed(lambda: run_loop(spec, images, masks, bboxes, labels), args.repeat)
-        t_batch = timed(lambda: run_batched(spec, images, masks, bboxes, labels, args.batch), args.repeat)
-        t_loader = timed(lambda: drain(spec), args.repeat) if args.dataloader else float("nan")
+        t_loop = timed(lambda spec=spec: run_loop(spec, images, masks, bboxes, labels), args.repeat)
+        t_batch = timed(lambda spec=spec: run_batched(spec, images, masks, bboxes, labels, args.batch), args.repeat)
+        t_loader = timed(lambda spec=spec: drain(spec), args.repeat) if args.dataloader else float("nan")
         t_call = (
             float("nan")
             if spec.startswith("mixed") or not args.per_crop
-            else timed(lambda: run_per_crop_calls(spec, images, masks, bboxes, labels), 1)
+            else timed(lambda spec=spec: run_per_crop_calls(spec, images, masks, bboxes, labels), 1)
         )
         t_floor = floor_copy
         if spec.startswith("bg_blur("):

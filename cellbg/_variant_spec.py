@@ -142,7 +142,7 @@ def _parse_part(part: str, spec: str) -> tuple[str, tuple[float, ...]]:
     elif len(args) != len(params):
         want = f"({', '.join(params)})" if params else "no arguments"
         raise CellbgError(f"{name} in spec '{spec}' takes {want}; got {len(args)} argument(s)")
-    for p, a in zip(params, args):
+    for p, a in zip(params, args, strict=False):  # a '*color' spec takes one value or one per channel
         if p in ("k", "width") and (a < 0 or a != int(a)):
             raise CellbgError(f"{name}({p}) in spec '{spec}' must be a whole number >= 0; got {a:g}")
         if p == "sigma" and (a < 0 or not math.isfinite(a)):

@@ -993,7 +993,7 @@ def run_saliency(protocol, *, progress=None):
     crops_hash = crops_fingerprint(run_dir)
     specs = plan_jobs(protocol)
     job_dirs = [run_dir / "jobs" / job_key(protocol, s, crops_hash=crops_hash) for s in specs]
-    missing = [s for s, d in zip(specs, job_dirs) if not (d / DONE).exists()]
+    missing = [s for s, d in zip(specs, job_dirs, strict=True) if not (d / DONE).exists()]
     if missing:
         s = missing[0]
         raise CellbgError(
@@ -1006,7 +1006,7 @@ def run_saliency(protocol, *, progress=None):
     frames, all_maps, all_random, all_masks, all_shown = [], [], [], [], []
     n_maps = n_shown = 0
     shown_at: dict[tuple, int] = {}  # (variant, held-out set and sample) -> first row in `shown`
-    for number, (spec, job_dir) in enumerate(zip(specs, job_dirs), start=1):
+    for number, (spec, job_dir) in enumerate(zip(specs, job_dirs, strict=True), start=1):
         model, meta = load_job_model(job_dir, device=device)
         random_model = randomize_weights(model, seed=spec.seed) if cfg.sanity_check else None
         for variant in cfg.test_variants:

@@ -142,7 +142,8 @@ def _check_bboxes(bboxes, images) -> np.ndarray:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise CellbgError(
-                f"bboxes[{i}] = {b[i].tolist()} is not inside the {h}x{w} crop (need 0 <= r0 <= r1 <= H, 0 <= c0 <= c1 <= W)"
+                f"bboxes[{i}] = {b[i].tolist()} is not inside the {h}x{w} crop "
+                "(need 0 <= r0 <= r1 <= H, 0 <= c0 <= c1 <= W)"
             )
     return b
 
@@ -1366,7 +1367,7 @@ def make_gallery(
         apply_variant(v, images, masks, bboxes=bboxes, labels=labels, fill=fill, seed=seed, **options) for v in parsed
     ]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.4 * len(cols), 1.4 * len(rows)), squeeze=False)
-    for j, (v, r) in enumerate(zip(parsed, cols)):
+    for j, (v, r) in enumerate(zip(parsed, cols, strict=True)):
         imgs = r.images.cpu().numpy() if torch.is_tensor(r.images) else np.asarray(r.images)
         for i, cell in enumerate(rows):
             ax = axes[i, j]
@@ -1461,7 +1462,7 @@ def export_variants(
         name = _safe_name(v.spec)
         rows = []
         with atomic_dir(out_dir / name) as tmp:
-            for i, (cid, lab) in enumerate(zip(ids, cells["label"].astype(str))):  # one file per cell
+            for i, (cid, lab) in enumerate(zip(ids, cells["label"].astype(str), strict=True)):  # one file per cell
                 rel = Path(lab) / f"{cid}.tif"
                 (tmp / lab).mkdir(exist_ok=True)
                 tifffile.imwrite(tmp / rel, imgs[i].astype(np.float32), photometric="minisblack")

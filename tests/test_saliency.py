@@ -138,7 +138,7 @@ def test_rank_correlation_matches_scipy():
     a = rng.normal(size=(5, 6, 6))
     b = a + rng.normal(scale=1.0, size=a.shape)
     b[:, 0, :3] = b[:, 0, 3:]  # ties
-    expected = [sps.spearmanr(x.ravel(), y.ravel()).statistic for x, y in zip(a, b)]
+    expected = [sps.spearmanr(x.ravel(), y.ravel()).statistic for x, y in zip(a, b, strict=True)]
     np.testing.assert_allclose(rank_correlation(a, b), expected)
 
 

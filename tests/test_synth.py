@@ -73,7 +73,11 @@ def cell_features(out_dir: Path) -> pd.DataFrame:
         # distance to the nearest cell pixel, and which cell that is
         dist, (ir, ic) = ndimage.distance_transform_edt(background, return_indices=True)
         owner = mask[ir, ic].ravel()
-        per_cell = lambda w, labels=mask.ravel(): np.bincount(labels, weights=w, minlength=n)[1:]  # noqa: E731
+        flat_labels = mask.ravel()
+
+        def per_cell(w, labels=flat_labels, n=n):
+            return np.bincount(labels, weights=w, minlength=n)[1:]
+
         # background ring: pixels within RING of a cell, given to the nearest cell
         ring = (background & (dist <= RING)).ravel()
         ring_n = np.bincount(owner[ring], minlength=n)[1:]

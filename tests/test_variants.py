@@ -255,7 +255,7 @@ def test_bg_ring_zero_is_only_fg_and_wide_ring_is_original():
 def test_bg_ring_grows_monotonically():
     x, m, _, _ = make_batch()
     kept = [int((V.bg_ring(np.ones_like(x), m, k) > 0).sum()) for k in range(6)]
-    assert all(a < b for a, b in zip(kept, kept[1:]))
+    assert all(a < b for a, b in zip(kept, kept[1:], strict=False))
 
 
 @pytest.mark.parametrize("width", [0, 1, 2, 3, 5, 9])
@@ -290,7 +290,7 @@ def test_mask_perturbations_match_skimage_disk_and_are_monotone(k):
         ero, np.stack([ndi.binary_erosion(mi, structure=disk(k), border_value=1) for mi in m])
     )
     areas = [V.mask_erode(m, k + 1).sum(), ero.sum(), m.sum(), dil.sum(), V.mask_dilate(m, k + 1).sum()]
-    assert all(a < b for a, b in zip(areas, areas[1:]))
+    assert all(a < b for a, b in zip(areas, areas[1:], strict=False))
     assert (ero <= m).all() and (m <= dil).all()
 
 
