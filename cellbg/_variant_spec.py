@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import cast
 
 from cellbg._checks import CellbgError, look_up_option
 
@@ -111,14 +112,14 @@ _SOURCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 CONTEXT_MAX = 4.0
 
 
-def _parse_part(part: str, spec: str) -> tuple[str, tuple[float, ...]]:
+def _parse_part(part: str, spec: str) -> tuple[str, tuple[float | str, ...]]:
     m = _PART.match(part)
     if not m:
         raise CellbgError(f"cannot read variant '{part}' in spec '{spec}'; write name or name(arg, ...)")
     where = "variant" if part.strip() == spec.strip() else f"variant (in spec '{spec}')"
     name = look_up_option(m.group(1), _REGISTRY, what=where)
     raw = m.group(2)
-    args: list[float | str] = []
+    args: list[float] = []
     if _REGISTRY[name].params == ("source",):
         source = (raw or "").strip()
         if not _SOURCE.match(source):
@@ -195,7 +196,9 @@ def parse_variant(spec: str | VariantSpec) -> VariantSpec:
             f"spec '{spec}' ends with the mask perturbation {name}; put a variant after it, e.g. '{spec}+only_fg'"
         )
     text = "+".join(_fmt(n, a) for n, a in parts)
-    return VariantSpec(text, name, args, tuple(front))
+    # only mask perturbations and no_others come before '+' (checked above): their arguments are numbers
+    perturbations = tuple((p, cast(tuple[float, ...], a)) for p, a in front)
+    return VariantSpec(text, name, args, perturbations)
 
 
 def check_fill(fill) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -365,9 +366,9 @@ def load_cell(
         if len(sal_rows):
             group = zarr.open_group(str(run_dir / "saliency.zarr"), mode="r")
             for r in sal_rows.itertuples():
-                maps[r.test_variant, r.method] = np.asarray(group["maps"][int(r.map_index)])
+                maps[r.test_variant, r.method] = np.asarray(cast(zarr.Array, group["maps"])[int(r.map_index)])
                 if "shown" in group and "shown_index" in sal_rows:
-                    shown_images[r.test_variant] = np.asarray(group["shown"][int(r.shown_index)])
+                    shown_images[r.test_variant] = np.asarray(cast(zarr.Array, group["shown"])[int(r.shown_index)])
     return CellView(
         cell_id=str(cell_id),
         label=str(cells["label"].iloc[row]),

@@ -36,6 +36,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -198,7 +199,7 @@ def _resnet(*, in_channels: int, num_classes: int, depth: int = 18, width: float
     width = _check_width(width, arch="resnet")
     # Scale the widths here (not with MONAI's widen_factor) so a tiny width never rounds to 0.
     planes = [max(4, int(round(c * width))) for c in (64, 128, 256, 512)]
-    stem = (
+    stem: dict[str, Any] = (
         dict(conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
         if small_stem
         else dict(conv1_t_size=7, conv1_t_stride=2, no_max_pool=False)

@@ -45,9 +45,10 @@ import copy
 import hashlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -598,8 +599,12 @@ def attribute(model, images, targets, *, method: str, **options) -> np.ndarray:
     (1, 16, 16)
     """
     method = look_up_option(method, METHODS, what="saliency method")
-    fn = {"gradcam": gradcam, "occlusion": occlusion, "integrated_gradients": integrated_gradients}[method]
-    return fn(model, images, targets, **options)
+    methods: dict[str, Callable[..., np.ndarray]] = {
+        "gradcam": gradcam,
+        "occlusion": occlusion,
+        "integrated_gradients": integrated_gradients,
+    }
+    return methods[method](model, images, targets, **options)
 
 
 # --------------------------------------------------------------------------- sanity check
@@ -647,7 +652,7 @@ def randomize_weights(model, *, seed: int = 0):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
                     done.add(id(module.bias))
-                if getattr(module, "running_mean", None) is not None:
+                if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is not None:
                     module.reset_running_stats()
         for p in net.parameters():
             if id(p) not in done:
@@ -1133,7 +1138,8 @@ def load_saliency(run_dir) -> tuple:
             raise CellbgError(f"no {p.name} in {run_dir}; run 'cellbg saliency PROTOCOL' first")
     group = zarr.open_group(str(store), mode="r")
     table = pd.read_parquet(path)
-    maps, masks = np.asarray(group["maps"][:]), np.asarray(group["masks"][:])
+    maps = np.asarray(cast(zarr.Array, group["maps"])[:])
+    masks = np.asarray(cast(zarr.Array, group["masks"])[:])
     if len(maps) != len(table):
         raise CellbgError(f"{store} holds {len(maps)} maps but {path.name} has {len(table)} rows; run saliency again")
     return table, maps, masks

@@ -967,6 +967,8 @@ def make_dataset(
             _write_tiff(out_dir / rel_mask, fov.mask, "minisblack")
             row = {"path": rel_img, "label": cls, "patient": pid, "mask": rel_mask}
             if with_objects:
+                # synth_field always draws the co-occurring objects (none when the probability is 0)
+                assert fov.objects is not None and fov.object_table is not None
                 row["objects"] = rel_obj = f"objects/{pid}_{j:03d}.tif"
                 _write_tiff(out_dir / rel_obj, fov.objects, "minisblack")
                 objs = fov.object_table.copy()

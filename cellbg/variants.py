@@ -92,6 +92,7 @@ def _to_numpy(a) -> np.ndarray:
 
 def _check_images(images) -> tuple[np.ndarray | torch.Tensor, bool]:
     """The images as they came (numpy or torch, no copy) and whether they are numpy."""
+    x: np.ndarray | torch.Tensor
     if isinstance(images, torch.Tensor):
         x, is_np = images, False
     else:
@@ -176,8 +177,8 @@ def _bboxes_of(masks, fallback: np.ndarray) -> np.ndarray:
     n, h, w = masks.shape
     rows, cols = _to_numpy(masks.any(2)), _to_numpy(masks.any(1))
     boxes = np.stack([rows.argmax(1), cols.argmax(1), h - rows[:, ::-1].argmax(1), w - cols[:, ::-1].argmax(1)], 1)
-    empty = ~rows.any(1)
-    return np.where(empty[:, None], fallback, boxes).astype(np.int64)
+    empty = ~rows.any(1, keepdims=True)
+    return np.where(empty, fallback, boxes).astype(np.int64)
 
 
 def _copy(x):
@@ -253,7 +254,7 @@ def _noise_fill(x: torch.Tensor, m: torch.Tensor, seed: int) -> torch.Tensor:
     var = (((x - mean) * bg) ** 2).sum(dim=(2, 3), keepdim=True) / count
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
     noise = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
-    lo, hi = (x.amin(), x.amax()) if x.numel() else (0.0, 1.0)
+    lo, hi = (x.amin(), x.amax()) if x.numel() else (x.new_tensor(0.0), x.new_tensor(1.0))
     return (noise * var.sqrt() + mean).clamp(lo, hi)
 
 
@@ -771,6 +772,7 @@ def _xiao_only_bg_t(x, b: np.ndarray, fill):
         return _copy(x)
     painted, src_r, src_c, no_margin = _xiao_plan(b, h, w)
     ni = np.arange(n)[:, None, None]
+    tiled: np.ndarray | torch.Tensor
     if isinstance(x, torch.Tensor):
         idx = [torch.from_numpy(a).to(x.device) for a in (ni, src_r[:, :, None], src_c[:, None, :])]
         tiled = x.permute(0, 2, 3, 1)[idx[0], idx[1], idx[2]].permute(0, 3, 1, 2).contiguous()
@@ -945,10 +947,13 @@ def apply_variant(
     if name == "original":
         out = _copy(x)
     elif name == "only_fg":
+        assert fill_t is not None  # needs_fill
         out = _keep(m[:, None], x, fill_t)
     elif name == "no_fg":
+        assert fill_t is not None  # needs_fill
         out = _keep(~m[:, None], x, fill_t)
     elif name == "only_bg_b":
+        assert fill_t is not None  # needs_fill
         out = _xiao_only_bg_b(x, b) if reference == "xiao" else _keep(~_box_mask(b, x)[:, None], x, fill_t)
     elif name == "only_bg_t":
         out = _xiao_only_bg_t(x, b, fill_t) if reference == "xiao" else _only_bg_t(x, b, fill_t)
@@ -1233,7 +1238,11 @@ class ApplyVariant(Randomizable, Transform):
     def randomize(self, data: Any = None) -> None:
         self._seed = int(self.R.randint(0, 2**31 - 1))
 
-    def __call__(self, images, masks, bboxes=None, labels=None, *, randomize: bool = True) -> VariantResult:
+    # MONAI's Transform.__call__ takes one ``data``; a variant needs the images and their masks (and boxes,
+    # labels), so this signature deliberately differs.
+    def __call__(  # type: ignore[override]
+        self, images, masks, bboxes=None, labels=None, *, randomize: bool = True
+    ) -> VariantResult:
         if randomize:
             self.randomize()
         single = getattr(images, "ndim", 0) == 3

@@ -84,4 +84,7 @@ def read_run(path) -> list[tuple]:
     """Read a run folder into napari layers."""
     if isinstance(path, list):
         path = path[0]
-    return run_layers(RunFolder(find_run_dir(path)))
+    run_dir = find_run_dir(path)
+    if run_dir is None:
+        raise ValueError(f"{path} is not a cellbg run folder (no protocol.resolved.yaml)")
+    return run_layers(RunFolder(run_dir))

@@ -363,9 +363,11 @@ class CellView(QWidget):
         self.view.setSortingEnabled(True)
         self.view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.view.verticalHeader().setDefaultSectionSize(22)
-        self.view.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        self.view.horizontalHeader().setDefaultSectionSize(96)
+        vheader, hheader = self.view.verticalHeader(), self.view.horizontalHeader()
+        assert vheader is not None and hheader is not None  # a QTableView always has both headers
+        vheader.setDefaultSectionSize(22)
+        hheader.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        hheader.setDefaultSectionSize(96)
         self.proxy = _SortProxy()
         self.proxy.setFilterKeyColumn(-1)
         self.proxy.setFilterCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
@@ -478,7 +480,9 @@ class CellView(QWidget):
             target=self.target,
         )
         self.proxy.setSourceModel(_FrameModel(self.table))
-        self.view.selectionModel().selectionChanged.connect(self._on_selection)
+        selection = self.view.selectionModel()
+        assert selection is not None  # the view has a model (the proxy), hence a selection model
+        selection.selectionChanged.connect(self._on_selection)
         self.view.resizeColumnsToContents()
         for c, name in enumerate(self.table.columns):
             if pd.api.types.is_numeric_dtype(self.table[name]):
@@ -502,10 +506,12 @@ class CellView(QWidget):
         hits = np.flatnonzero(self.table["cell"].to_numpy() == str(cell_id))
         if not len(hits):
             raise ValueError(f"cell '{cell_id}' is not in the table")
-        proxy_index = self.proxy.mapFromSource(self.proxy.sourceModel().index(int(hits[0]), 0))
+        source = self.proxy.sourceModel()
+        assert source is not None  # a non-empty table is always the proxy's source
+        proxy_index = self.proxy.mapFromSource(source.index(int(hits[0]), 0))
         if not proxy_index.isValid():  # filtered out: clear the filter first
             self.filter.setText("")
-            proxy_index = self.proxy.mapFromSource(self.proxy.sourceModel().index(int(hits[0]), 0))
+            proxy_index = self.proxy.mapFromSource(source.index(int(hits[0]), 0))
         self.view.selectRow(proxy_index.row())
         self.view.scrollTo(proxy_index)
 
@@ -527,6 +533,12 @@ class CellView(QWidget):
             self.select_cell(str(features["cell_id"].iloc[int(hits[0])]))
 
     # ------------------------------------------------------------------ one cell
+    def _loaded_run(self) -> RunFolder:
+        """The run folder shown; a one-line error when none is loaded yet."""
+        if self.run is None:
+            raise ValueError("no cellbg run folder is loaded; open one first")
+        return self.run
+
     def show_cell(self, cell_id: str):
         """Load ``cell_id`` in a thread (:func:`cellbg.cellview.load_cell`), then lay it out.
 
@@ -541,7 +553,7 @@ class CellView(QWidget):
             "seed": int(self.seed_box.currentText()) if self.seed_box.currentText() else None,
             "target": self.target,
         }
-        run_dir = self.run.run_dir
+        run_dir = self._loaded_run().run_dir
         self.summary.setText(f"loading {cell_id} …")
 
         @thread_worker
@@ -557,18 +569,21 @@ class CellView(QWidget):
 
     def _outline(self, cell_id: str) -> None:
         """Go to the cell's image and outline its crop (the window the model saw)."""
-        cells = self.run.cells.set_index(self.run.cells["cell_id"].astype(str))
+        run = self._loaded_run()
+        if run.cells is None:
+            raise ValueError(f"no cells.parquet in {run.run_dir}; run 'cellbg segment' first")
+        cells = run.cells.set_index(run.cells["cell_id"].astype(str))
         c = cells.loc[str(cell_id)]
         step = list(self.viewer.dims.current_step)
         step[0] = int(c["image_index"])
         self.viewer.dims.current_step = tuple(step)
-        side = float(self.run.crop_size) / float(c.get("scale", 1.0) or 1.0)
+        side = float(run.crop_size) / float(c.get("scale", 1.0) or 1.0)
         r0, c0 = float(c["crop_r0"]), float(c["crop_c0"])
         i = int(c["image_index"])
         r1, c1 = r0 + side, c0 + side
         rect = np.array([[i, r0, c0], [i, r0, c1], [i, r1, c1], [i, r1, c0]], float)
         name = self.LAYER_PREFIX + "selected cell"
-        width = max(1.0, self.run.images.shape[1] / 150)
+        width = max(1.0, run.images.shape[1] / 150)
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
             layer.data = []
@@ -588,7 +603,7 @@ class CellView(QWidget):
     def _draw(self, view) -> None:
         """Lay out one cell's crop, variants and maps under the field of view."""
         self.cell = view
-        h, w = self.run.images.shape[1:3]
+        h, w = self._loaded_run().images.shape[1:3]
         info = cell_layout(view)
         # the montage right of the image and about 2.4 times as tall: the canvas shows both,
         # with the tiles (not the whole field of view) at the larger size
