@@ -112,12 +112,19 @@ def _replicate(source_run: Path, target: int, root: Path) -> tuple[Path, dict]:
     group = zarr.open_group(str(run / "crops.zarr"), mode="w")
     img, msk = src["images"], src["masks"]
     oth = src["others"] if "others" in src else None
-    out_i = group.create_array("images", shape=(target, *img.shape[1:]), chunks=img.chunks, dtype=img.dtype,
-                               compressors=_compressors())
-    out_m = group.create_array("masks", shape=(target, *msk.shape[1:]), chunks=msk.chunks, dtype=msk.dtype,
-                               compressors=_compressors())
-    out_o = (group.create_array("others", shape=(target, *oth.shape[1:]), chunks=oth.chunks, dtype=oth.dtype,
-                                compressors=_compressors()) if oth is not None else None)
+    out_i = group.create_array(
+        "images", shape=(target, *img.shape[1:]), chunks=img.chunks, dtype=img.dtype, compressors=_compressors()
+    )
+    out_m = group.create_array(
+        "masks", shape=(target, *msk.shape[1:]), chunks=msk.chunks, dtype=msk.dtype, compressors=_compressors()
+    )
+    out_o = (
+        group.create_array(
+            "others", shape=(target, *oth.shape[1:]), chunks=oth.chunks, dtype=oth.dtype, compressors=_compressors()
+        )
+        if oth is not None
+        else None
+    )
     step = img.chunks[0] * 64
     for start in range(0, target, step):
         stop = min(start + step, target)
@@ -133,9 +140,15 @@ def _replicate(source_run: Path, target: int, root: Path) -> tuple[Path, dict]:
     big.to_parquet(run / "cells.parquet", index=False)
     n_bytes = store_bytes(run / "crops.zarr")
     source = target * int(np.prod(img.shape[1:])) * img.dtype.itemsize
-    return run, {"crops_seconds": time.perf_counter() - t0, "replicated": True, "cells": target,
-                 "store_bytes": n_bytes, "store_bytes_per_cell": n_bytes / target, "source_pixel_bytes": source,
-                 "store_dtype": str(img.dtype)}
+    return run, {
+        "crops_seconds": time.perf_counter() - t0,
+        "replicated": True,
+        "cells": target,
+        "store_bytes": n_bytes,
+        "store_bytes_per_cell": n_bytes / target,
+        "source_pixel_bytes": source,
+        "store_dtype": str(img.dtype),
+    }
 
 
 # --------------------------------------------------------------------------- child processes
@@ -175,8 +188,14 @@ def _train_child(run_dir: str, mode: str, steps: int, threads: int) -> dict:
     _, _, seen = train_epoch(model, itertools.islice(batches, steps), opt)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"mode": mode, "cells_per_s": seen / seconds, "seen": seen, "load_seconds": load, "peak_rss": peak,
-            "in_memory": crops.in_memory}
+    return {
+        "mode": mode,
+        "cells_per_s": seen / seconds,
+        "seen": seen,
+        "load_seconds": load,
+        "peak_rss": peak,
+        "in_memory": crops.in_memory,
+    }
 
 
 def _predict_child(run_dir: str, rows: int, threads: int) -> dict:
@@ -194,16 +213,21 @@ def _predict_child(run_dir: str, rows: int, threads: int) -> dict:
     model = get_model("resnet", in_channels=crops.channels, num_classes=len(crops.classes), depth=10, width=0.125)
     model.eval()
     t0 = time.perf_counter()
-    _evaluate_rows(model, crops, idx, "original", fill="mean", seed=0, device=torch.device("cpu"), batch_size=256,
-                   amp=False)
+    _evaluate_rows(
+        model, crops, idx, "original", fill="mean", seed=0, device=torch.device("cpu"), batch_size=256, amp=False
+    )
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"rows_per_s": len(idx) / seconds, "rows": len(idx), "peak_rss": peak}
 
 
 def _child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -213,8 +237,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="cohorts made from images")
     parser.add_argument("--million", action="store_true", help="add 1M cells generated directly into the store")
-    parser.add_argument("--replicated", type=int, nargs="*", default=[],
-                        help="further cohorts generated directly into the store (replicating the largest one made)")
+    parser.add_argument(
+        "--replicated",
+        type=int,
+        nargs="*",
+        default=[],
+        help="further cohorts generated directly into the store (replicating the largest one made)",
+    )
     parser.add_argument("--steps", type=int, default=40, help="timed training batches (batch 64)")
     parser.add_argument("--predict-rows", type=int, default=20_000, help="rows timed for prediction")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -236,8 +265,10 @@ def main() -> None:
     for n in sorted(set(args.replicated + ([1_000_000] if args.million else []))):
         cohorts.append((n, *_replicate(source, n, root)))
 
-    header = (f"{'cells':>9} {'crops s':>8} {'B/cell':>7} {'store/src':>9} {'RSS mem GB':>10} {'RSS str GB':>10} "
-              f"{'mem c/s':>8} {'str c/s':>8} {'str/mem':>7} {'pred r/s':>9}")
+    header = (
+        f"{'cells':>9} {'crops s':>8} {'B/cell':>7} {'store/src':>9} {'RSS mem GB':>10} {'RSS str GB':>10} "
+        f"{'mem c/s':>8} {'str c/s':>8} {'str/mem':>7} {'pred r/s':>9}"
+    )
     lines = []
     for _n, run, info in cohorts:
         mem_need = info["cells"] * (CROP * CROP * 5)  # 3 channels uint8 + masks and others (bool) per pixel
@@ -253,17 +284,24 @@ def main() -> None:
         ratio = info["store_bytes"] / info["source_pixel_bytes"]
         speed = stream["cells_per_s"] / memory["cells_per_s"] if memory else float("nan")
         crops_s = f"{info['crops_seconds']:.1f}" + ("r" if info.get("replicated") else "")
-        line = (f"{info['cells']:>9} {crops_s:>8} {info['store_bytes_per_cell']:>7.0f} {ratio:>9.2f} "
-                f"{(memory['peak_rss'] / 1e9 if memory else float('nan')):>10.2f} {stream['peak_rss'] / 1e9:>10.2f} "
-                f"{(memory['cells_per_s'] if memory else float('nan')):>8.0f} {stream['cells_per_s']:>8.0f} "
-                f"{speed:>7.2f} {pred['rows_per_s']:>9.0f}")
+        line = (
+            f"{info['cells']:>9} {crops_s:>8} {info['store_bytes_per_cell']:>7.0f} {ratio:>9.2f} "
+            f"{(memory['peak_rss'] / 1e9 if memory else float('nan')):>10.2f} {stream['peak_rss'] / 1e9:>10.2f} "
+            f"{(memory['cells_per_s'] if memory else float('nan')):>8.0f} {stream['cells_per_s']:>8.0f} "
+            f"{speed:>7.2f} {pred['rows_per_s']:>9.0f}"
+        )
         lines.append(line)
         print(header if len(lines) == 1 else "", line, sep="\n" if len(lines) == 1 else "", flush=True)
-        print(f"          store {info['store_dtype']}; images made in {info.get('images_seconds', 0):.1f} s (not "
-              f"timed); memory load {memory['load_seconds'] if memory else float('nan'):.1f} s; prediction peak RSS "
-              f"{pred['peak_rss'] / 1e9:.2f} GB over {pred['rows']} rows", flush=True)
-    print("targets: store/src <= 1.10; str/mem >= 0.90; streamed RSS <= 4 GB at 1M cells. "
-          "'r' = crops seconds of a cohort replicated into the store (not cropped from images)")
+        print(
+            f"          store {info['store_dtype']}; images made in {info.get('images_seconds', 0):.1f} s (not "
+            f"timed); memory load {memory['load_seconds'] if memory else float('nan'):.1f} s; prediction peak RSS "
+            f"{pred['peak_rss'] / 1e9:.2f} GB over {pred['rows']} rows",
+            flush=True,
+        )
+    print(
+        "targets: store/src <= 1.10; str/mem >= 0.90; streamed RSS <= 4 GB at 1M cells. "
+        "'r' = crops seconds of a cohort replicated into the store (not cropped from images)"
+    )
     print(f"cohorts in {root}")
 
 

@@ -696,7 +696,7 @@ def _gallery(figs: _Figures, run: _Run, sal: pd.DataFrame, n_cells: int) -> tupl
         group = zarr.open_group(str(run.run_dir / "crops.zarr"), mode="r")
         images, masks = cast("zarr.Array", group["images"]), cast("zarr.Array", group["masks"])
         row_of = dict(zip(run.cells["cell_id"].astype(str), range(len(run.cells)), strict=True))
-        divisor = float(group.attrs.get("divisor", 1.0))  # the store keeps the source dtype
+        divisor = float(cast(float, group.attrs.get("divisor", 1.0)))  # the store keeps the source dtype
         for cell in chosen:
             if cell in row_of:
                 image = np.asarray(images[row_of[cell]], float) / divisor

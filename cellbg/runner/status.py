@@ -78,8 +78,11 @@ class RunStatus:
         lines.extend(f"DAMAGED: {stage} {job}: {what}" for stage, job, what in self.damaged)
         if self.verified and self.plan is not None:
             n = len(self.damaged)
-            lines.append(f"verified: {n} damaged file(s); run again to redo their jobs" if n
-                         else "verified: every output of every finished job matches its recorded digest")
+            lines.append(
+                f"verified: {n} damaged file(s); run again to redo their jobs"
+                if n
+                else "verified: every output of every finished job matches its recorded digest"
+            )
         lines.extend(
             f"FAILED: {f['stage']} {f['name']} after {f['attempts']} attempt(s): {f['error']} (log: {f['log']})"
             for f in self.failures
@@ -174,8 +177,9 @@ def status(run_dir: str | Path, *, stages: Sequence[Stage] | None = None, verify
         jobs = tuple(read_progress(run_dir, current.get("stage")))
         eta = stage_eta(current, jobs)
     log = Path(record["log"]) if record.get("log") else None
-    return RunStatus(run_dir, state, detail, plan, tuple(record.get("failures", [])), current, jobs, eta, log,
-                     verified=verify)
+    return RunStatus(
+        run_dir, state, detail, plan, tuple(record.get("failures", [])), current, jobs, eta, log, verified=verify
+    )
 
 
 def _verify_unplanned(run_dir: Path, plan: RunSummary) -> RunSummary:
