@@ -44,12 +44,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_crops_") as tmp:
         root = Path(tmp)
         workers = "null" if args.workers is None else args.workers
+        per_patient = args.fovs * per_image // patients
         text = f"""
 name: bench
 output: run
 data:
   source: synthetic
-  synthetic: {{patients: {patients}, cells_per_patient: {args.fovs * per_image // patients}, cells_per_image: {per_image}}}
+  synthetic: {{patients: {patients}, cells_per_patient: {per_patient}, cells_per_image: {per_image}}}
 segmentation: {{method: threshold, workers: {workers}}}
 crops: {{size: {args.size}, workers: {workers}}}
 """
@@ -76,11 +77,11 @@ crops: {{size: {args.size}, workers: {workers}}}
         t0 = time.perf_counter()
         n_fast = sum(
             len(crop_cells(im, lab, size=args.size, exclude_border=False, min_area=0).table)
-            for im, lab in zip(images, labels)
+            for im, lab in zip(images, labels, strict=True)
         )
         fast = time.perf_counter() - t0
         t0 = time.perf_counter()
-        n_slow = sum(len(crop_cells_naive(im, lab, size=args.size)[0]) for im, lab in zip(images, labels))
+        n_slow = sum(len(crop_cells_naive(im, lab, size=args.size)[0]) for im, lab in zip(images, labels, strict=True))
         slow = time.perf_counter() - t0
         assert n_fast == n_slow
         print(
@@ -89,12 +90,14 @@ crops: {{size: {args.size}, workers: {workers}}}
         )
 
         truths = [read_mask(p) for p in subset["mask_path"]]
-        f1_ours = np.mean([evaluate(lab, t).f1 for lab, t in zip(labels, truths)])
+        f1_ours = np.mean([evaluate(lab, t).f1 for lab, t in zip(labels, truths, strict=True)])
         t0 = time.perf_counter()
         for im in images[:10]:
             segment_threshold(im)
         seg_rate = 10 / (time.perf_counter() - t0)
-        f1_otsu = np.mean([evaluate(otsu_components(im.mean(axis=0)), t).f1 for im, t in zip(images, truths)])
+        f1_otsu = np.mean(
+            [evaluate(otsu_components(im.mean(axis=0)), t).f1 for im, t in zip(images, truths, strict=True)]
+        )
         print(
             f"segmentation on {len(subset)} FOVs: threshold backend mean F1@0.5 {f1_ours:.3f} "
             f"(target >= 0.90), plain Otsu + components {f1_otsu:.3f}; {seg_rate:.1f} FOVs/s per process"

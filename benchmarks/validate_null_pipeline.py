@@ -34,8 +34,8 @@ Run (about 25 s per seed on 2 cores)::
 
 The protocol is copied into ``--out``, so relative data paths in it would not resolve: use a
 protocol with synthetic data (or absolute paths). Runs are kept under ``--out`` (one folder
-per seed), so an interrupted call resumes with ``cellbg run``'s cache. Prints one line per seed and the rejection rates with exact
-(Clopper-Pearson) 95% intervals.
+per seed), so an interrupted call resumes with ``cellbg run``'s cache. Prints one line per seed and the
+rejection rates with exact (Clopper-Pearson) 95% intervals.
 """
 
 from __future__ import annotations

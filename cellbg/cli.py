@@ -7,7 +7,7 @@ failure. ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import contextlib
-from enum import Enum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -164,12 +164,12 @@ def data(protocol: ProtocolArg) -> None:
 
 
 # --- synth command (issue 3) ---
-class _LabelBy(str, Enum):
+class _LabelBy(StrEnum):
     cell = "cell"
     patient = "patient"
 
 
-class _SynthMode(str, Enum):
+class _SynthMode(StrEnum):
     rgb = "rgb"
     gray = "gray"
 
@@ -446,7 +446,7 @@ def detect(protocol: ProtocolArg) -> None:
 
 
 # --- run / status commands (issue 9) ---
-class ExecutorKind(str, Enum):
+class ExecutorKind(StrEnum):
     local = "local"
     slurm = "slurm"
     pbs = "pbs"

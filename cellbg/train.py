@@ -241,7 +241,7 @@ class RandDihedral(Transform):
             raise CellbgError(f"RandDihedral needs square images; got {h}x{w}")
         order = torch.argsort(self._ops, stable=True)
         parts = []
-        for op, count in zip(*torch.unique_consecutive(self._ops[order], return_counts=True)):
+        for op, count in zip(*torch.unique_consecutive(self._ops[order], return_counts=True), strict=True):
             sel = order[sum(len(p) for p in parts) :][: int(count)]
             # MONAI treats the first axis as channels: fold (images, channels) into it.
             x = images.index_select(0, sel).reshape(-1, h, w)

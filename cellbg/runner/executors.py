@@ -375,7 +375,7 @@ class Executor:
                             where = f" (batch-job logs: {batch_logs})" if self.cfg.kind != "local" else ""
                             wait = self.cfg.worker_wait_timeout
                             exc = RuntimeError(f"no Dask worker connected for {wait:.0f} s{where}")
-                            for fut, job in in_flight.values():
+                            for fut, _ in in_flight.values():
                                 fut.cancel()
                             for job in [j for _, j in in_flight.values()] + waiting:
                                 failed += 1

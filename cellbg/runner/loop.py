@@ -281,7 +281,7 @@ def run_stages(
                 _check_unique(stage, jobs)
                 checks = [j.check(run_dir) for j in jobs]
                 is_cached = [c.state == "done" for c in checks]
-                todo = [j for j, c in zip(jobs, is_cached) if not c]
+                todo = [j for j, c in zip(jobs, is_cached, strict=True) if not c]
                 damaged = {j.name: c.problems for j, c in zip(jobs, checks, strict=True) if c.state == "damaged"}
                 for job in todo:
                     if job.name in damaged:  # never used: its markers and damaged files go, it runs again
@@ -305,7 +305,15 @@ def run_stages(
                 if todo:
                     _write_progress(run_dir, started, cfg.kind, summaries, failures, current)
 
-                def record(job: Job, exc: BaseException | None, seconds: float | None = None) -> None:
+                # Called only within this stage's iteration; the defaults bind this stage's containers.
+                def record(
+                    job: Job,
+                    exc: BaseException | None,
+                    seconds: float | None = None,
+                    counts: dict[str, int] = counts,
+                    current: dict[str, Any] = current,
+                    stage_failures: list[JobFailure] = stage_failures,
+                ) -> None:
                     if exc is None:
                         counts["done"] += 1
                         display.job_finished(job.stage, job.name, seconds)
@@ -337,7 +345,7 @@ def run_stages(
                     base_done, base_failed = counts["done"], counts["failed"]
                     for job, result, exc in ex.run_worker_jobs(
                         worker_jobs,
-                        lambda d, r, f: display.update(base_done + d, r, base_failed + f),
+                        lambda d, r, f, bd=base_done, bf=base_failed: display.update(bd + d, r, bf + f),
                     ):
                         record(job, exc, (result or {}).get("seconds"))
                 summary = StageSummary(
