@@ -31,6 +31,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -544,12 +545,21 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
     run_dir = Path(protocol.run_dir)
     size = cfg.size
 
-    tables, removed, empty_images = [], {k: 0 for k in FILTERS}, []
-    n_written, n_ch, dtype = 0, None, None
+    tables: list[pd.DataFrame] = []
+    removed = {k: 0 for k in FILTERS}
+    empty_images: list[str] = []
+    n_written = 0
+    n_ch: int | None = None
+    dtype: np.dtype | None = None
     with atomic_dir(run_dir / "crops.zarr") as tmp:
         group = zarr.open_group(str(tmp), mode="w")
-        images_arr = masks_arr = others_arr = None
-        buf_i, buf_m, buf_o, buffered = [], [], [], 0
+        images_arr: zarr.Array | None = None
+        masks_arr: zarr.Array | None = None
+        others_arr: zarr.Array | None = None
+        buf_i: list[np.ndarray] = []
+        buf_m: list[np.ndarray] = []
+        buf_o: list[np.ndarray] = []
+        buffered = 0
 
         def flush():
             nonlocal n_written, buf_i, buf_m, buf_o, buffered
@@ -618,6 +628,7 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
             buf_m.append(result.masks)
             buf_o.append(result.others)
             buffered += n
+            assert images_arr is not None  # created with the first image's crops
             if buffered >= images_arr.chunks[0]:
                 flush()
         flush()
@@ -640,7 +651,7 @@ def run_crops(protocol, table: pd.DataFrame | None = None) -> pd.DataFrame:
         )
     write_parquet_atomic(cells, run_dir / "cells.parquet")
     n_bytes = store_bytes(run_dir / "crops.zarr")
-    source = len(cells) * (n_ch or 0) * size * size * (dtype.itemsize if n_ch is not None else 0)
+    source = len(cells) * (n_ch or 0) * size * size * (dtype.itemsize if dtype is not None else 0)
     summary = {
         "images": len(table),
         "images_without_cells": empty_images,
@@ -735,7 +746,8 @@ class CropStore:
         self.n, self.channels, self.size = int(images.shape[0]), int(images.shape[1]), int(images.shape[-1])
         self.chunk_rows = int(self.images.chunks[0])
         self.cache_chunks = int(cache_chunks)
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # chunk index -> decoded (images, masks, others or None)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         self.path = Path(run_dir) / "crops.zarr"
 
     @property
@@ -749,7 +761,7 @@ class CropStore:
         state["_cache"] = {}
         return state
 
-    def _chunk(self, c: int) -> tuple:
+    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         hit = self._cache.pop(c, None)
         if hit is None:
             lo, hi = c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.n)
@@ -780,7 +792,7 @@ class CropStore:
             local = idx[group] - c * self.chunk_rows
             out_i[group] = imgs[local]
             out_m[group] = msks[local]
-            if want_o:
+            if out_o is not None and oths is not None:  # want_o: the store has others
                 out_o[group] = oths[local]
         return (out_i, out_m, out_o) if others else (out_i, out_m)
 
@@ -886,9 +898,11 @@ def load_crops(run_dir: str | Path, *, lazy: bool = False):
             raise CellbgError(f"no {p.name} in {run_dir}; run `cellbg crops PROTOCOL` first")
     try:
         group = zarr.open_group(str(store), mode="r")
-        images, masks = group["images"], group["masks"]
-        classes = list(group.attrs.get("classes", []))
-        divisor = float(group.attrs.get("divisor", 1.0))  # stores before the source dtype were float32
+        # written by run_crops: arrays, and JSON attributes of known types
+        images = cast("zarr.Array", group["images"])
+        masks = cast("zarr.Array", group["masks"])
+        classes = list(cast("list[str]", group.attrs.get("classes", [])))
+        divisor = float(cast(float, group.attrs.get("divisor", 1.0)))  # stores before the source dtype were float32
     except Exception as exc:
         raise CellbgError(
             f"cannot read {store}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
@@ -902,10 +916,10 @@ def load_crops(run_dir: str | Path, *, lazy: bool = False):
     if stamp is not None and stamp != _ids_hash(cells["cell_id"]):
         raise CellbgError(f"{store} and {table} come from different runs; run `cellbg crops` again")
     cells.attrs["classes"] = classes
-    images = ScaledImages(images, divisor)
+    scaled = ScaledImages(images, divisor)
     if not lazy:
-        images, masks = images[...], np.asarray(masks[:])
-    return images, masks, cells
+        return scaled[...], np.asarray(masks[:]), cells
+    return scaled, masks, cells
 
 
 def load_others(run_dir: str | Path, *, lazy: bool = False):
@@ -922,7 +936,7 @@ def load_others(run_dir: str | Path, *, lazy: bool = False):
     group = zarr.open_group(str(store), mode="r")
     if "others" not in group:
         return None
-    others = group["others"]
+    others = cast("zarr.Array", group["others"])  # written by run_crops: an array
     return others if lazy else np.asarray(others[:])
 
 

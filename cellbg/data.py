@@ -140,9 +140,11 @@ def read_image(path: str | Path, *, channels: list[int] | None = None) -> np.nda
                 "they would spread into crops, fills and predictions: replace them (e.g. with 0) in the file"
             )
     if channels:
-        bad = [c for c in channels if not 0 <= c < image.shape[0]]
-        if bad:
-            raise CellbgError(f"channel(s) {bad} out of range for {path}, which has {image.shape[0]} channel(s)")
+        out_of_range = [c for c in channels if not 0 <= c < image.shape[0]]
+        if out_of_range:
+            raise CellbgError(
+                f"channel(s) {out_of_range} out of range for {path}, which has {image.shape[0]} channel(s)"
+            )
         image = image[list(channels)]
     return image
 

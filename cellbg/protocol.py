@@ -320,7 +320,8 @@ class ResNetSpec(_ModelBase):
 
 class ShuffleNetSpec(_ModelBase):
     arch: Literal["shufflenet_v2"]
-    width: Literal[0.5, 1.0, 1.5, 2.0] = 1.0
+    # float literals are outside PEP 586, but pydantic validates them as written
+    width: Literal[0.5, 1.0, 1.5, 2.0] = 1.0  # type: ignore[valid-type]
 
 
 class CellYoloSpec(_ModelBase):
@@ -341,6 +342,11 @@ class EfficientNetSpec(_ModelBase):
 
 
 ModelSpec = Annotated[ResNetSpec | ShuffleNetSpec | CellYoloSpec | EfficientNetSpec, Field(discriminator="arch")]
+
+
+def _default_model() -> ModelSpec:
+    """The model trained when a protocol lists none."""
+    return ResNetSpec(arch="resnet", depth=10, width=0.25)
 
 
 # --------------------------------------------------------------------------- training
@@ -547,10 +553,10 @@ def _check_comparisons(stats: StatsConfig, variants: VariantsConfig) -> None:
         except CellbgError:
             return v.replace(" ", "")
 
-    if [(c.a, c.b) for c in stats.confirmatory] == [default_confirmatory(variants)]:
+    if [(c.a, c.b) for c in stats.confirmatory or []] == [default_confirmatory(variants)]:
         return
     lists = {"train": [norm(v) for v in variants.train], "test": [norm(v) for v in variants.test]}
-    for i, cmp in enumerate(stats.confirmatory):
+    for i, cmp in enumerate(stats.confirmatory or []):
         for side in ("a", "b"):
             cond = getattr(cmp, side)
             for part, name in zip(cond.split(":"), ("train", "test"), strict=True):
@@ -725,7 +731,7 @@ class Protocol(_Section):
     segmentation: SegmentationConfig = SegmentationConfig()
     crops: CropsConfig = CropsConfig()
     variants: VariantsConfig = VariantsConfig()
-    models: list[ModelSpec] = Field(default_factory=lambda: [ResNetSpec(arch="resnet", depth=10, width=0.25)])
+    models: list[ModelSpec] = Field(default_factory=lambda: [_default_model()])
     training: TrainingConfig = TrainingConfig()
     saliency: SaliencyConfig = SaliencyConfig()
     stats: StatsConfig = StatsConfig()
@@ -934,19 +940,20 @@ def _resolve_paths(protocol: Protocol, base: Path) -> Protocol:
     """Make every path in the protocol absolute, relative to ``base`` (the protocol's folder)."""
     base = base.resolve()
 
-    def res(p: Path | None) -> Path | None:
-        if p is None:
-            return None
+    def res_path(p: Path) -> Path:
         p = Path(p).expanduser()
         return p if p.is_absolute() else (base / p).resolve()
 
-    protocol.output = res(protocol.output)
+    def res(p: Path | None) -> Path | None:
+        return None if p is None else res_path(p)
+
+    protocol.output = res_path(protocol.output)
     d = protocol.data
     d.root, d.manifest, d.mask_dir = res(d.root), res(d.manifest), res(d.mask_dir)
     for source in protocol.variants.backgrounds.values():
         source.path = res(source.path)
     for model in protocol.models:
-        if getattr(model, "weights", None) is not None:
+        if isinstance(model, EfficientNetSpec) and model.weights is not None:
             model.weights = res(model.weights)
     # A Cellpose model given as a path (not a bare name) is relative to the protocol too.
     m = protocol.segmentation.model

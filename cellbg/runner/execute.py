@@ -136,7 +136,7 @@ def execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> dic
         return {"user_error": message}
 
 
-def _execute_job(job: Job, run_dir: str, torch_threads: int | None = None) -> dict:
+def _execute_job(job: Job, run_dir: str | Path, torch_threads: int | None = None) -> dict:
     run_dir = Path(run_dir)
     if job.is_cached(run_dir):
         # Dask recomputes a finished task whose result was held by a worker that died since;

@@ -16,11 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellbg._checks import CellbgError
 from cellbg.runner.execute import execute_pickled
 from cellbg.runner.jobs import STATE_DIR, Job, safe_name
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 
 def _parse_duration(text: str) -> float:
@@ -247,9 +250,9 @@ class Executor:
     def __init__(self, cfg, run_dir: Path):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.client = None
-        self.cluster = None
-        self.adaptive = None
+        self.client: Client | None = None
+        self.cluster: Any = None  # LocalCluster or a dask-jobqueue cluster: no common typed base
+        self.adaptive: Any = None
         self._warm: threading.Thread | None = None
         self._warm_error: BaseException | None = None
         self._stack = contextlib.ExitStack()
@@ -286,6 +289,7 @@ class Executor:
             try:
                 self._start()
                 if modules:
+                    assert self.client is not None  # set by _start
                     self.client.run(_import_modules, list(modules))
             except BaseException as exc:  # noqa: BLE001 - raised again by _ensure_started
                 self._warm_error = exc
@@ -351,6 +355,7 @@ class Executor:
 
         self._ensure_started()
         client = self.client
+        assert client is not None  # set by _ensure_started
         # Fixed by the configuration, never by how many jobs remain: a float sum depends on
         # the thread count, and a resumed run must give the numbers of an uninterrupted one.
         threads = _torch_threads(self.cfg)
@@ -387,16 +392,17 @@ class Executor:
                         no_worker_since = None
                 while waiting and len(in_flight) < capacity:
                     job = waiting.pop(0)
+                    key = f"{job.stage}-{job.key}"
                     fut = client.submit(
                         execute_pickled,
                         cloudpickle.dumps(job),
                         str(self.run_dir),
                         threads,
-                        key=f"{job.stage}-{job.key}",
+                        key=key,
                         retries=self.cfg.retries,
                         pure=False,
                     )
-                    in_flight[fut.key] = (fut, job)
+                    in_flight[key] = (fut, job)  # the future's key is the one given
                 for k, (fut, job) in list(in_flight.items()):
                     if fut.status == "finished":
                         del in_flight[k]

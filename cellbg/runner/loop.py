@@ -288,9 +288,9 @@ def run_stages(
                         job.clear(run_dir, damaged[job.name])
                 if todo and stage.prepare is not None:
                     stage.prepare(ctx, todo)
-                later = [m for st in stages[index:] for m in st.worker_modules]
-                if todo and later:
-                    ex.warm_up(later)
+                later_modules = [m for st in stages[index:] for m in st.worker_modules]
+                if todo and later_modules:
+                    ex.warm_up(later_modules)
                 display.start(stage.name, len(todo), sum(is_cached))
                 stage_failures: list[JobFailure] = []
                 counts = {"done": 0, "failed": 0}
@@ -337,17 +337,17 @@ def run_stages(
 
                 for job in (j for j in todo if j.where == "client"):
                     t_job = time.perf_counter()
-                    exc = _run_in_client(job, run_dir, cfg.retries)
-                    record(job, exc, time.perf_counter() - t_job)
+                    error = _run_in_client(job, run_dir, cfg.retries)
+                    record(job, error, time.perf_counter() - t_job)
                     display.update(counts["done"], 0, counts["failed"])
                 worker_jobs = [j for j in todo if j.where == "worker"]
                 if worker_jobs:
                     base_done, base_failed = counts["done"], counts["failed"]
-                    for job, result, exc in ex.run_worker_jobs(
+                    for job, result, error in ex.run_worker_jobs(
                         worker_jobs,
                         lambda d, r, f, bd=base_done, bf=base_failed: display.update(bd + d, r, bf + f),
                     ):
-                        record(job, exc, (result or {}).get("seconds"))
+                        record(job, error, (result or {}).get("seconds"))
                 summary = StageSummary(
                     stage.name,
                     len(jobs),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cellbg._io import atomic_dir
-from cellbg.runner.jobs import Job, NotReady, RunContext, RunSummary, Stage, hash_key
+from cellbg.runner.jobs import FileDigests, Job, NotReady, RunContext, RunSummary, Stage, hash_key
 from cellbg.runner.loop import run_stages
 
 
@@ -131,6 +131,12 @@ def _job_report(run_dir: str) -> None:
 SEGMENT_BATCH = 16
 
 
+def _digests(ctx: RunContext) -> FileDigests:
+    """The run's file digests (:func:`run_stages` sets them before any stage is planned)."""
+    assert ctx.digests is not None, "run_stages sets the file digests before planning"
+    return ctx.digests
+
+
 def _image_table(ctx: RunContext):
     """The discovered image table with a content digest per image and mask."""
     if "images" not in ctx.data:
@@ -139,10 +145,11 @@ def _image_table(ctx: RunContext):
         if ctx.protocol.data.source == "synthetic" and not (ctx.run_dir / "data" / "manifest.csv").exists():
             raise NotReady("data")
         table = discover(ctx.protocol)
+        digests = _digests(ctx)
         table = table.assign(
-            digest=[ctx.digests(p) for p in table["path"]],
-            mask_digest=[ctx.digests(m) if m else "" for m in table["mask_path"]],
-            objects_digest=[ctx.digests(o) if o else "" for o in table["objects_path"]],
+            digest=[digests(p) for p in table["path"]],
+            mask_digest=[digests(m) if m else "" for m in table["mask_path"]],
+            objects_digest=[digests(o) if o else "" for o in table["objects_path"]],
         )
         ctx.data["images"] = table
     return ctx.data["images"]
@@ -389,7 +396,7 @@ def _plan_detect(ctx: RunContext) -> list[Job]:
     ctx.key("segment")
     table = _image_table(ctx).drop(columns=["digest", "mask_digest"])
     fields = detection_fields(p, table=table)
-    fields_hash = fields_digest(fields, ctx.digests)
+    fields_hash = fields_digest(fields, _digests(ctx))
     jobs = []
     for spec in plan_detect_jobs(p):
         key = detect_job_key(p, spec, fields_hash)
