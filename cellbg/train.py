@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,9 @@ from cellbg.planning import (
     plan_predictions,
     predict_key,
 )
+
+if TYPE_CHECKING:
+    from cellbg.crops import CropStore
 
 __all__ = [
     "Split",
@@ -240,7 +244,7 @@ class RandDihedral(Transform):
         if h != w:
             raise CellbgError(f"RandDihedral needs square images; got {h}x{w}")
         order = torch.argsort(self._ops, stable=True)
-        parts = []
+        parts: list[torch.Tensor] = []
         for op, count in zip(*torch.unique_consecutive(self._ops[order], return_counts=True), strict=True):
             sel = order[sum(len(p) for p in parts) :][: int(count)]
             # MONAI treats the first axis as channels: fold (images, channels) into it.
@@ -274,7 +278,8 @@ class RandIntensityJitter(Transform):
     def __init__(self, scale: float = 0.1, shift: float = 0.05):
         self.scale, self.shift = scale, shift
         self.generator = torch.Generator().manual_seed(0)
-        self._a = self._b = None
+        self._a: torch.Tensor | None = None
+        self._b: torch.Tensor | None = None
 
     def set_random_state(
         self, seed: int | None = None, generator: torch.Generator | None = None
@@ -288,7 +293,7 @@ class RandIntensityJitter(Transform):
         self._b = self.shift * u[1]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self._a is None or len(self._a) != len(images):
+        if self._a is None or self._b is None or len(self._a) != len(images):
             raise RuntimeError("call randomize(n) with the batch size first")
         a = self._a.to(images.dtype)[:, None, None, None]
         b = self._b.to(images.dtype)[:, None, None, None]
@@ -311,7 +316,7 @@ class _Crops:
     they fit the memory budget (:func:`_read_crops`). :meth:`take` gives the same numbers
     either way."""
 
-    store: object  # cellbg.crops.CropStore
+    store: CropStore
     cells: pd.DataFrame
     classes: list[str]
     bboxes: np.ndarray
@@ -931,7 +936,8 @@ def run_job(
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
         scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-        state = {
+        # the training state a checkpoint carries (train_epoch also keeps "micro_batch" in it)
+        state: dict[str, Any] = {
             "epoch": 0,
             "best_val_loss": math.inf,
             "best_epoch": 0,
@@ -1246,7 +1252,7 @@ def test_job(
     return accuracy
 
 
-test_job.__test__ = False  # not a pytest test
+test_job.__test__ = False  # type: ignore[attr-defined]  # pytest's collection flag, set on a function
 
 
 #: The run's predictions as a dataset: one parquet file per prediction job (same columns),
