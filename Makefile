@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cellbg-installed
 
-.PHONY: demo test test-slow bench clean-venv
+.PHONY: demo test lint test-slow bench clean-venv
 
 $(STAMP): pyproject.toml napari_plugin/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ demo: $(STAMP)
 	bash scripts/system-deps.sh
 	$(BIN)/cellbg run protocols/quickstart.yaml
 
-## Run the test suite (installs Xvfb etc. and starts a local Slurm cluster when root).
-test: $(STAMP)
+## Lint (ruff), format check and type check (mypy): the same checks as .pre-commit-config.yaml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## Lint and type check, then the test suite (installs Xvfb etc. and starts a local Slurm cluster when root).
+test: $(STAMP) lint
 	bash scripts/system-deps.sh
 	bash scripts/start-slurm.sh || echo "make test: no local Slurm cluster; the Slurm test will be skipped"
 	if command -v xvfb-run >/dev/null; then xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/python -m pytest -q; else $(BIN)/python -m pytest -q; fi
