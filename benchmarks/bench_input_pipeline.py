@@ -50,7 +50,7 @@ def main() -> None:
         _epoch_loader,
         _job_seeds,
         _read_crops,
-        _runtime,
+        job_runtime,
         num_threads,
         patient_split,
         select_device,
@@ -112,7 +112,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     ratios = {}
-    with _runtime(device), _autocast(device, False):
+    with job_runtime(device), _autocast(device, False):
         for variant in args.variants.split(","):
             spec = JobSpec("resnet", variant, 0, 0)
             seeds = _job_seeds(protocol, spec)

@@ -685,8 +685,12 @@ def num_threads() -> int:
 
 
 @contextlib.contextmanager
-def _runtime(device: torch.device) -> Iterator[None]:
-    """Thread count and deterministic algorithms for one job; restores the previous settings."""
+def job_runtime(device: torch.device) -> Iterator[None]:
+    """Thread count and deterministic algorithms for one job; restores the previous settings.
+
+    Used by every job that trains or predicts (classifiers here, detectors in
+    :mod:`cellbg.detect.train`), so all of them are deterministic on CPU in the same way.
+    """
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(num_threads())
     if device.type == "cpu":
@@ -926,7 +930,7 @@ def run_job(
     meta["amp_dtype"] = ("float16" if fp16 else "bfloat16") if amp else "off"
     job_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(job_dir / "spec.json", meta)
-    with _runtime(device):
+    with job_runtime(device):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeds["init_seed"])  # layer initialisers draw from the global RNG
             model = get_model(
@@ -1137,7 +1141,7 @@ def run_prediction(
     device = select_device(cfg.device)
     amp = bool(cfg.amp and device.type == "cuda")
     t0 = time.perf_counter()
-    with _runtime(device):
+    with job_runtime(device):
         model, meta = load_job_model(
             Path(train_dir) if train_dir is not None else run_dir / "jobs" / train_key, device=device
         )

@@ -398,19 +398,6 @@ def _evaluate(
 
 
 # --------------------------------------------------------------------------- one job
-@contextlib.contextmanager
-def _runtime(device: torch.device):
-    from cellbg.train import num_threads
-
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(num_threads())
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
 
 
 def run_detect_job(
@@ -450,7 +437,7 @@ def run_detect_job(
     CellbgError
         Missing label images or masks, a patient in two folds, an unreadable weights file.
     """
-    from cellbg.train import patient_split, select_device
+    from cellbg.train import job_runtime, patient_split, select_device
 
     cfg = protocol.detection
     if spec.condition == "with" and cfg.correlated.source == "none":
@@ -499,7 +486,7 @@ def run_detect_job(
     )
     device = select_device(cfg.device)
     d = cfg.detector
-    with _runtime(device):
+    with job_runtime(device):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeds["init_seed"])
             model = get_detector(
