@@ -132,12 +132,22 @@ def _model_spec(protocol, name: str):
     return protocol.models[keys.index(name)]
 
 
-def _folds(protocol) -> list[int]:
-    split = protocol.training.split
+def split_folds(split, max_folds: int | None = None) -> list[int]:
+    """The held-out folds a split makes jobs for: ``[0]`` for a fixed split, else ``0 .. folds-1``,
+    the first ``max_folds`` of them when given (classifier and detector jobs alike).
+
+    Examples
+    --------
+    >>> from cellbg.protocol import SplitConfig
+    >>> split_folds(SplitConfig(kind="kfold", folds=5), max_folds=2)
+    [0, 1]
+    """
     folds = [0] if split.kind == "fixed" else list(range(split.folds))
-    if protocol.training.max_folds is not None:
-        folds = folds[: protocol.training.max_folds]
-    return folds
+    return folds if max_folds is None else folds[:max_folds]
+
+
+def _folds(protocol) -> list[int]:
+    return split_folds(protocol.training.split, protocol.training.max_folds)
 
 
 def plan_jobs(protocol) -> list[JobSpec]:

@@ -63,11 +63,9 @@ def conditions(protocol) -> list[str]:
 
 
 def _folds(protocol) -> list[int]:
-    split = protocol.training.split
-    folds = [0] if split.kind == "fixed" else list(range(split.folds))
-    if protocol.detection.max_folds is not None:
-        folds = folds[: protocol.detection.max_folds]
-    return folds
+    from cellbg.planning import split_folds
+
+    return split_folds(protocol.training.split, protocol.detection.max_folds)
 
 
 def plan_detect_jobs(protocol) -> list[DetectJobSpec]:
