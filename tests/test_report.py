@@ -957,13 +957,18 @@ def test_final_lines_name_the_report_and_the_confirmatory_result(full_run):
     t = full_run["tests"]
     t = t[(t.family == "confirmatory") & (t.role == "primary")]
     assert len(lines) == 2 and lines[1].startswith("Confirmatory results: ") and lines[1].count("; ") == len(t) - 1
+
+    def said(name, p):  # "p = 0.034", but "p < 0.001" (never "p = < 0.001")
+        text = _fmt_p(p).replace("$<$", "< ")
+        return f"{name} {text}" if text.startswith("<") else f"{name} = {text}"
+
     for r in t.itertuples(index=False):
         verdict = "significant" if r.p_holm < 0.05 else "not significant"
         assert (
             f"{r.model}, " in lines[1]
             and f"{_pp(r.estimate).replace('$-$', '−')} percentage points "
             f"(95% CI {_pp(r.ci_low).replace('$-$', '−')} to {_pp(r.ci_high).replace('$-$', '−')}), "
-            f"p = {_fmt_p(r.pvalue).replace('$<$', '< ')}, Holm p = {_fmt_p(r.p_holm).replace('$<$', '< ')} "
+            f"{said('p', r.pvalue)}, {said('Holm p', r.p_holm)} "
             f"(paired t (patients), 6 patients): {verdict} at alpha = 0.05"
         ) in lines[1]
     assert "BG-GAP, trained on original: tested on mixed_same − mixed_rand" in lines[1]
@@ -1006,3 +1011,11 @@ def test_study_factors_context_generic_background_cooccurrence_and_validation_cu
                 line for line in md.splitlines() if line.startswith(f"| {model} | {train} |") and line.count("|") == 6
             )
             assert row.split("|")[3:6] == [f" {generic} ", f" {drop} ", f" {halo} "], row
+
+
+def test_the_headline_writes_p_below_the_threshold_as_less_than():
+    from cellbg.report.headline import _p_is
+
+    assert _p_is("p", 0.0004) == "p < 0.001"
+    assert _p_is("Holm p", 0.034) == "Holm p = 0.034"
+    assert _p_is("p", float("nan")) == "p = –"

@@ -58,8 +58,8 @@ def confirmatory_sentence(tests: pd.DataFrame, *, alpha: float = 0.05) -> str | 
         n = getattr(r, "n_patients", float("nan"))
         how = f" ({r.method}" + ("" if _isnan(n) else f", {int(n)} patients") + ")"
         parts.append(
-            f"{r.model}, {label}, {_pp(r.estimate)} {unit}{ci}, p = {_p(r.pvalue)}, "
-            f"Holm p = {_p(r.p_holm)}{how}: {verdict}"
+            f"{r.model}, {label}, {_pp(r.estimate)} {unit}{ci}, {_p_is('p', r.pvalue)}, "
+            f"{_p_is('Holm p', r.p_holm)}{how}: {verdict}"
         )
     head = "Confirmatory result: " if len(parts) == 1 else "Confirmatory results: "
     return head + "; ".join(parts) + "."
@@ -78,3 +78,9 @@ def run_headline(run_dir: str | Path) -> str | None:
     except Exception:  # noqa: BLE001 - a headline is a courtesy; the report says the rest
         return None
     return confirmatory_sentence(tests, alpha=alpha)
+
+
+def _p_is(name: str, p) -> str:
+    """``p = 0.034`` or ``p < 0.001`` (never ``p = < 0.001``)."""
+    text = _p(p)
+    return f"{name} {text}" if text.startswith("<") else f"{name} = {text}"
