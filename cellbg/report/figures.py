@@ -230,10 +230,11 @@ def _sweep_plot(figs: _Figures, series: list[dict], *, xlabel: str, title: str, 
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(color="0.92")
-        handles, labels = ax.get_legend_handles_labels()
-        handles += [Line2D([], [], color="0.3", ls=ls, lw=1.0) for ls in ref_styles.values()]
-        labels += [f"{name} level" for name in ref_styles]
-        ax.legend(handles, labels, loc="best")
+    # one legend below the panels: inside an axes it covers the curves wherever it goes
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="0.3", ls=ls, lw=1.0) for ls in ref_styles.values()]
+    labels += [f"{name} level" for name in ref_styles]
+    fig.legend(handles, labels, loc="outside lower center", ncols=2)
     axes[0].set_ylabel("accuracy (%)")
     fig.suptitle(title)
     return fig
