@@ -65,13 +65,30 @@ def _read_table(path: Path, what: str) -> pd.DataFrame | None:
         raise CellbgError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
 
 
+def _read_predictions(path: Path) -> pd.DataFrame | None:
+    """The predictions table with only the columns the report uses (``_PRED_COLUMNS``).
+
+    Class probabilities, image ids, partners and backgrounds stay on disk: at ten million
+    rows they are most of the table's memory and no report section reads them.
+    """
+    if not path.exists():
+        return None
+    try:
+        import pyarrow.parquet as pq
+
+        names = set(pq.read_schema(path).names)
+        return pd.read_parquet(path, columns=[c for c in _PRED_COLUMNS if c in names])
+    except Exception as exc:  # a damaged file is a user-facing problem, said in one line
+        raise CellbgError(f"cannot read predictions {path}: {type(exc).__name__}: {exc}") from None
+
+
 def _read_run(run_dir: Path) -> _Run:
     import json
 
     from cellbg.protocol import load_run
 
     run = _Run(run_dir=run_dir, protocol=load_run(run_dir))
-    run.predictions = _read_table(run_dir / "predictions.parquet", "predictions")
+    run.predictions = _read_predictions(run_dir / "predictions.parquet")
     if run.predictions is not None:
         _require_columns(run.predictions, _PRED_COLUMNS, what=str(run_dir / "predictions.parquet"))
     run.tests = _read_table(run_dir / "stats" / "tests.csv", "stats table")
