@@ -346,31 +346,16 @@ def test_report_states_missing_detection_results(tmp_path):
 # ---------------------------------------------------------------------------- known answer (slow)
 
 
-def _paint_clumps(root: Path, *, cls: str = "sezary", seed: int = 0) -> None:
-    """A dark clump (radius 5.5 px) beside every cell of ``cls``; its instance masks in ``root/clumps``."""
-    import tifffile
+def _paint_clumps(root: Path) -> None:
+    """A dark clump beside every Sezary cell, its masks in ``root/clumps``: the planting of
+    ``benchmarks/validate_detect.py`` (loaded from there, so the test and the script agree)."""
+    import importlib.util
 
-    rng = np.random.default_rng(seed)
-    truth = pd.read_csv(root / "cells_truth.csv")
-    (root / "clumps").mkdir(exist_ok=True)
-    for path, cells in truth.groupby("path"):
-        img = tifffile.imread(root / path).astype(np.float32)
-        mask = tifffile.imread(root / cells["mask"].iloc[0])
-        lab = np.zeros(mask.shape, np.uint16)
-        yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
-        k = 0
-        for c in cells.itertuples():
-            if rng.random() >= (1.0 if c.label == cls else 0.0):  # as benchmarks/validate_detect.py
-                continue
-            a = rng.uniform(0, 2 * np.pi)
-            r0 = c.centre_r + (c.cell_radius + 7) * np.sin(a)
-            c0 = c.centre_c + (c.cell_radius + 7) * np.cos(a)
-            disc = ((yy - r0) ** 2 + (xx - c0) ** 2 <= 5.5**2) & (mask == 0)
-            k += 1
-            lab[disc] = k
-            img[disc] = img[disc] * np.array([0.35, 0.2, 0.45])
-        tifffile.imwrite(root / path, np.clip(img, 0, 255).astype(np.uint8), photometric="rgb")
-        tifffile.imwrite(root / "clumps" / Path(path).name, lab)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "validate_detect.py"
+    spec = importlib.util.spec_from_file_location("validate_detect", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.plant_clumps(root, cls="sezary", p_cls=1.0, p_other=0.0, seed=0)
 
 
 @pytest.mark.slow
