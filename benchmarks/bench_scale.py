@@ -93,9 +93,12 @@ def _replicate(source_run: Path, target: int, root: Path) -> tuple[Path, dict]:
 
     from cellbg.crops import _compressors, _ids_hash, store_bytes
 
-    t0 = time.perf_counter()
     folder = root / f"n{target}"
     run = folder / "run"
+    made = folder / "replicated.json"
+    if made.exists() and json.loads(made.read_text()).get("source") == str(source_run):  # --keep: made before
+        return run, json.loads(made.read_text())["info"]
+    t0 = time.perf_counter()
     run.mkdir(parents=True, exist_ok=True)
     (folder / "protocol.yaml").write_text(_protocol_text(target, "run"))
     cells = pd.read_parquet(source_run / "cells.parquet")
@@ -140,7 +143,7 @@ def _replicate(source_run: Path, target: int, root: Path) -> tuple[Path, dict]:
     big.to_parquet(run / "cells.parquet", index=False)
     n_bytes = store_bytes(run / "crops.zarr")
     source = target * int(np.prod(img.shape[1:])) * img.dtype.itemsize
-    return run, {
+    info = {
         "crops_seconds": time.perf_counter() - t0,
         "replicated": True,
         "cells": target,
@@ -149,13 +152,24 @@ def _replicate(source_run: Path, target: int, root: Path) -> tuple[Path, dict]:
         "source_pixel_bytes": source,
         "store_dtype": str(img.dtype),
     }
+    made.write_text(json.dumps({"source": str(source_run), "info": info}))
+    return run, info
 
 
 # --------------------------------------------------------------------------- child processes
+def _own_peak_rss() -> int:
+    """This process's peak RSS in bytes since its exec (``VmHWM``; ``ru_maxrss`` would include
+    the driver's peak, which Linux carries across ``vfork`` + ``exec``)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _train_child(run_dir: str, mode: str, steps: int, threads: int) -> dict:
     """Time ``steps`` training batches; runs in a fresh process (its peak RSS is the job's)."""
     import itertools
-    import resource
 
     import torch
 
@@ -187,7 +201,7 @@ def _train_child(run_dir: str, mode: str, steps: int, threads: int) -> dict:
     t0 = time.perf_counter()
     _, _, seen = train_epoch(model, itertools.islice(batches, steps), opt)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _own_peak_rss()
     return {
         "mode": mode,
         "cells_per_s": seen / seconds,
@@ -199,8 +213,6 @@ def _train_child(run_dir: str, mode: str, steps: int, threads: int) -> dict:
 
 
 def _predict_child(run_dir: str, rows: int, threads: int) -> dict:
-    import resource
-
     import numpy as np
     import torch
 
@@ -217,7 +229,7 @@ def _predict_child(run_dir: str, rows: int, threads: int) -> dict:
         model, crops, idx, "original", fill="mean", seed=0, device=torch.device("cpu"), batch_size=256, amp=False
     )
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _own_peak_rss()
     return {"rows_per_s": len(idx) / seconds, "rows": len(idx), "peak_rss": peak}
 
 
@@ -249,6 +261,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each training mode, alternated; fastest kept")
     parser.add_argument("--keep", type=Path, default=None, help="keep the cohorts in this folder")
+    parser.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.4,
+        help="time the in-memory mode only when its crops take less than this share of the free memory",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -275,7 +293,7 @@ def main() -> None:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         memory = stream = None
         for _ in range(args.repeats):  # alternated, the fastest of each kept: the machine may be shared
-            if mem_need < 0.4 * avail:
+            if mem_need < args.memory_fraction * avail:
                 m = _child(["train", str(run), "memory", args.steps, args.threads])
                 memory = m if memory is None or m["cells_per_s"] > memory["cells_per_s"] else memory
             st = _child(["train", str(run), "stream", args.steps, args.threads])

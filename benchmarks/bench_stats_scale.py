@@ -12,7 +12,8 @@ comparisons, the exploratory grid (every condition against ``original:original``
 and 2000 bootstrap resamples.
 
 Each measurement is ``python -m cellbg.cli stats RUN`` in a fresh process: wall seconds and
-the process's peak RSS (``wait4``). The baseline is the cell-level implementation this
+the process's own peak RSS (:mod:`peak_memory`: not the driver's, which Linux would
+otherwise carry into the child). The baseline is the cell-level implementation this
 replaced (``cellbg/stats.py`` at commit 2323008, read with ``git show``: pandas pairing of
 cell rows, statsmodels GEE on cell rows) on a smaller table of the same design, measured in
 the same run, next to the current code on that smaller table.
@@ -25,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from peak_memory import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_COMMIT = "2323008"
@@ -136,16 +137,11 @@ def write_protocol(run: Path) -> None:
 
 def measure(cmd: list[str], env: dict) -> tuple[float, float, int, float, float]:
     """Wall seconds, peak RSS (GB), exit code, CPU seconds (user + system) and the 1-minute
-    load average at the end, of a child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code:
-        print(err[-2000:], file=sys.stderr)
-    return seconds, usage.ru_maxrss / 1024**2, code, usage.ru_utime + usage.ru_stime, os.getloadavg()[0]
+    load average at the end, of a child process (its own peak: :mod:`peak_memory`)."""
+    m = run_measured(cmd, env=env)
+    if m.returncode:
+        print(m.stderr[-2000:], file=sys.stderr)
+    return m.seconds, m.peak_rss / 1024**3, m.returncode, m.cpu_seconds, os.getloadavg()[0]
 
 
 OLD_RUNNER = """

@@ -24,6 +24,8 @@ __all__ = [
     "crops_fingerprint",
     "job_key",
     "predict_key",
+    "plan_saliency",
+    "saliency_key",
     "PREDICT_BLOCK",
 ]
 
@@ -184,6 +186,28 @@ def plan_predictions(protocol) -> list[PredictSpec]:
     return [PredictSpec(train=j, test_variant=v) for j in plan_jobs(protocol) for v in protocol.variants.test]
 
 
+def plan_saliency(protocol) -> list[PredictSpec]:
+    """Every saliency job: each training job of :func:`plan_jobs` x each of
+    ``saliency.test_variants`` (none when saliency is off).
+
+    A saliency job maps one trained model's sampled held-out cells in one test variant, so
+    the maps of a run spread over workers and batch jobs, and adding a saliency test variant
+    adds jobs and changes none.
+
+    Examples
+    --------
+    >>> from cellbg.protocol import Protocol
+    >>> p = Protocol.model_validate({"name": "demo", "variants": {"train": ["original"],
+    ...     "test": ["original", "mixed_rand"]}, "training": {"max_folds": 2},
+    ...     "saliency": {"test_variants": ["original", "mixed_rand"]}})
+    >>> [(s.train.fold, s.test_variant) for s in plan_saliency(p)]
+    [(0, 'original'), (0, 'mixed_rand'), (1, 'original'), (1, 'mixed_rand')]
+    """
+    if not protocol.saliency.enabled:
+        return []
+    return [PredictSpec(train=j, test_variant=v) for j in plan_jobs(protocol) for v in protocol.saliency.test_variants]
+
+
 _FINGERPRINTS: dict[tuple, str] = {}
 
 
@@ -281,6 +305,36 @@ def predict_key(protocol, spec: PredictSpec, *, train_key: str | None = None, cr
         "train_key": train_key,
         "test_variant": spec.test_variant,
         "variants": protocol.variants.model_dump(mode="json", exclude={"train", "test"}),
+        "block": PREDICT_BLOCK,
+    }
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def saliency_key(protocol, spec: PredictSpec, *, train_key: str | None = None, crops_hash: str | None = None) -> str:
+    """The content hash naming a saliency job's folder (hex, 16 chars).
+
+    The trained model's :func:`job_key` (which covers the crops and the protocol seed that
+    picks the sampled cells), the test variant, the variant settings, :data:`PREDICT_BLOCK`,
+    the saliency settings other than the list of test variants, and the cellbg version.
+
+    Parameters
+    ----------
+    protocol : Protocol
+    spec : PredictSpec
+        The trained model and one of ``saliency.test_variants``.
+    train_key, crops_hash : str, optional
+        As for :func:`predict_key`.
+    """
+    if train_key is None:
+        train_key = job_key(protocol, spec.train, crops_hash=crops_hash)
+    payload = {
+        "cellbg": __version__,
+        "stage": "saliency",
+        "train_key": train_key,
+        "test_variant": spec.test_variant,
+        "variants": protocol.variants.model_dump(mode="json", exclude={"train", "test"}),
+        "saliency": protocol.saliency.model_dump(mode="json", exclude={"test_variants", "enabled"}),
         "block": PREDICT_BLOCK,
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)

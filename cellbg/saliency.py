@@ -26,8 +26,9 @@ architecture and re-randomised weights (:func:`randomize_weights`) and records t
 rank correlation of the two maps (:func:`rank_correlation`): a map that barely changes when
 the weights are destroyed says nothing about what the model learned.
 
-:func:`run_saliency` applies all of this to the trained jobs of a protocol and writes
-``<run>/saliency.zarr`` and ``<run>/saliency.parquet``; :func:`write_montage` draws crops
+:func:`run_saliency` applies all of this to the trained jobs of a protocol, one
+:func:`saliency_job` per trained model and test variant, and :func:`collect_saliency`
+writes ``<run>/saliency.zarr`` and ``<run>/saliency.parquet``; :func:`write_montage` draws crops
 with their maps for the report.
 
 Examples
@@ -48,11 +49,14 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from cellbg._checks import CellbgError, check_nd, did_you_mean, look_up_option
+
+if TYPE_CHECKING:
+    from cellbg.variants import VariantResult
 
 __all__ = [
     "METHODS",
@@ -67,6 +71,8 @@ __all__ = [
     "rank_correlation",
     "sample_cells",
     "held_out_variant",
+    "saliency_job",
+    "collect_saliency",
     "run_saliency",
     "load_saliency",
     "montage",
@@ -581,7 +587,7 @@ def background_colour(images, masks, *, max_crops: int = 512) -> np.ndarray:
     if tuple(np.shape(masks)) != (n, *np.shape(images)[2:]):
         raise CellbgError(f"masks shape {np.shape(masks)} does not match images shape {np.shape(images)}")
     take = np.unique(np.linspace(0, n - 1, min(n, max_crops)).round().astype(int)) if n else np.zeros(0, int)
-    pixels = np.moveaxis(np.asarray(images[take], dtype=np.float32), 1, -1)[~np.asarray(masks[take], bool)]
+    pixels = np.moveaxis(_take_rows(images, take, np.float32), 1, -1)[~_take_rows(masks, take, bool)]
     if not len(pixels):
         return np.zeros(np.shape(images)[1], np.float32)
     return np.median(pixels, axis=0).astype(np.float32)
@@ -830,6 +836,86 @@ def _job_maps(model, images, masks, rows, pred, *, cfg, layer: str, random_model
     return out
 
 
+def _take_rows(array, rows: np.ndarray, dtype) -> np.ndarray:
+    """``array[rows]`` for a numpy array or a lazy store array (read sorted, put back in order)."""
+    if not hasattr(array, "oindex"):  # in memory
+        return np.asarray(np.asarray(array)[rows], dtype=dtype)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *array.shape[1:]), dtype)
+    out[order] = np.asarray(array.oindex[rows[order]], dtype=dtype)  # zarr reads sorted rows fastest
+    return out
+
+
+def _variant_blocks(
+    protocol, rows, variant: str, *, images, masks, cells, others, backgrounds, positions=None
+) -> VariantResult:
+    """The variant of ``rows`` (a held-out set, in prediction order) as its prediction job made it.
+
+    Block ``j`` is ``rows[j * PREDICT_BLOCK:(j + 1) * PREDICT_BLOCK]`` with seed
+    ``variants.seed + j`` (:func:`cellbg.train.run_prediction`). With ``positions`` (indices
+    into ``rows``) only the blocks holding them are read and varied, so memory is one block
+    however large the held-out set; the result then holds those positions, in that order,
+    with ``partner`` still an index into ``rows``.
+    """
+    from cellbg.planning import PREDICT_BLOCK
+    from cellbg.variants import VariantResult, apply_variant
+
+    rows = np.asarray(rows, np.int64)
+    bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)
+    labels = cells["label_index"].to_numpy(np.int64)
+    if positions is None:
+        blocks = list(range(max(1, -(-len(rows) // PREDICT_BLOCK))))
+    else:
+        positions = np.asarray(positions, np.int64)
+        blocks = sorted({int(b) for b in positions // PREDICT_BLOCK})
+    parts, where = [], []
+    for j in blocks:
+        block = rows[j * PREDICT_BLOCK : (j + 1) * PREDICT_BLOCK]
+        r = apply_variant(
+            variant,
+            _take_rows(images, block, np.float32),
+            _take_rows(masks, block, bool),
+            bboxes=bboxes[block],
+            labels=labels[block],
+            fill=protocol.variants.fill,
+            seed=protocol.variants.seed + j,
+            reference=protocol.variants.reference,
+            others=_take_rows(others, block, bool) if others is not None else None,
+            backgrounds=backgrounds or None,
+            others_fill=protocol.variants.others_fill,
+        )
+        partner = np.asarray(r.partner)
+        partner = np.where(partner >= 0, partner + j * PREDICT_BLOCK, -1)
+        background = None if r.background is None else np.asarray(r.background)
+        if positions is None:
+            take = np.arange(len(block))
+        else:
+            take = positions[positions // PREDICT_BLOCK == j] - j * PREDICT_BLOCK
+            where.append(np.flatnonzero(positions // PREDICT_BLOCK == j))
+        parts.append(
+            VariantResult(
+                np.asarray(r.images)[take],
+                np.asarray(r.masks)[take],
+                partner[take],
+                r.spec,
+                background=None if background is None else background[take],
+            )
+        )
+    if len(parts) == 1 and positions is None:
+        return parts[0]
+    if not parts:  # positions given, but none
+        size = (0, *images.shape[1:])
+        return VariantResult(np.zeros(size, np.float32), np.zeros((0, *masks.shape[1:]), bool), np.zeros(0, np.int64))
+    order = np.argsort(np.concatenate(where), kind="stable") if positions is not None else slice(None)
+    return VariantResult(
+        np.concatenate([p.images for p in parts])[order],
+        np.concatenate([p.masks for p in parts])[order],
+        np.concatenate([p.partner for p in parts])[order],
+        parts[0].spec,
+        background=None if parts[0].background is None else np.concatenate([p.background for p in parts])[order],
+    )
+
+
 def held_out_variant(
     protocol, job_dir, variant: str, *, images=None, masks=None, cells=None, others=None, backgrounds=None
 ):
@@ -850,7 +936,8 @@ def held_out_variant(
     variant : str
         A test variant, e.g. ``"mixed_rand"``.
     images, masks, cells : optional
-        The run's crops (:func:`cellbg.crops.load_crops`); read from the run when omitted.
+        The run's crops (:func:`cellbg.crops.load_crops`, in memory or lazy); read lazily
+        from the run when omitted.
     others : (n, S, S) bool, optional
         The run's other-object masks (:func:`cellbg.crops.load_others`); read when the crops are.
     backgrounds : dict, optional
@@ -866,69 +953,361 @@ def held_out_variant(
         ``rows``; -1 unless the variant is a ``mixed_*`` one).
     """
     from cellbg.crops import load_crops, load_others
-    from cellbg.variants import apply_variant, protocol_backgrounds
+    from cellbg.variants import protocol_backgrounds
 
     job_dir = Path(job_dir)
     if images is None or masks is None or cells is None:
         images, masks, cells = load_crops(job_dir.parent.parent, lazy=True)
-        others = load_others(job_dir.parent.parent)
+        others = load_others(job_dir.parent.parent, lazy=True)
     if backgrounds is None:
         backgrounds = protocol_backgrounds(
             protocol, [variant], size=int(images.shape[-1]), channels=int(images.shape[1])
         )
     rows = _job_cells(job_dir, cells)
-    order = np.argsort(rows, kind="stable")
-    x = np.empty((len(rows), *images.shape[1:]), np.float32)
-    m = np.empty((len(rows), *masks.shape[1:]), bool)
-    # one sorted read (zarr arrays read rows in order fastest), put back in prediction order
-    x[order] = np.asarray(
-        images[rows[order]] if isinstance(images, np.ndarray) else images.oindex[rows[order]], dtype=np.float32
-    )
-    m[order] = np.asarray(masks[rows[order]] if isinstance(masks, np.ndarray) else masks.oindex[rows[order]], bool)
-    bboxes = cells[["bbox_r0", "bbox_c0", "bbox_r1", "bbox_c1"]].to_numpy(np.int64)[rows]
-    labels = cells["label_index"].to_numpy(np.int64)[rows]
-    from cellbg.planning import PREDICT_BLOCK
-    from cellbg.variants import VariantResult
-
-    oth = (
-        np.asarray(others[rows] if isinstance(others, np.ndarray) else others.oindex[rows], bool)
-        if others is not None
-        else None
-    )
-    parts = []
-    for j, lo in enumerate(range(0, max(len(rows), 1), PREDICT_BLOCK)):
-        sl = slice(lo, lo + PREDICT_BLOCK)
-        parts.append(
-            apply_variant(
-                variant,
-                x[sl],
-                m[sl],
-                bboxes=bboxes[sl],
-                labels=labels[sl],
-                fill=protocol.variants.fill,
-                seed=protocol.variants.seed + j,
-                reference=protocol.variants.reference,
-                others=oth[sl] if oth is not None else None,
-                backgrounds=backgrounds or None,
-                others_fill=protocol.variants.others_fill,
-            )
-        )
-    if len(parts) == 1:
-        return rows, parts[0]
-    partner = np.concatenate(
-        [
-            np.where(np.asarray(r.partner) >= 0, np.asarray(r.partner) + j * PREDICT_BLOCK, -1)
-            for j, r in enumerate(parts)
-        ]
-    )
-    shown = VariantResult(
-        np.concatenate([np.asarray(r.images) for r in parts]),
-        np.concatenate([np.asarray(r.masks) for r in parts]),
-        partner,
-        parts[0].spec,
-        background=None if parts[0].background is None else np.concatenate([np.asarray(r.background) for r in parts]),
+    shown = _variant_blocks(
+        protocol, rows, variant, images=images, masks=masks, cells=cells, others=others, backgrounds=backgrounds
     )
     return rows, shown
+
+
+@dataclass
+class _RunCrops:
+    """A run's crops, read lazily, and what every saliency job of the run shares."""
+
+    images: Any  # ScaledImages (lazy)
+    masks: Any  # zarr array
+    cells: Any  # DataFrame
+    others: Any  # zarr array or None
+    colour: np.ndarray
+
+
+_RUN_CROPS: dict[tuple[str, str], _RunCrops] = {}
+
+
+def _run_crops(run_dir: Path) -> _RunCrops:
+    """The run's lazy crops and background colour, kept per worker process for the next job."""
+    from cellbg.crops import load_crops, load_others
+    from cellbg.planning import crops_fingerprint
+
+    cache_key = (str(Path(run_dir).resolve()), crops_fingerprint(run_dir))
+    if cache_key not in _RUN_CROPS:
+        images, masks, cells = load_crops(run_dir, lazy=True)
+        _RUN_CROPS.clear()
+        _RUN_CROPS[cache_key] = _RunCrops(
+            images, masks, cells, load_others(run_dir, lazy=True), background_colour(images, masks)
+        )
+    return _RUN_CROPS[cache_key]
+
+
+def _map_job(protocol, spec, train_dir: Path, crops: _RunCrops, *, device, progress=None):
+    """The table rows and arrays of one saliency job (one trained model, one test variant)."""
+    import pandas as pd
+    import torch
+
+    from cellbg.models import target_layer
+    from cellbg.train import load_job_model
+    from cellbg.variants import protocol_backgrounds
+
+    cfg = protocol.saliency
+    variant = spec.test_variant
+    cells = crops.cells
+    model, _ = load_job_model(train_dir, device=device)
+    random_model = randomize_weights(model, seed=spec.train.seed) if cfg.sanity_check else None
+    pools = protocol_backgrounds(protocol, [variant], size=crops.images.shape[-1], channels=crops.images.shape[1])
+    held_out = _job_cells(train_dir, cells)
+    pick = sample_cells(
+        cells.iloc[held_out],
+        cfg.cells_per_job,
+        seed=int(np.random.SeedSequence([protocol.seed, spec.train.fold]).generate_state(1)[0]),
+    )
+    shown = _variant_blocks(
+        protocol,
+        held_out,
+        variant,
+        images=crops.images,
+        masks=crops.masks,
+        cells=cells,
+        others=crops.others,
+        backgrounds=pools,
+        positions=pick,
+    )
+    x = torch.as_tensor(np.asarray(shown.images), dtype=torch.float32)
+    fg = np.asarray(shown.masks).astype(bool)
+    partner = np.asarray(shown.partner)
+    cell_ids = cells["cell_id"].astype(str).to_numpy()
+    partner_ids = np.where(partner >= 0, cell_ids[held_out[np.clip(partner, 0, None)]], "")
+    rows = cells.iloc[held_out[pick]].reset_index(drop=True)
+    # the images depend on the held-out set and the sample, not on the model: jobs of one
+    # fold share them in the run's store (see collect_saliency)
+    shown_key = f"{variant}:{hashlib.sha1(held_out[pick].tobytes() + held_out.tobytes()).hexdigest()}"
+    with torch.no_grad():
+        logits = (
+            torch.cat([model(c.to(device)).cpu() for c in x.split(cfg.batch_size)]) if len(x) else torch.zeros(0, 2)
+        )
+    pred = logits.argmax(1).numpy().astype(np.int64) if logits.shape[1] > 1 else (logits[:, 0] > 0).long().numpy()
+    results = _job_maps(
+        model, x, fg, rows, pred, cfg=cfg, layer=target_layer(model), random_model=random_model, colour=crops.colour
+    )
+    frames, maps, random_maps, masks = [], [], [], []
+    n_maps = 0
+    labels = rows["label_index"].to_numpy(np.int64)
+    for method, r in results.items():
+        n_rows = len(r["cell"])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "cell_id": rows["cell_id"].astype(str).to_numpy()[r["cell"]],
+                    "patient_id": rows["patient_id"].astype(str).to_numpy()[r["cell"]],
+                    "label": rows["label"].astype(str).to_numpy()[r["cell"]],
+                    "label_index": labels[r["cell"]],
+                    "model": spec.train.model,
+                    "train_variant": spec.train.train_variant,
+                    "test_variant": variant,
+                    "seed": spec.train.seed,
+                    "fold": spec.train.fold,
+                    "method": method,
+                    "target": np.repeat(r["kinds"], len(rows)),
+                    "target_index": r["cls"],
+                    "pred_index": pred[r["cell"]],
+                    "correct": pred[r["cell"]] == labels[r["cell"]],
+                    "background_share": r["share"][r["inverse"]],
+                    "background_ratio": r["ratio"][r["inverse"]],
+                    "background_fraction": r["fraction"][r["inverse"]],
+                    "sanity_rank_corr": r["corr"][r["inverse"]],
+                    "map_index": np.arange(n_maps, n_maps + n_rows),
+                    "job_key": train_dir.name,
+                    "partner_cell_id": partner_ids[r["cell"]],
+                    "shown_index": r["cell"],
+                }
+            )
+        )
+        n_maps += n_rows
+        maps.append(r["maps"][r["inverse"]])
+        masks.append(fg[r["cell"]])
+        if r["random_maps"] is not None:
+            random_maps.append(r["random_maps"][r["inverse"]])
+        if progress is not None:
+            progress(len(frames), len(results))
+    size = tuple(crops.images.shape[-2:])
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_COLUMNS)
+    arrays = {
+        "maps": np.concatenate(maps).astype(np.float32) if maps else np.zeros((0, *size), np.float32),
+        "masks": np.concatenate(masks) if masks else np.zeros((0, *size), bool),
+        "shown": x.numpy().astype(np.float32),
+    }
+    if cfg.sanity_check:
+        arrays["random_maps"] = (
+            np.concatenate(random_maps).astype(np.float32) if random_maps else np.zeros((0, *size), np.float32)
+        )
+    return table[_COLUMNS], arrays, shown_key
+
+
+def _write_arrays(folder: Path, arrays: dict, attrs: dict) -> None:
+    """A small zarr group of whole arrays, replaced atomically."""
+    import zarr
+
+    from cellbg._io import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        group = zarr.open_group(str(tmp), mode="w")
+        for name, data in arrays.items():
+            group.create_array(name, data=data, chunks=(max(1, min(len(data), 256)), *data.shape[1:]))
+        group.attrs.update(attrs)
+
+
+def saliency_job(protocol, spec, job_dir=None, *, train_dir=None, progress=None) -> Path:
+    """Maps of one trained model on its sampled held-out cells in one test variant.
+
+    The unit of work that :func:`run_saliency` (and the runner, one job per worker) runs:
+    ``spec`` is a :class:`~cellbg.planning.PredictSpec` of :func:`cellbg.planning.plan_saliency`.
+    The crops are read lazily, only the :data:`~cellbg.planning.PREDICT_BLOCK` blocks that
+    hold a sampled cell, so memory does not grow with the cohort. A finished job (``DONE``
+    present) is not rerun.
+
+    Parameters
+    ----------
+    protocol : Protocol
+    spec : PredictSpec
+        The trained model and one of ``saliency.test_variants``.
+    job_dir : path, optional
+        Default ``<run>/jobs/<saliency_key>``.
+    train_dir : path, optional
+        The finished training job; default ``<run>/jobs/<job_key>``.
+    progress : callable, optional
+        Called as ``progress(methods_done, n_methods)``.
+
+    Returns
+    -------
+    Path
+        ``<job_dir>/saliency.parquet`` (rows as in :func:`run_saliency`, ``map_index`` and
+        ``shown_index`` counted within the job); the arrays are in ``<job_dir>/maps.zarr``.
+
+    Raises
+    ------
+    CellbgError
+        The training job is not finished, an unknown test variant.
+    """
+    import json
+
+    from cellbg import __version__
+    from cellbg._io import write_parquet_atomic, write_text_atomic
+    from cellbg.planning import DONE, crops_fingerprint, job_key, saliency_key
+    from cellbg.train import select_device
+    from cellbg.variants import parse_variant
+
+    run_dir = Path(protocol.run_dir)
+    train_key = job_key(protocol, spec.train, crops_hash=crops_fingerprint(run_dir))
+    key = saliency_key(protocol, spec, train_key=train_key)
+    job_dir = Path(job_dir) if job_dir is not None else run_dir / "jobs" / key
+    out = job_dir / "saliency.parquet"
+    if (job_dir / DONE).exists():
+        return out
+    parse_variant(spec.test_variant)
+    train_dir = Path(train_dir) if train_dir is not None else run_dir / "jobs" / train_key
+    if not (train_dir / DONE).exists():
+        s = spec.train
+        raise CellbgError(
+            f"training job of model '{s.model}', train variant '{s.train_variant}', seed {s.seed}, fold {s.fold} "
+            f"is not finished ({train_dir}); run 'cellbg train' first"
+        )
+    crops = _run_crops(run_dir)
+    table, arrays, shown_key = _map_job(
+        protocol, spec, train_dir, crops, device=select_device(protocol.training.device), progress=progress
+    )
+    job_dir.mkdir(parents=True, exist_ok=True)
+    _write_arrays(
+        job_dir / "maps.zarr",
+        arrays,
+        {"shown_key": shown_key, "background_colour": crops.colour.astype(float).tolist()},
+    )
+    write_text_atomic(
+        job_dir / "spec.json",
+        json.dumps({"key": key, "train_key": train_key, "saliency": spec.to_dict(), "cellbg": __version__}, indent=1),
+    )
+    write_parquet_atomic(table, out)
+    write_text_atomic(job_dir / DONE, f"{key}\n")
+    return out
+
+
+def _saliency_specs(protocol) -> list:
+    """Each training job x each of ``saliency.test_variants`` (whether or not the runner's
+    saliency stage is enabled: ``cellbg saliency`` maps on demand)."""
+    from cellbg.planning import plan_saliency
+
+    return plan_saliency(
+        protocol.model_copy(update={"saliency": protocol.saliency.model_copy(update={"enabled": True})})
+    )
+
+
+def _saliency_dirs(protocol) -> list[Path]:
+    """The folders of the protocol's saliency jobs, in plan order; an error when one is unfinished."""
+    from cellbg.planning import DONE, crops_fingerprint, job_key, saliency_key
+
+    run_dir = Path(protocol.run_dir)
+    crops_hash = crops_fingerprint(run_dir)
+    specs = _saliency_specs(protocol)
+    dirs = [
+        run_dir / "jobs" / saliency_key(protocol, s, train_key=job_key(protocol, s.train, crops_hash=crops_hash))
+        for s in specs
+    ]
+    missing = [s for s, d in zip(specs, dirs, strict=True) if not (d / DONE).exists()]
+    if missing:
+        s = missing[0]
+        raise CellbgError(
+            f"{len(missing)} saliency job(s) not finished in {run_dir}, e.g. model '{s.train.model}', train variant "
+            f"'{s.train.train_variant}', seed {s.train.seed}, fold {s.train.fold}, test variant '{s.test_variant}'; "
+            "run 'cellbg saliency' first"
+        )
+    return dirs
+
+
+def collect_saliency(protocol):
+    """Gather the protocol's finished saliency jobs into ``<run>/saliency.parquet`` and ``saliency.zarr``.
+
+    Jobs are read one at a time, in plan order (model x train variant x seed x fold, then
+    test variant), and their arrays written into the run's store slice by slice, so memory
+    holds one job's maps. The images a map was computed on are stored once per (test
+    variant, held-out set, sample): jobs of one fold share them.
+
+    Returns
+    -------
+    DataFrame
+        The rows of ``saliency.parquet`` (see :func:`run_saliency`).
+
+    Raises
+    ------
+    CellbgError
+        Some saliency jobs are not finished (their number and the first one).
+    """
+    import pandas as pd
+    import zarr
+
+    from cellbg._io import atomic_dir, write_parquet_atomic
+
+    cfg = protocol.saliency
+    run_dir = Path(protocol.run_dir)
+    dirs = _saliency_dirs(protocol)
+    groups = [zarr.open_group(str(d / "maps.zarr"), mode="r") for d in dirs]
+    tables, shown_at, n_maps, n_shown = [], {}, 0, 0
+    placement = []  # per job: (first map row, first shown row or None when already stored)
+    for d, group in zip(dirs, groups, strict=True):
+        table = pd.read_parquet(d / "saliency.parquet")
+        shown_key = str(group.attrs["shown_key"])
+        new = shown_key not in shown_at
+        if new:
+            shown_at[shown_key] = n_shown
+        table["map_index"] = table["map_index"].to_numpy(np.int64) + n_maps
+        table["shown_index"] = table["shown_index"].to_numpy(np.int64) + shown_at[shown_key]
+        placement.append((n_maps, shown_at[shown_key] if new else None))
+        n_maps += len(table)
+        n_shown += int(cast("zarr.Array", group["shown"]).shape[0]) if new else 0
+        tables.append(table)
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=_COLUMNS)
+    table = table[_COLUMNS]
+    if groups:
+        size = tuple(cast("zarr.Array", groups[0]["maps"]).shape[1:])
+        channels = int(cast("zarr.Array", groups[0]["shown"]).shape[1])
+        colour = list(cast("list[float]", groups[0].attrs["background_colour"]))
+    else:
+        images, masks, _ = __import__("cellbg.crops", fromlist=["load_crops"]).load_crops(run_dir, lazy=True)
+        size, channels = tuple(images.shape[-2:]), int(images.shape[1])
+        colour = background_colour(images, masks).astype(float).tolist()
+    shapes = {
+        "maps": ((n_maps, *size), np.float32),
+        "masks": ((n_maps, *size), bool),
+        "shown": ((n_shown, channels, *size), np.float32),
+    }
+    if cfg.sanity_check:
+        shapes["random_maps"] = ((n_maps, *size), np.float32)
+    # The store is complete before the table that indexes it appears.
+    with atomic_dir(run_dir / "saliency.zarr") as tmp:
+        out = zarr.open_group(str(tmp), mode="w")
+        arrays = {
+            name: out.create_array(name, shape=shape, dtype=dtype, chunks=(max(1, min(shape[0], 256)), *shape[1:]))
+            for name, (shape, dtype) in shapes.items()
+        }
+        for group, (map_start, shown_start) in zip(groups, placement, strict=True):
+            for name, array in arrays.items():
+                if name == "shown" and shown_start is None:
+                    continue
+                data = np.asarray(cast("zarr.Array", group[name])[:])
+                start = shown_start if name == "shown" else map_start
+                if len(data):
+                    array[start : start + len(data)] = data
+        out.attrs.update(
+            {
+                "methods": list(cfg.methods),
+                "target": cfg.target,
+                "test_variants": list(cfg.test_variants),
+                "background_colour": colour,
+                "ig_baseline": cfg.ig_baseline,
+                "occlusion_fill": cfg.occlusion_fill,
+                "rows": "row j of maps, masks, random_maps belongs to row j of saliency.parquet (map_index = j); "
+                "shown[shown_index] is the image a row's map was computed on",
+            }
+        )
+    write_parquet_atomic(table, run_dir / "saliency.parquet")
+    return table
 
 
 def run_saliency(protocol, *, progress=None):
@@ -947,12 +1326,16 @@ def run_saliency(protocol, *, progress=None):
     ``saliency.occlusion_fill``; ``background`` is :func:`background_colour` of the run's
     crops.
 
+    Each (trained model, test variant) is one saliency job (:func:`saliency_job`, in
+    ``<run>/jobs/<key>``; a finished one is kept), then :func:`collect_saliency` gathers
+    them. The runner runs the same jobs on its workers.
+
     Parameters
     ----------
     protocol : Protocol
         A loaded protocol whose crops and training jobs exist.
     progress : callable, optional
-        Called as ``progress(job_number, n_jobs)`` after each job.
+        Called as ``progress(job_number, n_jobs)`` after each saliency job.
 
     Returns
     -------
@@ -960,163 +1343,45 @@ def run_saliency(protocol, *, progress=None):
         The rows of ``<run>/saliency.parquet``: ``cell_id, patient_id, label, label_index,
         model, train_variant, test_variant, seed, fold, method, target ('predicted' or
         'true'), target_index, pred_index, correct, background_share, background_ratio,
-        background_fraction, sanity_rank_corr, map_index, job_key, partner_cell_id ('' unless
-        mixed), shown_index``. A map is identified by (cell, model, train variant, test
-        variant, seed, fold, method, target).
+        background_fraction, sanity_rank_corr, map_index, job_key (the training job's),
+        partner_cell_id ('' unless mixed), shown_index``. A map is identified by (cell,
+        model, train variant, test variant, seed, fold, method, target).
 
     Writes ``<run>/saliency.zarr``: arrays ``maps`` float32 ``(k, S, S)``, ``masks`` bool
     ``(k, S, S)`` (the cell mask the share is computed with) and, with the sanity check,
     ``random_maps``; row j belongs to row j of ``saliency.parquet`` (``map_index`` = j).
     ``shown`` float32 ``(m, C, S, S)`` holds the images the maps were computed on, once per
     (test variant, held-out set, cell): jobs of one fold share them; a row's image is
-    ``shown[shown_index]``. Both files are
-    replaced atomically.
+    ``shown[shown_index]``. Both files are replaced atomically.
 
     Raises
     ------
     CellbgError
         No crops, unfinished training jobs, or an unknown test variant.
     """
-    import pandas as pd
-    import torch
-    import zarr
-
-    from cellbg._io import atomic_dir, write_parquet_atomic
-    from cellbg.crops import load_crops, load_others
-    from cellbg.models import target_layer
+    from cellbg.crops import load_crops
     from cellbg.planning import DONE, crops_fingerprint, job_key, plan_jobs
-    from cellbg.train import load_job_model, select_device
-    from cellbg.variants import parse_variant, protocol_backgrounds
+    from cellbg.variants import parse_variant
 
-    cfg = protocol.saliency
     run_dir = Path(protocol.run_dir)
-    for variant in cfg.test_variants:
+    for variant in protocol.saliency.test_variants:
         parse_variant(variant)
-    images, masks, cells = load_crops(run_dir)
-    others = load_others(run_dir)
-    pools = protocol_backgrounds(protocol, list(cfg.test_variants), size=images.shape[-1], channels=images.shape[1])
+    load_crops(run_dir, lazy=True)  # a clear error when there are no crops
     crops_hash = crops_fingerprint(run_dir)
     specs = plan_jobs(protocol)
-    job_dirs = [run_dir / "jobs" / job_key(protocol, s, crops_hash=crops_hash) for s in specs]
-    missing = [s for s, d in zip(specs, job_dirs, strict=True) if not (d / DONE).exists()]
+    missing = [s for s in specs if not (run_dir / "jobs" / job_key(protocol, s, crops_hash=crops_hash) / DONE).exists()]
     if missing:
         s = missing[0]
         raise CellbgError(
             f"{len(missing)} training job(s) not finished in {run_dir}, e.g. model '{s.model}', train variant "
             f"'{s.train_variant}', seed {s.seed}, fold {s.fold}; run 'cellbg train' first"
         )
-    device = select_device(protocol.training.device)
-    colour = background_colour(images, masks)
-    cell_ids = cells["cell_id"].astype(str).to_numpy()
-    frames, all_maps, all_random, all_masks, all_shown = [], [], [], [], []
-    n_maps = n_shown = 0
-    shown_at: dict[tuple, int] = {}  # (variant, held-out set and sample) -> first row in `shown`
-    for number, (spec, job_dir) in enumerate(zip(specs, job_dirs, strict=True), start=1):
-        model, meta = load_job_model(job_dir, device=device)
-        random_model = randomize_weights(model, seed=spec.seed) if cfg.sanity_check else None
-        for variant in cfg.test_variants:
-            held_out, shown = held_out_variant(
-                protocol, job_dir, variant, images=images, masks=masks, cells=cells, others=others, backgrounds=pools
-            )
-            pick = sample_cells(
-                cells.iloc[held_out],
-                cfg.cells_per_job,
-                seed=int(np.random.SeedSequence([protocol.seed, spec.fold]).generate_state(1)[0]),
-            )
-            x = torch.as_tensor(np.asarray(shown.images)[pick], dtype=torch.float32)
-            fg = np.asarray(shown.masks)[pick].astype(bool)
-            partner = np.asarray(shown.partner)[pick]
-            partner_ids = np.where(partner >= 0, cell_ids[held_out[np.clip(partner, 0, None)]], "")
-            rows = cells.iloc[held_out[pick]].reset_index(drop=True)
-            shown_key = (variant, hashlib.sha1(held_out[pick].tobytes() + held_out.tobytes()).hexdigest())
-            with torch.no_grad():
-                logits = (
-                    torch.cat([model(c.to(device)).cpu() for c in x.split(cfg.batch_size)])
-                    if len(x)
-                    else torch.zeros(0, 2)
-                )
-            pred = (
-                logits.argmax(1).numpy().astype(np.int64) if logits.shape[1] > 1 else (logits[:, 0] > 0).long().numpy()
-            )
-            results = _job_maps(
-                model, x, fg, rows, pred, cfg=cfg, layer=target_layer(model), random_model=random_model, colour=colour
-            )
-            for method, r in results.items():
-                n_rows = len(r["cell"])
-                frame = pd.DataFrame(
-                    {
-                        "cell_id": rows["cell_id"].astype(str).to_numpy()[r["cell"]],
-                        "patient_id": rows["patient_id"].astype(str).to_numpy()[r["cell"]],
-                        "label": rows["label"].astype(str).to_numpy()[r["cell"]],
-                        "label_index": rows["label_index"].to_numpy(np.int64)[r["cell"]],
-                        "model": spec.model,
-                        "train_variant": spec.train_variant,
-                        "test_variant": variant,
-                        "seed": spec.seed,
-                        "fold": spec.fold,
-                        "method": method,
-                        "target": np.repeat(r["kinds"], len(rows)),
-                        "target_index": r["cls"],
-                        "pred_index": pred[r["cell"]],
-                        "correct": pred[r["cell"]] == rows["label_index"].to_numpy(np.int64)[r["cell"]],
-                        "background_share": r["share"][r["inverse"]],
-                        "background_ratio": r["ratio"][r["inverse"]],
-                        "background_fraction": r["fraction"][r["inverse"]],
-                        "sanity_rank_corr": r["corr"][r["inverse"]],
-                        "map_index": np.arange(n_maps, n_maps + n_rows),
-                        "job_key": job_dir.name,
-                        "partner_cell_id": partner_ids[r["cell"]],
-                        "shown_index": shown_at.get(shown_key, n_shown) + r["cell"],
-                    }
-                )
-                n_maps += n_rows
-                frames.append(frame)
-                all_maps.append(r["maps"][r["inverse"]])
-                all_masks.append(fg[r["cell"]])
-                if r["random_maps"] is not None:
-                    all_random.append(r["random_maps"][r["inverse"]])
-            if shown_key not in shown_at:  # the image depends on the held-out set, not on the model
-                shown_at[shown_key] = n_shown
-                all_shown.append(x.numpy())
-                n_shown += len(x)
+    jobs = _saliency_specs(protocol)
+    for number, spec in enumerate(jobs, start=1):
+        saliency_job(protocol, spec)
         if progress is not None:
-            progress(number, len(specs))
-    size = images.shape[-2:]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_COLUMNS)
-    table = table[_COLUMNS]
-    stacked = {
-        "maps": np.concatenate(all_maps).astype(np.float32) if all_maps else np.zeros((0, *size), np.float32),
-        "masks": np.concatenate(all_masks) if all_masks else np.zeros((0, *size), bool),
-        "shown": (
-            np.concatenate(all_shown).astype(np.float32)
-            if all_shown
-            else np.zeros((0, images.shape[1], *size), np.float32)
-        ),
-    }
-    if cfg.sanity_check:
-        stacked["random_maps"] = (
-            np.concatenate(all_random).astype(np.float32) if all_random else np.zeros((0, *size), np.float32)
-        )
-    # The store is complete before the table that indexes it appears.
-    with atomic_dir(run_dir / "saliency.zarr") as tmp:
-        group = zarr.open_group(str(tmp), mode="w")
-        for name, data in stacked.items():
-            chunks = (max(1, min(len(data), 256)), *data.shape[1:])
-            group.create_array(name, data=data, chunks=chunks)
-        group.attrs.update(
-            {
-                "methods": list(cfg.methods),
-                "target": cfg.target,
-                "test_variants": list(cfg.test_variants),
-                "background_colour": colour.astype(float).tolist(),
-                "ig_baseline": cfg.ig_baseline,
-                "occlusion_fill": cfg.occlusion_fill,
-                "rows": "row j of maps, masks, random_maps belongs to row j of saliency.parquet (map_index = j); "
-                "shown[shown_index] is the image a row's map was computed on",
-            }
-        )
-    write_parquet_atomic(table, run_dir / "saliency.parquet")
-    return table
+            progress(number, len(jobs))
+    return collect_saliency(protocol)
 
 
 def load_saliency(run_dir) -> tuple:

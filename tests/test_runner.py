@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -333,7 +334,7 @@ TINY = {
         {"arch": "resnet", "label": "resnet_b", "depth": 10, "width": 0.25},
     ],
     "training": {"epochs": 1, "batch_size": 32, "seeds": [0], "split": {"kind": "kfold", "folds": 2}},
-    # big enough (~2 s) for a test to kill the saliency job's worker while it runs
+    # big enough (~2 s in all) for a test to kill a saliency job's worker while the maps run
     "saliency": {"methods": ["gradcam", "occlusion"], "cells_per_job": 16, "sanity_check": True},
     "stats": {"bootstrap": 50},
     "report": {"formats": ["md"], "figures": False},
@@ -418,13 +419,14 @@ def test_pipeline_end_to_end_and_rerun_does_no_work(reference):
     assert set(preds["model"]) == {"resnet_a", "resnet_b"}
     assert (reference / "stats" / "tests.csv").exists() and (reference / "saliency.parquet").exists()
     assert (reference / "report" / "report.md").exists()
-    # 8 training jobs, 8 x 2 prediction jobs
-    assert len(list((reference / "jobs").glob("*/DONE"))) == 8 + 16
-    logs = sorted(p.name.split("-")[0] for p in (reference / "logs").glob("*.log") if p.name != "dask.log")
+    # 8 training jobs, 8 x 2 prediction jobs, 8 x 1 saliency jobs (one test variant mapped)
+    assert len(list((reference / "jobs").glob("*/DONE"))) == 8 + 16 + 8
+    logs = sorted(p.name.rsplit("-", 1)[0] for p in (reference / "logs").glob("*.log") if p.name != "dask.log")
     assert logs == (
         ["crops", "data"]
         + ["predict"] * 16
         + ["predictions", "report", "saliency"]
+        + ["saliency-maps"] * 8
         + ["segment", "stats"]
         + ["train"] * 8
     )
@@ -463,7 +465,7 @@ def test_changing_one_model_reruns_only_its_jobs(reference, tmp_path):
         assert any(line.startswith(stage) and " cached " in line for line in dry.stdout.splitlines())
 
 
-def test_adding_a_test_variant_runs_only_its_prediction_jobs(reference, tmp_path):
+def test_adding_a_test_variant_runs_only_its_prediction_and_saliency_jobs(reference, tmp_path):
     import shutil
 
     import pandas as pd
@@ -471,7 +473,12 @@ def test_adding_a_test_variant_runs_only_its_prediction_jobs(reference, tmp_path
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("logs"))
     old = pd.read_parquet(run_dir / "predictions.parquet")
-    path = write_protocol(tmp_path, variants={**TINY["variants"], "test": ["original", "only_fg", "no_fg"]})
+    old_maps = pd.read_parquet(run_dir / "saliency.parquet")
+    path = write_protocol(
+        tmp_path,
+        variants={**TINY["variants"], "test": ["original", "only_fg", "no_fg"]},
+        saliency={**TINY["saliency"], "test_variants": ["original", "no_fg"]},
+    )
 
     def table(out: str) -> dict:
         return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
@@ -480,21 +487,30 @@ def test_adding_a_test_variant_runs_only_its_prediction_jobs(reference, tmp_path
     assert dry.returncode == 0, dry.stderr
     rows = [line.split() for line in dry.stdout.splitlines()]
     assert [w[1] for w in rows if w and w[0] == "train" and w[1] in ("cached", "to")] == ["cached"] * 8
-    predict = [w for w in rows if w and w[0] == "predict" and w[1] in ("cached", "to")]
-    assert len(predict) == 24
-    assert sorted(w[-1].split("/")[-1] for w in predict if w[1] == "to") == ["no_fg"] * 8
+    for stage, jobs in (("predict", 24), ("saliency-maps", 16)):
+        listed = [w for w in rows if w and w[0] == stage and w[1] in ("cached", "to")]
+        assert len(listed) == jobs, stage
+        assert sorted(w[-1].split("/")[-1] for w in listed if w[1] == "to") == ["no_fg"] * 8, stage
 
     run = cellbg("run", str(path))
     assert run.returncode == 0, run.stderr
     t = table(run.stdout)
     assert t["train"][:3] == ["8", "8", "0"]  # jobs, cached, ran: no training
     assert t["predict"][:3] == ["24", "16", "8"]  # only the new variant's prediction jobs
+    assert t["saliency-maps"][:3] == ["16", "8", "8"]  # and its maps
     assert not list((run_dir / "logs").glob("train-*.log"))
     new = pd.read_parquet(run_dir / "predictions.parquet")
     assert sorted(new["test_variant"].unique()) == ["no_fg", "only_fg", "original"]
     keys = ["cell_id", "model", "train_variant", "test_variant", "seed", "fold"]
     kept = new[new["test_variant"] != "no_fg"].sort_values(keys).reset_index(drop=True)
     pd.testing.assert_frame_equal(kept, old.sort_values(keys).reset_index(drop=True))
+    maps = pd.read_parquet(run_dir / "saliency.parquet")
+    assert sorted(maps["test_variant"].unique()) == ["no_fg", "original"]
+    index = ["map_index", "shown_index"]  # positions in the run's store move; the maps do not
+    pd.testing.assert_frame_equal(
+        maps[maps["test_variant"] == "original"].drop(columns=index).reset_index(drop=True),
+        old_maps.drop(columns=index),
+    )
 
 
 def test_dry_run_counts_training_jobs_before_the_crops_exist(tmp_path):
@@ -541,17 +557,18 @@ def test_failed_jobs_are_reported_with_their_logs(reference, tmp_path):
     first = cellbg("run", str(path))
     assert first.returncode == 2  # bad input, as every user error; a killed worker below is 1
     key = json.loads((run_dir / ".cellbg" / "last-run.json").read_text())["failures"][0]["key"]
-    log = run_dir / "logs" / f"saliency-{key}.log"
+    log = run_dir / "logs" / f"saliency-maps-{key}.log"
     # a user error is not retried: one attempt, reported with the job's log
-    assert "saliency saliency failed after 1 attempt(s): CellbgError" in first.stdout
+    assert re.search(r"saliency-maps resnet_\S+ failed after 1 attempt\(s\): CellbgError", first.stdout)
     assert str(log) in first.stdout
     assert "occlusion window 99" in log.read_text() and "Traceback" in log.read_text()
     table = {line.split()[0]: line.split()[1:] for line in first.stdout.splitlines() if line.strip()}
     assert table["train"][:3] == ["8", "8", "0"]  # finished training kept: 8 jobs, 8 cached, 0 ran
-    assert "not run: saliency failed" in first.stdout
+    assert "not run: saliency-maps failed" in first.stdout
 
     # 2. a job whose worker process is killed (as by the OOM killer), no retries
     path = write_protocol(tmp_path, executor={"workers": 2, "retries": 0})
+    failed_before = set((run_dir / "logs").glob("saliency-maps-*.log"))  # the jobs of step 1
     proc = subprocess.Popen(
         [sys.executable, "-m", "cellbg.cli", "run", str(path)],
         stdout=subprocess.PIPE,
@@ -561,8 +578,12 @@ def test_failed_jobs_are_reported_with_their_logs(reference, tmp_path):
     deadline = time.monotonic() + 240
     logs = []
     while not logs:
-        logs = [p for p in (run_dir / "logs").glob("saliency-*.log") if p != log and "pid=" in p.read_text()]
-        assert proc.poll() is None and time.monotonic() < deadline, "the saliency job ended before the kill"
+        logs = [
+            p
+            for p in (run_dir / "logs").glob("saliency-maps-*.log")
+            if p not in failed_before and "pid=" in p.read_text()
+        ]
+        assert proc.poll() is None and time.monotonic() < deadline, "the saliency jobs ended before the kill"
         time.sleep(0.02)
     worker_pid = int(logs[0].read_text().split("pid=")[1].split()[0])
     os.kill(worker_pid, signal.SIGKILL)

@@ -430,12 +430,16 @@ def test_run_saliency_maps_are_the_models_maps(tiny_run):
 
 
 def test_run_saliency_is_deterministic(tiny_run):
+    import shutil
+
     import pandas as pd
 
     from cellbg.saliency import load_saliency, run_saliency
 
     p, table = tiny_run
     _, maps, _ = load_saliency(p.run_dir)
+    for done in (p.run_dir / "jobs").glob("*/maps.zarr"):  # computed again, not read back
+        shutil.rmtree(done.parent)
     again = run_saliency(p)
     pd.testing.assert_frame_equal(again, table)
     np.testing.assert_array_equal(load_saliency(p.run_dir)[1], maps)
@@ -548,6 +552,63 @@ def test_run_saliency_maps_each_test_variant_on_the_image_the_model_saw(tmp_path
     assert original["partner_cell_id"] == ""
     # train variants of one fold share the stored images
     assert shown.shape[0] == table.drop_duplicates(["cell_id", "fold", "test_variant"]).shape[0]
+
+
+def test_sampled_cells_get_the_images_of_their_prediction_blocks(tmp_path, monkeypatch):
+    """A saliency job varies only the prediction blocks that hold its sampled cells; each
+    sampled image (and partner) is the one the whole held-out set gives, block by block."""
+    import cellbg.planning
+    from cellbg.crops import load_crops, load_others
+    from cellbg.saliency import _job_cells, _variant_blocks, held_out_variant, sample_cells
+
+    p = _build_run(_protocol(tmp_path, _MIXED))
+    monkeypatch.setattr(cellbg.planning, "PREDICT_BLOCK", 5)  # several blocks in a tiny fold
+    job_dir = next(d.parent for d in (p.run_dir / "jobs").glob("*/checkpoint.pt"))
+    images, masks, cells = load_crops(p.run_dir, lazy=True)
+    rows, whole = held_out_variant(p, job_dir, "mixed_rand")
+    assert len(rows) > 10 and _job_cells(job_dir, cells).tolist() == rows.tolist()
+    pick = sample_cells(cells.iloc[rows], 6, seed=3)[::-1]  # any order
+    assert len({int(i) // 5 for i in pick}) >= 2
+    part = _variant_blocks(
+        p,
+        rows,
+        "mixed_rand",
+        images=images,
+        masks=masks,
+        cells=cells,
+        others=load_others(p.run_dir, lazy=True),
+        backgrounds={},
+        positions=pick,
+    )
+    np.testing.assert_array_equal(part.images, np.asarray(whole.images)[pick])
+    np.testing.assert_array_equal(part.masks, np.asarray(whole.masks)[pick])
+    np.testing.assert_array_equal(part.partner, np.asarray(whole.partner)[pick])
+    assert (part.partner >= 0).all() and (part.partner // 5 == pick // 5).all()  # partners from the block
+
+
+def test_adding_a_saliency_test_variant_maps_only_the_new_variant(tiny_run, tmp_path):
+    """One saliency job per trained model and test variant: a new variant adds jobs, the
+    finished jobs are kept and the maps of the old variant are unchanged."""
+    import shutil
+
+    import pandas as pd
+
+    from cellbg.saliency import run_saliency
+
+    p, table = tiny_run
+    base = tmp_path / "copy"
+    shutil.copytree(p.run_dir, base / "run")
+    text = _TINY.replace("test: [original]}", "test: [original, only_fg]}")
+    wider = _protocol(base, text.replace("target: both}", "target: both, test_variants: [original, only_fg]}"))
+    before = {d.parent.name: d.stat().st_mtime_ns for d in (base / "run" / "jobs").glob("*/maps.zarr")}
+    run_saliency(wider)  # (only_fg prediction jobs are not needed for maps)
+    after = {d.parent.name: d.stat().st_mtime_ns for d in (base / "run" / "jobs").glob("*/maps.zarr")}
+    # two new jobs (two trained models x the new variant), every finished one untouched
+    assert len(set(after) - set(before)) == 2 and all(after[k] == v for k, v in before.items())
+    new = pd.read_parquet(base / "run" / "saliency.parquet")
+    old = new[new["test_variant"] == "original"].drop(columns=["map_index", "shown_index"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(old, table.drop(columns=["map_index", "shown_index"]))
+    assert set(new["test_variant"]) == {"original", "only_fg"}
 
 
 def test_montage_layout():

@@ -115,7 +115,11 @@ def test_pipeline_on_slurm_gives_the_local_results(tmp_path, tmp_path_factory):
     run_dir = tmp_path / "run"
     train_logs = list((run_dir / "logs").glob("train-*.log"))
     assert len(train_logs) == 8
-    for log in train_logs + list((run_dir / "logs").glob("saliency-*.log")):
+    worker_logs = [
+        log for stage in ("train", "predict", "saliency-maps") for log in (run_dir / "logs").glob(f"{stage}-*.log")
+    ]
+    assert len(worker_logs) == 8 + 16 + 8
+    for log in worker_logs:
         assert "batch_job=" in log.read_text()  # each ran on a worker inside a Slurm job
     assert_same_results(run_dir, reference)
 

@@ -1,7 +1,7 @@
 """Run a whole protocol: the job graph, a content-addressed cache, and Dask executors.
 
-The pipeline is a chain of stages (data -> segment -> crops -> train -> predictions ->
-saliency -> stats -> report). Each stage is planned once the stages before it have
+The pipeline is a chain of stages (data -> segment -> crops -> train -> predict ->
+predictions -> saliency-maps -> saliency -> stats -> report). Each stage is planned once the stages before it have
 finished, as a list of small :class:`Job` objects: a function with its arguments, a cache
 key and a done marker. The key hashes the job's inputs (file contents or the keys of the
 jobs that made them), the part of the resolved protocol the job reads and the cellbg
@@ -10,7 +10,8 @@ settings re-runs only that model's training jobs. Every job logs to
 ``<run>/logs/<stage>-<key>.log`` (training jobs a line per epoch), and the run to
 ``<run>/.cellbg/run.log``.
 
-Small stages run in this process; segmentation batches, training jobs and saliency run on
+Small stages run in this process; segmentation batches, training, prediction and saliency
+jobs run on
 Dask workers: a :class:`distributed.LocalCluster` by default, or batch jobs through
 dask-jobqueue (Slurm, PBS, SGE, LSF). A job that raises is retried ``executor.retries``
 times; a job whose worker dies is retried as often and then reported; finished jobs are

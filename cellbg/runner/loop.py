@@ -219,6 +219,9 @@ def run_stages(
             note = f"planned after {after}" + (f": {n} jobs" if n is not None else "")
             return StageSummary(stage.name, n or 0, 0, 0, 0, 0.0, planned=False, note=note)
 
+        # Every stage is planned whose inputs are known: a stage waiting for one with work to
+        # do raises NotReady, while one that needs only finished stages (the saliency maps
+        # of trained models while new prediction jobs wait) lists its jobs.
         redo_by: str | None = None  # the first stage with damaged jobs
         for stage in stages:
             if blocked_by is not None:
@@ -228,7 +231,6 @@ def run_stages(
                 jobs = stage.plan(ctx)
             except NotReady as exc:
                 summaries.append(later(stage, str(exc)))
-                blocked_by = blocked_by or str(exc)
                 continue
             except CellbgError:
                 if redo_by is None:
@@ -249,9 +251,8 @@ def run_stages(
             redo_by = redo_by or (stage.name if n_damaged else None)
             note = f"{n_damaged} job(s) with damaged outputs to redo" if n_damaged else ""
             summaries.append(StageSummary(stage.name, len(jobs), n_cached, 0, 0, 0.0, note=note, jobs=records))
-            if any(c.state == "todo" for c in checks):
-                blocked_by = stage.name
-            else:  # a damaged job is redone under the same key: later stages can be planned
+            if not any(c.state == "todo" for c in checks):
+                # a damaged job is redone under the same key: later stages can be planned
                 ctx.keys[stage.name] = _stage_key(jobs, checks)
         ctx.digests.save()
         return RunSummary(run_dir, cfg.kind, True, time.perf_counter() - t_run, tuple(summaries), ())

@@ -1,9 +1,11 @@
 """The cellbg pipeline as stages: data, segment, crops, train, predict, predictions,
-saliency, stats, detect, detect_stats, report.
+saliency-maps, saliency, stats, detect, detect_stats, report.
 
 Training and testing are separate jobs: a training job is keyed by what the model depends
 on (never the test variants), a prediction job by the trained model's key and one test
-variant. Adding a test variant to a finished run therefore runs its prediction jobs only.
+variant, and so is a saliency job (with the saliency settings). Adding a test variant to a
+finished run therefore runs its prediction (and saliency) jobs only, and the maps of a run
+spread over workers and batch jobs like its predictions.
 
 Each ``_plan_*`` function turns the resolved protocol and the keys of the finished
 upstream stages into jobs; the job functions (``_job_*``) import their stage module on the
@@ -100,18 +102,19 @@ def _job_collect(run_dir: str) -> None:
     train.collect_predictions(Path(run_dir))
 
 
-def _job_saliency(protocol) -> None:
+def _job_saliency(protocol, spec, job_dir: str) -> None:
     from cellbg import _progress, saliency
 
-    def mapped(number: int, n_jobs: int) -> None:
-        _progress.report(
-            done=number,
-            total=n_jobs,
-            unit="trained models mapped",
-            line=f"maps of trained model {number}/{n_jobs} done",
-        )
+    def mapped(number: int, n_methods: int) -> None:
+        _progress.report(done=number, total=n_methods, unit="methods", line=f"method {number}/{n_methods} mapped")
 
-    saliency.run_saliency(protocol, progress=mapped)
+    saliency.saliency_job(protocol, spec, job_dir=Path(job_dir), progress=mapped)
+
+
+def _job_saliency_collect(protocol) -> None:
+    from cellbg import saliency
+
+    saliency.collect_saliency(protocol)
 
 
 def _job_stats(run_dir: str) -> None:
@@ -338,21 +341,52 @@ def _plan_predictions(ctx: RunContext) -> list[Job]:
     ]
 
 
+def _plan_saliency_maps(ctx: RunContext) -> list[Job]:
+    """One job per trained model x saliency test variant, keyed like a prediction job (with
+    the saliency settings): a new saliency test variant adds jobs here and redoes none."""
+    from cellbg import planning
+
+    p = ctx.protocol
+    keys = _train_keys(ctx)
+    ctx.key("train")
+    jobs = []
+    for spec in planning.plan_saliency(p):
+        key = planning.saliency_key(p, spec, train_key=keys[spec.train])
+        job_dir = p.run_dir / "jobs" / key
+        jobs.append(
+            Job(
+                "saliency-maps",
+                f"{_spec_name(spec.train)}/{spec.test_variant}",
+                key,
+                _job_saliency,
+                (p, spec, str(job_dir)),
+                marker=job_dir / "DONE",
+                writes_marker=True,
+                outputs=(job_dir / "saliency.parquet", job_dir / "maps.zarr"),
+            )
+        )
+    return jobs
+
+
+def _count_saliency_maps(ctx: RunContext) -> int:
+    from cellbg import planning
+
+    return len(planning.plan_saliency(ctx.protocol))
+
+
 def _plan_saliency(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
     if not p.saliency.enabled:
         return []
-    variants = _section(p, "variants")
-    for name in ("train", "test"):  # the trained models' keys cover what matters of these lists
-        variants.pop(name, None)
-    key = hash_key("saliency", ctx.key("train"), ctx.key("crops"), _section(p, "saliency"), variants)
+    key = hash_key("saliency", ctx.key("saliency-maps"), _section(p, "saliency"))
     return [
         Job(
             "saliency",
             "saliency",
             key,
-            _job_saliency,
+            _job_saliency_collect,
             (p,),
+            where="client",
             outputs=(p.run_dir / "saliency.parquet", p.run_dir / "saliency.zarr"),
         )
     ]
@@ -360,7 +394,7 @@ def _plan_saliency(ctx: RunContext) -> list[Job]:
 
 def _plan_stats(ctx: RunContext) -> list[Job]:
     p = ctx.protocol
-    key = hash_key("stats", ctx.key("predictions"), ctx.keys.get("saliency", ""), _section(p, "stats"))
+    key = hash_key("stats", ctx.key("predictions"), ctx.key("saliency"), _section(p, "stats"))
     return [
         Job(
             "stats",
@@ -455,7 +489,7 @@ def _plan_report(ctx: RunContext) -> list[Job]:
         "report",
         ctx.key("stats"),
         ctx.key("predictions"),
-        ctx.keys.get("saliency", ""),
+        ctx.key("saliency"),
         _section(p, "report"),
         p.name,
         *detection,
@@ -466,8 +500,8 @@ def _plan_report(ctx: RunContext) -> list[Job]:
 
 
 def pipeline_stages() -> list[Stage]:
-    """The cellbg pipeline: data, segment, crops, train, predict, predictions, saliency, stats,
-    the detection study (detect, detect_stats; nothing unless ``detection.enabled``), report."""
+    """The cellbg pipeline: data, segment, crops, train, predict, predictions, saliency-maps,
+    saliency, stats, the detection study (detect, detect_stats; nothing unless ``detection.enabled``), report."""
     return [
         Stage("data", _plan_data),
         Stage("segment", _plan_segment, _prepare_segment, worker_modules=("cellbg.segment",)),
@@ -485,7 +519,13 @@ def pipeline_stages() -> list[Stage]:
             count=_unless_detection_only(_count_predict),
         ),
         Stage("predictions", _unless_detection_only(_plan_predictions)),
-        Stage("saliency", _unless_detection_only(_plan_saliency), worker_modules=("cellbg.saliency",)),
+        Stage(
+            "saliency-maps",
+            _unless_detection_only(_plan_saliency_maps),
+            worker_modules=("cellbg.saliency",),
+            count=_unless_detection_only(_count_saliency_maps),
+        ),
+        Stage("saliency", _unless_detection_only(_plan_saliency)),
         Stage("stats", _unless_detection_only(_plan_stats)),
         Stage("detect", _plan_detect, worker_modules=("cellbg.detect.train",)),
         Stage("detect_stats", _plan_detect_stats),
