@@ -233,6 +233,16 @@ def _predict_child(run_dir: str, rows: int, threads: int) -> dict:
     return {"rows_per_s": len(idx) / seconds, "rows": len(idx), "peak_rss": peak}
 
 
+def _available_memory() -> int:
+    """Bytes the kernel can give without swapping (``MemAvailable``: free memory plus the page
+    cache it can drop; the free pages alone leave out a cache full of the cohorts' files)."""
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _child(args: list[str]) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(args)],
@@ -290,7 +300,7 @@ def main() -> None:
     lines = []
     for _n, run, info in cohorts:
         mem_need = info["cells"] * (CROP * CROP * 5)  # 3 channels uint8 + masks and others (bool) per pixel
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        avail = _available_memory()
         memory = stream = None
         for _ in range(args.repeats):  # alternated, the fastest of each kept: the machine may be shared
             if mem_need < args.memory_fraction * avail:
