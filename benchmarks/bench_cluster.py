@@ -34,6 +34,9 @@ import cloudpickle
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
+#: The stages whose jobs run on workers (compared per job in ``--protocol`` mode).
+WORKER_STAGES = ("train", "predict", "saliency-maps")
+
 
 def work_job(out: str, seconds: float) -> None:
     """Busy for ``seconds`` of wall time; record the batch job it ran in."""
@@ -119,26 +122,34 @@ def bench_protocol(path: Path, slots: int, root: Path) -> None:
     for name, cfg in _executors(slots).items():
         p = load_protocol(path)
         p = p.model_copy(update={"output": root / name / "run", "executor": cfg})
+        t0 = time.perf_counter()
         summary = run_protocol(p, progress=False)
+        wall = time.perf_counter() - t0
         if not summary.ok:
             print(f"{name}: FAILED\n{summary.summary()}")
             continue
         rows[name] = {s.name: (s.seconds, s.ran) for s in summary.stages}
+        # the batch job each worker job ran in (its log's first line), as the runner logs it
+        batch = [
+            log.read_text().split("batch_job=")[1].split()[0]
+            for stage in WORKER_STAGES
+            for log in (root / name / "run" / "logs").glob(f"{stage}-*.log")
+            if "batch_job=" in log.read_text()
+        ]
+        ran = sum(rows[name].get(st, (0.0, 0))[1] for st in WORKER_STAGES)
+        spread = f", {len(set(batch))} batch jobs ran {len(batch)} of them" if batch else ""
+        print(f"{name}: {wall:.1f} s wall, {ran} worker jobs{spread}", flush=True)
     print(f"{'stage':<14}" + "".join(f"{n + ' s/job':>16}" for n in rows))
-    for stage in ("train", "predict", "saliency-maps"):
+    for stage in WORKER_STAGES:
         cells = []
         for n in rows:
             seconds, ran = rows[n].get(stage, (0.0, 0))
             cells.append(f"{seconds * slots / max(ran, 1):>16.2f}")
         print(f"{stage:<14}" + "".join(cells))
     if {"local", "slurm"} <= set(rows):
-        ran = sum(rows["slurm"][s][1] for s in ("train", "predict", "saliency-maps") if s in rows["slurm"])
+        ran = sum(rows["slurm"][s][1] for s in WORKER_STAGES if s in rows["slurm"])
         extra = (
-            sum(
-                rows["slurm"][s][0] - rows["local"][s][0]
-                for s in ("train", "predict", "saliency-maps")
-                if s in rows["slurm"]
-            )
+            sum(rows["slurm"][s][0] - rows["local"][s][0] for s in WORKER_STAGES if s in rows["slurm"])
             * slots
             / max(ran, 1)
         )
