@@ -26,6 +26,9 @@ __all__ = [
     "predict_key",
     "plan_saliency",
     "saliency_key",
+    "job_folder",
+    "describe_job",
+    "unfinished_jobs",
     "PREDICT_BLOCK",
 ]
 
@@ -339,3 +342,52 @@ def saliency_key(protocol, spec: PredictSpec, *, train_key: str | None = None, c
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def job_folder(
+    protocol, spec: PredictSpec, key_of, *, job_dir=None, crops_hash: str | None = None
+) -> tuple[str, str, Path]:
+    """The training job's key, this job's key and folder, for a job on a trained model.
+
+    Parameters
+    ----------
+    protocol : Protocol
+    spec : PredictSpec
+    key_of : callable
+        :func:`predict_key` or :func:`saliency_key`.
+    job_dir : path, optional
+        The folder to use; default ``<run>/jobs/<key>``.
+    crops_hash : str, optional
+        As for :func:`job_key`.
+
+    Returns
+    -------
+    train_key, key : str
+    job_dir : Path
+    """
+    train_key = job_key(protocol, spec.train, crops_hash=crops_hash)
+    key = key_of(protocol, spec, train_key=train_key)
+    return train_key, key, Path(job_dir) if job_dir is not None else Path(protocol.run_dir) / "jobs" / key
+
+
+def describe_job(spec: JobSpec | PredictSpec) -> str:
+    """A job in words, for messages.
+
+    Examples
+    --------
+    >>> describe_job(JobSpec("resnet", "only_fg", 0, 2))
+    "model 'resnet', train variant 'only_fg', seed 0, fold 2"
+    >>> describe_job(PredictSpec(JobSpec("resnet", "original", 1, 0), "mixed_rand"))
+    "model 'resnet', train variant 'original', seed 1, fold 0, test variant 'mixed_rand'"
+    """
+    train = spec.train if isinstance(spec, PredictSpec) else spec
+    words = f"model '{train.model}', train variant '{train.train_variant}', seed {train.seed}, fold {train.fold}"
+    return words + (f", test variant '{spec.test_variant}'" if isinstance(spec, PredictSpec) else "")
+
+
+def unfinished_jobs(kind: str, missing: list, run_dir, command: str) -> CellbgError:
+    """The error for jobs that must be finished first: how many, the first, what to run."""
+    return CellbgError(
+        f"{len(missing)} {kind} job(s) not finished in {run_dir}, e.g. {describe_job(missing[0])}; "
+        f"run '{command}' first"
+    )

@@ -1151,24 +1151,20 @@ def saliency_job(protocol, spec, job_dir=None, *, train_dir=None, progress=None)
 
     from cellbg import __version__
     from cellbg._io import write_parquet_atomic, write_text_atomic
-    from cellbg.planning import DONE, crops_fingerprint, job_key, saliency_key
+    from cellbg.planning import DONE, describe_job, job_folder, saliency_key
     from cellbg.train import select_device
     from cellbg.variants import parse_variant
 
     run_dir = Path(protocol.run_dir)
-    train_key = job_key(protocol, spec.train, crops_hash=crops_fingerprint(run_dir))
-    key = saliency_key(protocol, spec, train_key=train_key)
-    job_dir = Path(job_dir) if job_dir is not None else run_dir / "jobs" / key
+    train_key, key, job_dir = job_folder(protocol, spec, saliency_key, job_dir=job_dir)
     out = job_dir / "saliency.parquet"
     if (job_dir / DONE).exists():
         return out
     parse_variant(spec.test_variant)
     train_dir = Path(train_dir) if train_dir is not None else run_dir / "jobs" / train_key
     if not (train_dir / DONE).exists():
-        s = spec.train
         raise CellbgError(
-            f"training job of model '{s.model}', train variant '{s.train_variant}', seed {s.seed}, fold {s.fold} "
-            f"is not finished ({train_dir}); run 'cellbg train' first"
+            f"the training job of {describe_job(spec.train)} is not finished ({train_dir}); run 'cellbg train' first"
         )
     crops = _run_crops(run_dir)
     table, arrays, shown_key = _map_job(
@@ -1201,7 +1197,7 @@ def _saliency_specs(protocol) -> list:
 
 def _saliency_dirs(protocol) -> list[Path]:
     """The folders of the protocol's saliency jobs, in plan order; an error when one is unfinished."""
-    from cellbg.planning import DONE, crops_fingerprint, job_key, saliency_key
+    from cellbg.planning import DONE, crops_fingerprint, job_key, saliency_key, unfinished_jobs
 
     run_dir = Path(protocol.run_dir)
     crops_hash = crops_fingerprint(run_dir)
@@ -1212,12 +1208,7 @@ def _saliency_dirs(protocol) -> list[Path]:
     ]
     missing = [s for s, d in zip(specs, dirs, strict=True) if not (d / DONE).exists()]
     if missing:
-        s = missing[0]
-        raise CellbgError(
-            f"{len(missing)} saliency job(s) not finished in {run_dir}, e.g. model '{s.train.model}', train variant "
-            f"'{s.train.train_variant}', seed {s.train.seed}, fold {s.train.fold}, test variant '{s.test_variant}'; "
-            "run 'cellbg saliency' first"
-        )
+        raise unfinished_jobs("saliency", missing, run_dir, "cellbg saliency")
     return dirs
 
 
@@ -1360,7 +1351,7 @@ def run_saliency(protocol, *, progress=None):
         No crops, unfinished training jobs, or an unknown test variant.
     """
     from cellbg.crops import load_crops
-    from cellbg.planning import DONE, crops_fingerprint, job_key, plan_jobs
+    from cellbg.planning import DONE, crops_fingerprint, job_key, plan_jobs, unfinished_jobs
     from cellbg.variants import parse_variant
 
     run_dir = Path(protocol.run_dir)
@@ -1371,11 +1362,7 @@ def run_saliency(protocol, *, progress=None):
     specs = plan_jobs(protocol)
     missing = [s for s in specs if not (run_dir / "jobs" / job_key(protocol, s, crops_hash=crops_hash) / DONE).exists()]
     if missing:
-        s = missing[0]
-        raise CellbgError(
-            f"{len(missing)} training job(s) not finished in {run_dir}, e.g. model '{s.model}', train variant "
-            f"'{s.train_variant}', seed {s.seed}, fold {s.fold}; run 'cellbg train' first"
-        )
+        raise unfinished_jobs("training", missing, run_dir, "cellbg train")
     jobs = _saliency_specs(protocol)
     for number, spec in enumerate(jobs, start=1):
         saliency_job(protocol, spec)

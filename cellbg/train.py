@@ -65,10 +65,12 @@ from cellbg.planning import (
     PredictSpec,
     _model_spec,
     crops_fingerprint,
+    job_folder,
     job_key,
     plan_jobs,
     plan_predictions,
     predict_key,
+    unfinished_jobs,
 )
 
 if TYPE_CHECKING:
@@ -1129,10 +1131,7 @@ def run_prediction(
     from cellbg.variants import parse_variant
 
     run_dir = Path(protocol.run_dir)
-    crops_hash = crops_fingerprint(run_dir)
-    train_key = job_key(protocol, spec.train, crops_hash=crops_hash)
-    key = predict_key(protocol, spec, train_key=train_key)
-    job_dir = Path(job_dir) if job_dir is not None else run_dir / "jobs" / key
+    train_key, key, job_dir = job_folder(protocol, spec, predict_key, job_dir=job_dir)
     out = job_dir / "predictions.parquet"
     if (job_dir / DONE).exists():
         return out
@@ -1287,12 +1286,7 @@ def prediction_files(run_dir: str | Path, *, protocol=None) -> list[Path]:
             continue
         files.append(job_dir / "predictions.parquet")
     if missing:
-        s = missing[0]
-        raise CellbgError(
-            f"{len(missing)} prediction job(s) not finished in {run_dir}, e.g. model '{s.train.model}', train variant "
-            f"'{s.train.train_variant}', seed {s.train.seed}, fold {s.train.fold}, test variant '{s.test_variant}'; "
-            "run 'cellbg train' first"
-        )
+        raise unfinished_jobs("prediction", missing, run_dir, "cellbg train")
     return files
 
 

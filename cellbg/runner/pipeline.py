@@ -292,31 +292,38 @@ def _count_train(ctx: RunContext) -> int:
     return len(planning.plan_jobs(ctx.protocol))
 
 
-def _plan_predict(ctx: RunContext) -> list[Job]:
-    """One job per trained model x test variant, keyed by the checkpoint's key and the variant:
-    a new test variant adds jobs here and retrains nothing."""
-    from cellbg import planning
-
+def _trained_model_jobs(ctx: RunContext, stage: str, specs, key_of, func, outputs: tuple[str, ...]) -> list[Job]:
+    """One job per trained model x test variant (``specs``), in ``<run>/jobs/<key>/``, keyed by
+    ``key_of`` from the training job's key: a new test variant adds jobs and retrains nothing."""
     p = ctx.protocol
     keys = _train_keys(ctx)
     ctx.key("train")
     jobs = []
-    for spec in planning.plan_predictions(p):
-        key = planning.predict_key(p, spec, train_key=keys[spec.train])
+    for spec in specs:
+        key = key_of(p, spec, train_key=keys[spec.train])
         job_dir = p.run_dir / "jobs" / key
         jobs.append(
             Job(
-                "predict",
+                stage,
                 f"{_spec_name(spec.train)}/{spec.test_variant}",
                 key,
-                _job_predict,
+                func,
                 (p, spec, str(job_dir)),
                 marker=job_dir / "DONE",
                 writes_marker=True,
-                outputs=(job_dir / "predictions.parquet", job_dir / "spec.json"),
+                outputs=tuple(job_dir / name for name in outputs),
             )
         )
     return jobs
+
+
+def _plan_predict(ctx: RunContext) -> list[Job]:
+    from cellbg import planning
+
+    specs = planning.plan_predictions(ctx.protocol)
+    return _trained_model_jobs(
+        ctx, "predict", specs, planning.predict_key, _job_predict, ("predictions.parquet", "spec.json")
+    )
 
 
 def _count_predict(ctx: RunContext) -> int:
@@ -342,30 +349,14 @@ def _plan_predictions(ctx: RunContext) -> list[Job]:
 
 
 def _plan_saliency_maps(ctx: RunContext) -> list[Job]:
-    """One job per trained model x saliency test variant, keyed like a prediction job (with
-    the saliency settings): a new saliency test variant adds jobs here and redoes none."""
+    """One job per trained model x saliency test variant (keyed with the saliency settings):
+    the maps spread over workers, and a new saliency test variant redoes no map."""
     from cellbg import planning
 
-    p = ctx.protocol
-    keys = _train_keys(ctx)
-    ctx.key("train")
-    jobs = []
-    for spec in planning.plan_saliency(p):
-        key = planning.saliency_key(p, spec, train_key=keys[spec.train])
-        job_dir = p.run_dir / "jobs" / key
-        jobs.append(
-            Job(
-                "saliency-maps",
-                f"{_spec_name(spec.train)}/{spec.test_variant}",
-                key,
-                _job_saliency,
-                (p, spec, str(job_dir)),
-                marker=job_dir / "DONE",
-                writes_marker=True,
-                outputs=(job_dir / "saliency.parquet", job_dir / "maps.zarr"),
-            )
-        )
-    return jobs
+    specs = planning.plan_saliency(ctx.protocol)
+    return _trained_model_jobs(
+        ctx, "saliency-maps", specs, planning.saliency_key, _job_saliency, ("saliency.parquet", "maps.zarr")
+    )
 
 
 def _count_saliency_maps(ctx: RunContext) -> int:
