@@ -230,14 +230,35 @@ class CellView:
         return float(rows["background_share"].iloc[0]) if len(rows) else float("nan")
 
 
-@lru_cache(maxsize=32)
-def _variant_pool(run_dir: str, job: str, variant: str, stamp: tuple):
-    """A job's held-out set in one test variant (cached: the pool is shared by its cells)."""
+@lru_cache(maxsize=2)
+def _lazy_crops(run_dir: str, stamp: tuple):
+    """The run's crops read on demand (cached: every cell viewed shares them)."""
+    from cellbg.crops import load_crops, load_others
+
+    images, masks, cells = load_crops(run_dir, lazy=True)
+    return images, masks, cells, load_others(run_dir, lazy=True)
+
+
+@lru_cache(maxsize=16)
+def _variant_pool(run_dir: str, job: str, variant: str, block: int, stamp: tuple):
+    """One prediction block of a job's held-out set in one test variant, as the job showed it
+    (cached: the block's cells share it; a block, not the whole held-out set, so that viewing
+    cells of a cohort of a million costs a few blocks of memory)."""
     from cellbg.protocol import load_run
     from cellbg.saliency import held_out_variant
 
-    rows, shown = held_out_variant(load_run(run_dir), Path(run_dir) / "jobs" / job, variant)
-    return rows, np.asarray(shown.images), np.asarray(shown.partner)
+    images, masks, cells, others = _lazy_crops(run_dir, stamp[:1])  # the cells file only: shared by all jobs
+    rows, shown = held_out_variant(
+        load_run(run_dir),
+        Path(run_dir) / "jobs" / job,
+        variant,
+        images=images,
+        masks=masks,
+        cells=cells,
+        others=others,
+        block=block,
+    )
+    return np.asarray(shown.images), np.asarray(shown.partner)
 
 
 def _job_dir(run_dir: Path, protocol, model: str, train_variant: str, seed: int, fold: int) -> Path:
@@ -343,10 +364,15 @@ def load_cell(
     )
     job = _job_dir(run_dir, protocol, model, train_variant, seed, fold)
     stamp = tuple((p.name, p.stat().st_mtime_ns) for p in (run_dir / "cells.parquet", job / "checkpoint.pt"))
+    from cellbg.planning import PREDICT_BLOCK
+    from cellbg.saliency import _job_cells
+
+    rows = _job_cells(job, _lazy_crops(str(run_dir), stamp[:1])[2])  # the held-out set, in prediction order
+    position = int(np.flatnonzero(rows == row)[0])
+    block, i = divmod(position, PREDICT_BLOCK)
     variants, partners = {}, {}
     for variant in order:
-        rows, shown, partner = _variant_pool(str(run_dir), job.name, variant, stamp)
-        i = int(np.flatnonzero(rows == row)[0])
+        shown, partner = _variant_pool(str(run_dir), job.name, variant, block, stamp)
         variants[variant] = shown[i]
         if partner[i] >= 0:
             partners[variant] = ids[rows[partner[i]]]

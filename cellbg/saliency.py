@@ -917,7 +917,16 @@ def _variant_blocks(
 
 
 def held_out_variant(
-    protocol, job_dir, variant: str, *, images=None, masks=None, cells=None, others=None, backgrounds=None
+    protocol,
+    job_dir,
+    variant: str,
+    *,
+    images=None,
+    masks=None,
+    cells=None,
+    others=None,
+    backgrounds=None,
+    block: int | None = None,
 ):
     """A trained job's held-out cells in one test variant, exactly as the job predicted them.
 
@@ -943,14 +952,19 @@ def held_out_variant(
     backgrounds : dict, optional
         Background pools for ``bg_image`` (:func:`cellbg.variants.protocol_backgrounds`);
         drawn from the protocol when omitted.
+    block : int, optional
+        Only this prediction block: positions ``block * PREDICT_BLOCK`` up to the next block
+        of ``rows`` (memory of one block, however large the held-out set; a viewer showing
+        one cell needs no more).
 
     Returns
     -------
     rows : (h,) ndarray of int
-        Crop rows of the held-out cells, in prediction order.
+        Crop rows of the held-out cells, in prediction order (all of them, with ``block`` too).
     shown : VariantResult
         ``images`` (h, C, S, S) float32, ``masks`` (h, S, S) and ``partner`` (h,) (an index into
-        ``rows``; -1 unless the variant is a ``mixed_*`` one).
+        ``rows``; -1 unless the variant is a ``mixed_*`` one); with ``block``, those of the
+        block's positions only.
     """
     from cellbg.crops import load_crops, load_others
     from cellbg.variants import protocol_backgrounds
@@ -964,8 +978,23 @@ def held_out_variant(
             protocol, [variant], size=int(images.shape[-1]), channels=int(images.shape[1])
         )
     rows = _job_cells(job_dir, cells)
+    positions = None
+    if block is not None:
+        from cellbg.planning import PREDICT_BLOCK
+
+        if not 0 <= block < max(1, -(-len(rows) // PREDICT_BLOCK)):
+            raise CellbgError(f"block {block} is not a prediction block of {job_dir}'s {len(rows)} held-out cells")
+        positions = np.arange(block * PREDICT_BLOCK, min((block + 1) * PREDICT_BLOCK, len(rows)))
     shown = _variant_blocks(
-        protocol, rows, variant, images=images, masks=masks, cells=cells, others=others, backgrounds=backgrounds
+        protocol,
+        rows,
+        variant,
+        images=images,
+        masks=masks,
+        cells=cells,
+        others=others,
+        backgrounds=backgrounds,
+        positions=positions,
     )
     return rows, shown
 

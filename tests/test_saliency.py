@@ -584,6 +584,12 @@ def test_sampled_cells_get_the_images_of_their_prediction_blocks(tmp_path, monke
     np.testing.assert_array_equal(part.masks, np.asarray(whole.masks)[pick])
     np.testing.assert_array_equal(part.partner, np.asarray(whole.partner)[pick])
     assert (part.partner >= 0).all() and (part.partner // 5 == pick // 5).all()  # partners from the block
+    # one block, as a viewer asks for it
+    _, second = held_out_variant(p, job_dir, "mixed_rand", block=1)
+    np.testing.assert_array_equal(second.images, np.asarray(whole.images)[5:10])
+    np.testing.assert_array_equal(second.partner, np.asarray(whole.partner)[5:10])
+    with pytest.raises(CellbgError, match="block 99 is not a prediction block"):
+        held_out_variant(p, job_dir, "mixed_rand", block=99)
 
 
 def test_adding_a_saliency_test_variant_maps_only_the_new_variant(tiny_run, tmp_path):
