@@ -36,12 +36,12 @@ def condition_label(what: str, test_variant: str, method: str | None = None) -> 
     return f"{what}, {method} on {test_variant}" if method else f"{what} on {test_variant}"
 
 
-def _read(run_dir: Path, name: str) -> pd.DataFrame | None:
+def _read(run_dir: Path, name: str, *, filters=None) -> pd.DataFrame | None:
     path = run_dir / name
     if not path.exists():
         return None
     try:
-        return pd.read_parquet(path)
+        return pd.read_parquet(path, filters=filters)
     except Exception as exc:  # pyarrow raises many types for a damaged file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CellbgError(f"cannot read {path}: {first}") from None
@@ -334,15 +334,21 @@ def load_cell(
 
     run_dir = Path(run_dir)
     protocol = load_run(run_dir)
-    images, masks, cells = load_crops(run_dir, lazy=True)
+    if not (run_dir / "cells.parquet").exists():
+        load_crops(run_dir, lazy=True)  # its clear error
+    cells_stamp = (("cells.parquet", (run_dir / "cells.parquet").stat().st_mtime_ns),)
+    images, masks, cells, _ = _lazy_crops(str(run_dir), cells_stamp)
     ids = cells["cell_id"].astype(str).to_numpy()
     hits = np.flatnonzero(ids == str(cell_id))
     if not len(hits):
         raise CellbgError(f"cell '{cell_id}' is not in {run_dir / 'cells.parquet'}")
     row = int(hits[0])
-    preds = _read(run_dir, "predictions.parquet")
+    # only this cell's rows: a cohort's table has millions (read whole: seconds and GBs a click)
+    preds = _read(run_dir, "predictions.parquet", filters=[("cell_id", "==", str(cell_id))])
     if preds is None:
         raise CellbgError(f"no predictions.parquet in {run_dir}; run 'cellbg train' first")
+    if preds.empty:
+        raise CellbgError(f"no model predicted cell '{cell_id}' (it was not held out by any trained job)")
     preds, model, train_variant, seed = _choose(preds, model, train_variant, seed)
     mine = preds[preds["cell_id"].astype(str) == str(cell_id)]
     if mine.empty:
@@ -363,7 +369,7 @@ def load_cell(
         }
     )
     job = _job_dir(run_dir, protocol, model, train_variant, seed, fold)
-    stamp = tuple((p.name, p.stat().st_mtime_ns) for p in (run_dir / "cells.parquet", job / "checkpoint.pt"))
+    stamp = (*cells_stamp, ("checkpoint.pt", (job / "checkpoint.pt").stat().st_mtime_ns))
     from cellbg.planning import PREDICT_BLOCK
     from cellbg.saliency import _job_cells
 
