@@ -25,7 +25,7 @@ exploratory family (BH):
 The other exploratory comparisons (e.g. original vs no_fg, where the cell itself is removed)
 lose real information at any signal, so they are not null tests and are not counted.
 
-Run (about 25 s per seed on 2 cores)::
+Run (about 45 s per seed on 2 cores)::
 
     .venv/bin/python benchmarks/validate_null_pipeline.py --seeds 20 --signal 0 --out /tmp/null
     .venv/bin/python benchmarks/validate_null_pipeline.py --seeds 10 --signal 0.9 --out /tmp/power
