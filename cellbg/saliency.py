@@ -1289,7 +1289,9 @@ def collect_saliency(protocol):
         channels = int(cast("zarr.Array", groups[0]["shown"]).shape[1])
         colour = list(cast("list[float]", groups[0].attrs["background_colour"]))
     else:
-        images, masks, _ = __import__("cellbg.crops", fromlist=["load_crops"]).load_crops(run_dir, lazy=True)
+        from cellbg.crops import load_crops
+
+        images, masks, _ = load_crops(run_dir, lazy=True)
         size, channels = tuple(images.shape[-2:]), int(images.shape[1])
         colour = background_colour(images, masks).astype(float).tolist()
     shapes = {

@@ -288,28 +288,16 @@ def patient_accuracy(paired: pd.DataFrame) -> pd.DataFrame:
         ``acc_a``, ``acc_b``, ``diff`` (``acc_b - acc_a``).
     """
     _check_columns(paired, ("patient_id", "correct_a", "correct_b"), "paired outcomes")
-    if "n" in paired.columns:
-        # counts (paired_counts): sum them per patient
-        g = paired.groupby("patient_id", sort=True, observed=True)
-        out = pd.DataFrame(
-            {
-                "n": g["n"].sum().astype(float),
-                "correct_a": g["correct_a"].sum().astype(float),
-                "correct_b": g["correct_b"].sum().astype(float),
-            }
+    counts = "n" in paired.columns  # counts (paired_counts) are summed; cell rows are counted
+    if not counts:
+        paired = paired.assign(
+            correct_a=_correct_values(paired["correct_a"], "paired outcomes", "correct_a"),
+            correct_b=_correct_values(paired["correct_b"], "paired outcomes", "correct_b"),
         )
-        out["acc_a"] = out["correct_a"] / out["n"]
-        out["acc_b"] = out["correct_b"] / out["n"]
-        out["diff"] = out["acc_b"] - out["acc_a"]
-        return out
-    paired = paired.assign(
-        correct_a=_correct_values(paired["correct_a"], "paired outcomes", "correct_a"),
-        correct_b=_correct_values(paired["correct_b"], "paired outcomes", "correct_b"),
-    )
     g = paired.groupby("patient_id", sort=True, observed=True)
     out = pd.DataFrame(
         {
-            "n": g.size(),
+            "n": g["n"].sum().astype(float) if counts else g.size(),
             "correct_a": g["correct_a"].sum().astype(float),
             "correct_b": g["correct_b"].sum().astype(float),
         }
