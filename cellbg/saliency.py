@@ -1176,10 +1176,9 @@ def saliency_job(protocol, spec, job_dir=None, *, train_dir=None, progress=None)
     CellbgError
         The training job is not finished, an unknown test variant.
     """
-    import json
 
     from cellbg import __version__
-    from cellbg._io import write_parquet_atomic, write_text_atomic
+    from cellbg._io import write_json_atomic, write_parquet_atomic, write_text_atomic
     from cellbg.planning import DONE, describe_job, job_folder, saliency_key
     from cellbg.train import select_device
     from cellbg.variants import parse_variant
@@ -1205,9 +1204,8 @@ def saliency_job(protocol, spec, job_dir=None, *, train_dir=None, progress=None)
         arrays,
         {"shown_key": shown_key, "background_colour": crops.colour.astype(float).tolist()},
     )
-    write_text_atomic(
-        job_dir / "spec.json",
-        json.dumps({"key": key, "train_key": train_key, "saliency": spec.to_dict(), "cellbg": __version__}, indent=1),
+    write_json_atomic(
+        job_dir / "spec.json", {"key": key, "train_key": train_key, "saliency": spec.to_dict(), "cellbg": __version__}
     )
     write_parquet_atomic(table, out)
     write_text_atomic(job_dir / DONE, f"{key}\n")
